@@ -1,0 +1,1 @@
+"""Client of the split EDEN deployment (python -m client --help)."""

@@ -1,0 +1,87 @@
+"""python -m client COMMAND ...
+
+    pair FRAME0 FRAME1 -o OUT.png [--seed N]     the middle frame of two images
+    demo [--checkpoint eden.pt]                   the whole deployment on CPU, end to end (see client/demo.py)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .api import DEFAULT_URL, EdenClient, KeySource, ServeError
+
+
+def add_connection_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--encoder-url", default=DEFAULT_URL, help=f"TorchServe serving eden_encoder ({DEFAULT_URL})")
+    ap.add_argument("--ditdec-url", default=None, help="TorchServe serving eden_ditdec (default: --encoder-url)")
+    ap.add_argument("--key-file", default=None,
+                    help="TorchServe's key_file.json (default: $EDEN_KEY_FILE, else ./key_file.json; "
+                         "$EDEN_INFERENCE_KEY gives a key directly)")
+    ap.add_argument("--ditdec-key-file", default=None, help="key file of the DiT+decoder's TorchServe, if another")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for each request")
+
+
+def connect(args) -> EdenClient:
+    enc_keys = KeySource.default(args.key_file)
+    dec_keys = KeySource.default(args.ditdec_key_file) if args.ditdec_key_file else enc_keys
+    return EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout)
+
+
+def cmd_pair(args) -> int:
+    frames = []
+    for path in (args.frame0, args.frame1):
+        try:
+            frames.append(Path(path).read_bytes())
+        except OSError as e:
+            print(f"client: cannot read {path}: {e.strerror}", file=sys.stderr)
+            return 2
+    client = connect(args)
+    t0 = time.perf_counter()
+    blob = client.encode(frames, args.token_dtype)
+    t1 = time.perf_counter()
+    png, seed = client.generate(blob, args.seed)
+    t2 = time.perf_counter()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_bytes(png)
+    tmp.replace(out)
+    print(f"wrote {out} (seed {seed}; encoder {1000 * (t1 - t0):.0f} ms, {len(blob) / 1e6:.2f} MB of "
+          f"{args.token_dtype} tokens; DiT+decoder {1000 * (t2 - t1):.0f} ms)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m client", description="Client of the split EDEN deployment.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pair", help="interpolate the middle frame of two images")
+    p.add_argument("frame0")
+    p.add_argument("frame1")
+    p.add_argument("-o", "--output", required=True, help="output PNG")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
+    p.add_argument("--token-dtype", choices=["float16", "float32"], default="float16",
+                   help="precision of the tokens on the wire")
+    add_connection_args(p)
+    p.set_defaults(fn=cmd_pair)
+
+    p = sub.add_parser("demo", help="split, archive, serve on CPU and interpolate a generated sample, then stop")
+    p.add_argument("--checkpoint", default=None,
+                   help="official EDEN checkpoint (default: a small random-weight one made on the spot)")
+    p.add_argument("--workdir", default="build/demo", help="where the demo writes everything")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_demo)
+
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ServeError as e:
+        print(f"client: {e}", file=sys.stderr)
+        return 1

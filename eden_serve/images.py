@@ -1,0 +1,49 @@
+"""Image bytes <-> uint8 arrays, with the checks a server needs before it decodes anything."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+
+
+class ImageError(ValueError):
+    """Bytes that are not an acceptable image; the message says what is wrong."""
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "image") -> np.ndarray:
+    """PNG/JPEG bytes -> [H, W, 3] uint8 RGB. Grey, palette and alpha images are converted (alpha is dropped);
+    16-bit images keep their top 8 bits. The size is checked from the header before the pixels are decoded."""
+    if not data:
+        raise ImageError(f"{name}: empty body")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise ImageError(f"{name}: not a PNG or JPEG image ({type(e).__name__})") from None
+    if img.format not in ACCEPTED_FORMATS:
+        raise ImageError(f"{name}: image format {img.format} is not accepted (send PNG or JPEG)")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} is {w * h} pixels, over the limit of {max_pixels}")
+    if min(w, h) < min_side:
+        raise ImageError(f"{name}: {w}x{h} is too small (each side must be at least {min_side} pixels)")
+    try:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = (np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+            return np.repeat(arr[..., None], 3, axis=2)
+        return np.asarray(img.convert("RGB"))
+    except Exception as e:
+        raise ImageError(f"{name}: the image data is damaged or truncated ({type(e).__name__}: {e})") from None
+
+
+def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes (fast compression: the frame is the hot path's output)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

@@ -1,0 +1,314 @@
+"""EDEN, split into its two served halves.
+
+``EdenEncoder``  frames -> two token sets per frame (``patch_cond_dit`` / ``patch_cond_dec`` + LayerNorms).
+``EdenGenerator`` the DiT (velocity of the latent ODE) and the decoder (latent + decoder tokens -> frame).
+
+Parameter names and shapes are those of the official ``EDEN`` module, so each half loads its share of the official
+``state_dict`` strictly. The modules are stateless: everything a call needs (patch grid, normalisation statistics,
+conditioning tokens) is passed in, so one loaded model serves any number of sizes and requests at once.
+
+Reading order: embeddings, attention, blocks, the two halves.
+Shapes: B batch (pairs or frames), H x W padded frame, gh x gw patch grid (N = gh*gw tokens), the latent grid is
+half of it (n = N/4 tokens), D hidden size, L latent size.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EdenConfig
+
+
+#################################################################################
+#                          Timestep and position embeddings                     #
+#################################################################################
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of scalar times ``t`` [B] -> [B, dim] (cos first, then sin)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_dim: int, freq_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))  # [B] -> [B, D]
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
+    out = pos.reshape(-1, 1) * omega[None]  # [M, dim/2]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # [M, dim]
+
+
+@functools.lru_cache(maxsize=64)
+def position_embedding(grid_h: int, grid_w: int, stride: int, dim: int, reference_grid: tuple[int, int],
+                       device: torch.device) -> torch.Tensor:
+    """2-D sin-cos positions of a (grid_h / stride) x (grid_w / stride) token grid -> [1, tokens, dim] float32.
+
+    Coordinates are scaled so that the patch grid spans ``reference_grid`` units (the official
+    ``interpolation_scale``). The first half of the channels encodes the column, the second the row. Built in
+    float64 on the device and cached per size: treat the result as read-only.
+    """
+    scale_h, scale_w = grid_h / reference_grid[0], grid_w / reference_grid[1]
+    rows = torch.arange(grid_h // stride, dtype=torch.float32, device=device) / scale_h
+    cols = torch.arange(grid_w // stride, dtype=torch.float32, device=device) / scale_w
+    row, col = torch.meshgrid(rows.double(), cols.double(), indexing="ij")
+    emb = torch.cat([_sincos_1d(dim // 2, col), _sincos_1d(dim // 2, row)], dim=1)
+    return emb.float().unsqueeze(0)
+
+
+#################################################################################
+#                                   Attention                                   #
+#################################################################################
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; ``num_queries`` limits the outputs to the first tokens (keys see all)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, h, T, hd]
+        if num_queries is not None:
+            q = q[:, :, :num_queries]  # [B, h, Tq, hd]
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, h, Tq, hd]
+        return self.proj(x.transpose(1, 2).reshape(B, -1, D))  # [B, Tq, D]
+
+
+class TemporalContext(NamedTuple):
+    """Keys and values of the co-located tokens of both frames, per query: [B, n, h, 2w, hd] each."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class TemporalAttention(nn.Module):
+    """Each query token attends to itself and to its w co-located tokens in each of the two frames.
+
+    The official module runs attention over the whole (2w+1)-token window and keeps the middle output; only the
+    query's row is ever used, so it is the only one computed, and the frames' keys/values, which do not depend on the
+    query, are computed once per pair (``context``) and reused across the sampling steps.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def context(self, tokens0: torch.Tensor, tokens1: torch.Tensor, window: int, grid: tuple[int, int]) -> TemporalContext:
+        """tokens0/1 [B, N, D] on the gh x gw grid -> keys/values grouped by query (window 1 or 4 = 2x2 patches)."""
+        D = tokens0.shape[-1]
+        w_kv = self.qkv.weight[D:]  # [2D, D] keys then values
+        b_kv = None if self.qkv.bias is None else self.qkv.bias[D:]
+        kv = F.linear(torch.stack([tokens0, tokens1], dim=1), w_kv, b_kv)  # [B, 2, N, 2D]
+        kv = _group_windows(kv, window, grid)  # [B, n, 2, w, 2D]
+        B, n = kv.shape[:2]
+        kv = kv.reshape(B, n, 2 * window, 2, self.num_heads, D // self.num_heads)  # [B, n, 2w, 2, h, hd]
+        k, v = kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # [B, n, h, 2w, hd]
+        return TemporalContext(k, v)
+
+    def forward(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
+        B, n, D = x.shape
+        h, hd = self.num_heads, D // self.num_heads
+        q, k, v = self.qkv(x).view(B, n, 3, h, 1, hd).unbind(2)  # [B, n, h, 1, hd]
+        k = torch.cat([ctx.k, k], dim=3)  # [B, n, h, 2w+1, hd]
+        v = torch.cat([ctx.v, v], dim=3)
+        attn = (q @ k.transpose(-1, -2)) * hd ** -0.5  # [B, n, h, 1, 2w+1]
+        x = attn.softmax(dim=-1) @ v  # [B, n, h, 1, hd]
+        return self.proj(x.reshape(B, n, D))  # [B, n, D]
+
+
+def _group_windows(x: torch.Tensor, window: int, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, F, N, C] tokens on the gh x gw grid -> [B, n, F, window, C]: each query's co-located tokens."""
+    B, Fr, N, C = x.shape
+    if window == 1:
+        return x.transpose(1, 2).unsqueeze(3)  # [B, N, F, 1, C]
+    gh, gw = grid
+    x = x.view(B, Fr, gh // 2, 2, gw // 2, 2, C).permute(0, 2, 4, 1, 3, 5, 6)  # [B, gh/2, gw/2, F, 2, 2, C]
+    return x.reshape(B, N // 4, Fr, 4, C)
+
+
+#################################################################################
+#                                     Blocks                                    #
+#################################################################################
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-modulated self-attention, temporal attention to both frames' 2x2 patches, modulated MLP."""
+
+    def __init__(self, cfg: EdenConfig):
+        super().__init__()
+        D, eps = cfg.hidden_dim, cfg.norm_eps
+        self.norm_self_attn = nn.LayerNorm(D, eps=eps)
+        self.self_attn = SelfAttention(D, cfg.num_heads, cfg.qkv_bias)
+        self.norm_temp_attn = nn.LayerNorm(D, eps=eps)
+        self.temp_attn = TemporalAttention(D, cfg.num_heads, cfg.qkv_bias)
+        self.norm_mlp = nn.LayerNorm(D, eps=eps)
+        self.mlp = Mlp(D, cfg.mlp_hidden_dim)
+
+    def forward(self, x: torch.Tensor, ctx: TemporalContext, modulation: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, D] each
+        x = x + gate_msa.unsqueeze(1) * self.self_attn(modulate(self.norm_self_attn(x), shift_msa, scale_msa))
+        x = x + self.temp_attn(self.norm_temp_attn(x), ctx)  # [B, n, D]
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm_mlp(x), shift_mlp, scale_mlp))
+        return x  # [B, n, D]
+
+
+class DecoderBlock(nn.Module):
+    """Self-attention over frame tokens and latent queries (frame tokens updated), temporal attention, MLP."""
+
+    def __init__(self, cfg: EdenConfig):
+        super().__init__()
+        D, eps = cfg.hidden_dim, cfg.norm_eps
+        self.norm_self_attn = nn.LayerNorm(D, eps=eps)
+        self.self_attn = SelfAttention(D, cfg.num_heads, cfg.qkv_bias)
+        self.norm_temp_attn = nn.LayerNorm(D, eps=eps)
+        self.temp_attn = TemporalAttention(D, cfg.num_heads, cfg.qkv_bias)
+        self.norm_mlp = nn.LayerNorm(D, eps=eps)
+        self.mlp = Mlp(D, cfg.mlp_hidden_dim)
+
+    def forward(self, y: torch.Tensor, queries: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
+        N = y.shape[1]
+        x = torch.cat([y, queries], dim=1)  # [B, N + n, D]
+        y = y + self.self_attn(self.norm_self_attn(x), num_queries=N)  # [B, N, D]
+        y = y + self.temp_attn(self.norm_temp_attn(y), ctx)
+        y = y + self.mlp(self.norm_mlp(y))
+        return y  # [B, N, D]
+
+
+#################################################################################
+#                                  The two halves                               #
+#################################################################################
+
+class EncodedFrames(NamedTuple):
+    dit: torch.Tensor  # [B, N, D] tokens conditioning the DiT
+    dec: torch.Tensor  # [B, N, D] tokens conditioning the decoder
+    mean: torch.Tensor  # [B] per-frame mean of the padded frame
+    std: torch.Tensor  # [B] per-frame (unbiased) std of the padded frame, + eps
+
+
+class EdenEncoder(nn.Module):
+    """Padded frames in [0, 1] -> per-frame tokens and normalisation statistics. Each frame is independent."""
+
+    STD_EPS = 1e-8
+
+    def __init__(self, cfg: EdenConfig):
+        super().__init__()
+        D, p = cfg.hidden_dim, cfg.patch_size
+        self.cfg = cfg
+        self.patch_cond_dit = nn.Conv2d(cfg.in_dim, D, kernel_size=p, stride=p)
+        self.norm_cond_dit = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.patch_cond_dec = nn.Conv2d(cfg.in_dim, D, kernel_size=p, stride=p)
+        self.norm_cond_dec = nn.LayerNorm(D, eps=cfg.norm_eps)
+
+    def forward(self, frames: torch.Tensor) -> EncodedFrames:
+        cfg = self.cfg
+        B, _, H, W = frames.shape
+        grid = (H // cfg.patch_size, W // cfg.patch_size)
+        flat = frames.flatten(1)  # [B, C*H*W]
+        mean, std = flat.mean(dim=1), flat.std(dim=1) + self.STD_EPS  # [B]
+        x = (frames - mean.view(B, 1, 1, 1)) / std.view(B, 1, 1, 1)  # [B, C, H, W]
+        pos = position_embedding(*grid, 1, cfg.hidden_dim, cfg.pos_embed_reference_grid, x.device)  # [1, N, D]
+        dit = self.norm_cond_dit(self.patch_cond_dit(x).flatten(2).transpose(1, 2) + pos)  # [B, N, D]
+        dec = self.norm_cond_dec(self.patch_cond_dec(x).flatten(2).transpose(1, 2) + pos)  # [B, N, D]
+        return EncodedFrames(dit, dec, mean, std)
+
+
+class DiTContext(NamedTuple):
+    """What the DiT needs at every step that does not change between steps."""
+    temporal: tuple[TemporalContext, ...]  # per block
+    difference: torch.Tensor  # [B, D] embedded frame difference
+    grid: tuple[int, int]
+
+
+class EdenGenerator(nn.Module):
+    """DiT (velocity of the latent flow) and decoder (latent -> frame), conditioned on a pair's tokens."""
+
+    def __init__(self, cfg: EdenConfig):
+        super().__init__()
+        D, L, p = cfg.hidden_dim, cfg.latent_dim, cfg.patch_size
+        self.cfg = cfg
+        # DiT
+        self.proj_in = nn.Linear(L, D)
+        self.dit_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.dit_depth)])
+        self.norm_out = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.proj_out = nn.Linear(D, 2 * L)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.difference_embedder = nn.Linear(1, D)
+        self.denoise_timestep_embedder = TimestepEmbedder(D, cfg.timestep_freq_dim)
+        # decoder
+        self.proj_token = nn.Linear(L, D)
+        self.decoder_blocks = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.decoder_depth)])
+        final_dim = p * p * cfg.out_dim
+        self.unpatchify = nn.Sequential(nn.LayerNorm(D, eps=cfg.norm_eps), nn.Linear(D, final_dim), nn.GELU(),
+                                        nn.Linear(final_dim, final_dim))
+
+    def _pos(self, grid: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
+        return position_embedding(*grid, stride, self.cfg.hidden_dim, self.cfg.pos_embed_reference_grid, device)
+
+    # ------------------------------------------------------------------ DiT
+    def dit_context(self, dit0: torch.Tensor, dit1: torch.Tensor, difference: torch.Tensor,
+                    grid: tuple[int, int]) -> DiTContext:
+        """dit0/dit1 [B, N, D] frame tokens, difference [B, 1] -> per-pair context reused by every step."""
+        temporal = tuple(blk.temp_attn.context(dit0, dit1, window=4, grid=grid) for blk in self.dit_blocks)
+        return DiTContext(temporal, self.difference_embedder(difference), grid)
+
+    def velocity(self, latents: torch.Tensor, t: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
+        """latents [B, n, L] at times t [B] -> velocity [B, n, L]."""
+        cond = self.denoise_timestep_embedder(t) + ctx.difference  # [B, D]
+        modulation = self.adaLN_modulation(cond)  # [B, 6D]
+        x = self.proj_in(latents) + self._pos(ctx.grid, 2, latents.device)  # [B, n, D]
+        for blk, temporal in zip(self.dit_blocks, ctx.temporal):
+            x = blk(x, temporal, modulation)  # [B, n, D]
+        v, _ = self.proj_out(self.norm_out(x)).chunk(2, dim=-1)  # [B, n, L] (second half unused)
+        return v
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, latents: torch.Tensor, dec0: torch.Tensor, dec1: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """latents [B, n, L] (unscaled), decoder tokens [B, N, D] -> normalised frame [B, C, H, W]."""
+        B, p = latents.shape[0], self.cfg.patch_size
+        gh, gw = grid
+        queries = self.proj_token(latents)  # [B, n, D]
+        y = queries.transpose(1, 2).reshape(B, -1, gh // 2, gw // 2)  # [B, D, gh/2, gw/2]
+        y = F.interpolate(y, scale_factor=2.0, mode="bicubic", align_corners=False)  # [B, D, gh, gw]
+        y = y.flatten(2).transpose(1, 2) + self._pos(grid, 1, latents.device)  # [B, N, D]
+        queries = queries + self._pos(grid, 2, latents.device)  # [B, n, D]
+        ctx = [blk.temp_attn.context(dec0, dec1, window=1, grid=grid) for blk in self.decoder_blocks]
+        for blk, temporal in zip(self.decoder_blocks, ctx):
+            y = blk(y, queries, temporal)  # [B, N, D]
+        y = self.unpatchify(y)  # [B, N, p*p*C]
+        y = y.view(B, gh, gw, p, p, self.cfg.out_dim).permute(0, 5, 1, 3, 2, 4)  # [B, C, gh, p, gw, p]
+        return y.reshape(B, self.cfg.out_dim, gh * p, gw * p)  # [B, C, H, W]

@@ -1,0 +1,130 @@
+"""Sampling logic: padding, frame difference, noise, the Euler steps, and the frame out.
+
+Like a diffusers pipeline this owns no weights: the functions are handed the modules. Everything here works on
+batches (B frames for the encoder, B pairs for the generator) so a server can batch same-size requests.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import EdenConfig
+from .model import EdenEncoder, EdenGenerator, EncodedFrames
+
+MAX_SEED = 2**63 - 1
+
+
+# ------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class Geometry:
+    """Original size, padding (left, right, top, bottom) and patch grid of a frame size."""
+    height: int
+    width: int
+    padding: tuple[int, int, int, int]
+    patch_size: int
+
+    @classmethod
+    def for_size(cls, height: int, width: int, cfg: EdenConfig) -> "Geometry":
+        m = cfg.pad_multiple
+        pad_h, pad_w = -height % m, -width % m
+        return cls(height, width, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), cfg.patch_size)
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        left, right, top, bottom = self.padding
+        return self.height + top + bottom, self.width + left + right
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        ph, pw = self.padded_size
+        return ph // self.patch_size, pw // self.patch_size
+
+    @property
+    def latent_tokens(self) -> int:
+        gh, gw = self.grid
+        return (gh // 2) * (gw // 2)
+
+    def pad(self, frames: torch.Tensor) -> torch.Tensor:
+        return F.pad(frames, list(self.padding), mode="replicate")
+
+    def unpad(self, frames: torch.Tensor) -> torch.Tensor:
+        left, _, top, _ = self.padding
+        return frames[..., top:top + self.height, left:left + self.width]
+
+
+# ------------------------------------------------------------------ encoder side
+def frame_difference(frames0: torch.Tensor, frames1: torch.Tensor, cfg: EdenConfig) -> torch.Tensor:
+    """Unpadded frames [B, C, H, W] in [0, 1] -> the DiT's difference input [B, 1]: z-scored mean cosine similarity."""
+    cos = torch.cosine_similarity(frames0, frames1, dim=1)  # [B, H, W]
+    return ((cos.mean(dim=(1, 2)) - cfg.cos_sim_mean) / cfg.cos_sim_std).unsqueeze(1)
+
+
+@torch.inference_mode()
+def encode_frames(encoder: EdenEncoder, frames: torch.Tensor,
+                  counts: list[int] | None = None) -> tuple[EncodedFrames, list[torch.Tensor]]:
+    """Frames [K, C, H, W] in [0, 1], all of one size -> tokens of every frame, and the differences between
+    consecutive frames within each group of ``counts`` frames (one group of all K by default): [count-1] each."""
+    geo = Geometry.for_size(frames.shape[-2], frames.shape[-1], encoder.cfg)
+    encoded = encoder(geo.pad(frames))
+    groups = frames.split(counts or [frames.shape[0]])
+    differences = [frame_difference(g[:-1], g[1:], encoder.cfg).squeeze(1) for g in groups]
+    return encoded, differences
+
+
+# ------------------------------------------------------------------ generator side
+@dataclass
+class PairBatch:
+    """B pairs of one size, on the generator's device: what the DiT+decoder needs."""
+    dit: torch.Tensor  # [B, 2, N, D]
+    dec: torch.Tensor  # [B, 2, N, D]
+    mean: torch.Tensor  # [B, 2]
+    std: torch.Tensor  # [B, 2]
+    difference: torch.Tensor  # [B]
+    geometry: Geometry
+
+
+def make_noise(geometry: Geometry, latent_dim: int, seed: int | None, device: torch.device) -> torch.Tensor:
+    """The official recipe: CPU generator seeded with ``seed`` -> [1, n, L] float32, moved to ``device``.
+
+    Without a seed, fresh noise from the OS's entropy.
+    """
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((1, geometry.latent_tokens, latent_dim), generator=gen).to(device)
+
+
+@torch.inference_mode()
+def sample_latents(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tensor) -> torch.Tensor:
+    """Euler steps of the velocity ODE along the time grid: noise [B, n, L] -> latents [B, n, L] (unscaled)."""
+    cfg = generator.cfg
+    ctx = generator.dit_context(pairs.dit[:, 0], pairs.dit[:, 1], pairs.difference.unsqueeze(1).to(noise.dtype),
+                                pairs.geometry.grid)
+    x = noise
+    B = x.shape[0]
+    for t0, t1 in zip(cfg.time_grid[:-1], cfg.time_grid[1:]):
+        t = torch.full((B,), t0, dtype=torch.float32, device=x.device)
+        x = x + (t1 - t0) * generator.velocity(x, t, ctx)
+    return x / cfg.latent_scale + cfg.latent_shift
+
+
+@torch.inference_mode()
+def decode_frames(generator: EdenGenerator, pairs: PairBatch, latents: torch.Tensor) -> torch.Tensor:
+    """Latents [B, n, L] -> interpolated frames [B, C, H, W] in [0, 1] at the original size."""
+    y = generator.decode(latents, pairs.dec[:, 0], pairs.dec[:, 1], pairs.geometry.grid)  # [B, C, H', W']
+    mean = pairs.mean.mean(dim=1).view(-1, 1, 1, 1)  # the pair's averaged statistics
+    std = pairs.std.mean(dim=1).view(-1, 1, 1, 1)
+    return pairs.geometry.unpad((y * std + mean).clamp(0.0, 1.0))
+
+
+def interpolate(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tensor) -> torch.Tensor:
+    """B pairs -> B middle frames [B, C, H, W] in [0, 1]."""
+    return decode_frames(generator, pairs, sample_latents(generator, pairs, noise))
+
+
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] in [0, 1] -> [B, H, W, C] uint8 on the CPU, rounded half up (as torchvision's save_image)."""
+    return frames.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()

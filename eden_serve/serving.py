@@ -1,0 +1,241 @@
+"""What the two TorchServe handlers do, over the core: parse and check each request, batch same-size work, answer.
+
+A TorchServe batch is a list of requests (one dict of name -> value each: multipart fields, query parameters, or
+``body`` for a raw body). Every request gets its own answer, in order: a bad request gets a 4xx with a JSON message
+and does not disturb the others; the worker keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint, images, pipeline, tokens, wire
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request the handler refuses; ``status`` is its HTTP code."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+REASONS = {400: "Bad Request", 413: "Payload Too Large", 503: "Service Unavailable", 507: "Insufficient Storage"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Handler settings: the ``eden`` section of the archive's model-config.yaml."""
+    max_pixels: int = 2560 * 1440  # per frame; tokens of a 1440p pair are 88 MB in float16
+    min_side: int = 32  # one latent cell: anything smaller is not a video frame
+    max_frames: int = 16  # frames per encoder request
+    max_response_bytes: int = 256 * 1024 * 1024  # keep equal to config.properties' max_response_size
+    token_dtype: str = "float16"  # default wire dtype; a request may ask for float32
+    png_compress_level: int = 1
+    torch_threads: int = 0  # CPU threads per worker (0: torch's default)
+
+    @classmethod
+    def from_context(cls, context) -> "Settings":
+        section = (getattr(context, "model_yaml_config", None) or {}).get("eden", {}) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(section) - known
+        if unknown:
+            raise ValueError(f"unknown settings in model-config.yaml 'eden' section: {sorted(unknown)}")
+        return cls(**section)
+
+
+# ---------------------------------------------------------------------- request values
+def _as_bytes(value: Any) -> bytes | bytearray | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise RequestError(f"expected binary data, got a {type(value).__name__} (send it with a binary content type)")
+
+
+def _text(value: Any) -> str | None:
+    value = _as_bytes(value)
+    if value is None:
+        return None
+    try:
+        return bytes(value).decode().strip()
+    except UnicodeDecodeError:
+        raise RequestError("parameter is not UTF-8 text") from None
+
+
+def parse_seed(value: Any) -> int | None:
+    text = _text(value)
+    if text is None or text == "":
+        return None
+    try:
+        seed = int(text)
+    except ValueError:
+        raise RequestError(f"seed must be an integer, got {text[:40]!r}") from None
+    if not 0 <= seed <= pipeline.MAX_SEED:
+        raise RequestError(f"seed must be between 0 and {pipeline.MAX_SEED}")
+    return seed
+
+
+def parse_token_dtype(value: Any, default: str) -> str:
+    text = _text(value) or default
+    if text not in wire.DTYPES:
+        raise RequestError(f"dtype must be one of {sorted(wire.DTYPES)}, got {text[:40]!r}")
+    return text
+
+
+def select_device(context) -> torch.device:
+    gpu_id = context.system_properties.get("gpu_id")
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device("cuda", int(gpu_id))
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------- the handlers
+class BatchService:
+    """Common frame of both handlers: initialize, then per batch parse -> group -> run -> answer."""
+
+    def __init__(self):
+        self.initialized = False
+
+    def initialize(self, context):
+        self.settings = Settings.from_context(context)
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        self.device = select_device(context)
+        self.model_dir = context.system_properties["model_dir"]
+        self.cfg = checkpoint.load_config(self.model_dir)
+        self.load()
+        self.initialized = True
+        log.info("%s ready on %s (%s)", type(self).__name__, self.device, self.cfg)
+
+    def load(self):
+        raise NotImplementedError
+
+    def parse(self, request: dict, context, idx: int) -> tuple[Any, Any]:
+        """-> (group key, parsed item); raise RequestError for a bad request."""
+        raise NotImplementedError
+
+    def run(self, items: list) -> list:
+        """Items of one group -> one answer each: (body bytes, content type, headers)."""
+        raise NotImplementedError
+
+    def handle(self, data: list[dict], context) -> list:
+        answers: list = [None] * len(data)
+        groups: dict = defaultdict(list)
+        for idx, request in enumerate(data):
+            try:
+                key, item = self.parse(request, context, idx)
+                groups[key].append((idx, item))
+            except RequestError as e:
+                answers[idx] = self._error(context, idx, e)
+            except (wire.WireError, images.ImageError) as e:
+                answers[idx] = self._error(context, idx, RequestError(str(e)))
+        for items in groups.values():
+            indices = [i for i, _ in items]
+            try:
+                results = self.run([item for _, item in items])
+            except RequestError as e:
+                results = [e] * len(items)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                results = [RequestError("the GPU ran out of memory for this batch: retry, or send smaller frames",
+                                        503)] * len(items)
+            for idx, result in zip(indices, results):
+                if isinstance(result, RequestError):
+                    answers[idx] = self._error(context, idx, result)
+                    continue
+                body, content_type, headers = result
+                context.set_response_content_type(idx, content_type)
+                for name, value in headers.items():
+                    context.set_response_header(idx, name, value)
+                answers[idx] = body
+        return answers
+
+    def _error(self, context, idx: int, error: RequestError) -> bytes:
+        context.set_response_status(error.status, REASONS.get(error.status, "Error"), idx)
+        context.set_response_content_type(idx, "application/json")
+        log.info("request %d refused (%d): %s", idx, error.status, error)
+        return json.dumps({"code": error.status, "type": "BadInput" if error.status < 500 else "Unavailable",
+                           "message": str(error)}).encode()
+
+
+class EncoderService(BatchService):
+    """Frames (multipart fields frame0, frame1, ... as PNG/JPEG) -> a token blob (application/x-eden-tokens).
+
+    Query or form parameter ``dtype``: float16 (default) or float32 tokens.
+    """
+
+    def load(self):
+        self.encoder = checkpoint.load_encoder(self.model_dir, self.device)
+
+    def parse(self, request, context, idx):
+        s = self.settings
+        names = sorted((k for k in request if k.startswith("frame") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+        if not names:
+            raise RequestError("no frames: send the images as multipart/form-data fields frame0, frame1, ...")
+        if names != [f"frame{i}" for i in range(len(names))]:
+            raise RequestError(f"frame fields must be numbered frame0..frame{len(names) - 1} without gaps, got {names}")
+        if len(names) > s.max_frames:
+            raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
+        dtype = parse_token_dtype(request.get("dtype"), s.token_dtype)
+        frames = [images.decode_image(_as_bytes(request[n]), s.max_pixels, s.min_side, n) for n in names]
+        h, w = frames[0].shape[:2]
+        for name, f in zip(names[1:], frames[1:]):
+            if f.shape[:2] != (h, w):
+                raise RequestError(f"{name} is {f.shape[1]}x{f.shape[0]} but frame0 is {w}x{h}: "
+                                   "all frames of a request must have one size")
+        size = wire.expected_nbytes(len(frames), h, w, self.cfg.hidden_dim, dtype, self.cfg.pad_multiple,
+                                    self.cfg.patch_size) + wire.MAX_HEADER_BYTES
+        if size > s.max_response_bytes:
+            raise RequestError(f"the tokens of {len(frames)} frames of {w}x{h} would be {size} bytes, over the "
+                               f"response limit of {s.max_response_bytes}: send fewer frames per request", 413)
+        return (h, w, dtype), (np.stack(frames), dtype)
+
+    def run(self, items):
+        frames = np.concatenate([f for f, _ in items])  # [K, H, W, C] uint8
+        x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float().div_(255)  # [K, C, H, W]
+        encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _ in items])
+        geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
+        try:
+            blobs = tokens.to_blobs(encoded, differences, geo, items[0][1], self.cfg.encoder_fingerprint)
+        except OverflowError as e:
+            raise RequestError(str(e)) from None
+        return [(blob.to_bytes(), wire.CONTENT_TYPE, {"X-Eden-Device": str(self.device)}) for blob in blobs]
+
+
+class DitDecService(BatchService):
+    """A pair's token blob (raw body) -> the middle frame as PNG. Query parameter ``seed`` (optional)."""
+
+    def load(self):
+        self.generator = checkpoint.load_generator(self.model_dir, self.device)
+
+    def parse(self, request, context, idx):
+        body = _as_bytes(request.get("body") if request.get("body") is not None else request.get("data"))
+        if not body:
+            raise RequestError("empty body: send the encoder's token blob as the request body")
+        seed = parse_seed(request.get("seed"))
+        blob = wire.from_bytes(body)
+        geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
+        t = tokens.tokens_tensor(blob, self.device)
+        return (geo, blob.dtype), (blob, t, seed)
+
+    def run(self, items):
+        blobs, tensors, seeds = zip(*items)
+        geo = tokens.check_fits(blobs[0], self.cfg)
+        pairs = tokens.pair_batch(list(blobs), list(tensors), geo)
+        seeds = [s if s is not None else secrets.randbelow(pipeline.MAX_SEED) for s in seeds]
+        noise = torch.cat([pipeline.make_noise(geo, self.cfg.latent_dim, s, self.device) for s in seeds])
+        frames = pipeline.to_uint8(pipeline.interpolate(self.generator, pairs, noise)).numpy()
+        return [(images.encode_png(f, self.settings.png_compress_level), "image/png",
+                 {"X-Eden-Seed": str(seed), "X-Eden-Device": str(self.device)}) for f, seed in zip(frames, seeds)]

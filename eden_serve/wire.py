@@ -1,0 +1,203 @@
+"""The token wire format: what the encoder returns and the DiT+decoder reads. NumPy only, no pickle.
+
+A blob holds K frames of one size (K >= 1) with everything the DiT+decoder needs besides the noise::
+
+    offset 0   magic  b"EDENTOKS"                       8 bytes
+           8   version                                 uint32 little-endian (this module writes and reads 1)
+          12   header length in bytes                  uint32 little-endian (at most 64 KiB)
+          16   header: UTF-8 JSON object, padded with spaces so the payload starts at a multiple of 64
+        then   payload: tokens [K, 2, N, D] in C order, little-endian float16 or float32;
+               [k, 0] are frame k's DiT tokens, [k, 1] its decoder tokens, N = grid_h * grid_w
+
+Header fields (all required)::
+
+    dtype         "float16" | "float32"
+    shape         [K, 2, N, D]
+    patch_size    pixels per patch side
+    grid          [grid_h, grid_w] patch grid of the padded frame
+    size          [height, width] of the original frame
+    padding       [left, right, top, bottom] replicate padding that made the padded frame
+    mean, std     K floats: each frame's normalisation statistics (over the padded frame)
+    differences   K-1 floats: the DiT's difference input between frames k and k+1
+    encoder       fingerprint of the encoder weights that made the tokens ("" if unknown)
+
+Everything per frame is independent of the other frames, so frames of a video can be encoded once each and any
+two assembled into a pair later (``TokenBlob.pair``); the pair's difference comes from the blob that held both,
+or from ``differences`` computed where both frames' pixels are. The bytes are the same over HTTP or shared memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAGIC = b"EDENTOKS"
+VERSION = 1
+PREFIX = struct.Struct("<8sII")
+ALIGN = 64
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAMES = 256
+DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+CONTENT_TYPE = "application/x-eden-tokens"
+
+
+class WireError(ValueError):
+    """A blob that is not a valid token blob; the message says what is wrong."""
+
+
+@dataclass
+class TokenBlob:
+    tokens: np.ndarray  # [K, 2, N, D] float16 or float32
+    size: tuple[int, int]  # original (height, width)
+    padding: tuple[int, int, int, int]  # left, right, top, bottom
+    patch_size: int
+    mean: list[float]
+    std: list[float]
+    differences: list[float] = field(default_factory=list)
+    encoder: str = ""
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_frames(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.tokens.shape[3]
+
+    @property
+    def dtype(self) -> str:
+        return self.tokens.dtype.name
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        left, right, top, bottom = self.padding
+        return self.size[0] + top + bottom, self.size[1] + left + right
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.padded_size[0] // self.patch_size, self.padded_size[1] // self.patch_size
+
+    def header(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.tokens.shape), "patch_size": self.patch_size,
+                "grid": list(self.grid), "size": list(self.size), "padding": list(self.padding),
+                "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
+                "differences": [float(d) for d in self.differences], "encoder": self.encoder}
+
+    # ------------------------------------------------------------------ assembling pairs
+    def frame(self, k: int) -> "TokenBlob":
+        """Frame k alone (no differences); its tokens are a view, not a copy."""
+        return TokenBlob(self.tokens[k:k + 1], self.size, self.padding, self.patch_size, [self.mean[k]],
+                         [self.std[k]], [], self.encoder)
+
+    @staticmethod
+    def pair(first: "TokenBlob", second: "TokenBlob", difference: float) -> "TokenBlob":
+        """Two single frames (``frame(k)`` of any blobs of the same size and encoder) -> a pair blob."""
+        for name in ("size", "padding", "patch_size", "encoder"):
+            if getattr(first, name) != getattr(second, name):
+                raise WireError(f"cannot pair frames with different {name}: {getattr(first, name)} vs "
+                                f"{getattr(second, name)}")
+        if first.tokens.dtype != second.tokens.dtype or first.tokens.shape[1:] != second.tokens.shape[1:]:
+            raise WireError("cannot pair frames with different token dtype or shape")
+        return TokenBlob(np.concatenate([first.tokens[-1:], second.tokens[:1]]), first.size, first.padding,
+                         first.patch_size, [first.mean[-1], second.mean[0]], [first.std[-1], second.std[0]],
+                         [float(difference)], first.encoder)
+
+    # ------------------------------------------------------------------ bytes
+    def to_bytes(self) -> bytes:
+        return b"".join(self.to_buffers())
+
+    def to_buffers(self) -> list:
+        """The blob as [prefix+header bytes, payload memoryview]: write them in order, no copy of the tokens."""
+        head = json.dumps(self.header(), separators=(",", ":")).encode()
+        head += b" " * (-(PREFIX.size + len(head)) % ALIGN)
+        tokens = np.ascontiguousarray(self.tokens, dtype=DTYPES[self.dtype])
+        return [PREFIX.pack(MAGIC, VERSION, len(head)) + head, memoryview(tokens).cast("B")]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.to_buffers()[0]) + self.tokens.nbytes
+
+
+def expected_nbytes(num_frames: int, height: int, width: int, hidden_dim: int, dtype: str = "float16",
+                    pad_multiple: int = 32, patch_size: int = 16) -> int:
+    """Payload size of a blob of ``num_frames`` frames of height x width (the header is at most 64 KiB more)."""
+    ph, pw = math.ceil(height / pad_multiple) * pad_multiple, math.ceil(width / pad_multiple) * pad_multiple
+    return num_frames * 2 * (ph // patch_size) * (pw // patch_size) * hidden_dim * DTYPES[dtype].itemsize
+
+
+# ---------------------------------------------------------------------- parsing
+def _int_list(h: dict, key: str, n: int, minimum: int = 0) -> list[int]:
+    v = h.get(key)
+    if not isinstance(v, list) or len(v) != n or not all(type(x) is int and x >= minimum for x in v):
+        raise WireError(f"header field '{key}' must be a list of {n} integers >= {minimum}, got {v!r:.80}")
+    return v
+
+
+def _float_list(h: dict, key: str, n: int, positive: bool = False) -> list[float]:
+    v = h.get(key)
+    if not isinstance(v, list) or len(v) != n or not all(type(x) in (int, float) for x in v):
+        raise WireError(f"header field '{key}' must be a list of {n} numbers, got {v!r:.80}")
+    if not all(math.isfinite(x) and (x > 0 or not positive) for x in v):
+        raise WireError(f"header field '{key}' has values that are not finite{' and positive' if positive else ''}")
+    return [float(x) for x in v]
+
+
+def from_bytes(buf) -> TokenBlob:
+    """Parse and check a blob (bytes, bytearray or memoryview). The tokens are a read-only view of ``buf``.
+
+    Checks structure only (every length and field); whether the token values are finite is checked where they are
+    used, on the device.
+    """
+    buf = memoryview(buf).cast("B")
+    if len(buf) < PREFIX.size:
+        raise WireError(f"not a token blob: {len(buf)} bytes is shorter than the {PREFIX.size}-byte prefix")
+    magic, version, head_len = PREFIX.unpack_from(buf)
+    if magic != MAGIC:
+        raise WireError(f"not a token blob: bad magic {bytes(magic)!r} (expected {MAGIC!r})")
+    if version != VERSION:
+        raise WireError(f"unsupported token format version {version}: this server reads version {VERSION}")
+    if head_len > MAX_HEADER_BYTES or PREFIX.size + head_len > len(buf):
+        raise WireError(f"header length {head_len} is larger than the blob ({len(buf)} bytes) "
+                        f"or the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        h = json.loads(bytes(buf[PREFIX.size:PREFIX.size + head_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WireError(f"header is not valid JSON: {e}") from None
+    if not isinstance(h, dict):
+        raise WireError("header is not a JSON object")
+    dtype = h.get("dtype")
+    if dtype not in DTYPES:
+        raise WireError(f"header field 'dtype' must be one of {sorted(DTYPES)}, got {dtype!r:.40}")
+    K, two, N, D = _int_list(h, "shape", 4, minimum=1)
+    if two != 2 or K > MAX_FRAMES:
+        raise WireError(f"shape must be [K <= {MAX_FRAMES}, 2, N, D], got {[K, two, N, D]}")
+    patch = h.get("patch_size")
+    if type(patch) is not int or patch < 1:
+        raise WireError(f"header field 'patch_size' must be a positive integer, got {patch!r:.40}")
+    gh, gw = _int_list(h, "grid", 2, minimum=1)
+    height, width = _int_list(h, "size", 2, minimum=1)
+    left, right, top, bottom = _int_list(h, "padding", 4)
+    if (height + top + bottom, width + left + right) != (gh * patch, gw * patch):
+        raise WireError(f"size {height}x{width} with padding {[left, right, top, bottom]} is not the "
+                        f"{gh}x{gw} grid of {patch}-pixel patches")
+    if gh % 2 or gw % 2 or N != gh * gw:
+        raise WireError(f"grid {gh}x{gw} must be even and hold the shape's {N} tokens")
+    mean = _float_list(h, "mean", K)
+    std = _float_list(h, "std", K, positive=True)
+    differences = _float_list(h, "differences", K - 1)
+    encoder = h.get("encoder")
+    if not isinstance(encoder, str) or len(encoder) > 128:
+        raise WireError("header field 'encoder' must be a string")
+    start = PREFIX.size + head_len
+    expected = K * 2 * N * D * DTYPES[dtype].itemsize
+    got = len(buf) - start
+    if got < expected:
+        raise WireError(f"truncated token blob: {got} payload bytes, expected {expected} for shape {[K, 2, N, D]}")
+    if got > expected:
+        raise WireError(f"{got - expected} unexpected trailing bytes after the {expected}-byte token payload")
+    tokens = np.frombuffer(buf[start:], dtype=DTYPES[dtype]).reshape(K, 2, N, D)
+    return TokenBlob(tokens, (height, width), (left, right, top, bottom), patch, mean, std, differences, encoder)
