@@ -69,16 +69,15 @@ class ModelClient:
     def endpoint(self) -> str:
         return f"{self.url}/predictions/{self.model}"
 
-    def predict(self, *, data: bytes | None = None, files: dict | None = None, params: dict | None = None,
-                content_type: str | None = None) -> requests.Response:
+    def predict(self, *, data: bytes | None = None, files: dict | None = None,
+                headers: dict | None = None) -> requests.Response:
         for attempt in range(2):
             key = self.keys.read("inference")
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            if content_type:
-                headers["Content-Type"] = content_type
+            sent = dict(headers or {})
+            if key:
+                sent["Authorization"] = f"Bearer {key}"
             try:
-                r = self.session.post(self.endpoint, data=data, files=files, params=params, headers=headers,
-                                      timeout=self.timeout)
+                r = self.session.post(self.endpoint, data=data, files=files, headers=sent, timeout=self.timeout)
             except requests.ConnectionError:
                 raise ServeError(f"cannot reach TorchServe at {self.url}: is it running, and is the address right?")
             except requests.Timeout:
@@ -125,12 +124,15 @@ class EdenClient:
     def encode(self, frames: list[bytes], dtype: str = "float16") -> bytes:
         """Encoded image files (PNG/JPEG) -> one token blob of all of them."""
         files = {f"frame{i}": (f"frame{i}", f, "application/octet-stream") for i, f in enumerate(frames)}
-        return self.encoder.predict(files=files, params={"dtype": dtype}).content
+        files["dtype"] = (None, dtype)
+        return self.encoder.predict(files=files).content
 
     def generate(self, pair_blob: bytes, seed: int | None = None) -> tuple[bytes, int]:
         """A pair's token blob -> (PNG bytes of the middle frame, the seed used)."""
-        params = {} if seed is None else {"seed": str(seed)}
-        r = self.ditdec.predict(data=pair_blob, params=params, content_type="application/x-eden-tokens")
+        headers = {"Content-Type": "application/x-eden-tokens"}
+        if seed is not None:
+            headers["X-Eden-Seed"] = str(seed)
+        r = self.ditdec.predict(data=pair_blob, headers=headers)
         return r.content, int(r.headers.get("X-Eden-Seed", -1))
 
     def interpolate(self, frame0: bytes, frame1: bytes, seed: int | None = None, dtype: str = "float16") -> bytes:

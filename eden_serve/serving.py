@@ -94,6 +94,15 @@ def parse_token_dtype(value: Any, default: str) -> str:
     return text
 
 
+def request_header(context, idx: int, name: str) -> str | None:
+    """A request header, whatever the case the client sent its name in (TorchServe keeps it as sent)."""
+    name = name.lower()
+    for key, value in (context.get_all_request_header(idx) or {}).items():
+        if isinstance(key, str) and key.lower() == name and isinstance(value, str):
+            return value
+    return None
+
+
 def select_device(context) -> torch.device:
     gpu_id = context.system_properties.get("gpu_id")
     if gpu_id is not None and torch.cuda.is_available():
@@ -173,7 +182,7 @@ class BatchService:
 class EncoderService(BatchService):
     """Frames (multipart fields frame0, frame1, ... as PNG/JPEG) -> a token blob (application/x-eden-tokens).
 
-    Query or form parameter ``dtype``: float16 (default) or float32 tokens.
+    Form field ``dtype`` (or header X-Eden-Token-Dtype): float16 (default) or float32 tokens.
     """
 
     def load(self):
@@ -188,7 +197,8 @@ class EncoderService(BatchService):
             raise RequestError(f"frame fields must be numbered frame0..frame{len(names) - 1} without gaps, got {names}")
         if len(names) > s.max_frames:
             raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
-        dtype = parse_token_dtype(request.get("dtype"), s.token_dtype)
+        dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, "X-Eden-Token-Dtype"),
+                                  s.token_dtype)
         frames = [images.decode_image(_as_bytes(request[n]), s.max_pixels, s.min_side, n) for n in names]
         h, w = frames[0].shape[:2]
         for name, f in zip(names[1:], frames[1:]):
@@ -215,7 +225,8 @@ class EncoderService(BatchService):
 
 
 class DitDecService(BatchService):
-    """A pair's token blob (raw body) -> the middle frame as PNG. Query parameter ``seed`` (optional)."""
+    """A pair's token blob (raw body) -> the middle frame as PNG. Header X-Eden-Seed: the noise seed (optional;
+    without it a fresh seed is drawn). The answer's X-Eden-Seed says which seed made the frame."""
 
     def load(self):
         self.generator = checkpoint.load_generator(self.model_dir, self.device)
@@ -224,7 +235,7 @@ class DitDecService(BatchService):
         body = _as_bytes(request.get("body") if request.get("body") is not None else request.get("data"))
         if not body:
             raise RequestError("empty body: send the encoder's token blob as the request body")
-        seed = parse_seed(request.get("seed"))
+        seed = parse_seed(request_header(context, idx, "X-Eden-Seed"))
         blob = wire.from_bytes(body)
         geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
         t = tokens.tokens_tensor(blob, self.device)

@@ -1,0 +1,76 @@
+"""Shared fixtures: the tiny official-layout checkpoint (tests/fixtures/eden_tiny), its split weights, the archives
+built by archive_scripts/build_archives.py, and one real TorchServe serving them for the whole session."""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "eden_tiny"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "archive_scripts"))
+
+from client.server import TorchServe  # noqa: E402
+from eden_serve import checkpoint  # noqa: E402
+
+# The test deployment: small batches so that concurrent requests really batch, a low pixel limit so that the
+# "absurd size" case is cheap to send.
+TEST_SETTINGS = {"max_pixels": 640 * 480}
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_rgb(data_or_path) -> np.ndarray:
+    src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+    return np.asarray(Image.open(src).convert("RGB"))
+
+
+def frame_tensor(path) -> torch.Tensor:
+    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="session")
+def expected():
+    return load_file(FIXTURE / "expected.safetensors")
+
+
+@pytest.fixture(scope="session")
+def fixture_frames() -> torch.Tensor:
+    return torch.stack([frame_tensor(FIXTURE / "frame0.png"), frame_tensor(FIXTURE / "frame1.png")])
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_weights")
+    checkpoint.split_checkpoint(FIXTURE / "eden_tiny.pt", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_weights):
+    return checkpoint.load_encoder(tiny_weights), checkpoint.load_generator(tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_weights, tmp_path_factory) -> Path:
+    from build_archives import build
+    store = tmp_path_factory.mktemp("model_store")
+    build(tiny_weights, store, gpus=0, batch_size=4, max_batch_delay_ms=100, settings=TEST_SETTINGS)
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(tiny_store, tmp_path_factory):
+    with TorchServe(tmp_path_factory.mktemp("serve"), tiny_store) as ts:
+        yield ts

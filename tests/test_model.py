@@ -1,0 +1,127 @@
+"""The core against the official implementation's output (tests/fixtures/eden_tiny, float32, CPU, seed 0)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURE, read_rgb
+
+from eden_serve import pipeline, tokens, wire
+from eden_serve.config import EdenConfig
+from eden_serve.model import EdenEncoder, EdenGenerator
+
+TOL = 1e-4
+
+
+def run_pair(encoder, generator, frames, seed=0, dtype="float32"):
+    """frames [2, C, H, W] -> middle frame, going through the wire format like the deployment."""
+    encoded, diffs = pipeline.encode_frames(encoder, frames)
+    geo = pipeline.Geometry.for_size(*frames.shape[-2:], encoder.cfg)
+    (blob,) = tokens.to_blobs(encoded, diffs, geo, dtype, encoder.cfg.encoder_fingerprint)
+    blob = wire.from_bytes(blob.to_bytes())
+    geo = tokens.check_fits(blob, generator.cfg)
+    pairs = tokens.pair_batch([blob], [tokens.tokens_tensor(blob, torch.device("cpu"))], geo)
+    noise = pipeline.make_noise(geo, generator.cfg.latent_dim, seed, "cpu")
+    return pipeline.interpolate(generator, pairs, noise)
+
+
+def psnr(a, b):
+    return 10 * torch.log10(1.0 / torch.mean((a - b) ** 2)).item()
+
+
+def test_config_read_from_shapes(tiny_weights):
+    meta = json.loads((FIXTURE / "meta.json").read_text())
+    cfg = EdenConfig.from_json((tiny_weights / "eden_config.json").read_text())
+    args = meta["model_args"]
+    for k in ("in_dim", "out_dim", "patch_size", "latent_dim", "hidden_dim", "num_heads", "mlp_ratio", "dit_depth",
+              "decoder_depth", "qkv_bias"):
+        assert getattr(cfg, k) == args[k], k
+    assert (cfg.cos_sim_mean, cfg.cos_sim_std) == (meta["cos_sim_mean"], meta["cos_sim_std"])
+    assert (cfg.latent_scale, cfg.latent_shift) == (meta["vae_scaler"], meta["vae_shift"])
+    assert list(cfg.time_grid) == meta["ode_time_grid"]
+    assert len(cfg.encoder_fingerprint) == 16
+
+
+def test_encoder_tokens_match_official(tiny_models, fixture_frames, expected):
+    encoder, _ = tiny_models
+    encoded, (diff,) = pipeline.encode_frames(encoder, fixture_frames)
+    assert (encoded.dit - expected["cond_dit"]).abs().max() <= TOL
+    assert (encoded.dec - expected["cond_dec"]).abs().max() <= TOL
+    assert (encoded.mean.mean() - expected["stats_mean"]).abs().max() <= TOL
+    assert (encoded.std.mean() - expected["stats_std"]).abs().max() <= TOL
+    assert (diff - expected["difference"].flatten()).abs().max() <= TOL
+
+
+def test_noise_recipe(expected):
+    meta = json.loads((FIXTURE / "meta.json").read_text())
+    geo = pipeline.Geometry.for_size(meta["height"], meta["width"], EdenConfig())
+    assert list(geo.padded_size) == meta["padded"]
+    noise = pipeline.make_noise(geo, 16, meta["noise_seed"], "cpu")
+    assert torch.equal(noise, expected["noise"])
+
+
+def test_latents_and_frame_match_official(tiny_models, fixture_frames, expected):
+    encoder, generator = tiny_models
+    encoded, diffs = pipeline.encode_frames(encoder, fixture_frames)
+    geo = pipeline.Geometry.for_size(90, 120, encoder.cfg)
+    pairs = pipeline.PairBatch(encoded.dit[None], encoded.dec[None], encoded.mean[None], encoded.std[None],
+                               diffs[0], geo)
+    latents = pipeline.sample_latents(generator, pairs, expected["noise"])
+    assert (latents - expected["latents"]).abs().max() <= TOL
+    frame = pipeline.decode_frames(generator, pairs, latents)
+    assert frame.shape == expected["frame"].shape
+    assert (frame - expected["frame"]).abs().max() <= TOL
+    # the official frame rounded to 8 bits, as the server writes it
+    png = read_rgb(FIXTURE / "expected.png").astype(int)
+    assert np.abs(pipeline.to_uint8(frame)[0].numpy().astype(int) - png).max() <= 1
+
+
+def test_split_wire_float32_equals_whole_model(tiny_models, fixture_frames, expected):
+    encoder, generator = tiny_models
+    frame = run_pair(encoder, generator, fixture_frames, dtype="float32")
+    assert (frame - expected["frame"]).abs().max() <= TOL
+
+
+def test_float16_wire_keeps_50db(tiny_models, fixture_frames):
+    encoder, generator = tiny_models
+    f32 = run_pair(encoder, generator, fixture_frames, dtype="float32")
+    f16 = run_pair(encoder, generator, fixture_frames, dtype="float16")
+    assert psnr(f16, f32) >= 50
+
+
+def test_stateless_batches_and_sizes(tiny_models, fixture_frames):
+    """One model, interleaved sizes and a batch of two pairs: same answers as one pair at a time."""
+    encoder, generator = tiny_models
+    small = run_pair(encoder, generator, fixture_frames)
+    big_frames = torch.nn.functional.interpolate(fixture_frames, size=(70, 150), mode="bilinear")
+    big = run_pair(encoder, generator, big_frames)
+    assert big.shape[-2:] == (70, 150)
+    assert torch.equal(run_pair(encoder, generator, fixture_frames), small)
+    encoded, diffs = pipeline.encode_frames(encoder, torch.cat([fixture_frames, fixture_frames]), [2, 2])
+    geo = pipeline.Geometry.for_size(90, 120, encoder.cfg)
+    pairs = pipeline.PairBatch(encoded.dit.view(2, 2, *encoded.dit.shape[1:]),
+                               encoded.dec.view(2, 2, *encoded.dec.shape[1:]), encoded.mean.view(2, 2),
+                               encoded.std.view(2, 2), torch.cat(diffs), geo)
+    noise = pipeline.make_noise(geo, 16, 0, "cpu").repeat(2, 1, 1)
+    batched = pipeline.interpolate(generator, pairs, noise)
+    assert (batched - small).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (64, 96), (100, 31)])
+def test_geometry_padding(size):
+    geo = pipeline.Geometry.for_size(*size, EdenConfig())
+    ph, pw = geo.padded_size
+    assert ph % 32 == 0 and pw % 32 == 0 and ph - size[0] < 32 and pw - size[1] < 32
+    x = torch.rand(1, 3, *size)
+    assert torch.equal(geo.unpad(geo.pad(x)), x)
+
+
+def test_real_size_architecture_shapes():
+    """The released sizes build, and their parameter names/shapes read back to the same config."""
+    cfg = EdenConfig()
+    with torch.device("meta"):
+        sd = {**EdenEncoder(cfg).state_dict(), **EdenGenerator(cfg).state_dict()}
+    assert EdenConfig.from_state_dict(sd) == cfg
+    assert sd["dit_blocks.11.temp_attn.qkv.weight"].shape == (2304, 768)
+    assert sd["unpatchify.3.weight"].shape == (768, 768)
+    assert sum(v.numel() for v in sd.values()) > 100_000_000

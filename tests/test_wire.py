@@ -1,0 +1,107 @@
+"""The token wire format: round trips, pair assembly, and refusal of every malformed blob with a message."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from eden_serve import tokens, wire
+from eden_serve.config import EdenConfig
+from eden_serve.wire import TokenBlob, WireError
+
+CFG = EdenConfig(hidden_dim=8, num_heads=1, encoder_fingerprint="abc")
+
+
+def make_blob(k=2, h=40, w=70, dtype="float16", seed=0):
+    rng = np.random.default_rng(seed)
+    # 40x70 pads to 64x96 (left 13, right 13, top 12, bottom 12): a 4x6 grid of 16-pixel patches
+    return TokenBlob(rng.standard_normal((k, 2, 24, 8)).astype(dtype), (h, w), (13, 13, 12, 12), 16,
+                     list(rng.random(k) + 0.1), list(rng.random(k) + 0.1), list(rng.standard_normal(k - 1)), "abc")
+
+
+def with_header(blob_bytes, **changes):
+    magic, version, n = struct.unpack_from("<8sII", blob_bytes)
+    header = json.loads(blob_bytes[16:16 + n])
+    header.update(changes)
+    new = json.dumps(header).encode()
+    new += b" " * (-(16 + len(new)) % 64)
+    return struct.pack("<8sII", magic, version, len(new)) + new + blob_bytes[16 + n:]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip(dtype):
+    blob = make_blob(3, dtype=dtype)
+    data = blob.to_bytes()
+    assert len(data) == blob.nbytes and (len(data) - blob.tokens.nbytes) % 64 == 0
+    back = wire.from_bytes(data)
+    assert back.tokens.dtype == np.dtype(dtype) and np.array_equal(back.tokens, blob.tokens)
+    assert back.header() == blob.header()
+    assert back.grid == (4, 6) and back.padded_size == (64, 96)
+
+
+def test_pairs_from_frames_of_different_blobs():
+    a, b = make_blob(3, seed=1), make_blob(2, seed=2)
+    pair = TokenBlob.pair(a.frame(2), b.frame(0), 0.25)
+    back = wire.from_bytes(pair.to_bytes())
+    assert np.array_equal(back.tokens[0], a.tokens[2]) and np.array_equal(back.tokens[1], b.tokens[0])
+    assert back.mean == [a.mean[2], b.mean[0]] and back.differences == [0.25]
+    with pytest.raises(WireError, match="different size"):
+        TokenBlob.pair(a.frame(0), make_blob(1, h=41).frame(0), 0.0)
+
+
+def test_expected_nbytes_matches():
+    blob = make_blob(2)
+    assert wire.expected_nbytes(2, 40, 70, 8, "float16") == blob.tokens.nbytes
+    # a 1080p pair in float16 at the released hidden size: about 50 MB
+    assert 49e6 < wire.expected_nbytes(2, 1080, 1920, 768) < 51e6
+
+
+GOOD = make_blob().to_bytes()
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "shorter than the 16-byte prefix"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(100), "bad magic"),
+    (GOOD[:8] + struct.pack("<I", 2) + GOOD[12:], "unsupported token format version 2"),
+    (GOOD[:12] + struct.pack("<I", 2**31) + GOOD[16:], "header length 2147483648"),
+    (GOOD[:16] + b"{not json" + GOOD[25:], "not valid JSON"),
+    (GOOD[:-10], "truncated token blob"),
+    (GOOD + b"\0" * 7, "7 unexpected trailing bytes"),
+    (with_header(GOOD, dtype="int8"), "'dtype' must be one of"),
+    (with_header(GOOD, shape=[2, 3, 24, 8]), "shape must be"),
+    (with_header(GOOD, shape=[1000, 2, 24, 8]), "shape must be"),
+    (with_header(GOOD, size=[41, 70]), "is not the 4x6 grid"),
+    (with_header(GOOD, grid=[3, 8]), "is not the 3x8 grid"),
+    (with_header(GOOD, mean=[0.5, float("nan")]), "'mean' has values that are not finite"),
+    (with_header(GOOD, std=[0.5, 0.0]), "'std' has values that are not finite and positive"),
+    (with_header(GOOD, differences=[]), "'differences' must be a list of 1"),
+    (with_header(GOOD, padding=[-1, 27, 12, 12]), "'padding' must be a list of 4 integers >= 0"),
+    (with_header(GOOD, encoder=5), "'encoder' must be a string"),
+])
+def test_malformed_blobs_are_refused(data, message):
+    with pytest.raises(WireError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        wire.from_bytes(data)
+
+
+def test_check_fits():
+    assert tokens.check_fits(wire.from_bytes(GOOD), CFG).grid == (4, 6)
+    with pytest.raises(WireError, match="hidden size 8 but the loaded model has 16"):
+        tokens.check_fits(make_blob(), EdenConfig(hidden_dim=16, num_heads=1))
+    with pytest.raises(WireError, match="pair \\(2 frames\\), got 3"):
+        tokens.check_fits(make_blob(3), CFG)
+    with pytest.raises(WireError, match="encoder weights abc"):
+        tokens.check_fits(make_blob(), EdenConfig(hidden_dim=8, num_heads=1, encoder_fingerprint="other"))
+    with pytest.raises(WireError, match="over the limit of 100 pixels"):
+        tokens.check_fits(make_blob(), CFG, max_pixels=100)
+    odd = make_blob()
+    odd.padding = (26, 0, 24, 0)
+    with pytest.raises(WireError, match="is not this model's padding"):
+        tokens.check_fits(wire.from_bytes(odd.to_bytes()), CFG)
+
+
+def test_non_finite_tokens_are_refused():
+    import torch
+    blob = make_blob(dtype="float32")
+    blob.tokens[1, 0, 3, 2] = np.inf
+    with pytest.raises(WireError, match="NaN or infinite"):
+        tokens.tokens_tensor(wire.from_bytes(blob.to_bytes()), torch.device("cpu"))
