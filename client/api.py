@@ -89,9 +89,9 @@ class ModelClient:
                 if attempt == 0 and not self.keys.key:
                     continue  # the key may have been rotated or renewed: read the file again
                 where = self.keys.describe()
-                hint = ("no key was found: " if key is None else "") + (
-                    f"TorchServe refused {where}. TorchServe writes key_file.json in the folder it was started "
-                    f"from: pass it with --key-file or ${KEY_FILE_ENV}, or the key itself in ${KEY_ENV}")
+                problem = f"no key: {self.keys.key_file} does not exist" if key is None else f"TorchServe refused {where}"
+                hint = (f"{problem}. TorchServe writes key_file.json in the folder it was started from: pass it "
+                        f"with --key-file or ${KEY_FILE_ENV}, or the key itself in ${KEY_ENV}")
                 raise ServeError(hint, r.status_code)
             raise ServeError(f"{self.model}: HTTP {r.status_code}: {error.get('message') or r.reason}", r.status_code)
         raise AssertionError("unreachable")

@@ -205,11 +205,12 @@ def test_one_bad_request_in_a_batch_leaves_the_others(server):
 def test_missing_or_wrong_key_is_refused_with_a_hint(server, tmp_path):
     r = requests.post(f"{server.inference_url}/predictions/eden_encoder", files={"frame0": FRAME}, timeout=30)
     assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+    (tmp_path / "x").mkdir()
     wrong = tmp_path / "key_file.json"
     wrong.write_text(json.dumps({"inference": {"key": "nope"}, "management": {"key": "nope"}}))
     c = EdenClient.connect(server.inference_url, encoder_keys=KeySource(key_file=wrong))
     with pytest.raises(ServeError, match="TorchServe refused the key file .* key_file.json in the folder"):
         c.encode([FRAME])
     r = run_client("pair", FIXTURE / "frame0.png", FIXTURE / "frame1.png", "-o", tmp_path / "x.png",
-                   "--encoder-url", server.inference_url, cwd=tmp_path)  # no key file where it runs
-    assert r.returncode == 1 and "no key was found" in r.stderr
+                   "--encoder-url", server.inference_url, cwd=tmp_path / "x")  # no key file where it runs
+    assert r.returncode == 1 and "no key: key_file.json does not exist" in r.stderr
