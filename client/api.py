@@ -13,6 +13,8 @@ from pathlib import Path
 
 import requests
 
+from eden_serve.images import decode_image, encode_png
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 KEY_FILE_ENV = "EDEN_KEY_FILE"
 KEY_ENV = "EDEN_INFERENCE_KEY"
@@ -134,6 +136,16 @@ class EdenClient:
             headers["X-Eden-Seed"] = str(seed)
         r = self.ditdec.predict(data=pair_blob, headers=headers)
         return r.content, int(r.headers.get("X-Eden-Seed", -1))
+
+    def encode_arrays(self, frames: list, dtype: str = "float16") -> bytes:
+        """[H, W, 3] uint8 arrays (one size) -> one token blob of all of them. How the pixels travel is this
+        method's business (PNG today), so callers holding decoded frames should use it."""
+        return self.encode([encode_png(f) for f in frames], dtype)
+
+    def generate_array(self, pair_blob: bytes, seed: int | None = None):
+        """A pair's token blob -> (the middle frame as [H, W, 3] uint8, the seed used)."""
+        png, seed = self.generate(pair_blob, seed)
+        return decode_image(png, max_pixels=1 << 40), seed
 
     def interpolate(self, frame0: bytes, frame1: bytes, seed: int | None = None, dtype: str = "float16") -> bytes:
         png, _ = self.generate(self.encode([frame0, frame1], dtype), seed)

@@ -1,6 +1,8 @@
 """python -m client COMMAND ...
 
     pair FRAME0 FRAME1 -o OUT.png [--seed N]     the middle frame of two images
+    video / batch                                 videos and folders of them (client/video_cli.py)
+    status / scale / models                       operating the deployment (client/ops_cli.py)
     demo [--checkpoint eden.pt]                   the whole deployment on CPU, end to end (see client/demo.py)
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import ops_cli, video_cli
 from .api import DEFAULT_URL, EdenClient, KeySource, ServeError
 
 
@@ -71,6 +74,9 @@ def main(argv=None) -> int:
                    help="precision of the tokens on the wire")
     add_connection_args(p)
     p.set_defaults(fn=cmd_pair)
+
+    video_cli.register(sub)
+    ops_cli.register(sub)
 
     p = sub.add_parser("demo", help="split, archive, serve on CPU and interpolate a generated sample, then stop")
     p.add_argument("--checkpoint", default=None,

@@ -6,9 +6,11 @@ and does not disturb the others; the worker keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
+import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
@@ -139,7 +141,21 @@ class BatchService:
         """Items of one group -> one answer each: (body bytes, content type, headers)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time a stage of ``run`` (synchronising the GPU at its end): the times go to ``record_metrics``."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._stages[name] = self._stages.get(name, 0.0) + time.perf_counter() - start
+
+    def record_metrics(self, context, stages: dict[str, float], batch_size: int, bytes_in: int,
+                       bytes_out: int) -> None:
+        """Called once per batch with the stage times (seconds), the batch size and body bytes in and out."""
+
     def handle(self, data: list[dict], context) -> list:
+        self._stages: dict[str, float] = {}
         answers: list = [None] * len(data)
         groups: dict = defaultdict(list)
         for idx, request in enumerate(data):
@@ -169,6 +185,9 @@ class BatchService:
                 for name, value in headers.items():
                     context.set_response_header(idx, name, value)
                 answers[idx] = body
+        bytes_in = sum(len(v) for r in data for v in r.values() if isinstance(v, (bytes, bytearray)))
+        bytes_out = sum(len(a) for a in answers if isinstance(a, (bytes, bytearray)))
+        self.record_metrics(context, self._stages, len(data), bytes_in, bytes_out)
         return answers
 
     def _error(self, context, idx: int, error: RequestError) -> bytes:
@@ -213,15 +232,17 @@ class EncoderService(BatchService):
         return (h, w, dtype), (np.stack(frames), dtype)
 
     def run(self, items):
-        frames = np.concatenate([f for f, _ in items])  # [K, H, W, C] uint8
-        x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float().div_(255)  # [K, C, H, W]
-        encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _ in items])
-        geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
-        try:
-            blobs = tokens.to_blobs(encoded, differences, geo, items[0][1], self.cfg.encoder_fingerprint)
-        except OverflowError as e:
-            raise RequestError(str(e)) from None
-        return [(blob.to_bytes(), wire.CONTENT_TYPE, {"X-Eden-Device": str(self.device)}) for blob in blobs]
+        with self.stage("encode"):
+            frames = np.concatenate([f for f, _ in items])  # [K, H, W, C] uint8
+            x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float().div_(255)  # [K, C, H, W]
+            encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _ in items])
+        with self.stage("serialize"):
+            geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
+            try:
+                blobs = tokens.to_blobs(encoded, differences, geo, items[0][1], self.cfg.encoder_fingerprint)
+            except OverflowError as e:
+                raise RequestError(str(e)) from None
+            return [(blob.to_bytes(), wire.CONTENT_TYPE, {"X-Eden-Device": str(self.device)}) for blob in blobs]
 
 
 class DitDecService(BatchService):
@@ -247,6 +268,10 @@ class DitDecService(BatchService):
         pairs = tokens.pair_batch(list(blobs), list(tensors), geo)
         seeds = [s if s is not None else secrets.randbelow(pipeline.MAX_SEED) for s in seeds]
         noise = torch.cat([pipeline.make_noise(geo, self.cfg.latent_dim, s, self.device) for s in seeds])
-        frames = pipeline.to_uint8(pipeline.interpolate(self.generator, pairs, noise)).numpy()
-        return [(images.encode_png(f, self.settings.png_compress_level), "image/png",
-                 {"X-Eden-Seed": str(seed), "X-Eden-Device": str(self.device)}) for f, seed in zip(frames, seeds)]
+        with self.stage("denoise"):
+            latents = pipeline.sample_latents(self.generator, pairs, noise)
+        with self.stage("decode"):
+            frames = pipeline.to_uint8(pipeline.decode_frames(self.generator, pairs, latents)).numpy()
+        with self.stage("png"):
+            return [(images.encode_png(f, self.settings.png_compress_level), "image/png",
+                     {"X-Eden-Seed": str(seed), "X-Eden-Device": str(self.device)}) for f, seed in zip(frames, seeds)]
