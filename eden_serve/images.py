@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
 from PIL import Image
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
+RAW_MAGIC = b"EDENRGB1"  # raw frames: magic, height and width as uint32 little-endian, then H*W*3 bytes of RGB
+RAW_HEADER = struct.Struct("<8sII")
+RAW_CONTENT_TYPE = "application/x-eden-rgb24"
 
 
 class ImageError(ValueError):
@@ -15,10 +19,13 @@ class ImageError(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "image") -> np.ndarray:
-    """PNG/JPEG bytes -> [H, W, 3] uint8 RGB. Grey, palette and alpha images are converted (alpha is dropped);
-    16-bit images keep their top 8 bits. The size is checked from the header before the pixels are decoded."""
+    """PNG/JPEG (or raw, see ``encode_raw``) bytes -> [H, W, 3] uint8 RGB. Grey, palette and alpha images are
+    converted (alpha is dropped); 16-bit images keep their top 8 bits. The size is checked from the header before
+    the pixels are decoded."""
     if not data:
         raise ImageError(f"{name}: empty body")
+    if bytes(data[:len(RAW_MAGIC)]) == RAW_MAGIC:
+        return decode_raw(data, max_pixels, min_side, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -47,3 +54,25 @@ def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+def encode_raw(rgb: np.ndarray) -> list:
+    """[H, W, 3] uint8 -> [header, pixels] buffers of a raw frame (no compression: for same-host transport)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected [H, W, 3] uint8, got {rgb.shape}")
+    return [RAW_HEADER.pack(RAW_MAGIC, rgb.shape[0], rgb.shape[1]), memoryview(rgb).cast("B")]
+
+
+def decode_raw(data, max_pixels: int, min_side: int = 1, name: str = "image") -> np.ndarray:
+    """Raw frame bytes -> [H, W, 3] uint8 (a read-only view of ``data``, no copy)."""
+    if len(data) < RAW_HEADER.size:
+        raise ImageError(f"{name}: raw frame shorter than its {RAW_HEADER.size}-byte header")
+    _, h, w = RAW_HEADER.unpack_from(data)
+    if h * w > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} is {w * h} pixels, over the limit of {max_pixels}")
+    if min(h, w) < min_side:
+        raise ImageError(f"{name}: {w}x{h} is too small (each side must be at least {min_side} pixels)")
+    if len(data) != RAW_HEADER.size + h * w * 3:
+        raise ImageError(f"{name}: raw {w}x{h} frame needs {h * w * 3} pixel bytes, got {len(data) - RAW_HEADER.size}")
+    return np.frombuffer(data, np.uint8, offset=RAW_HEADER.size).reshape(h, w, 3)

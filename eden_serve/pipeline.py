@@ -5,6 +5,7 @@ batches (B frames for the encoder, B pairs for the generator) so a server can ba
 """
 from __future__ import annotations
 
+import contextlib
 import secrets
 from dataclasses import dataclass
 
@@ -97,32 +98,47 @@ def make_noise(geometry: Geometry, latent_dim: int, seed: int | None, device: to
     return torch.randn((1, geometry.latent_tokens, latent_dim), generator=gen).to(device)
 
 
+def precision(device: torch.device | str, dtype: torch.dtype):
+    """Autocast to ``dtype`` for the matrix work (norms, softmax and the ODE state stay float32); float32: none."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 @torch.inference_mode()
-def sample_latents(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tensor) -> torch.Tensor:
-    """Euler steps of the velocity ODE along the time grid: noise [B, n, L] -> latents [B, n, L] (unscaled)."""
+def sample_latents(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Euler steps of the velocity ODE along the time grid: noise [B, n, L] -> latents [B, n, L] (unscaled).
+
+    No host synchronisation inside: the times are Python floats and every tensor stays on the device.
+    """
     cfg = generator.cfg
-    ctx = generator.dit_context(pairs.dit[:, 0], pairs.dit[:, 1], pairs.difference.unsqueeze(1).to(noise.dtype),
-                                pairs.geometry.grid)
-    x = noise
+    x = noise.float()
     B = x.shape[0]
-    for t0, t1 in zip(cfg.time_grid[:-1], cfg.time_grid[1:]):
-        t = torch.full((B,), t0, dtype=torch.float32, device=x.device)
-        x = x + (t1 - t0) * generator.velocity(x, t, ctx)
+    with precision(x.device, dtype):
+        ctx = generator.dit_context(pairs.dit[:, 0], pairs.dit[:, 1], pairs.difference.unsqueeze(1).float(),
+                                    pairs.geometry.grid)
+        for t0, t1 in zip(cfg.time_grid[:-1], cfg.time_grid[1:]):
+            t = torch.full((B,), t0, dtype=torch.float32, device=x.device)
+            x = x + (t1 - t0) * generator.velocity(x, t, ctx).float()
     return x / cfg.latent_scale + cfg.latent_shift
 
 
 @torch.inference_mode()
-def decode_frames(generator: EdenGenerator, pairs: PairBatch, latents: torch.Tensor) -> torch.Tensor:
+def decode_frames(generator: EdenGenerator, pairs: PairBatch, latents: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Latents [B, n, L] -> interpolated frames [B, C, H, W] in [0, 1] at the original size."""
-    y = generator.decode(latents, pairs.dec[:, 0], pairs.dec[:, 1], pairs.geometry.grid)  # [B, C, H', W']
+    with precision(latents.device, dtype):
+        y = generator.decode(latents, pairs.dec[:, 0], pairs.dec[:, 1], pairs.geometry.grid).float()  # [B, C, H', W']
     mean = pairs.mean.mean(dim=1).view(-1, 1, 1, 1)  # the pair's averaged statistics
     std = pairs.std.mean(dim=1).view(-1, 1, 1, 1)
     return pairs.geometry.unpad((y * std + mean).clamp(0.0, 1.0))
 
 
-def interpolate(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tensor) -> torch.Tensor:
+def interpolate(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tensor,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """B pairs -> B middle frames [B, C, H, W] in [0, 1]."""
-    return decode_frames(generator, pairs, sample_latents(generator, pairs, noise))
+    return decode_frames(generator, pairs, sample_latents(generator, pairs, noise, dtype), dtype)
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, images, pipeline, tokens, wire
+from . import checkpoint, images, pipeline, shm, tokens, wire
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class Settings:
     token_dtype: str = "float16"  # default wire dtype; a request may ask for float32
     png_compress_level: int = 1
     torch_threads: int = 0  # CPU threads per worker (0: torch's default)
+    compute_dtype: str = "auto"  # DiT+decoder matrix precision: auto (bfloat16 on GPU, float32 on CPU), float32, ...
+    shm_dir: str = shm.DEFAULT_DIR  # same-host transport (eden_serve/shm.py); "" turns it off
+    shm_ttl_s: float = 600.0  # segments older than this are swept
 
     @classmethod
     def from_context(cls, context) -> "Settings":
@@ -105,6 +108,14 @@ def request_header(context, idx: int, name: str) -> str | None:
     return None
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"compute_dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
 def select_device(context) -> torch.device:
     gpu_id = context.system_properties.get("gpu_id")
     if gpu_id is not None and torch.cuda.is_available():
@@ -126,6 +137,9 @@ class BatchService:
         self.device = select_device(context)
         self.model_dir = context.system_properties["model_dir"]
         self.cfg = checkpoint.load_config(self.model_dir)
+        self.store = shm.ShmStore(self.settings.shm_dir, self.settings.shm_ttl_s) if self.settings.shm_dir else None
+        self._last_sweep = 0.0
+        self.compute_dtype = resolve_dtype(self.settings.compute_dtype, self.device)
         self.load()
         self.initialized = True
         log.info("%s ready on %s (%s)", type(self).__name__, self.device, self.cfg)
@@ -140,6 +154,44 @@ class BatchService:
     def run(self, items: list) -> list:
         """Items of one group -> one answer each: (body bytes, content type, headers)."""
         raise NotImplementedError
+
+    def value(self, raw: Any, name: str):
+        """A request value as bytes, following a shared-memory reference ``{"segment": NAME}`` if it is one."""
+        data = _as_bytes(raw)
+        if data is None or not shm.is_ref(data):
+            return data
+        ref = self.ref(data)
+        if set(ref) != {"segment"}:
+            raise RequestError(f"{name}: a reference here must be {{'segment': NAME}}")
+        return self.store.read(ref["segment"])
+
+    def ref(self, data) -> dict:
+        if self.store is None:
+            raise RequestError("the shared-memory transport is off on this server (shm_dir is empty): send the "
+                               "bytes in the request")
+        return shm.parse_ref(data)
+
+    def reply(self, context, idx: int, body, content_type: str, headers: dict):
+        """Answer one request, in the body or, if it asked (X-Eden-Reply: shm), through a shared-memory segment."""
+        if (request_header(context, idx, "X-Eden-Reply") or "").lower() == "shm" and self.store is not None:
+            name = self.store.write(body)
+            nbytes = sum(memoryview(b).nbytes for b in body) if isinstance(body, list) else len(body)
+            headers = {**headers, "X-Eden-Content-Type": content_type}
+            body, content_type = shm.make_ref(segment=name, bytes=nbytes), shm.REF_CONTENT_TYPE
+        elif isinstance(body, list):
+            body = b"".join(body)
+        context.set_response_content_type(idx, content_type)
+        for name, value in headers.items():
+            context.set_response_header(idx, name, value)
+        return body
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        if self.store is not None and now - self._last_sweep > 10:
+            self._last_sweep = now
+            removed = self.store.sweep()
+            if removed:
+                log.info("swept %d expired shared-memory segments", removed)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -156,6 +208,7 @@ class BatchService:
 
     def handle(self, data: list[dict], context) -> list:
         self._stages: dict[str, float] = {}
+        self.sweep()
         answers: list = [None] * len(data)
         groups: dict = defaultdict(list)
         for idx, request in enumerate(data):
@@ -164,7 +217,7 @@ class BatchService:
                 groups[key].append((idx, item))
             except RequestError as e:
                 answers[idx] = self._error(context, idx, e)
-            except (wire.WireError, images.ImageError) as e:
+            except (wire.WireError, images.ImageError, shm.ShmError) as e:
                 answers[idx] = self._error(context, idx, RequestError(str(e)))
         for items in groups.values():
             indices = [i for i, _ in items]
@@ -176,15 +229,19 @@ class BatchService:
                 torch.cuda.empty_cache()
                 results = [RequestError("the GPU ran out of memory for this batch: retry, or send smaller frames",
                                         503)] * len(items)
+            stages = ",".join(f"{k}={1000 * v:.2f}" for k, v in self._stages.items())
             for idx, result in zip(indices, results):
                 if isinstance(result, RequestError):
                     answers[idx] = self._error(context, idx, result)
                     continue
                 body, content_type, headers = result
-                context.set_response_content_type(idx, content_type)
-                for name, value in headers.items():
-                    context.set_response_header(idx, name, value)
-                answers[idx] = body
+                headers = {**headers, "X-Eden-Device": str(self.device), "X-Eden-Stages": stages,
+                           "X-Eden-Batch": str(len(items))}
+                try:
+                    answers[idx] = self.reply(context, idx, body, content_type, headers)
+                except OSError as e:
+                    answers[idx] = self._error(context, idx, RequestError(f"cannot write the reply to shared "
+                                                                          f"memory: {e.strerror}", 507))
         bytes_in = sum(len(v) for r in data for v in r.values() if isinstance(v, (bytes, bytearray)))
         bytes_out = sum(len(a) for a in answers if isinstance(a, (bytes, bytearray)))
         self.record_metrics(context, self._stages, len(data), bytes_in, bytes_out)
@@ -199,7 +256,8 @@ class BatchService:
 
 
 class EncoderService(BatchService):
-    """Frames (multipart fields frame0, frame1, ... as PNG/JPEG) -> a token blob (application/x-eden-tokens).
+    """Frames (multipart fields frame0, frame1, ... as PNG/JPEG/raw, or shared-memory references to them) -> a token
+    blob (application/x-eden-tokens) of all of them.
 
     Form field ``dtype`` (or header X-Eden-Token-Dtype): float16 (default) or float32 tokens.
     """
@@ -218,7 +276,7 @@ class EncoderService(BatchService):
             raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
         dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, "X-Eden-Token-Dtype"),
                                   s.token_dtype)
-        frames = [images.decode_image(_as_bytes(request[n]), s.max_pixels, s.min_side, n) for n in names]
+        frames = [images.decode_image(self.value(request[n], n), s.max_pixels, s.min_side, n) for n in names]
         h, w = frames[0].shape[:2]
         for name, f in zip(names[1:], frames[1:]):
             if f.shape[:2] != (h, w):
@@ -242,12 +300,16 @@ class EncoderService(BatchService):
                 blobs = tokens.to_blobs(encoded, differences, geo, items[0][1], self.cfg.encoder_fingerprint)
             except OverflowError as e:
                 raise RequestError(str(e)) from None
-            return [(blob.to_bytes(), wire.CONTENT_TYPE, {"X-Eden-Device": str(self.device)}) for blob in blobs]
+            return [(blob.to_buffers(), wire.CONTENT_TYPE, {}) for blob in blobs]
 
 
 class DitDecService(BatchService):
-    """A pair's token blob (raw body) -> the middle frame as PNG. Header X-Eden-Seed: the noise seed (optional;
-    without it a fresh seed is drawn). The answer's X-Eden-Seed says which seed made the frame."""
+    """A pair's token blob -> the middle frame.
+
+    Body: the blob, or a shared-memory reference to one (``{"segment": NAME}``) or to two frames of blobs
+    (``{"pair": [...], "difference": d}``, see eden_serve/shm.py). Headers: X-Eden-Seed (the noise seed; without it a
+    fresh one is drawn, and the answer's X-Eden-Seed says which), X-Eden-Format: png (default) or raw.
+    """
 
     def load(self):
         self.generator = checkpoint.load_generator(self.model_dir, self.device)
@@ -257,21 +319,46 @@ class DitDecService(BatchService):
         if not body:
             raise RequestError("empty body: send the encoder's token blob as the request body")
         seed = parse_seed(request_header(context, idx, "X-Eden-Seed"))
-        blob = wire.from_bytes(body)
+        fmt = (request_header(context, idx, "X-Eden-Format") or "png").lower()
+        if fmt not in ("png", "raw"):
+            raise RequestError(f"X-Eden-Format must be png or raw, got {fmt[:20]!r}")
+        blob = self.pair_blob(body)
         geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
         t = tokens.tokens_tensor(blob, self.device)
-        return (geo, blob.dtype), (blob, t, seed)
+        return (geo, blob.dtype), (blob, t, seed, fmt)
+
+    def pair_blob(self, body) -> wire.TokenBlob:
+        if not shm.is_ref(body):
+            return wire.from_bytes(body)
+        ref = self.ref(body)
+        if "segment" in ref:
+            return wire.from_bytes(self.value(body, "body"))
+        frames, difference = shm.pair_frames(ref)
+        blobs = [wire.from_bytes(self.store.read(seg)) for seg, _ in frames]
+        for (seg, k), blob in zip(frames, blobs):
+            if k >= blob.num_frames:
+                raise RequestError(f"frame {k} of segment {seg} does not exist (it holds {blob.num_frames})")
+        (seg0, k0), (seg1, k1) = frames
+        if seg0 == seg1 and k1 == k0 + 1:  # consecutive frames of one blob: a view, no copy
+            return blobs[0].window(k0, difference)
+        return wire.TokenBlob.pair(blobs[0].frame(k0), blobs[1].frame(k1), difference)
 
     def run(self, items):
-        blobs, tensors, seeds = zip(*items)
+        blobs, tensors, seeds, formats = zip(*items)
         geo = tokens.check_fits(blobs[0], self.cfg)
         pairs = tokens.pair_batch(list(blobs), list(tensors), geo)
         seeds = [s if s is not None else secrets.randbelow(pipeline.MAX_SEED) for s in seeds]
         noise = torch.cat([pipeline.make_noise(geo, self.cfg.latent_dim, s, self.device) for s in seeds])
         with self.stage("denoise"):
-            latents = pipeline.sample_latents(self.generator, pairs, noise)
+            latents = pipeline.sample_latents(self.generator, pairs, noise, self.compute_dtype)
         with self.stage("decode"):
-            frames = pipeline.to_uint8(pipeline.decode_frames(self.generator, pairs, latents)).numpy()
+            frames = pipeline.to_uint8(pipeline.decode_frames(self.generator, pairs, latents, self.compute_dtype))
         with self.stage("png"):
-            return [(images.encode_png(f, self.settings.png_compress_level), "image/png",
-                     {"X-Eden-Seed": str(seed), "X-Eden-Device": str(self.device)}) for f, seed in zip(frames, seeds)]
+            out = []
+            for f, seed, fmt in zip(frames.numpy(), seeds, formats):
+                if fmt == "raw":
+                    out.append((images.encode_raw(f), images.RAW_CONTENT_TYPE, {"X-Eden-Seed": str(seed)}))
+                else:
+                    out.append((images.encode_png(f, self.settings.png_compress_level), "image/png",
+                                {"X-Eden-Seed": str(seed)}))
+            return out

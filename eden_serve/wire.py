@@ -93,6 +93,14 @@ class TokenBlob:
         return TokenBlob(self.tokens[k:k + 1], self.size, self.padding, self.patch_size, [self.mean[k]],
                          [self.std[k]], [], self.encoder)
 
+    def window(self, k: int, difference: float | None = None) -> "TokenBlob":
+        """Frames k and k+1 as a pair (a view, no copy); the difference is the blob's own unless given."""
+        if not 0 <= k < self.num_frames - 1:
+            raise WireError(f"no frames {k} and {k + 1} in a blob of {self.num_frames}")
+        diff = self.differences[k] if difference is None else float(difference)
+        return TokenBlob(self.tokens[k:k + 2], self.size, self.padding, self.patch_size, self.mean[k:k + 2],
+                         self.std[k:k + 2], [diff], self.encoder)
+
     @staticmethod
     def pair(first: "TokenBlob", second: "TokenBlob", difference: float) -> "TokenBlob":
         """Two single frames (``frame(k)`` of any blobs of the same size and encoder) -> a pair blob."""

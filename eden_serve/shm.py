@@ -1,0 +1,148 @@
+"""Same-host transport: bodies travel through shared memory, the HTTP request carries only a reference.
+
+TorchServe's data plane copies a body several times (client -> Java -> worker socket -> Python); tokens are
+10-100 MB a pair. When client and workers share a host, the bytes go into a tmpfs file instead (``/dev/shm/eden``
+by default) and the request carries a *reference*: ``b"EDENREF1"`` followed by UTF-8 JSON, one of
+
+    {"segment": NAME}                                         the whole segment is the value (frame or blob)
+    {"pair": [{"segment": A, "frame": i}, {"segment": B, "frame": j}], "difference": d}
+                                                              DiT+decoder only: frames of two token blobs
+
+The bytes in a segment are exactly what HTTP would carry (an image or a token blob), so they are parsed and checked
+the same way. Segments are written under a temporary name and renamed (no reader sees a partial one), created
+0600 (same user only) and never followed through links; names are ``eden-`` + 32 hex digits, nothing else is
+opened. Whoever asked for a segment unlinks it when done (the client, for the encoder's tokens and the returned
+frames); anything older than the store's TTL is swept by the handlers, so a killed client or worker leaks nothing
+for long.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import stat
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+REF_MAGIC = b"EDENREF1"
+REF_CONTENT_TYPE = "application/x-eden-ref"
+NAME_RE = re.compile(r"^eden-[0-9a-f]{32}$")
+DEFAULT_DIR = "/dev/shm/eden"
+MAX_REF_BYTES = 4096
+
+
+class ShmError(ValueError):
+    """A reference or segment that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ShmStore:
+    root: Path = Path(DEFAULT_DIR)
+    ttl_s: float = 600.0
+    max_bytes: int = 1 << 31
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ writing
+    def write(self, buffers) -> str:
+        """Write bytes (or a list of buffers, in order) to a new segment; returns its name."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = f"eden-{uuid.uuid4().hex}"
+        tmp = self.root / f".{name}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                for buf in buffers if isinstance(buffers, (list, tuple)) else [buffers]:
+                    view = memoryview(buf).cast("B")
+                    while view:
+                        view = view[f.write(view):]
+            os.rename(tmp, self.root / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return name
+
+    # ------------------------------------------------------------------ reading
+    def path(self, name: str) -> Path:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ShmError(f"invalid segment name {str(name)[:80]!r}: expected 'eden-' and 32 hex digits")
+        return self.root / name
+
+    def read(self, name: str) -> memoryview:
+        """A read-only view of the segment's bytes (memory-mapped, no copy)."""
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise ShmError(f"segment {name} does not exist in {self.root} (expired, already released, or on "
+                           "another host: use the HTTP transport across hosts)") from None
+        except OSError as e:
+            raise ShmError(f"segment {name} cannot be opened: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ShmError(f"segment {name} is not a regular file")
+            if st.st_size == 0:
+                return memoryview(b"")
+            if st.st_size > self.max_bytes:
+                raise ShmError(f"segment {name} is {st.st_size} bytes, over the limit of {self.max_bytes}")
+            return memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
+
+    def unlink(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    def sweep(self) -> int:
+        """Remove segments (and partial writes) older than the TTL; returns how many."""
+        if not self.root.is_dir():
+            return 0
+        cutoff, removed = time.time() - self.ttl_s, 0
+        for entry in os.scandir(self.root):
+            name = entry.name.removeprefix(".").removesuffix(".part")
+            if NAME_RE.match(name):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+
+# ---------------------------------------------------------------------- references
+def make_ref(**fields) -> bytes:
+    return REF_MAGIC + json.dumps(fields, separators=(",", ":")).encode()
+
+
+def is_ref(value) -> bool:
+    return isinstance(value, (bytes, bytearray, memoryview)) and bytes(value[:len(REF_MAGIC)]) == REF_MAGIC
+
+
+def parse_ref(value) -> dict:
+    """The JSON object of a reference; ShmError if it is malformed."""
+    if len(value) > MAX_REF_BYTES:
+        raise ShmError(f"reference of {len(value)} bytes is over {MAX_REF_BYTES}")
+    try:
+        ref = json.loads(bytes(value[len(REF_MAGIC):]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShmError(f"reference is not valid JSON: {e}") from None
+    if not isinstance(ref, dict):
+        raise ShmError("reference is not a JSON object")
+    return ref
+
+
+def pair_frames(ref: dict) -> tuple[list[tuple[str, int]], float]:
+    """The (segment, frame index) of each frame of a pair reference, and its difference."""
+    frames, diff = ref.get("pair"), ref.get("difference")
+    if (not isinstance(frames, list) or len(frames) != 2
+            or not all(isinstance(f, dict) and isinstance(f.get("segment"), str) and type(f.get("frame")) is int
+                       and f["frame"] >= 0 for f in frames)):
+        raise ShmError("a pair reference needs 'pair': [{'segment': NAME, 'frame': INDEX}, {...}] (two frames)")
+    if type(diff) not in (int, float) or diff != diff or abs(diff) == float("inf"):
+        raise ShmError("a pair reference needs a finite 'difference'")
+    return [(f["segment"], f["frame"]) for f in frames], float(diff)
