@@ -2,7 +2,8 @@
 
 TorchServe writes the keys to ``key_file.json`` in the folder it was started from; a key can also come from the
 environment (EDEN_INFERENCE_KEY). Keys expire (60 minutes by default): on a refused key the client reads the key
-file again and retries once, so a long run survives a restart or a key rotation.
+file again and retries once, so a long run survives a restart or a key rotation; given the management URL
+(EDEN_MANAGEMENT_URL), KeySource also renews an expired key itself with the key file's API key.
 """
 from __future__ import annotations
 
@@ -10,19 +11,25 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
 
-from eden_serve.images import decode_image, encode_png
+from eden_serve import wire
+from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
+from eden_serve.shm import REF_CONTENT_TYPE, ShmStore, make_ref, parse_ref
+from eden_serve.wire import TokenBlob
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 KEY_FILE_ENV = "EDEN_KEY_FILE"
 KEY_ENV = "EDEN_INFERENCE_KEY"
+MANAGEMENT_URL_ENV = "EDEN_MANAGEMENT_URL"  # lets KeySource renew expired keys (see KeySource)
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +44,99 @@ class ServeError(RuntimeError):
 
 @dataclass
 class KeySource:
-    """Where the inference key comes from: an explicit key, or a key file read (again) on demand."""
+    """Where a TorchServe key comes from: an explicit key, or a key file read (again) on every use.
+
+    Keys expire (``token_expiration_min``, 60 minutes by default) and TorchServe does not renew them by itself: a new
+    key is made by ``GET <management>/token?type=inference|management`` with the file's API key, which rewrites
+    key_file.json. With ``management_url`` set (or ``$EDEN_MANAGEMENT_URL``), :meth:`read` does that when the file
+    says the key has expired (or expires within ``renew_margin_s``), so a long batch keeps going past minute 60. This
+    needs the server's own key file (same host or a shared volume): TorchServe answers the renewal with an empty body.
+    Without a management URL an expired key is only re-read, which helps when something else renews it.
+    """
     key: str | None = None
     key_file: Path | None = None
+    management_url: str | None = None
+    renew_margin_s: float = 30.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
-    def default(cls, key_file: str | os.PathLike | None = None) -> "KeySource":
+    def default(cls, key_file: str | os.PathLike | None = None,
+                management_url: str | None = None) -> "KeySource":
+        url = management_url or os.environ.get(MANAGEMENT_URL_ENV) or None
         if key_file:
-            return cls(key_file=Path(key_file))
+            return cls(key_file=Path(key_file), management_url=url)
         if os.environ.get(KEY_ENV):
             return cls(key=os.environ[KEY_ENV])
-        return cls(key_file=Path(os.environ.get(KEY_FILE_ENV, "key_file.json")))
+        return cls(key_file=Path(os.environ.get(KEY_FILE_ENV, "key_file.json")), management_url=url)
 
-    def read(self, kind: str = "inference") -> str | None:
-        if self.key:
-            return self.key
+    def entries(self) -> dict | None:
+        """The parsed key file (None if there is none); ServeError if it is not a TorchServe key file."""
         if self.key_file is None or not self.key_file.is_file():
             return None
+        for attempt in range(2):  # TorchServe rewrites the file in place on renewal: a read may catch it half-done
+            try:
+                data = json.loads(self.key_file.read_text())
+                if isinstance(data, dict):
+                    return data
+            except ValueError:
+                pass
+            time.sleep(0.2)
+        raise ServeError(f"{self.key_file} is not a TorchServe key file (expected JSON like "
+                         "{'inference': {'key': ...}, 'management': {'key': ...}})")
+
+    def read(self, kind: str = "inference") -> str | None:
+        """The current ``kind`` key ("inference" or "management"), renewed first if it has expired (see above)."""
+        if self.key:
+            return self.key
+        data = self.entries()
+        if data is None:
+            return None
+        if self.management_url and self.expired(data, kind):
+            with self._lock:  # one renewal for all threads: each renewal invalidates the previous key
+                data = self.entries() or data
+                if self.expired(data, kind) and self.renew(kind, data):
+                    data = self.entries() or data
         try:
-            return json.loads(self.key_file.read_text())[kind]["key"]
-        except (ValueError, KeyError, TypeError):
+            return data[kind]["key"]
+        except (KeyError, TypeError):
             raise ServeError(f"{self.key_file} is not a TorchServe key file (expected {{'{kind}': {{'key': ...}}}})")
+
+    def expired(self, data: dict, kind: str) -> bool:
+        """Whether the file says the ``kind`` key has expired or expires within ``renew_margin_s``."""
+        when = expiry_time(data.get(kind, {}).get("expiration time") if isinstance(data.get(kind), dict) else None)
+        return when is not None and when.timestamp() - time.time() < self.renew_margin_s
+
+    def renew(self, kind: str, data: dict | None = None) -> bool:
+        """Ask TorchServe for a new ``kind`` key with the API key (it rewrites the key file). True on success."""
+        data = data if data is not None else (self.entries() or {})
+        api_key = (data.get("API") or {}).get("key") if isinstance(data.get("API"), dict) else None
+        if not (self.management_url and api_key):
+            return False
+        try:
+            r = requests.get(f"{self.management_url.rstrip('/')}/token", params={"type": kind},
+                             headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        except requests.RequestException as e:
+            log.warning("could not renew the %s key at %s: %s", kind, self.management_url, e)
+            return False
+        if not r.ok:
+            log.warning("TorchServe refused to renew the %s key (HTTP %d): %s", kind, r.status_code, r.text[:200])
+            return False
+        log.info("renewed the expired %s key through %s", kind, self.management_url)
+        return True
 
     def describe(self) -> str:
         return "the key in $" + KEY_ENV if self.key else f"the key file {self.key_file}"
+
+
+def expiry_time(text) -> datetime | None:
+    """TorchServe's "expiration time" (ISO 8601 in UTC with up to nanoseconds, e.g. 2026-11-25T17:56:31.344341680Z)."""
+    if not isinstance(text, str):
+        return None
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z?", text.strip())
+    if not m:
+        return None
+    micros = int(((m.group(2) or "") + "000000")[:6])
+    return datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").replace(microsecond=micros, tzinfo=timezone.utc)
 
 
 # Answers worth another try: 502/504 (a proxy lost TorchServe), 503 (job queue full, no worker ready, out of GPU
@@ -243,20 +319,102 @@ def _error_of(r: requests.Response) -> dict:
 
 
 # ---------------------------------------------------------------------- the two models
-class EdenClient:
-    """The split deployment: encoder and DiT+decoder, possibly on two different TorchServe instances."""
+@dataclass
+class EncodedFrames:
+    """What one encoder call returned: the tokens of its frames, parsed, and where they live."""
+    blob: TokenBlob  # for the shm transport, views of the segment (no copy)
+    segment: str | None = None  # the shared-memory segment holding them; released by EdenClient.release
 
-    def __init__(self, encoder: ModelClient, ditdec: ModelClient):
+    @property
+    def num_frames(self) -> int:
+        return self.blob.num_frames
+
+
+class EdenClient:
+    """The split deployment: encoder and DiT+decoder, possibly on two different TorchServe instances.
+
+    ``transport="http"`` sends every byte in the requests (PNG frames in and out, tokens in bodies);
+    ``transport="shm"`` (client and both servers on one host) puts raw frames and tokens in shared memory and sends
+    references, which skips TorchServe's copies of large bodies and every PNG encode and decode.
+    """
+
+    def __init__(self, encoder: ModelClient, ditdec: ModelClient, transport: str = "http",
+                 store: ShmStore | None = None):
+        if transport not in ("http", "shm"):
+            raise ValueError(f"transport must be http or shm, got {transport!r}")
         self.encoder = encoder
         self.ditdec = ditdec
+        self.transport = transport
+        self.store = store or ShmStore()
 
     @classmethod
     def connect(cls, encoder_url: str = DEFAULT_URL, ditdec_url: str | None = None,
                 encoder_keys: KeySource | None = None, ditdec_keys: KeySource | None = None,
-                timeout: float = 600) -> "EdenClient":
+                timeout: float = 600, transport: str = "http", shm_dir: str | None = None) -> "EdenClient":
         encoder_keys = encoder_keys or KeySource.default()
         return cls(ModelClient(encoder_url, "eden_encoder", encoder_keys, timeout),
-                   ModelClient(ditdec_url or encoder_url, "eden_ditdec", ditdec_keys or encoder_keys, timeout))
+                   ModelClient(ditdec_url or encoder_url, "eden_ditdec", ditdec_keys or encoder_keys, timeout),
+                   transport, ShmStore(shm_dir) if shm_dir else None)
+
+    # ------------------------------------------------------------------ frames -> tokens -> frames
+    def encode_frames(self, frames: list, dtype: str = "float16") -> EncodedFrames:
+        """[H, W, 3] uint8 frames of one size (at most the server's max_frames) -> their tokens, each frame encoded
+        once. Release the result (``release``) when no pair needs its frames any more."""
+        if self.transport == "http":
+            return EncodedFrames(wire.from_bytes(self.encode_arrays(frames, dtype)))
+        inputs = [self.store.write(encode_raw(f)) for f in frames]
+        try:
+            files = {f"frame{i}": (f"frame{i}", make_ref(segment=name), REF_CONTENT_TYPE)
+                     for i, name in enumerate(inputs)}
+            files["dtype"] = (None, dtype)
+            r = self.encoder.predict(files=files, headers={"X-Eden-Reply": "shm"})
+        finally:
+            for name in inputs:
+                self.store.unlink(name)
+        segment = self._segment_of(r)
+        try:
+            return EncodedFrames(wire.from_bytes(self.store.read(segment)), segment)
+        except Exception:
+            self.store.unlink(segment)
+            raise
+
+    def generate_pair(self, first: EncodedFrames, i: int, second: EncodedFrames, j: int,
+                      difference: float | None = None, seed: int | None = None):
+        """The middle frame between frame i of ``first`` and frame j of ``second`` -> ([H, W, 3] uint8, seed).
+
+        ``difference`` is the DiT's frame-difference input; it may be left out only for consecutive frames of one
+        encoder call (the blob has it)."""
+        if difference is None:
+            if first is not second or j != i + 1:
+                raise ValueError("the difference of frames from different encoder calls must be given")
+            difference = first.blob.differences[i]
+        headers = {} if seed is None else {"X-Eden-Seed": str(seed)}
+        if self.transport == "http":
+            pair = (first.blob.window(i, difference) if first is second and j == i + 1
+                    else TokenBlob.pair(first.blob.frame(i), second.blob.frame(j), difference))
+            return self.generate_array(pair.to_bytes(), seed)
+        ref = make_ref(pair=[{"segment": first.segment, "frame": i}, {"segment": second.segment, "frame": j}],
+                       difference=float(difference))
+        r = self.ditdec.predict(data=ref, headers={**headers, "Content-Type": REF_CONTENT_TYPE,
+                                                   "X-Eden-Reply": "shm", "X-Eden-Format": "raw"})
+        segment = self._segment_of(r)
+        try:
+            frame = decode_raw(self.store.read(segment), max_pixels=1 << 40).copy()
+        finally:
+            self.store.unlink(segment)
+        return frame, int(r.headers.get("X-Eden-Seed", -1))
+
+    def release(self, encoded: EncodedFrames) -> None:
+        if encoded.segment:
+            self.store.unlink(encoded.segment)
+            encoded.segment = None
+
+    @staticmethod
+    def _segment_of(r: requests.Response) -> str:
+        if r.headers.get("Content-Type", "").split(";")[0] != REF_CONTENT_TYPE:
+            raise ServeError(f"{r.url}: asked for a shared-memory reply but got {r.headers.get('Content-Type')}: "
+                             "is the server's shm_dir off, or on another host?")
+        return parse_ref(r.content)["segment"]
 
     def encode(self, frames: list[bytes], dtype: str = "float16") -> bytes:
         """Encoded image files (PNG/JPEG) -> one token blob of all of them."""

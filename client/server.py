@@ -46,6 +46,7 @@ class TorchServe:
         self.model_store = Path(model_store).resolve()
         self.models = models if models is not None else ["eden_encoder.mar", "eden_ditdec.mar"]
         self.ports = ports or (free_port(), free_port(), free_port())
+        self.grpc_ports = (free_port(), free_port())  # TorchServe always opens its gRPC ports too
         self.extra_config = extra_config or {}
         self.process: subprocess.Popen | None = None
 
@@ -73,6 +74,7 @@ class TorchServe:
         text = BASE_CONFIG.read_text()
         values = {"inference_address": self.inference_url, "management_address": self.management_url,
                   "metrics_address": self.metrics_url, "model_store": str(self.model_store),
+                  "grpc_inference_port": self.grpc_ports[0], "grpc_management_port": self.grpc_ports[1],
                   "load_models": ",".join(self.models) if self.models else "",
                   "allowed_urls": "^file://" + re.escape(str(self.model_store)).replace("\\", "\\\\")
                                   + "/[A-Za-z0-9_.-]+\\\\.mar$",

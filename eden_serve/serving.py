@@ -123,6 +123,26 @@ def select_device(context) -> torch.device:
     return torch.device("cpu")
 
 
+# ---------------------------------------------------------------------- handler metrics
+# Sent once per batch through TorchServe's metrics cache (``context.metrics``); on the metrics port
+# (metrics_mode=prometheus) with labels ModelName, Level="Model" and Hostname. Declared in deploy/metrics.yaml
+# (the containers' metrics_config); config.properties auto-detects them instead (model_metrics_auto_detect).
+METRIC_STAGE_SECONDS = {  # stage timed in BatchService.run -> histogram of its seconds per batch
+    "encode": "eden_encode_seconds",  # encoder: normalisation + patch embeddings of the batch's frames
+    "serialize": "eden_serialize_seconds",  # encoder: token blobs written
+    "denoise": "eden_denoise_seconds",  # DiT+decoder: the Euler steps
+    "decode": "eden_decode_seconds",  # DiT+decoder: the decoder to pixels
+    "png": "eden_png_seconds",  # DiT+decoder: PNG encoding of the answers
+}
+METRIC_BATCH_SIZE = "eden_batch_size"  # gauge: requests in the last batch
+METRIC_BATCHES = "eden_batches_total"  # counter: batches handled (mean batch = requests / batches)
+METRIC_BATCHED_REQUESTS = "eden_batched_requests_total"  # counter: requests handled in those batches
+METRIC_REQUEST_BYTES = "eden_request_bytes_total"  # counter: body bytes received (frames or tokens)
+METRIC_RESPONSE_BYTES = "eden_response_bytes_total"  # counter: body bytes answered (tokens, PNG or errors)
+METRIC_TOKEN_BYTES_OUT = "eden_token_bytes_out_total"  # counter, encoder: token blob bytes sent out
+METRIC_TOKEN_BYTES_IN = "eden_token_bytes_in_total"  # counter, DiT+decoder: token blob bytes taken in
+
+
 # ---------------------------------------------------------------------- the handlers
 class BatchService:
     """Common frame of both handlers: initialize, then per batch parse -> group -> run -> answer."""
@@ -187,7 +207,7 @@ class BatchService:
 
     def sweep(self) -> None:
         now = time.monotonic()
-        if self.store is not None and now - self._last_sweep > 10:
+        if self.store is not None and now - self._last_sweep > min(10.0, self.store.ttl_s):
             self._last_sweep = now
             removed = self.store.sweep()
             if removed:
@@ -204,7 +224,32 @@ class BatchService:
 
     def record_metrics(self, context, stages: dict[str, float], batch_size: int, bytes_in: int,
                        bytes_out: int) -> None:
-        """Called once per batch with the stage times (seconds), the batch size and body bytes in and out."""
+        """Called once per batch with the stage times (seconds), the batch size and body bytes in and out.
+
+        Sends the METRIC_* metrics above to TorchServe; a metrics failure is logged and never fails the batch."""
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:  # not under TorchServe (unit tests)
+            return
+        try:
+            from ts.metrics.metric_type_enum import MetricTypes
+
+            def send(name, value, unit, kind):  # fresh dimension list each time: TorchServe appends to it
+                metrics.add_metric(name, value, unit=unit, dimensions=[], metric_type=kind)
+
+            for stage, seconds in stages.items():
+                if stage in METRIC_STAGE_SECONDS:
+                    send(METRIC_STAGE_SECONDS[stage], round(seconds, 6), "s", MetricTypes.HISTOGRAM)
+            send(METRIC_BATCH_SIZE, batch_size, "count", MetricTypes.GAUGE)
+            send(METRIC_BATCHES, 1, "count", MetricTypes.COUNTER)
+            send(METRIC_BATCHED_REQUESTS, batch_size, "count", MetricTypes.COUNTER)
+            send(METRIC_REQUEST_BYTES, bytes_in, "B", MetricTypes.COUNTER)
+            send(METRIC_RESPONSE_BYTES, bytes_out, "B", MetricTypes.COUNTER)
+            if isinstance(self, EncoderService):
+                send(METRIC_TOKEN_BYTES_OUT, bytes_out, "B", MetricTypes.COUNTER)
+            elif isinstance(self, DitDecService):
+                send(METRIC_TOKEN_BYTES_IN, bytes_in, "B", MetricTypes.COUNTER)
+        except Exception:  # noqa: BLE001 - metrics must never cost an answer
+            log.warning("could not record handler metrics", exc_info=True)
 
     def handle(self, data: list[dict], context) -> list:
         self._stages: dict[str, float] = {}

@@ -23,6 +23,7 @@ from eden_serve import checkpoint  # noqa: E402
 # The test deployment: small batches so that concurrent requests really batch, a low pixel limit so that the
 # "absurd size" case is cheap to send.
 TEST_SETTINGS = {"max_pixels": 640 * 480}
+SHM_TTL_S = 20  # short, so that the sweep of expired segments can be seen
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -63,10 +64,17 @@ def tiny_models(tiny_weights):
 
 
 @pytest.fixture(scope="session")
-def tiny_store(tiny_weights, tmp_path_factory) -> Path:
+def shm_dir(tmp_path_factory) -> Path:
+    """The test deployment's shared-memory folder (any folder works; /dev/shm only makes it faster)."""
+    return tmp_path_factory.mktemp("shm")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_weights, tmp_path_factory, shm_dir) -> Path:
     from build_archives import build
     store = tmp_path_factory.mktemp("model_store")
-    build(tiny_weights, store, gpus=0, batch_size=4, max_batch_delay_ms=100, settings=TEST_SETTINGS)
+    build(tiny_weights, store, gpus=0, batch_size=4, max_batch_delay_ms=100,
+          settings={**TEST_SETTINGS, "shm_dir": str(shm_dir), "shm_ttl_s": SHM_TTL_S})
     return store
 
 
