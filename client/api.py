@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -346,6 +347,14 @@ class EdenClient:
         self.ditdec = ditdec
         self.transport = transport
         self.store = store or ShmStore()
+        self.observe: Callable[[str, float, requests.Response], None] | None = None  # (kind, seconds, response)
+
+    def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
+        start = time.perf_counter()
+        r = model.predict(**kw)
+        if self.observe is not None:
+            self.observe(kind, time.perf_counter() - start, r)
+        return r
 
     @classmethod
     def connect(cls, encoder_url: str = DEFAULT_URL, ditdec_url: str | None = None,
@@ -367,7 +376,7 @@ class EdenClient:
             files = {f"frame{i}": (f"frame{i}", make_ref(segment=name), REF_CONTENT_TYPE)
                      for i, name in enumerate(inputs)}
             files["dtype"] = (None, dtype)
-            r = self.encoder.predict(files=files, headers={"X-Eden-Reply": "shm"})
+            r = self._post("encode", self.encoder, files=files, headers={"X-Eden-Reply": "shm"})
         finally:
             for name in inputs:
                 self.store.unlink(name)
@@ -395,8 +404,8 @@ class EdenClient:
             return self.generate_array(pair.to_bytes(), seed)
         ref = make_ref(pair=[{"segment": first.segment, "frame": i}, {"segment": second.segment, "frame": j}],
                        difference=float(difference))
-        r = self.ditdec.predict(data=ref, headers={**headers, "Content-Type": REF_CONTENT_TYPE,
-                                                   "X-Eden-Reply": "shm", "X-Eden-Format": "raw"})
+        r = self._post("generate", self.ditdec, data=ref, headers={
+            **headers, "Content-Type": REF_CONTENT_TYPE, "X-Eden-Reply": "shm", "X-Eden-Format": "raw"})
         segment = self._segment_of(r)
         try:
             frame = decode_raw(self.store.read(segment), max_pixels=1 << 40).copy()
@@ -420,14 +429,14 @@ class EdenClient:
         """Encoded image files (PNG/JPEG) -> one token blob of all of them."""
         files = {f"frame{i}": (f"frame{i}", f, "application/octet-stream") for i, f in enumerate(frames)}
         files["dtype"] = (None, dtype)
-        return self.encoder.predict(files=files).content
+        return self._post("encode", self.encoder, files=files).content
 
     def generate(self, pair_blob: bytes, seed: int | None = None) -> tuple[bytes, int]:
         """A pair's token blob -> (PNG bytes of the middle frame, the seed used)."""
         headers = {"Content-Type": "application/x-eden-tokens"}
         if seed is not None:
             headers["X-Eden-Seed"] = str(seed)
-        r = self.ditdec.predict(data=pair_blob, headers=headers)
+        r = self._post("generate", self.ditdec, data=pair_blob, headers=headers)
         return r.content, int(r.headers.get("X-Eden-Seed", -1))
 
     def encode_arrays(self, frames: list, dtype: str = "float16") -> bytes:
