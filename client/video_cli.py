@@ -1,5 +1,142 @@
-"""Sub-commands of python -m client: video and batch commands (issue 3)."""
+"""Sub-commands of python -m client: video and batch commands (issue 3).
+
+    video INPUT -o OUTPUT [--factor 2|4|8] ...     a video file or a folder of frames -> a video or a PNG folder
+    batch IN_DIR OUT_DIR [--factor N] [--jobs N]    every video and frame folder under IN_DIR, resumable
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from .frames_io import VIDEO_EXTENSIONS, Encoding, FramesError
+from .scenes import DEFAULT_THRESHOLD
+
+# the usual decimal shorthands of the NTSC rates mean the exact rationals
+_NTSC = {"23.976": Fraction(24000, 1001), "23.98": Fraction(24000, 1001), "29.97": Fraction(30000, 1001),
+         "47.952": Fraction(48000, 1001), "59.94": Fraction(60000, 1001), "119.88": Fraction(120000, 1001)}
+
+
+def parse_rate(text: str) -> Fraction:
+    """'30000/1001', '25', '12.5' -> an exact Fraction; '29.97', '23.976', '59.94' mean x000/1001."""
+    try:
+        rate = _NTSC.get(text.strip()) or Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a frame rate (e.g. 25, 30000/1001, 29.97)") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"frame rate must be positive, got {text}")
+    return rate
+
+
+def add_interpolation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("interpolation")
+    g.add_argument("--factor", type=int, choices=(2, 4, 8), default=2,
+                   help="output frames per input frame: (N-1)*factor+1 frames out (default 2)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="base noise seed; frame j uses a seed derived from it and j, so reruns are identical")
+    g.add_argument("--fps", type=parse_rate, default=None,
+                   help="frame rate of frame-folder input (default 25, as ffmpeg; e.g. 30000/1001 or 29.97)")
+    g.add_argument("--scene-threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"a pair is a scene cut when the SSIM of its 32x32 luma thumbnails is below this "
+                        f"(default {DEFAULT_THRESHOLD}); cuts repeat the frame instead of morphing")
+    g.add_argument("--no-scene-detect", action="store_true", help="interpolate across scene cuts too")
+    g.add_argument("--max-inflight", type=int, default=8,
+                   help="DiT+decoder requests in flight at once (default 8; the encoder gets 2 more)")
+    g.add_argument("--encoder-chunk", type=int, default=8,
+                   help="frames per encoder request, 1..16 (default 8; each frame is encoded once either way)")
+    g.add_argument("--token-dtype", choices=["float16", "float32"], default="float16")
+    g = p.add_argument_group("output video")
+    g.add_argument("--codec", default="libx264", help="FFmpeg encoder (default libx264, i.e. H.264)")
+    g.add_argument("--crf", type=int, default=None,
+                   help="constant quality (default 18 for libx264/libx265: visually lossless)")
+    g.add_argument("--pix-fmt", default=None,
+                   help="pixel format (default yuv420p, which plays everywhere; yuv420p10le for 10/12-bit input)")
+    g.add_argument("--preset", default="medium", help="x264/x265 preset (default medium)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def options_from(args):
+    from .convert import Options
+    if not 1 <= args.encoder_chunk <= 16:
+        raise FramesError(f"--encoder-chunk must be 1..16, got {args.encoder_chunk}")
+    if args.max_inflight < 1:
+        raise FramesError(f"--max-inflight must be at least 1, got {args.max_inflight}")
+    return Options(factor=args.factor, seed=args.seed, fps=args.fps,
+                   scene_threshold=None if args.no_scene_detect else args.scene_threshold,
+                   max_inflight=args.max_inflight, encoder_chunk=args.encoder_chunk, token_dtype=args.token_dtype,
+                   encoding=Encoding(args.codec, args.crf, args.pix_fmt, args.preset))
+
+
+def cmd_video(args) -> int:
+    from .cli import connect
+    from .convert import convert
+    from .progress import Progress
+    src, dst = Path(args.input), Path(args.output)
+    if dst.suffix and dst.suffix.lower() not in VIDEO_EXTENSIONS:
+        print(f"client: {dst}: a video output needs one of {', '.join(VIDEO_EXTENSIONS)}; a name without an "
+              f"extension is a folder of PNG frames", file=sys.stderr)
+        return 2
+    try:
+        options = options_from(args)
+        progress = Progress(quiet=args.quiet)
+        stats = convert(src, dst, connect(args), options,
+                        on_start=lambda total: progress.start(0, src.name, total),
+                        on_progress=lambda done: progress.update(0, done))
+        progress.close()
+    except FramesError as e:
+        print(f"client: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"client: interrupted; {dst} was not written", file=sys.stderr)
+        return 130
+    print(f"wrote {dst}: {stats.summary()}")
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats.as_dict(), indent=1))
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import run_batch, summary_table
+    from .cli import connect
+    try:
+        options = options_from(args)
+        jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), connect(args), options, args.jobs,
+                               args.quiet)
+    except (FramesError, NotADirectoryError) as e:
+        print(f"client: {e}", file=sys.stderr)
+        return 2
+    if not jobs:
+        print(f"client: no video files ({', '.join(VIDEO_EXTENSIONS)}) or frame folders under {args.in_dir}",
+              file=sys.stderr)
+        return 2
+    print(summary_table(jobs))
+    return code
 
 
 def register(sub) -> None:
     """Add this module's sub-commands to the argparse sub-parsers ``sub`` (called by client.cli.main)."""
+    from .cli import add_connection_args
+
+    p = sub.add_parser("video", help="interpolate a video file or a folder of frames",
+                       description="Interpolate a video file (mp4, mkv, mov, webm, avi) or a folder of PNG/JPEG "
+                                   "frames. OUTPUT with a video extension is a video (audio, rotation and colour "
+                                   "tags of the input kept); without one, a folder of numbered PNG frames.")
+    p.add_argument("input", help="video file or folder of frames")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mkv, .mov, ...) or PNG folder")
+    p.add_argument("--stats-json", default=None, help="also write the run's counts and timings here")
+    add_interpolation_args(p)
+    add_connection_args(p)
+    p.set_defaults(fn=cmd_video)
+
+    p = sub.add_parser("batch", help="interpolate every video and frame folder under a folder (resumable)",
+                       description="Every video file and frame folder under IN_DIR, recursively, into the same "
+                                   "tree under OUT_DIR. What is already complete is skipped, so rerunning after a "
+                                   "crash or Ctrl-C resumes; exit code 1 if any input failed.")
+    p.add_argument("in_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--jobs", type=int, default=1, help="inputs processed at the same time (default 1)")
+    add_interpolation_args(p)
+    add_connection_args(p)
+    p.set_defaults(fn=cmd_batch)

@@ -1,0 +1,147 @@
+"""``batch IN_DIR OUT_DIR``: every video file and every folder of frames under IN_DIR, mirrored under OUT_DIR.
+
+* A video ``IN_DIR/a/b.mp4`` becomes ``OUT_DIR/a/b.mp4`` (same container, so its audio always fits; ``.webm``
+  becomes ``.mkv`` unless the codec is VP8/VP9/AV1, the only ones WebM allows). A folder holding PNG/JPEG frames,
+  ``IN_DIR/a/shot``, becomes the folder of PNG frames ``OUT_DIR/a/shot`` (frames at the root of IN_DIR go to
+  ``OUT_DIR/<name of IN_DIR>``). Hidden files and folders, and OUT_DIR if it lies inside IN_DIR, are skipped.
+* Done means the final name exists: outputs are written under a temporary name and renamed when complete, so a
+  crash or Ctrl-C never leaves something that looks done, and a rerun skips exactly what was finished and redoes
+  (from the start) what was not.
+* One failing input does not stop the others; the run ends with a table (done / skipped / failed and why) and exit
+  code 0 if nothing failed, 1 otherwise (130 if interrupted).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .convert import Options, convert
+from .frames_io import FRAME_EXTENSIONS, VIDEO_EXTENSIONS, frame_files, natural_key, open_source
+from .progress import Progress
+from .video import output_count
+
+WEBM_CODECS = ("libvpx", "libvpx-vp9", "libaom-av1", "libsvtav1", "librav1e")
+
+
+class Cancelled(Exception):
+    """The batch was interrupted (Ctrl-C): running jobs stop and remove their partial output."""
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+    name: str  # the input's path relative to IN_DIR, for messages
+    status: str = "pending"  # done | skipped | failed | interrupted
+    detail: str = ""
+    frames: int = 0  # expected output frames (0: unknown)
+
+
+def output_path(src: Path, in_dir: Path, out_dir: Path, codec: str) -> Path:
+    rel = src.relative_to(in_dir)
+    if src.is_dir():
+        return out_dir / (rel if rel.parts else in_dir.name)
+    suffix = src.suffix.lower()
+    if suffix == ".webm" and codec not in WEBM_CODECS:
+        suffix = ".mkv"
+    return (out_dir / rel).with_suffix(suffix)
+
+
+def find_jobs(in_dir: Path, out_dir: Path, codec: str) -> list[Job]:
+    """Every video file and every folder with frames under ``in_dir`` (recursively, natural order)."""
+    in_dir, out_dir = in_dir.resolve(), out_dir.resolve()
+    jobs = []
+    for root, dirs, files in os.walk(in_dir):
+        root_path = Path(root)
+        dirs[:] = sorted((d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != out_dir),
+                         key=natural_key)
+        visible = [f for f in files if not f.startswith(".")]
+        if any(f.lower().endswith(FRAME_EXTENSIONS) for f in visible):
+            jobs.append(root_path)
+        jobs += [root_path / f for f in sorted(visible, key=natural_key) if f.lower().endswith(VIDEO_EXTENSIONS)]
+    return [Job(p, output_path(p, in_dir, out_dir, codec), str(p.relative_to(in_dir)) if p != in_dir else ".")
+            for p in jobs]
+
+
+def _expected_frames(job: Job, factor: int) -> int:
+    if job.src.is_dir():
+        return output_count(len(frame_files(job.src)), factor)
+    try:
+        source = open_source(job.src)
+    except Exception:  # noqa: BLE001 - reported when the job runs
+        return 0
+    try:
+        return output_count(source.count, factor)
+    finally:
+        source.close()
+
+
+def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: int = 1,
+              quiet: bool = False) -> tuple[list[Job], int]:
+    """Process what is not done yet; returns the jobs (with status and detail) and the exit code."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise NotADirectoryError(f"{in_dir} is not a folder")
+    jobs = find_jobs(in_dir, out_dir, options.encoding.codec)
+    pending = []
+    for job in jobs:
+        if job.dst.exists():
+            job.status, job.detail = "skipped", "already done"
+        else:
+            job.frames = _expected_frames(job, options.factor)
+            pending.append(job)
+    progress = Progress(sum(j.frames for j in pending), len(pending), quiet=quiet)
+    cancel = threading.Event()
+
+    def run(key: int, job: Job) -> None:
+        if cancel.is_set():
+            job.status, job.detail = "interrupted", "not started"
+            return
+
+        def on_progress(done: int) -> None:
+            if cancel.is_set():
+                raise Cancelled()
+            progress.update(key, done)
+
+        progress.start(key, job.name, job.frames)
+        try:
+            stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
+            job.status = "done"
+            job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "
+                          f"{stats.cuts} cuts")
+        except Cancelled:
+            job.status, job.detail = "interrupted", "stopped, partial output removed"
+        except Exception as e:  # noqa: BLE001 - one failing input must not stop the batch
+            job.status, job.detail = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+        progress.finish(key, f"{job.status} {job.name}: {job.detail}")
+
+    interrupted = False
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="eden-batch")
+    futures = [pool.submit(run, k, job) for k, job in enumerate(pending)]
+    try:
+        for f in futures:
+            f.result()
+    except KeyboardInterrupt:
+        interrupted = True
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for job in pending:
+            if job.status == "pending":
+                job.status, job.detail = "interrupted", "not started"
+    pool.shutdown()
+    progress.close()
+    failed = any(j.status == "failed" for j in jobs)
+    return jobs, 130 if interrupted else (1 if failed else 0)
+
+
+def summary_table(jobs: list[Job]) -> str:
+    """A plain-text table: status, input, output, detail; then the counts."""
+    rows = [("status", "input", "output", "detail")] + [(j.status, j.name, str(j.dst), j.detail) for j in jobs]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    counts = {s: sum(j.status == s for j in jobs) for s in ("done", "skipped", "failed", "interrupted")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "interrupted") or "nothing to do")
+    return "\n".join(lines)

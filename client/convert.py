@@ -1,0 +1,53 @@
+"""One input (a video file or a folder of frames) -> one output (a video file or a folder of PNG frames)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+from .frames_io import Encoding, FramesError, Prefetch, open_sink, open_source
+from .scenes import DEFAULT_THRESHOLD, SceneDetector
+from .video import Interpolator, Stats, output_count
+
+
+@dataclass
+class Options:
+    """Everything a run needs besides the connection (the CLI flags of ``video`` and ``batch``)."""
+    factor: int = 2
+    seed: int = 0
+    fps: Fraction | None = None  # frame rate of frame-folder input (default 25, as ffmpeg's image2)
+    scene_threshold: float | None = DEFAULT_THRESHOLD  # None: no scene-cut detection
+    max_inflight: int = 8
+    encoder_chunk: int = 8
+    token_dtype: str = "float16"
+    encoding: Encoding = field(default_factory=Encoding)
+
+
+def convert(src: Path, dst: Path, client, options: Options,
+            on_start: Callable[[int], None] | None = None,
+            on_progress: Callable[[int], None] | None = None) -> Stats:
+    """Interpolate ``src`` into ``dst`` (written under a temporary name, renamed when complete; removed on error).
+    ``on_start`` gets the expected number of output frames, ``on_progress`` the number written so far."""
+    source = open_source(Path(src), options.fps)
+    try:
+        if on_start:
+            on_start(output_count(source.count, options.factor))
+        sink = open_sink(Path(dst), source.meta, options.factor, options.encoding)
+        interpolator = Interpolator(client, options.factor, options.seed, options.max_inflight,
+                                    options.encoder_chunk, detector=SceneDetector(options.scene_threshold),
+                                    token_dtype=options.token_dtype)
+        frames = Prefetch(source)
+        complete = False
+        try:
+            stats = interpolator.run(frames, sink.write, on_progress)
+            if stats.output_frames != output_count(stats.input_frames, options.factor):
+                raise FramesError(f"internal error: {stats.output_frames} frames written for {stats.input_frames} "
+                                  f"inputs at x{options.factor}")
+            complete = True
+        finally:
+            frames.close()
+            sink.close(complete)
+        return stats
+    finally:
+        source.close()

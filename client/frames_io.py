@@ -1,0 +1,476 @@
+"""Frames in and out: video files (PyAV, imported only when a video is read or written), folders of frames, and the
+metadata that has to survive the trip (time stamps, audio, rotation, colour).
+
+Sources yield ``Frame`` objects (an RGB uint8 array and its time stamp) one at a time and never hold the video;
+sinks take frames one at a time. Time is exact: a source has a ``time_base`` (a Fraction of a second) and integer
+time stamps in it, a rate is a Fraction (29.97 fps is 30000/1001), never a rounded float.
+
+Every sink writes under a temporary name (``.NAME.partial``) and renames it when complete, so a file or folder with
+its final name is always whole: that is what ``batch`` counts as done.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from eden_serve.images import ImageError, decode_image, encode_png
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v")
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
+DEFAULT_FOLDER_FPS = Fraction(25)  # what ffmpeg's image2 demuxer assumes for a folder of frames
+PARTIAL = ".partial"
+
+
+class FramesError(RuntimeError):
+    """An input or output the client cannot handle; the message says which file and what to do."""
+
+
+def import_av():
+    """PyAV, imported on first use so that frame folders work on machines without it."""
+    try:
+        import av
+    except ImportError:
+        raise FramesError("reading or writing video files needs PyAV: pip install av (frame folders and PNG "
+                          "output work without it)") from None
+    return av
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # [H, W, 3] uint8 RGB
+    pts: int  # time stamp in the source's time_base
+    duration: int = 0  # how long it is shown, in time_base units (0: unknown)
+
+
+@dataclass
+class VideoMeta:
+    """What a sink needs to reproduce: timing, orientation, colour tags and where the audio comes from."""
+    time_base: Fraction
+    rate: Fraction  # nominal frames per second (for VFR input: the average)
+    width: int
+    height: int
+    rotation: int = 0  # counter-clockwise degrees of the display matrix
+    color: dict = field(default_factory=dict)  # color_range, colorspace, color_primaries, color_trc (FFmpeg codes)
+    bit_depth: int = 8
+    audio_from: Path | None = None  # a file whose audio streams are copied into the output
+
+
+def natural_key(name: str) -> list:
+    """Sort key where digit runs compare as numbers: f2 before f10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def is_video_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".")
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files of a folder (not hidden, not recursive), in natural order."""
+    files = [p for p in folder.iterdir()
+             if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+# ---------------------------------------------------------------------- sources
+class FolderSource:
+    """A folder of PNG/JPEG frames at ``fps`` frames per second (grey, palette, 16-bit and alpha images are made
+    8-bit RGB; alpha is dropped). Every frame must have the first frame's size."""
+
+    def __init__(self, folder: Path, fps: Fraction = DEFAULT_FOLDER_FPS):
+        self.path = Path(folder)
+        self.files = frame_files(self.path)
+        if not self.files:
+            raise FramesError(f"{self.path}: no frames (expected PNG or JPEG files: {', '.join(FRAME_EXTENSIONS)})")
+        self.fps = Fraction(fps)
+        first = self._read(self.files[0])
+        self.meta = VideoMeta(time_base=1 / self.fps, rate=self.fps, width=first.shape[1], height=first.shape[0])
+        self._first = first
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+    def _read(self, path: Path) -> np.ndarray:
+        try:
+            return decode_image(path.read_bytes(), max_pixels=1 << 40, name=str(path))
+        except OSError as e:
+            raise FramesError(f"cannot read {path}: {e.strerror}") from None
+        except ImageError as e:
+            raise FramesError(str(e)) from None
+
+    def __iter__(self) -> Iterator[Frame]:
+        size = self._first.shape
+        for i, path in enumerate(self.files):
+            image = self._first if i == 0 else self._read(path)
+            if image.shape != size:
+                raise FramesError(f"{path} is {image.shape[1]}x{image.shape[0]} but {self.files[0].name} is "
+                                  f"{size[1]}x{size[0]}: every frame of a folder must have one size (resize the "
+                                  f"frames or split the folder)")
+            yield Frame(image, i, 1)
+
+    def close(self) -> None:
+        pass
+
+
+# FFmpeg colour-space codes -> the matrix swscale converts with (unknown: BT.601, as ffmpeg does)
+_SWS_MATRIX = {1: "itu709", 4: "fcc", 5: "itu601", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
+
+
+def _sws_matrix(colorspace: int) -> str:
+    return _SWS_MATRIX.get(colorspace, "itu601")
+
+
+class VideoSource:
+    """The first video stream of a file, decoded to 8-bit RGB with the stream's own matrix and range (so 10-bit and
+    BT.709 video keep their colours); audio is left in the file for the sink to copy."""
+
+    def __init__(self, path: Path):
+        av = import_av()
+        self.path = Path(path)
+        try:
+            self.container = av.open(str(self.path))
+        except av.error.FFmpegError as e:
+            raise FramesError(f"{self.path}: not a video FFmpeg can read ({e})") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise FramesError(f"{self.path}: has no video stream")
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        cc = self.stream.codec_context
+        rate = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
+        self.color = {"color_range": cc.color_range, "colorspace": cc.colorspace,
+                      "color_primaries": cc.color_primaries, "color_trc": cc.color_trc}
+        self._decoded = self.container.decode(self.stream)
+        try:
+            first = next(self._decoded, None)
+        except av.error.FFmpegError as e:
+            raise FramesError(f"{self.path}: cannot decode the first frame ({e})") from None
+        if first is None:
+            self.container.close()
+            raise FramesError(f"{self.path}: the video stream has no frames")
+        depth = first.format.components[0].bits if first.format.components else 8
+        self.meta = VideoMeta(time_base=Fraction(self.stream.time_base), rate=Fraction(rate), width=first.width,
+                              height=first.height, rotation=int(round(first.rotation or 0)), color=self.color,
+                              bit_depth=depth, audio_from=self.path if self.container.streams.audio else None)
+        self._first = first
+        self._step = max(1, round(1 / (self.meta.rate * self.meta.time_base)))  # nominal pts per frame
+
+    @property
+    def count(self) -> int:
+        """Frames in the stream as the container says (an estimate from the duration if it does not say)."""
+        if self.stream.frames:
+            return self.stream.frames
+        if self.stream.duration:
+            return max(1, round(self.stream.duration * self.stream.time_base * self.meta.rate))
+        return 0
+
+    def _rgb(self, frame) -> np.ndarray:
+        # the source's matrix and range -> full-range RGB; unknown range means limited (video) unless yuvj
+        src_range = self.color["color_range"] or (2 if frame.format.name.startswith("yuvj") else 1)
+        if frame.format.name in ("rgb24",):
+            return frame.to_ndarray()
+        return frame.to_ndarray(format="rgb24", src_colorspace=_sws_matrix(self.color["colorspace"]),
+                                dst_colorspace=_sws_matrix(self.color["colorspace"]), src_color_range=src_range,
+                                dst_color_range=2)
+
+    def __iter__(self) -> Iterator[Frame]:
+        av = import_av()
+        last = None
+        frame = self._first
+        while frame is not None:
+            pts = frame.pts if frame.pts is not None else (0 if last is None else last + self._step)
+            if last is not None and pts <= last:  # broken or duplicate stamps: keep time moving forward
+                pts = last + 1
+            yield Frame(self._rgb(frame), pts, frame.duration or self._step)
+            last = pts
+            try:
+                frame = next(self._decoded, None)
+            except av.error.FFmpegError as e:
+                raise FramesError(f"{self.path}: decoding failed after pts {last} ({e})") from None
+
+    def close(self) -> None:
+        self.container.close()
+
+
+def open_source(path: Path, fps: Fraction | None = None):
+    """A folder -> FolderSource (at ``fps``, default 25), a file -> VideoSource."""
+    path = Path(path)
+    if path.is_dir():
+        return FolderSource(path, fps or DEFAULT_FOLDER_FPS)
+    if not path.exists():
+        raise FramesError(f"{path} does not exist")
+    return VideoSource(path)
+
+
+# ---------------------------------------------------------------------- sinks
+def partial_path(final: Path) -> Path:
+    """The temporary name a sink writes before renaming to ``final`` (same folder, hidden, same extension)."""
+    return final.with_name(f".{final.stem}{PARTIAL}{final.suffix}")
+
+
+def remove_partial(final: Path) -> None:
+    """Remove what an interrupted run left for ``final``."""
+    tmp = partial_path(final)
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+
+
+class PngFolderSink:
+    """Numbered PNG frames (00000000.png, 00000001.png, ...) in a folder, written under a temporary name and renamed
+    when complete. Refuses an existing non-empty folder rather than mixing two runs' frames."""
+
+    def __init__(self, folder: Path, compress_level: int = 1):
+        self.path = Path(folder)
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise FramesError(f"{self.path} already exists and is not an empty folder: remove it or pick another "
+                              f"output")
+        self.tmp = partial_path(self.path)
+        remove_partial(self.path)
+        self.tmp.mkdir(parents=True)
+        self.compress_level = compress_level
+        self.count = 0
+
+    def write(self, image: np.ndarray, pts: int, duration: int) -> None:
+        (self.tmp / f"{self.count:08d}.png").write_bytes(encode_png(image, self.compress_level))
+        self.count += 1
+
+    def close(self, complete: bool = True) -> None:
+        if not complete:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.path.is_dir():
+            self.path.rmdir()  # empty, checked above
+        self.tmp.rename(self.path)
+
+
+@dataclass
+class Encoding:
+    """Output codec settings. Defaults: H.264 (plays everywhere), yuv420p (what players and browsers expect;
+    yuv420p10le for 10/12-bit input, against banding), CRF 18 (the usual "visually lossless" point of x264), preset
+    medium."""
+    codec: str = "libx264"
+    crf: int | None = None  # None: 18 for the x264/x265 family, the codec's own default otherwise
+    pix_fmt: str | None = None  # None: yuv420p, or yuv420p10le when the input has more than 8 bits
+    preset: str | None = "medium"
+
+    def options(self) -> dict:
+        crf_codecs = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "libvpx", "libaom-av1", "libsvtav1")
+        opts = {}
+        crf = self.crf if self.crf is not None else (18 if self.codec in ("libx264", "libx264rgb", "libx265")
+                                                    else None)
+        if crf is not None:
+            if self.codec not in crf_codecs:
+                raise FramesError(f"--crf is not supported by codec {self.codec} (CRF codecs: "
+                                  f"{', '.join(crf_codecs)})")
+            opts["crf"] = str(crf)
+            if self.codec.startswith("libvpx"):
+                opts["b"] = "0"  # constant quality mode
+        if self.preset and self.codec in ("libx264", "libx264rgb", "libx265"):
+            opts["preset"] = self.preset
+        return opts
+
+
+class VideoSink:
+    """A video file: frames encoded with ``Encoding`` at the source's time stamps (scaled by the interpolation
+    factor), the source's rotation and colour tags, and its audio streams copied packet for packet."""
+
+    def __init__(self, path: Path, meta: VideoMeta, factor: int, encoding: Encoding):
+        av = self.av = import_av()
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = partial_path(self.path)
+        remove_partial(self.path)
+        self.meta = meta
+        self.time_base = meta.time_base / factor
+        fmt = self.path.suffix.lower().lstrip(".")
+        fmt = {"mkv": "matroska", "m4v": "mp4"}.get(fmt, fmt)
+        try:
+            self.out = av.open(str(self.tmp), "w", format=fmt)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise FramesError(f"{self.path}: cannot write this kind of file ({e}); use .mp4, .mkv or .mov") from None
+        self.audio = None
+        try:
+            self._setup(meta, factor, encoding, fmt)
+        except BaseException:
+            self._discard()
+            raise
+        self._durations: dict[int, int] = {}
+        self.count = 0
+
+    def _setup(self, meta: VideoMeta, factor: int, encoding: Encoding, fmt: str) -> None:
+        """The video stream (codec, size, timing, colour, rotation) and the audio copies."""
+        av = self.av
+        try:
+            options = encoding.options()
+            if fmt == "avi" and encoding.codec.startswith("libx26"):
+                options["bf"] = "0"  # AVI has no presentation time stamps: no B-frame reordering
+            self.stream = self.out.add_stream(encoding.codec, rate=meta.rate * factor, options=options)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise FramesError(f"codec {encoding.codec!r} is not available ({e}); try libx264, libx265, libvpx-vp9 "
+                              f"or ffv1") from None
+        self.pix_fmt = encoding.pix_fmt or ("yuv420p10le" if meta.bit_depth > 8 else "yuv420p")
+        try:
+            fmt_info = av.VideoFormat(self.pix_fmt)
+        except ValueError:
+            raise FramesError(f"unknown pixel format {self.pix_fmt!r} (e.g. yuv420p, yuv420p10le, yuv444p)") from None
+        # subsampled chroma needs even sides: pad by repeating the last row/column
+        self.even = (fmt_info.chroma_width(2) < 2 or fmt_info.chroma_height(2) < 2) and not fmt_info.is_rgb
+        self.width = meta.width + (meta.width % 2 if self.even else 0)
+        self.height = meta.height + (meta.height % 2 if self.even else 0)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, self.pix_fmt
+        self.stream.time_base = self.time_base
+        self.stream.codec_context.time_base = self.time_base
+        self.yuv = not fmt_info.is_rgb
+        self.color = dict(meta.color)
+        if self.yuv:
+            if not self.color.get("color_range"):
+                self.color["color_range"] = 1  # limited, the video default
+            for name, value in self.color.items():
+                if value:
+                    setattr(self.stream.codec_context, name, value)
+        if meta.rotation:
+            self.stream.set_display_rotation(meta.rotation)
+        self.audio = _AudioCopy(meta.audio_from, self.out, self.path) if meta.audio_from else None
+
+    def write(self, image: np.ndarray, pts: int, duration: int) -> None:
+        """One RGB frame at ``pts`` (in the output time base, the source's divided by the factor)."""
+        av = self.av
+        if image.shape[0] != self.height or image.shape[1] != self.width:
+            image = np.pad(image, ((0, self.height - image.shape[0]), (0, self.width - image.shape[1]), (0, 0)),
+                           mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        if self.yuv:
+            matrix = _sws_matrix(self.color.get("colorspace", 0))
+            frame = frame.reformat(format=self.pix_fmt, src_colorspace=matrix, dst_colorspace=matrix,
+                                   src_color_range=2, dst_color_range=self.color["color_range"])
+        else:
+            frame = frame.reformat(format=self.pix_fmt)
+        frame.pts, frame.time_base = pts, self.time_base
+        self._durations[pts] = duration
+        if self.audio:
+            self.audio.copy_until(pts * self.time_base)
+        self._mux(self.stream.encode(frame))
+        self.count += 1
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            packet.duration = self._durations.pop(packet.pts, 0)
+            self.out.mux(packet)
+
+    def close(self, complete: bool = True) -> None:
+        if not complete:
+            self._discard()
+            return
+        self._mux(self.stream.encode())
+        if self.audio:
+            self.audio.copy_until(None)
+            self.audio.close()
+        self.out.close()
+        self.tmp.replace(self.path)
+
+    def _discard(self) -> None:
+        try:
+            if getattr(self, "audio", None):
+                self.audio.close()
+            self.out.close()
+        except Exception:  # noqa: BLE001 - the partial file is removed either way
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+class _AudioCopy:
+    """The audio streams of a file, copied packet for packet (no re-encoding) into an output container, read from
+    a second demuxer of the same file as the video advances so that nothing is held and the streams interleave."""
+
+    def __init__(self, source: Path, out, out_path: Path):
+        av = import_av()
+        self.src = av.open(str(source))
+        self.streams = {}
+        for s in self.src.streams.audio:
+            try:
+                self.streams[s.index] = out.add_stream_from_template(s)
+            except (av.error.FFmpegError, ValueError) as e:
+                self.src.close()
+                raise FramesError(f"the audio of {source} ({s.codec_context.name}) cannot be copied into "
+                                  f"{out_path.suffix} ({e}): write .mkv instead") from None
+        self.out = out
+        self.packets = self.src.demux(list(self.src.streams.audio))
+        self.pending = None
+
+    def copy_until(self, time: Fraction | None) -> None:
+        """Mux the audio packets that start before ``time`` seconds (None: all that are left)."""
+        while True:
+            packet = self.pending or next(self.packets, None)
+            self.pending = None
+            if packet is None:
+                return
+            if packet.dts is None:  # a demuxer's flush packet
+                continue
+            if time is not None and packet.pts is not None and packet.pts * packet.time_base > time:
+                self.pending = packet
+                return
+            packet.stream = self.streams[packet.stream.index]
+            self.out.mux(packet)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def open_sink(path: Path, meta: VideoMeta, factor: int, encoding: Encoding):
+    """A path with a video extension -> VideoSink; anything else -> a folder of PNG frames."""
+    path = Path(path)
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
+        return VideoSink(path, meta, factor, encoding)
+    return PngFolderSink(path)
+
+
+# ---------------------------------------------------------------------- background threads
+class Prefetch:
+    """Iterate ``iterable`` in a thread, ``depth`` items ahead (decoding overlaps the requests); errors are raised
+    in the consumer."""
+
+    _END = object()
+
+    def __init__(self, iterable, depth: int = 4):
+        import queue
+        self.queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(iterable,), daemon=True)
+        self.thread.start()
+
+    def _run(self, iterable) -> None:
+        try:
+            for item in iterable:
+                if self.stop.is_set():
+                    return
+                self.queue.put(item)
+            self.queue.put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self.queue.put(e)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread (drain so a blocked put returns)."""
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)
+            except Exception:  # noqa: BLE001 - queue.Empty: nothing to drain yet
+                pass

@@ -1,0 +1,366 @@
+"""The video client: scheduling (with a fake deployment, fast), then real clips made with PyAV through a real
+TorchServe with the tiny model: frame counts, timing, audio, metadata, scene cuts, frame folders and odd inputs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, read_rgb
+
+from client import clips
+from client.api import EdenClient, KeySource
+from client.convert import Options, convert
+from client.frames_io import Frame, FramesError, natural_key
+from client.scenes import SceneDetector, ssim, thumbnail
+from client.video import Interpolator, frame_seed, output_count
+from client.video_cli import parse_rate
+from eden_serve import pipeline, wire
+from eden_serve.config import EdenConfig
+
+av = pytest.importorskip("av")
+
+
+# ---------------------------------------------------------------------- a fake deployment
+class FakeEden:
+    """Stands in for EdenClient: tokens carry each frame's mean value, the "middle frame" is the mean of the pair's
+    values. Records every frame sent to the encoder, every pair's difference and seed, and the concurrency."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.encoded: list[int] = []  # id() of every array sent
+        self.requests = 0
+        self.pairs: list[tuple[float, float, float, int]] = []  # value a, value b, difference, seed
+        self.lock = threading.Lock()
+        self.active = {"encode": 0, "generate": 0}
+        self.overlap = False
+        self.cfg = EdenConfig()
+
+    def _enter(self, kind):
+        with self.lock:
+            self.active[kind] += 1
+            if self.active["encode"] and self.active["generate"]:
+                self.overlap = True
+
+    def _leave(self, kind):
+        with self.lock:
+            self.active[kind] -= 1
+
+    def encode_arrays(self, frames, dtype="float16"):
+        self._enter("encode")
+        time.sleep(self.delay)
+        with self.lock:
+            self.encoded += [id(f) for f in frames]
+            self.requests += 1
+        h, w = frames[0].shape[:2]
+        geo = pipeline.Geometry.for_size(h, w, self.cfg)
+        n = geo.grid[0] * geo.grid[1]
+        tokens = np.zeros((len(frames), 2, n, 4), np.float32)
+        tokens[:, 0, 0, 0] = [f.astype(np.float64).mean() for f in frames]
+        x = torch.stack([torch.tensor(f).permute(2, 0, 1).float() / 255 for f in frames])
+        diffs = pipeline.frame_difference(x[:-1], x[1:], self.cfg)[:, 0].tolist() if len(frames) > 1 else []
+        blob = wire.TokenBlob(tokens, (h, w), geo.padding, 16, [0.5] * len(frames), [0.2] * len(frames), diffs, "")
+        self._leave("encode")
+        return blob.to_bytes()
+
+    def generate_array(self, pair_blob, seed=None):
+        self._enter("generate")
+        time.sleep(self.delay)
+        blob = wire.from_bytes(pair_blob)
+        a, b = (float(v) for v in blob.tokens[:, 0, 0, 0])
+        with self.lock:
+            self.pairs.append((a, b, blob.differences[0], seed))
+        h, w = blob.size
+        self._leave("generate")
+        return np.full((h, w, 3), round((a + b) / 2), np.uint8), seed
+
+
+def flat_frames(values, h=40, w=56):
+    return [Frame(np.full((h, w, 3), v, np.uint8), i, 1) for i, v in enumerate(values)]
+
+
+def run_fake(values, factor, **kw):
+    fake = FakeEden(kw.pop("delay", 0.0))
+    out = []
+    stats = Interpolator(fake, factor, **kw).run(flat_frames(values), lambda img, pts, d: out.append((img, pts, d)))
+    return fake, stats, out
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_order_counts_and_one_encoding_per_frame(factor):
+    values = [0, 128, 200, 120, 40, 96, 0, 64, 232, 8, 160, 80]  # multiples of 8: every midpoint is exact
+    fake, stats, out = run_fake(values, factor, chunk=4, max_inflight=3)
+    n = len(values)
+    assert stats.output_frames == len(out) == output_count(n, factor) == (n - 1) * factor + 1
+    got = [int(img[0, 0, 0]) for img, _, _ in out]
+    # midpoints of midpoints: a linear ramp between consecutive inputs (values chosen to stay exact)
+    want = []
+    for a, b in zip(values, values[1:]):
+        want += [a]
+        vals = {0: float(a), factor: float(b)}
+        step = factor
+        while step > 1:
+            for p in range(0, factor, step):
+                vals[p + step // 2] = round((vals[p] + vals[p + step]) / 2)
+            step //= 2
+        want += [int(vals[k]) for k in range(1, factor)]
+    assert got == want + [values[-1]]
+    assert [pts for _, pts, _ in out] == list(range(0, (n - 1) * factor + 1))  # time base / factor, exact
+    # every frame sent to the encoder once: the N inputs and the middles that are ends of finer pairs
+    assert len(fake.encoded) == len(set(fake.encoded)) == n + (n - 1) * (factor // 2 - 1) == stats.encoded_frames
+    assert fake.requests == stats.encoder_requests
+    assert stats.ditdec_requests == (n - 1) * (factor - 1)
+
+
+def test_pair_differences_are_the_pairs_own():
+    """The difference of every pair is frame_difference of its two frames, from the blob or computed here."""
+    rng = np.random.default_rng(0)
+    frames = [Frame(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), i, 1) for i in range(7)]
+    fake = FakeEden()
+
+    def image_of(value):  # the frame whose mean the (float32) token carries
+        return min((f.image for f in frames), key=lambda img: abs(img.astype(np.float64).mean() - value))
+
+    Interpolator(fake, 2, chunk=3).run(frames, lambda *a: None)
+    assert len(fake.pairs) == 6
+    cfg = EdenConfig()
+    for a, b, diff, _ in fake.pairs:
+        x0, x1 = (torch.tensor(image_of(v)).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
+        assert diff == pytest.approx(float(pipeline.frame_difference(x0, x1, cfg)), abs=1e-5)
+
+
+def test_seeds_are_deterministic_and_distinct():
+    fake1, _, _ = run_fake([0, 100, 200, 50], 4, seed=7)
+    fake2, _, _ = run_fake([0, 100, 200, 50], 4, seed=7)
+    seeds = sorted(p[3] for p in fake1.pairs)
+    assert seeds == sorted(p[3] for p in fake2.pairs) and len(set(seeds)) == len(seeds)
+    assert frame_seed(7, 1) == frame_seed(7, 1) != frame_seed(8, 1)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_encoder_and_ditdec_requests_overlap_and_memory_is_bounded():
+    read = []
+    written = []
+    fake = FakeEden(delay=0.005)
+
+    def frames():
+        for f in flat_frames([(i * 37) % 256 for i in range(120)]):
+            read.append(f.pts)
+            # frames held (read, not yet written): at most the window (max_inflight + chunk segments) and the
+            # writer's queue (16 output frames), whatever the length
+            assert len(read) - len(written) // 2 <= (4 + 4) + 16 // 2 + 2
+            yield f
+
+    stats = Interpolator(fake, 2, max_inflight=4, chunk=4).run(frames(), lambda *a: written.append(a))
+    assert stats.output_frames == 239 and fake.overlap
+
+
+def test_cut_repeats_the_previous_frame():
+    # a flat frame, then a very different textured one: SSIM of the thumbnails far below the threshold
+    a = np.full((40, 56, 3), 90, np.uint8)
+    b = clips.shot_b(1, 40, 56)[0]
+    fake = FakeEden()
+    out = []
+    frames = [Frame(a, 0, 1), Frame(a.copy(), 1, 1), Frame(b, 2, 1), Frame(b.copy(), 3, 1)]
+    stats = Interpolator(fake, 4, detector=SceneDetector(0.25)).run(frames, lambda img, *_: out.append(img))
+    assert stats.cuts == 1 and len(out) == 13
+    assert all(np.array_equal(out[k], a) for k in range(4, 8)) and np.array_equal(out[8], b)
+    assert stats.ditdec_requests == 2 * 3  # no requests for the cut
+
+
+def test_scene_measure():
+    shots = clips.clip_frames(8, 48, 64, cut_at=4)
+    thumbs = [thumbnail(f) for f in shots]
+    assert ssim(thumbs[0], thumbs[0]) == pytest.approx(1.0)
+    same_shot = [ssim(thumbs[i], thumbs[i + 1]) for i in (0, 1, 2, 4, 5, 6)]
+    assert min(same_shot) > 0.5 and ssim(thumbs[3], thumbs[4]) < 0.25
+
+
+def test_natural_order_and_rates():
+    names = ["f10.png", "f2.png", "f1.png", "F3.png", "f0.png"]
+    assert sorted(names, key=natural_key) == ["f0.png", "f1.png", "f2.png", "F3.png", "f10.png"]
+    assert parse_rate("30000/1001") == parse_rate("29.97") == Fraction(30000, 1001)
+    assert parse_rate("25") == 25 and parse_rate("12.5") == Fraction(25, 2)
+
+
+# ---------------------------------------------------------------------- real clips, real TorchServe
+RATE = Fraction(30000, 1001)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return EdenClient.connect(server.inference_url, encoder_keys=KeySource(key_file=server.key_file))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    clips.write_video(d / "shapes.mp4", clips.clip_frames(9, 48, 64), RATE)
+    clips.write_video(d / "cut.mp4", clips.clip_frames(8, 48, 64, cut_at=4), RATE, audio=False)
+    clips.write_video(d / "vfr.mkv", clips.clip_frames(5, 48, 64), time_base=Fraction(1, 1000),
+                      pts=[0, 40, 60, 140, 160])
+    clips.write_video(d / "tagged.mov", clips.clip_frames(4, 48, 64), RATE, rotation=90,
+                      color={"color_range": 1, "colorspace": 1, "color_primaries": 1, "color_trc": 1})
+    clips.write_video(d / "ten.mkv", clips.clip_frames(4, 48, 64), Fraction(24), pix_fmt="yuv420p10le",
+                      audio=False)
+    clips.write_video(d / "one.mp4", clips.clip_frames(1, 48, 64), RATE)
+    return d
+
+
+def probe(path):
+    """(frames [pts...], video stream facts, audio packets [(pts, bytes)...])"""
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        frames = list(c.decode(v))
+        facts = {"rate": v.average_rate, "time_base": v.time_base, "width": frames[0].width,
+                 "height": frames[0].height, "pix_fmt": frames[0].format.name, "rotation": frames[0].rotation,
+                 "color": [v.codec_context.color_range, v.codec_context.colorspace,
+                           v.codec_context.color_primaries, v.codec_context.color_trc],
+                 "duration": sum(f.duration for f in frames) * v.time_base}
+    with av.open(str(path)) as c:
+        audio = [(p.pts, bytes(p)) for p in c.demux(*c.streams.audio) if p.size] if c.streams.audio else []
+    return frames, facts, audio
+
+
+def run_client(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def conn(server):
+    return ["--encoder-url", server.inference_url, "--key-file", server.key_file]
+
+
+@pytest.mark.server
+def test_cli_x2_counts_timing_audio_and_one_encoding_per_frame(server, clip_dir, tmp_path):
+    out, stats_json = tmp_path / "x2.mp4", tmp_path / "stats.json"
+    r = run_client("video", clip_dir / "shapes.mp4", "-o", out, "--stats-json", stats_json, *conn(server))
+    assert r.returncode == 0, r.stderr
+    assert "9 -> 17 frames" in r.stdout and "encoder: 9 frames in 2 requests" in r.stdout
+    stats = json.loads(stats_json.read_text())
+    # the count the issue asks for: every input frame sent to the encoder exactly once
+    assert stats["encoded_frames"] == stats["input_frames"] == 9 and stats["encoder_requests"] == math.ceil(9 / 8)
+    assert stats["token_bytes"] > 0 and stats["ditdec_requests"] == 8
+    frames_in, facts_in, audio_in = probe(clip_dir / "shapes.mp4")
+    frames_out, facts_out, audio_out = probe(out)
+    assert len(frames_out) == 17
+    assert facts_out["rate"] == Fraction(60000, 1001)  # exact, not 60
+    assert [f.pts * facts_out["time_base"] for f in frames_out[::2]] == [f.pts * facts_in["time_base"]
+                                                                        for f in frames_in]
+    assert abs(facts_out["duration"] - facts_in["duration"]) <= 1 / RATE
+    assert audio_out == audio_in and len(audio_in) > 5  # copied packet for packet
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("factor", [4, 8])
+def test_x4_x8_counts_rate_and_duration(client, clip_dir, tmp_path, factor):
+    out = tmp_path / f"x{factor}.mp4"
+    stats = convert(clip_dir / "shapes.mp4", out, client, Options(factor=factor, max_inflight=4))
+    frames_out, facts, audio = probe(out)
+    _, facts_in, audio_in = probe(clip_dir / "shapes.mp4")
+    assert len(frames_out) == stats.output_frames == 8 * factor + 1
+    assert facts["rate"] == RATE * factor
+    assert abs(facts["duration"] - facts_in["duration"]) <= 1 / RATE
+    assert audio == audio_in
+    assert stats.encoded_frames == 9 + 8 * (factor // 2 - 1)  # inputs + middles that start finer pairs
+
+
+@pytest.mark.server
+def test_frame_folder_natural_order_png_output_and_reproducible(client, tmp_path):
+    frames = clips.clip_frames(11, 48, 64)
+    clips.write_frame_folder(tmp_path / "in", frames)  # f0.png .. f10.png, not zero-padded
+    for name in ("a", "b"):
+        convert(tmp_path / "in", tmp_path / name, client, Options(factor=2))
+    out = sorted((tmp_path / "a").iterdir())
+    assert [p.name for p in out[:2]] == ["00000000.png", "00000001.png"] and len(out) == 21
+    for k, f in enumerate(frames):  # input frames pass through untouched, in natural order (f10 last)
+        assert np.array_equal(read_rgb(out[2 * k]), f)
+    assert all(p.read_bytes() == (tmp_path / "b" / p.name).read_bytes() for p in out)  # same seeds, same frames
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.server
+def test_scene_cut_detected_and_frames_repeated(server, client, clip_dir, tmp_path):
+    stats = convert(clip_dir / "cut.mp4", tmp_path / "cut", client, Options(factor=4))
+    assert stats.cuts == 1 and stats.ditdec_requests == 6 * 3
+    out = [read_rgb(p) for p in sorted((tmp_path / "cut").iterdir())]
+    assert len(out) == 29
+    assert all(np.array_equal(out[k], out[12]) for k in (13, 14, 15))  # the cut pair is 3 -> 4
+    assert not np.array_equal(out[12], out[16])
+    r = run_client("video", clip_dir / "cut.mp4", "-o", tmp_path / "nocut", "--no-scene-detect", *conn(server))
+    assert r.returncode == 0 and "0 scene cuts" in r.stdout
+
+
+@pytest.mark.server
+def test_variable_frame_rate_keeps_its_timestamps(client, clip_dir, tmp_path):
+    out = tmp_path / "vfr.mkv"
+    convert(clip_dir / "vfr.mkv", out, client, Options(factor=2))
+    frames, facts, audio = probe(out)
+    times = [f.pts * facts["time_base"] for f in frames]
+    assert times == [Fraction(t, 1000) for t in (0, 20, 40, 50, 60, 100, 140, 150, 160)]
+    assert audio == probe(clip_dir / "vfr.mkv")[2]
+
+
+@pytest.mark.server
+def test_rotation_colour_tags_and_ten_bit(client, clip_dir, tmp_path):
+    convert(clip_dir / "tagged.mov", tmp_path / "tagged.mov", client, Options(factor=2))
+    frames_in, facts_in, _ = probe(clip_dir / "tagged.mov")
+    frames, facts, _ = probe(tmp_path / "tagged.mov")
+    assert facts["rotation"] == 90 and facts["color"] == facts_in["color"] == [1, 1, 1, 1]
+    # same matrix both ways: the first frame's colours do not shift
+    a, b = frames_in[0].to_ndarray(format="rgb24").astype(int), frames[0].to_ndarray(format="rgb24").astype(int)
+    assert np.abs(a.mean((0, 1)) - b.mean((0, 1))).max() < 2
+    convert(clip_dir / "ten.mkv", tmp_path / "ten.mkv", client, Options(factor=2))
+    frames, facts, _ = probe(tmp_path / "ten.mkv")
+    assert len(frames) == 7 and facts["pix_fmt"] == "yuv420p10le"
+
+
+@pytest.mark.server
+def test_one_frame_video_is_copied_through(client, clip_dir, tmp_path):
+    stats = convert(clip_dir / "one.mp4", tmp_path / "one.mp4", client, Options(factor=4))
+    frames, facts, audio = probe(tmp_path / "one.mp4")
+    assert len(frames) == 1 and stats.encoder_requests == 0 and audio == probe(clip_dir / "one.mp4")[2]
+
+
+@pytest.mark.server
+def test_odd_size_grey_and_alpha_frames(client, tmp_path):
+    from PIL import Image
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    frames = clips.clip_frames(3, 45, 67)
+    Image.fromarray(frames[0]).convert("L").save(folder / "f0.png")
+    Image.fromarray(frames[1]).convert("RGBA").save(folder / "f1.png")
+    Image.fromarray(frames[2]).save(folder / "f2.png")
+    convert(folder, tmp_path / "png", client, Options(factor=2))
+    out = sorted((tmp_path / "png").iterdir())
+    assert len(out) == 5 and read_rgb(out[1]).shape == (45, 67, 3)
+    assert np.array_equal(read_rgb(out[2]), frames[1])  # alpha dropped, colours kept
+    convert(folder, tmp_path / "odd.mp4", client, Options(factor=2, fps=Fraction(24000, 1001)))
+    frames_out, facts, _ = probe(tmp_path / "odd.mp4")
+    assert len(frames_out) == 5 and (facts["width"], facts["height"]) == (68, 46)  # yuv420p needs even sides
+    assert facts["rate"] == Fraction(48000, 1001)
+
+
+@pytest.mark.server
+def test_clear_errors(server, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_client("video", tmp_path / "empty", "-o", tmp_path / "o.mp4", *conn(server))
+    assert r.returncode == 2 and "no frames (expected PNG or JPEG" in r.stderr
+    mixed = tmp_path / "mixed"
+    clips.write_frame_folder(mixed, clips.clip_frames(3, 48, 64))
+    clips.write_frame_folder(mixed, clips.clip_frames(1, 48, 80), pattern="g{}.png")
+    r = run_client("video", mixed, "-o", tmp_path / "m.mp4", *conn(server))
+    assert r.returncode == 2 and "g0.png is 80x48 but f0.png is 64x48" in r.stderr
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*partial*"))
+    (tmp_path / "bad.mp4").write_bytes(b"not a video at all" * 100)
+    r = run_client("video", tmp_path / "bad.mp4", "-o", tmp_path / "x.mp4", *conn(server))
+    assert r.returncode == 2 and "not a video FFmpeg can read" in r.stderr
