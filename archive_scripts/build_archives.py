@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
 """Build eden_encoder.mar and eden_ditdec.mar from split weights with torch-model-archiver.
 
-    python archive_scripts/build_archives.py --weights weights/ --model-store model_store/ [--gpus N]
+    python archive_scripts/build_archives.py --weights weights/ --model-store model_store/ \
+        [--gpus N] [--profile split|spread] [--side both|encoder|ditdec] [--version V [--versioned-names]]
 
 Each archive carries its handler, its own weights, eden_config.json, the shared eden_serve package and a
-model-config.yaml. Placement (TorchServe deviceIds), by the number of GPUs the deployment has (default: as many as
-torch sees here):
-  0 GPUs   both models on CPU;
-  1 GPU    both models on GPU 0;
-  2+ GPUs  the encoder on GPU 0, the DiT+decoder on GPUs 1..N-1 with one worker each. The encoder is a few
-           percent of the work (two patch convolutions per frame), so it shares nothing with the heavy half, and
-           every further GPU adds a DiT+decoder worker.
+model-config.yaml. Placement (TorchServe deviceIds) follows the number of GPUs of the deployment (default: as many as
+torch sees here) and a profile:
+
+  profile  0 GPUs   1 GPU         N >= 2 GPUs
+  split    CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on GPUs 1..N-1 (one worker each) -- the default:
+                                   the heavy half never shares a GPU with the encoder, so its latency is steady
+  spread   CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on every GPU 0..N-1 (one worker each) -- for
+                                   throughput: the encoder is a few percent of the work, so GPU 0 has room for a
+                                   DiT+decoder worker too (N workers instead of N-1: +100% on 2 GPUs, +33% on 4)
+
+--side encoder|ditdec builds one archive alone, for two-host deployments (encoder on one TorchServe, DiT+decoder on
+another): a side alone owns every GPU of its host (one worker per GPU) and the profile does not apply.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -36,13 +43,26 @@ MODELS = {
 MAX_BODY_BYTES = 256 * 1024 * 1024  # keep equal to max_request_size / max_response_size in config.properties
 
 
-def placement(gpus: int) -> dict[str, list[int]]:
-    """Model name -> GPU ids its workers use ([] = CPU)."""
-    if gpus <= 0:
+PROFILES = ("split", "spread")
+SIDES = ("both", "encoder", "ditdec")
+
+
+def placement(gpus: int, profile: str = "split", side: str = "both") -> dict[str, list[int]]:
+    """Model name -> GPU ids its workers use ([] = CPU), for the models ``side`` builds."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown placement profile {profile!r}: one of {', '.join(PROFILES)}")
+    if side not in SIDES:
+        raise ValueError(f"unknown side {side!r}: one of {', '.join(SIDES)}")
+    if gpus < 0:
+        raise ValueError(f"the number of GPUs must be >= 0, got {gpus}")
+    if side != "both":  # one model alone on its host: it gets every GPU
+        return {f"eden_{side}": list(range(gpus))}
+    if gpus == 0:
         return {"eden_encoder": [], "eden_ditdec": []}
     if gpus == 1:
         return {"eden_encoder": [0], "eden_ditdec": [0]}
-    return {"eden_encoder": [0], "eden_ditdec": list(range(1, gpus))}
+    first_ditdec_gpu = 1 if profile == "split" else 0
+    return {"eden_encoder": [0], "eden_ditdec": list(range(first_ditdec_gpu, gpus))}
 
 
 def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_delay_ms: int,
@@ -65,13 +85,20 @@ def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_de
 
 
 def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_batch_delay_ms: int = 10,
-          workers: int | None = None, version: str = "1.0", settings: dict | None = None) -> list[Path]:
-    for f in (ENCODER_FILE, DITDEC_FILE, CONFIG_FILE):
+          workers: int | None = None, version: str = "1.0", settings: dict | None = None, profile: str = "split",
+          side: str = "both", versioned_names: bool = False) -> list[Path]:
+    """Build the archives of ``side`` into ``model_store``; returns their paths. ``versioned_names`` names them
+    ``eden_encoder-<version>.mar`` (for rolling out a new version next to the loaded one) instead of
+    ``eden_encoder.mar``."""
+    needed = {"both": (ENCODER_FILE, DITDEC_FILE), "encoder": (ENCODER_FILE,), "ditdec": (DITDEC_FILE,)}.get(side, ())
+    for f in (*needed, CONFIG_FILE):
         if not (weights / f).is_file():
             raise SystemExit(f"build_archives: {weights / f} is missing: run split_weights.py first")
+    if versioned_names and not re.fullmatch(r"[A-Za-z0-9_.]+", version):
+        raise SystemExit(f"build_archives: version {version!r} cannot go in a file name (letters, digits, _ and .)")
     model_store.mkdir(parents=True, exist_ok=True)
     built = []
-    for name, device_ids in placement(gpus).items():
+    for name, device_ids in placement(gpus, profile, side).items():
         handler, weights_file = MODELS[name]
         with tempfile.TemporaryDirectory() as tmp:
             stage = Path(tmp, "extra")
@@ -88,11 +115,13 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
                    "from model_archiver.model_packaging import generate_model_archive as g; g()",
                    "--model-name", name, "--version", version, "--handler", str(ROOT / handler),
                    "--extra-files", str(stage), "--config-file", str(config_file),
-                   "--export-path", str(model_store), "--force"]
+                   "--export-path", tmp, "--force"]
             subprocess.run(cmd, check=True)
-        built.append(model_store / f"{name}.mar")
+            target = model_store / (f"{name}-{version}.mar" if versioned_names else f"{name}.mar")
+            shutil.move(Path(tmp, f"{name}.mar"), target)
+        built.append(target)
         where = f"GPU {device_ids}" if device_ids else "CPU"
-        print(f"built {built[-1]} ({where}, {config['minWorkers']} worker(s), batch {batch_size})")
+        print(f"built {built[-1]} (version {version}, {where}, {config['minWorkers']} worker(s), batch {batch_size})")
     return built
 
 
@@ -112,10 +141,20 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of both models")
     ap.add_argument("--max-batch-delay", type=int, default=10, help="TorchServe maxBatchDelay in ms")
     ap.add_argument("--workers", type=int, default=None, help="workers per model (default: one per GPU, 1 on CPU)")
-    ap.add_argument("--version", default="1.0")
+    ap.add_argument("--version", default="1.0", help="model version written in the archives (default 1.0)")
+    ap.add_argument("--versioned-names", action="store_true",
+                    help="name the files eden_*-VERSION.mar, to register them next to the loaded version")
+    ap.add_argument("--profile", choices=PROFILES, default="split",
+                    help="GPU placement: split (default; encoder GPU 0, DiT+decoder GPUs 1..N-1) or spread "
+                         "(DiT+decoder on every GPU, for throughput)")
+    ap.add_argument("--side", choices=SIDES, default="both",
+                    help="which archives: both (one TorchServe), or encoder / ditdec alone (two hosts)")
     args = ap.parse_args(argv)
     gpus = detected_gpus() if args.gpus is None else args.gpus
-    build(args.weights, args.model_store, gpus, args.batch_size, args.max_batch_delay, args.workers, args.version)
+    if gpus < 0:
+        ap.error("--gpus must be >= 0")
+    build(args.weights, args.model_store, gpus, args.batch_size, args.max_batch_delay, args.workers, args.version,
+          profile=args.profile, side=args.side, versioned_names=args.versioned_names)
 
 
 if __name__ == "__main__":

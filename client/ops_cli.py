@@ -1,5 +1,162 @@
-"""Sub-commands of python -m client: operations commands: status, scale, models (issue 4)."""
+"""Sub-commands of python -m client for operators: status, scale, models (see client/ops.py).
+
+    status [--json]                                   both models: versions, workers, GPUs, queue, requests, health
+    scale MODEL --workers N | --min N [--max N]       change a model's workers and wait until they are READY
+    models list                                       registered models and their versions
+    models register ARCHIVE [--workers N]             add a version (needs enable_model_api=true on the server)
+    models set-default MODEL VERSION                  route the model's requests to VERSION
+    models unregister MODEL VERSION                   remove a version
+
+Every command takes the management address (--management-url, $EDEN_MANAGEMENT_URL, default
+http://127.0.0.1:8081) and the key file (--key-file, $EDEN_KEY_FILE, ./key_file.json; $EDEN_MANAGEMENT_KEY gives the
+key itself). With two TorchServe instances (encoder on one host, DiT+decoder on another) the --ditdec-* options name
+the second one; commands about eden_ditdec then go there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .api import MANAGEMENT_URL_ENV
+from .ops import (DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, DEFAULT_METRICS_URL, Server, collect_status,
+                  format_status, gpu_of)
+
+
+def add_server_args(p: argparse.ArgumentParser, with_status_ports: bool = False) -> None:
+    g = p.add_argument_group("servers")
+    g.add_argument("--management-url", default=os.environ.get(MANAGEMENT_URL_ENV) or DEFAULT_MANAGEMENT_URL,
+                   help=f"TorchServe management API (${MANAGEMENT_URL_ENV}, default {DEFAULT_MANAGEMENT_URL})")
+    g.add_argument("--key-file", default=None,
+                   help="that server's key_file.json (default: $EDEN_KEY_FILE, else ./key_file.json)")
+    g.add_argument("--ditdec-management-url", default=None,
+                   help="management API of a second TorchServe serving eden_ditdec (two-host deployments)")
+    g.add_argument("--ditdec-key-file", default=None, help="key file of that second TorchServe")
+    if with_status_ports:
+        g.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL,
+                       help=f"inference API, for the health check (default {DEFAULT_INFERENCE_URL}; '' skips it)")
+        g.add_argument("--metrics-url", default=DEFAULT_METRICS_URL,
+                       help=f"metrics API, for requests served (default {DEFAULT_METRICS_URL}; '' skips it)")
+        g.add_argument("--ditdec-inference-url", default=None, help="inference API of the second TorchServe")
+        g.add_argument("--ditdec-metrics-url", default=None, help="metrics API of the second TorchServe")
+
+
+def servers_of(args) -> list[Server]:
+    """The one or two servers the arguments name."""
+    first = Server(args.management_url, getattr(args, "inference_url", None) or None,
+                   getattr(args, "metrics_url", None) or None, args.key_file,
+                   "encoder" if args.ditdec_management_url else "")
+    if not args.ditdec_management_url:
+        return [first]
+    second = Server(args.ditdec_management_url, getattr(args, "ditdec_inference_url", None) or None,
+                    getattr(args, "ditdec_metrics_url", None) or None, args.ditdec_key_file or args.key_file,
+                    "DiT+decoder")
+    return [first, second]
+
+
+def server_for(args, model: str | None) -> Server:
+    """The server a command about ``model`` goes to: the --ditdec-* one for eden_ditdec* if given."""
+    servers = servers_of(args)
+    if len(servers) == 2 and model and model.startswith("eden_ditdec"):
+        return servers[1]
+    return servers[0]
+
+
+def cmd_status(args) -> int:
+    status = collect_status(servers_of(args))
+    print(json.dumps(status, indent=1) if args.json else format_status(status), end="\n" if args.json else "")
+    return 0
+
+
+def cmd_scale(args) -> int:
+    client = server_for(args, args.model).management()
+    desc = client.scale(args.model, args.workers, args.min, args.max, args.version, args.timeout)
+    workers = desc.get("workers", [])
+    where = ", ".join(f"{w['id']} (pid {w['pid']}, " + ("cpu" if gpu_of(w) is None else f"cuda:{gpu_of(w)}") + ")"
+                      for w in workers)
+    print(f"{args.model} {desc['modelVersion']}: {len(workers)} worker(s) READY (min {desc['minWorkers']}, "
+          f"max {desc['maxWorkers']})" + (f": {where}" if where else ""))
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    rows = []
+    for server in servers_of(args):
+        client = server.management()
+        for name in client.models():
+            default = client.default_version(name)
+            for d in client.describe(name):
+                rows.append({"server": client.url, "model": name, "version": d["modelVersion"],
+                             "default": d["modelVersion"] == default, "url": d.get("modelUrl"),
+                             "workers": len(d.get("workers", []))})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['server']}  {r['model']}  {r['version']}{' (default)' if r['default'] else ''}  "
+                  f"{r['url']}  {r['workers']} worker(s)")
+    return 0
+
+
+def cmd_models_register(args) -> int:
+    client = server_for(args, args.name or os.path.basename(args.archive)).management()
+    body = client.register(args.archive, args.name, args.workers, args.timeout)
+    print(body.get("status", body) if isinstance(body, dict) else body)
+    return 0
+
+
+def cmd_models_unregister(args) -> int:
+    body = server_for(args, args.model).management().unregister(args.model, args.version)
+    print(body.get("status", body) if isinstance(body, dict) else body)
+    return 0
+
+
+def cmd_models_set_default(args) -> int:
+    body = server_for(args, args.model).management().set_default(args.model, args.version)
+    print(body.get("status", body) if isinstance(body, dict) else body)
+    return 0
 
 
 def register(sub) -> None:
     """Add this module's sub-commands to the argparse sub-parsers ``sub`` (called by client.cli.main)."""
+    p = sub.add_parser("status", help="workers, GPUs, queues and health of the served models",
+                       description="A table of every model version: workers (state, pid, GPU, memory), queue, "
+                                   "requests served, and the server's health.")
+    p.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of the table")
+    add_server_args(p, with_status_ports=True)
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("scale", help="change a model's number of workers and wait until they are up")
+    p.add_argument("model", help="eden_encoder or eden_ditdec")
+    p.add_argument("--workers", type=int, default=None, help="exactly N workers (sets min and max)")
+    p.add_argument("--min", type=int, default=None, help="minimum workers (TorchServe keeps this many running)")
+    p.add_argument("--max", type=int, default=None, help="maximum workers")
+    p.add_argument("--version", default=None, help="model version (default: the default version)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the workers (default 300)")
+    add_server_args(p)
+    p.set_defaults(fn=cmd_scale)
+
+    p = sub.add_parser("models", help="list, register, unregister model versions and set the default")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("list", help="registered models and versions")
+    q.add_argument("--json", action="store_true")
+    add_server_args(q)
+    q.set_defaults(fn=cmd_models_list)
+    q = msub.add_parser("register", help="register an archive of the server's model store as a new version "
+                                         "(needs enable_model_api=true there)")
+    q.add_argument("archive", help="file name of a .mar in the server's model store (or its file:// URL)")
+    q.add_argument("--name", default=None, help="model name (default: the archive's)")
+    q.add_argument("--workers", type=int, default=1, help="workers to start (default 1)")
+    q.add_argument("--timeout", type=float, default=300)
+    add_server_args(q)
+    q.set_defaults(fn=cmd_models_register)
+    q = msub.add_parser("unregister", help="remove one version of a model")
+    q.add_argument("model")
+    q.add_argument("version")
+    add_server_args(q)
+    q.set_defaults(fn=cmd_models_unregister)
+    q = msub.add_parser("set-default", help="make VERSION the one /predictions/MODEL uses")
+    q.add_argument("model")
+    q.add_argument("version")
+    add_server_args(q)
+    q.set_defaults(fn=cmd_models_set_default)
