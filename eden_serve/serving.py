@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, images, pipeline, shm, tokens, wire
+from . import checkpoint, images, pipeline, shm, tokens, ts_patches, wire
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Settings:
     compute_dtype: str = "auto"  # DiT+decoder matrix precision: auto (bfloat16 on GPU, float32 on CPU), float32, ...
     shm_dir: str = shm.DEFAULT_DIR  # same-host transport (eden_serve/shm.py); "" turns it off
     shm_ttl_s: float = 600.0  # segments older than this are swept
+    fast_socket_reads: bool = True  # eden_serve/ts_patches.py: read request bodies without repeated copies
 
     @classmethod
     def from_context(cls, context) -> "Settings":
@@ -152,6 +153,8 @@ class BatchService:
 
     def initialize(self, context):
         self.settings = Settings.from_context(context)
+        if self.settings.fast_socket_reads:
+            ts_patches.apply()
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self.device = select_device(context)

@@ -1,0 +1,281 @@
+"""Issue 5's benchmark, one command on the GPU host (2 GPUs: encoder on 0, DiT+decoder on 1):
+
+    python bench/speed.py [--checkpoint eden.pt] [--sizes 480x854,1080x1920] [--frames 41,21] [--out DIR]
+
+For each size, over one generated clip (frames already in memory), in the same run:
+  (a) reference  bench/reference.py: the official inference.py loop (monolithic model, float32, batch 1, cuda:0);
+  (b) fast       the eden_serve core in process on cuda:0: each frame encoded once, pairs batched, bf16 autocast;
+  (c) deployed   client -> TorchServe eden_encoder (GPU 0) -> TorchServe eden_ditdec (GPU 1) through the video
+                 client's scheduler (client.video.Interpolator), with the shared-memory transport and with the inline
+                 HTTP transport; the sink writes raw RGB frames to a file.
+Reports seconds per generated frame (wall clock / frames the model made), the ratio to (a), PSNR of (b) and (c)
+against (a) with the same seeds, GPU utilisation during (c), and a per-stage breakdown of (c): handler stages from
+the X-Eden-Stages answers (encode, serialize, denoise, decode, png), request round trips, and what is left of them
+(transport and queueing). Writes summary.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
+
+from build_archives import build  # noqa: E402
+from reference import load_reference  # noqa: E402
+
+from client.api import EdenClient, KeySource  # noqa: E402
+from client.frames_io import Frame  # noqa: E402
+from client.samples import moving_shapes  # noqa: E402
+from client.server import TorchServe  # noqa: E402
+from client.video import Interpolator, frame_seed  # noqa: E402
+from eden_serve import checkpoint, pipeline, tokens  # noqa: E402
+from eden_serve.config import EdenConfig  # noqa: E402
+
+SEED = 0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def mean_psnr(frames: list, reference: list) -> float:
+    return float(np.mean([min(psnr(a, b), 100.0) for a, b in zip(frames, reference)]))
+
+
+class GpuSampler:
+    """nvidia-smi utilisation samples per GPU while running."""
+
+    def __init__(self, period_ms: int = 100):
+        self.cmd = ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
+                    f"-lms={period_ms}"]
+
+    def __enter__(self):
+        self.samples = defaultdict(list)
+        if not shutil.which("nvidia-smi"):
+            self.proc = None
+            return self
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                idx, util = (int(x) for x in line.split(","))
+                self.samples[idx].append(util)
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def mean(self) -> dict:
+        return {f"gpu{i}": round(statistics.mean(v), 1) for i, v in sorted(self.samples.items()) if v}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_reference(sd, cfg, clip, device) -> tuple[float, list]:
+    model = load_reference(sd, cfg, device)
+    geo = pipeline.Geometry.for_size(*clip[0].shape[:2], cfg)
+    out = []
+
+    def one(i):
+        f0 = torch.from_numpy(clip[i]).to(device).permute(2, 0, 1)[None].float() / 255
+        f1 = torch.from_numpy(clip[i + 1]).to(device).permute(2, 0, 1)[None].float() / 255
+        noise = pipeline.make_noise(geo, cfg.latent_dim, frame_seed(SEED, 2 * i + 1), device)
+        return pipeline.to_uint8(model.interpolate(f0, f1, noise))[0].numpy()
+
+    one(0)  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    for i in range(len(clip) - 1):
+        out.append(one(i))
+    sync(device)
+    seconds = time.perf_counter() - t
+    del model
+    return seconds / (len(clip) - 1), out
+
+
+def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8) -> tuple[float, list]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    enc = checkpoint.load_encoder(weights, device)
+    gen = checkpoint.load_generator(weights, device)
+    cfg = gen.cfg
+    H, W = clip[0].shape[:2]
+    geo = pipeline.Geometry.for_size(H, W, cfg)
+
+    def go():
+        dit, dec, mean, std, diffs = [], [], [], [], []
+        for s in range(0, len(clip), chunk):  # each frame once; differences across chunk boundaries computed here
+            x = torch.from_numpy(np.stack(clip[s:s + chunk])).to(device).permute(0, 3, 1, 2).float() / 255
+            e, (d,) = pipeline.encode_frames(enc, x)
+            if dit:
+                prev = torch.from_numpy(clip[s - 1]).to(device).permute(2, 0, 1)[None].float() / 255
+                diffs.append(pipeline.frame_difference(prev, x[:1], cfg).flatten())
+            dit.append(e.dit.half())
+            dec.append(e.dec.half())
+            mean.append(e.mean)
+            std.append(e.std)
+            diffs.append(d)
+        dit, dec, mean, std, diffs = (torch.cat(v) for v in (dit, dec, mean, std, diffs))
+        frames = []
+        for s in range(0, len(clip) - 1, batch):
+            idx = torch.arange(s, min(s + batch, len(clip) - 1), device=device)
+            pair = torch.stack([idx, idx + 1], dim=1)  # [B, 2]
+            pairs = pipeline.PairBatch(dit[pair].float(), dec[pair].float(), mean[pair], std[pair], diffs[idx], geo)
+            noise = torch.cat([pipeline.make_noise(geo, cfg.latent_dim, frame_seed(SEED, 2 * int(i) + 1), device)
+                               for i in idx.tolist()])
+            frames.append(pipeline.to_uint8(pipeline.interpolate(gen, pairs, noise, dtype)))
+        return [f for batch_frames in frames for f in batch_frames.numpy()]
+
+    go()  # warm-up (kernels, position embeddings)
+    sync(device)
+    t = time.perf_counter()
+    out = go()
+    seconds = time.perf_counter() - t
+    del enc, gen
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds / (len(clip) - 1), out
+
+
+def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 8) -> dict:
+    client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file), transport=transport,
+                                shm_dir="/dev/shm/eden")
+    calls = defaultdict(list)
+    stages = defaultdict(list)
+
+    def observe(kind, seconds, r):
+        calls[kind].append(seconds)
+        for item in filter(None, r.headers.get("X-Eden-Stages", "").split(",")):
+            name, ms = item.split("=")
+            stages[name].append(float(ms) / 1000 / int(r.headers.get("X-Eden-Batch", 1)))
+
+    client.observe = observe
+    frames = [Frame(image, pts=i, duration=1) for i, image in enumerate(clip)]
+    generated = {}
+    write_time = [0.0]
+
+    with open(sink, "wb") as f:
+        def write(image, pts, duration):
+            t = time.perf_counter()
+            f.write(memoryview(np.ascontiguousarray(image)).cast("B"))
+            write_time[0] += time.perf_counter() - t
+            if pts % 2:
+                generated[pts] = image
+
+        interp = Interpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=8)
+        interp.run(frames[:3], lambda *a: None)  # warm-up
+        calls.clear(), stages.clear()
+        with GpuSampler() as gpu:
+            t = time.perf_counter()
+            stats = interp.run(frames, write)
+            seconds = time.perf_counter() - t
+    n = len(clip) - 1
+    per_frame = {f"handler_{k}": sum(v) / n for k, v in stages.items()}
+    per_frame.update({f"roundtrip_{k}": sum(v) / n for k, v in calls.items()})
+    per_frame["write"] = write_time[0] / n
+    enc_stage = per_frame.get("handler_encode", 0) + per_frame.get("handler_serialize", 0)
+    gen_stage = sum(per_frame.get(f"handler_{k}", 0) for k in ("denoise", "decode", "png"))
+    per_frame["transport_and_queue_encode"] = per_frame.get("roundtrip_encode", 0) - enc_stage
+    per_frame["transport_and_queue_generate"] = per_frame.get("roundtrip_generate", 0) - gen_stage
+    return {"seconds_per_generated_frame": seconds / n, "wall_s": seconds, "gpu_util_percent": gpu.mean(),
+            "per_generated_frame_s (request times overlap: sums exceed the wall clock)": per_frame,
+            "client_stats": stats.as_dict(), "frames": [generated[k] for k in sorted(generated)]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--sizes", default="480x854,1080x1920")
+    ap.add_argument("--frames", default="41,21", help="clip length per size")
+    ap.add_argument("--out", default="build/speed")
+    ap.add_argument("--workdir", default="/tmp/eden_speed")
+    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of the DiT+decoder")
+    ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,http")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(args.checkpoint).resolve() if args.checkpoint else work / "eden_random.pt"
+    if not args.checkpoint and not ckpt.exists():
+        checkpoint.make_random_checkpoint(ckpt, EdenConfig(), seed=0)
+    cfg = checkpoint.split_checkpoint(ckpt, work / "weights")
+    sd = checkpoint.read_official_checkpoint(ckpt)
+    gpus = torch.cuda.device_count()
+    build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, max_batch_delay_ms=5)
+    dev = torch.device("cuda", 0) if gpus else torch.device("cpu")
+    summary = {"device": [torch.cuda.get_device_name(i) for i in range(gpus)] or ["cpu"], "torch": torch.__version__,
+               "checkpoint": "random real-size" if not args.checkpoint else str(ckpt), "sizes": {}}
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    lengths = [int(v) for v in args.frames.split(",")]
+    with TorchServe(work / "serve", work / "store") as ts:
+        for (H, W), n in zip(sizes, lengths):
+            clip = moving_shapes(n, H, W, step=H / 40)
+            row: dict = {"frames_in": n, "generated": n - 1}
+            ref_s, ref_frames = (None, None) if "reference" in skip else run_reference(sd, cfg, clip, dev)
+            if ref_s:
+                row["reference_s_per_frame"] = ref_s
+            print(f"{H}x{W} reference: {ref_s}", flush=True)
+            if "fast" not in skip:
+                fast_s, fast_frames = run_fast(work / "weights", clip, dev)
+                row["fast_s_per_frame"] = fast_s
+                if ref_s:
+                    row["fast_speedup"] = ref_s / fast_s
+                    row["fast_psnr_db"] = mean_psnr(fast_frames, ref_frames)
+                print(f"{H}x{W} fast: {fast_s}", flush=True)
+            for transport in ("shm", "http"):
+                if transport in skip:
+                    continue
+                d = run_deployed(ts, clip, transport, work / f"out_{transport}.rgb")
+                frames = d.pop("frames")
+                if ref_s:
+                    d["speedup"] = ref_s / d["seconds_per_generated_frame"]
+                    d["psnr_db"] = mean_psnr(frames, ref_frames)
+                row[f"deployed_{transport}"] = d
+                print(f"{H}x{W} deployed {transport}: {d['seconds_per_generated_frame']}", flush=True)
+            summary["sizes"][f"{H}x{W}"] = row
+            (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    print(json.dumps(summary, indent=1, default=float))
+    print_table(summary)
+
+
+def print_table(summary: dict) -> None:
+    print(f"\n{'size':>10} {'path':>14} {'s/frame':>9} {'x ref':>7} {'PSNR':>7}")
+    for size, row in summary["sizes"].items():
+        ref = row.get("reference_s_per_frame")
+        print(f"{size:>10} {'reference':>14} {ref or float('nan'):9.4f} {1.0:7.2f} {'':>7}")
+        if "fast_s_per_frame" in row:
+            print(f"{size:>10} {'fast (in proc)':>14} {row['fast_s_per_frame']:9.4f} "
+                  f"{row.get('fast_speedup', float('nan')):7.2f} {row.get('fast_psnr_db', float('nan')):7.2f}")
+        for t in ("shm", "http"):
+            d = row.get(f"deployed_{t}")
+            if d:
+                print(f"{size:>10} {'deployed ' + t:>14} {d['seconds_per_generated_frame']:9.4f} "
+                      f"{d.get('speedup', float('nan')):7.2f} {d.get('psnr_db', float('nan')):7.2f}")
+
+
+if __name__ == "__main__":
+    main()
