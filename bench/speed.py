@@ -39,7 +39,7 @@ from client.api import EdenClient, KeySource  # noqa: E402
 from client.frames_io import Frame  # noqa: E402
 from client.samples import moving_shapes  # noqa: E402
 from client.server import TorchServe  # noqa: E402
-from client.video import Interpolator, frame_seed  # noqa: E402
+from client.video import Interpolator, frame_seed, pair_difference  # noqa: E402
 from eden_serve import checkpoint, pipeline, tokens  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
@@ -159,6 +159,39 @@ def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8) -> tuple[flo
     return seconds / (len(clip) - 1), out
 
 
+class TransportInterpolator(Interpolator):
+    """The video scheduler over ``EdenClient.encode_frames`` / ``generate_pair``, so the shared-memory transport is
+    used when the client has it; segments are released at the end of the run."""
+
+    def __init__(self, client, **kw):
+        super().__init__(client, **kw)
+        self.encoded = []
+
+    def _encode(self, nodes):
+        enc = self.client.encode_frames([n.image for n in nodes], self.token_dtype)
+        self.encoded.append(enc)
+        return enc
+
+    def _take_tokens(self, enc, nodes, stats):
+        for k, node in enumerate(nodes):
+            node.token = (enc, k)
+            if k + 1 < len(nodes):
+                node.next, node.next_difference = nodes[k + 1], enc.blob.differences[k]
+        stats.encoder_requests += 1
+        stats.encoded_frames += len(nodes)
+        stats.token_bytes += enc.blob.nbytes
+
+    def _generate(self, a, b, index):
+        (ea, ia), (eb, ib) = a.token, b.token
+        image, _ = self.client.generate_pair(ea, ia, eb, ib, pair_difference(a, b), frame_seed(self.seed, index))
+        return image
+
+    def release(self):
+        for enc in self.encoded:
+            self.client.release(enc)
+        self.encoded.clear()
+
+
 def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 8) -> dict:
     client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file), transport=transport,
                                 shm_dir="/dev/shm/eden")
@@ -184,13 +217,16 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
             if pts % 2:
                 generated[pts] = image
 
-        interp = Interpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=8)
+        interp = TransportInterpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=8)
         interp.run(frames[:3], lambda *a: None)  # warm-up
-        calls.clear(), stages.clear()
+        interp.release()
+        calls.clear()
+        stages.clear()
         with GpuSampler() as gpu:
             t = time.perf_counter()
             stats = interp.run(frames, write)
             seconds = time.perf_counter() - t
+        interp.release()
     n = len(clip) - 1
     per_frame = {f"handler_{k}": sum(v) / n for k, v in stages.items()}
     per_frame.update({f"roundtrip_{k}": sum(v) / n for k, v in calls.items()})
