@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .convert import Options, convert
-from .frames_io import FRAME_EXTENSIONS, VIDEO_EXTENSIONS, frame_files, natural_key, open_source
+from .frames_io import FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, frame_files, natural_key, open_source
 from .progress import Progress
 from .video import output_count
 
@@ -111,9 +111,11 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
             stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
             job.status = "done"
             job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "
-                          f"{stats.cuts} cuts")
+                          f"{stats.cuts} scene cut{'s' * (stats.cuts != 1)}")
         except Cancelled:
             job.status, job.detail = "interrupted", "stopped, partial output removed"
+        except FramesError as e:
+            job.status, job.detail = "failed", str(e).splitlines()[0]
         except Exception as e:  # noqa: BLE001 - one failing input must not stop the batch
             job.status, job.detail = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
         progress.finish(key, f"{job.status} {job.name}: {job.detail}")

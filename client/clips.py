@@ -34,8 +34,29 @@ def clip_frames(num_frames: int, height: int = 48, width: int = 64, cut_at: int 
     return moving_shapes(cut_at, height, width, step) + shot_b(num_frames - cut_at, height, width)
 
 
-def write_frame_folder(folder: Path, frames: list[np.ndarray], pattern: str = "f{}.png") -> list[Path]:
-    """PNG frames named f0.png, f1.png, ... (deliberately not zero-padded: order must be natural)."""
+def long_clip(num_frames: int, height: int, width: int, cut_every: int = 0):
+    """Yield ``num_frames`` frames one at a time (nothing held): a disc circling and a bar sweeping over a gradient,
+    with a new shot (other colours, other motion) every ``cut_every`` frames (0: one shot)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for t in range(num_frames):
+        shot = t // cut_every if cut_every else 0
+        rng = np.random.default_rng(shot)
+        tint = rng.uniform(0.3, 1.0, 3).astype(np.float32)
+        # each shot has another background: a gradient, diagonal stripes, rings
+        ramp = (xx / width, ((xx + yy) // (height / 8)) % 2,
+                (np.hypot(xx - width / 2, yy - height / 2) // (height / 10)) % 2)[shot % 3]
+        f = (np.stack([ramp, 1 - ramp, 0.5 + 0 * ramp], axis=-1) * 200 + 30) * tint
+        angle = 0.05 * t * (1 + shot % 3)
+        cx, cy = width * (0.5 + 0.3 * np.cos(angle)), height * (0.5 + 0.3 * np.sin(angle))
+        f[(xx - cx) ** 2 + (yy - cy) ** 2 < (height * 0.12) ** 2] = rng.uniform(0, 255, 3)
+        bar = (t * 4 * (1 + shot % 2)) % width
+        f[:, int(bar):int(bar) + max(2, width // 40)] = 250
+        yield f.clip(0, 255).astype(np.uint8)
+
+
+def write_frame_folder(folder: Path, frames, pattern: str = "f{}.png") -> list[Path]:
+    """PNG frames (any iterable of them) named f0.png, f1.png, ... (by default not zero-padded: the client's order
+    must be natural)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -169,6 +169,8 @@ class VideoSource:
             return self.stream.frames
         if self.stream.duration:
             return max(1, round(self.stream.duration * self.stream.time_base * self.meta.rate))
+        if self.container.duration:  # microseconds (Matroska keeps no per-stream duration)
+            return max(1, round(Fraction(self.container.duration, 1_000_000) * self.meta.rate))
         return 0
 
     def _rgb(self, frame) -> np.ndarray:
