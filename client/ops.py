@@ -349,11 +349,15 @@ def _mb(value) -> str:
 
 
 def _gpu_usage(worker: dict) -> str:
+    """TorchServe's "gpuId::1 utilization.gpu [%]::37 % memory.used [MiB]::10240 MiB" -> "37% 10240 MiB"."""
     usage = str(worker.get("gpuUsage") or "N/A")
     if usage == "N/A":
         return "-"
-    m = re.findall(r"::([^:]+?)(?=\s+\S+::|$)", usage)
-    return " ".join(x.strip() for x in m[1:]) if len(m) > 1 else usage
+    util = re.search(r"utilization\.gpu \[%\]::\s*(\d+)", usage)
+    mem = re.search(r"memory\.used \[MiB\]::\s*(\d+)", usage)
+    if not (util or mem):
+        return usage
+    return " ".join(x for x in ((util and f"{util.group(1)}%"), (mem and f"{mem.group(1)} MiB")) if x)
 
 
 def format_status(status: dict) -> str:
