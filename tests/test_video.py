@@ -184,6 +184,32 @@ def test_scene_measure():
     assert min(same_shot) > 0.5 and ssim(thumbs[3], thumbs[4]) < 0.25
 
 
+def test_progress_on_a_terminal_and_in_a_log():
+    import io
+    from client.progress import Progress
+    tty = io.StringIO()
+    p = Progress(total_frames=100, total_items=2, stream=tty, tty=True)
+    p.start(0, "a.mp4", 50)
+    p.update(0, 10)
+    p.finish(0, "done a.mp4")
+    p.close()
+    text = tty.getvalue()
+    assert "\r[0/2] 10/100 frames" in text and "a.mp4 10/50" in text and "done a.mp4\n" in text
+    log = io.StringIO()
+    p = Progress(total_frames=50, stream=log, tty=False)
+    p.start(0, "a.mp4", 50)
+    for i in range(50):
+        p.update(0, i)
+    p.finish(0, "done a.mp4")
+    assert log.getvalue() == "start a.mp4 (50 frames)\ndone a.mp4\n" and "\r" not in log.getvalue()
+    quiet = io.StringIO()
+    p = Progress(stream=quiet, tty=True, quiet=True)
+    p.start(0, "a.mp4", 5)
+    p.update(0, 1)
+    p.finish(0, "done")
+    assert quiet.getvalue() == ""
+
+
 def test_natural_order_and_rates():
     names = ["f10.png", "f2.png", "f1.png", "F3.png", "f0.png"]
     assert sorted(names, key=natural_key) == ["f0.png", "f1.png", "f2.png", "F3.png", "f10.png"]
@@ -272,6 +298,15 @@ def test_x4_x8_counts_rate_and_duration(client, clip_dir, tmp_path, factor):
     assert abs(facts["duration"] - facts_in["duration"]) <= 1 / RATE
     assert audio == audio_in
     assert stats.encoded_frames == 9 + 8 * (factor // 2 - 1)  # inputs + middles that start finer pairs
+
+
+@pytest.mark.server
+def test_one_encoder_request_per_input_frame(client, clip_dir, tmp_path):
+    """With --encoder-chunk 1 the count is literal: encoder requests = input frames (and the output is the same
+    length as with chunks of 8: differences across chunks are computed by the client)."""
+    stats = convert(clip_dir / "shapes.mp4", tmp_path / "c1", client, Options(factor=2, encoder_chunk=1))
+    assert stats.encoder_requests == stats.encoded_frames == stats.input_frames == 9
+    assert stats.output_frames == 17 and stats.token_bytes > 0
 
 
 @pytest.mark.server
