@@ -244,10 +244,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--sizes", default="480x854,1080x1920")
-    ap.add_argument("--frames", default="41,21", help="clip length per size")
+    ap.add_argument("--frames", default="81,41", help="clip length per size")
     ap.add_argument("--out", default="build/speed")
     ap.add_argument("--workdir", default="/tmp/eden_speed")
     ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of the DiT+decoder")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="workers per model and GPU: a second one overlaps its host work with the first's GPU work")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,http")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -261,9 +263,11 @@ def main():
     cfg = checkpoint.split_checkpoint(ckpt, work / "weights")
     sd = checkpoint.read_official_checkpoint(ckpt)
     gpus = torch.cuda.device_count()
-    build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, max_batch_delay_ms=5)
+    build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, max_batch_delay_ms=5,
+          workers=args.workers)
     dev = torch.device("cuda", 0) if gpus else torch.device("cpu")
     summary = {"device": [torch.cuda.get_device_name(i) for i in range(gpus)] or ["cpu"], "torch": torch.__version__,
+               "workers_per_model": args.workers, "batch_size": args.batch_size,
                "checkpoint": "random real-size" if not args.checkpoint else str(ckpt), "sizes": {}}
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     lengths = [int(v) for v in args.frames.split(",")]

@@ -84,7 +84,8 @@ def main() -> None:
                 print(f"  {n} frames written", flush=True)
 
         stats = convert(clip, result, client, options, on_progress=progress)
-        summary["workers"] = {name: [{k: w.get(k) for k in ("pid", "gpu", "status")} for w in ts.describe(name)["workers"]]
+        summary["workers"] = {name: [{k: w.get(k) for k in ("pid", "gpu", "status")}
+                                     for w in ts.describe(name)["workers"]]
                               for name in ("eden_encoder", "eden_ditdec")}
     summary["clip"] = {"frames": num_frames, "rate": str(RATE), "size": [args.height, args.width],
                        "seconds": float(num_frames / RATE)}

@@ -143,4 +143,4 @@ def interpolate(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tensor,
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] in [0, 1] -> [B, H, W, C] uint8 on the CPU, rounded half up (as torchvision's save_image)."""
-    return frames.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return frames.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()

@@ -11,7 +11,7 @@ import json
 import logging
 import secrets
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -48,6 +48,7 @@ class Settings:
     shm_dir: str = shm.DEFAULT_DIR  # same-host transport (eden_serve/shm.py); "" turns it off
     shm_ttl_s: float = 600.0  # segments older than this are swept
     fast_socket_reads: bool = True  # eden_serve/ts_patches.py: read request bodies without repeated copies
+    frame_cache: int = 8  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
 
     @classmethod
     def from_context(cls, context) -> "Settings":
@@ -361,6 +362,21 @@ class DitDecService(BatchService):
 
     def load(self):
         self.generator = checkpoint.load_generator(self.model_dir, self.device)
+        self.frames: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (segment, frame) -> [2, N, D]
+
+    def frame_tensor(self, segment: str, k: int, blob: wire.TokenBlob) -> torch.Tensor:
+        """Frame k of a segment's blob on the device, from the cache when a previous pair brought it (a segment's
+        bytes never change: it is written once under a fresh name)."""
+        key = (segment, k)
+        if key in self.frames:
+            self.frames.move_to_end(key)
+            return self.frames[key]
+        t = tokens.array_tensor(blob.tokens[k], self.device)
+        if self.settings.frame_cache > 0:
+            self.frames[key] = t
+            while len(self.frames) > self.settings.frame_cache:
+                self.frames.popitem(last=False)
+        return t
 
     def parse(self, request, context, idx):
         body = _as_bytes(request.get("body") if request.get("body") is not None else request.get("data"))
@@ -370,17 +386,17 @@ class DitDecService(BatchService):
         fmt = (request_header(context, idx, "X-Eden-Format") or "png").lower()
         if fmt not in ("png", "raw"):
             raise RequestError(f"X-Eden-Format must be png or raw, got {fmt[:20]!r}")
-        blob = self.pair_blob(body)
-        geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
-        t = tokens.tokens_tensor(blob, self.device)
+        blob, geo, t = self.pair_tokens(body)
         return (geo, blob.dtype), (blob, t, seed, fmt)
 
-    def pair_blob(self, body) -> wire.TokenBlob:
-        if not shm.is_ref(body):
-            return wire.from_bytes(body)
-        ref = self.ref(body)
-        if "segment" in ref:
-            return wire.from_bytes(self.value(body, "body"))
+    def pair_tokens(self, body) -> tuple[wire.TokenBlob, pipeline.Geometry, torch.Tensor]:
+        """The pair a body names (a blob, or a reference) -> its blob (checked against the model), geometry and
+        tokens on the device [2, 2, N, D]."""
+        ref = self.ref(body) if shm.is_ref(body) else None
+        if ref is None or "segment" in ref:
+            blob = wire.from_bytes(self.value(body, "body"))
+            geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
+            return blob, geo, tokens.tokens_tensor(blob, self.device)
         frames, difference = shm.pair_frames(ref)
         blobs = [wire.from_bytes(self.store.read(seg)) for seg, _ in frames]
         for (seg, k), blob in zip(frames, blobs):
@@ -388,8 +404,12 @@ class DitDecService(BatchService):
                 raise RequestError(f"frame {k} of segment {seg} does not exist (it holds {blob.num_frames})")
         (seg0, k0), (seg1, k1) = frames
         if seg0 == seg1 and k1 == k0 + 1:  # consecutive frames of one blob: a view, no copy
-            return blobs[0].window(k0, difference)
-        return wire.TokenBlob.pair(blobs[0].frame(k0), blobs[1].frame(k1), difference)
+            blob = blobs[0].window(k0, difference)
+        else:
+            blob = wire.TokenBlob.pair(blobs[0].frame(k0), blobs[1].frame(k1), difference)
+        geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
+        t = torch.stack([self.frame_tensor(seg, k, b) for (seg, k), b in zip(frames, blobs)])
+        return blob, geo, t
 
     def run(self, items):
         blobs, tensors, seeds, formats = zip(*items)

@@ -15,10 +15,11 @@ from .wire import TokenBlob, WireError
 def to_blobs(encoded: EncodedFrames, differences: list[torch.Tensor], geometry: Geometry, dtype: str = "float16",
              encoder: str = "") -> list[TokenBlob]:
     """Encoded frames (all of one size, grouped as ``differences`` is: K_i frames -> K_i-1 differences) -> blobs."""
-    tokens = torch.stack([encoded.dit, encoded.dec], dim=1)  # [K, 2, N, D]
-    if dtype == "float16" and tokens.abs().max() > torch.finfo(torch.float16).max:
-        raise OverflowError("tokens overflow float16: ask for float32 tokens")
-    tokens = tokens.to(getattr(torch, dtype)).cpu().numpy()
+    tokens = torch.stack([encoded.dit, encoded.dec], dim=1).to(getattr(torch, dtype))  # [K, 2, N, D]
+    finite = torch.isfinite(tokens).all()
+    tokens = tokens.cpu().numpy()  # one host synchronisation for both
+    if not finite:
+        raise OverflowError(f"tokens are not finite in {dtype}" + (": ask for float32 tokens" if dtype == "float16" else ""))
     mean, std = encoded.mean.tolist(), encoded.std.tolist()
     blobs, start = [], 0
     for diff in differences:
@@ -52,7 +53,11 @@ def check_fits(blob: TokenBlob, cfg: EdenConfig, max_pixels: int | None = None) 
 
 def tokens_tensor(blob: TokenBlob, device: torch.device) -> torch.Tensor:
     """The blob's tokens on ``device`` [K, 2, N, D] (its own dtype); raise WireError if any is not finite."""
-    arr = blob.tokens
+    return array_tensor(blob.tokens, device)
+
+
+def array_tensor(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A (possibly read-only) token array on ``device``; raise WireError if any value is not finite."""
     with warnings.catch_warnings():  # a read-only view is fine: the tensor is copied to the device or never written
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(arr) if arr.flags.writeable or device.type != "cpu" else torch.from_numpy(np.array(arr))
