@@ -41,6 +41,7 @@ from eden_serve import wire
 from eden_serve.config import EdenConfig
 from eden_serve.pipeline import MAX_SEED, frame_difference
 
+from .api import ServeError
 from .frames_io import Frame
 from .scenes import SceneDetector, thumbnail
 
@@ -185,8 +186,17 @@ class Interpolator:
         self.token_dtype = token_dtype
 
     # ------------------------------------------------------------------ requests (run in the pool)
-    def _encode(self, nodes: list[_Node]) -> bytes:
-        return self.client.encode_arrays([n.image for n in nodes], self.token_dtype)
+    def _encode(self, nodes: list[_Node]) -> list[tuple[bytes, list[_Node]]]:
+        """Encode ``nodes`` in one request; if the answer would pass the server's response limit (413), in halves
+        (and use smaller chunks from then on). Returns the blobs with the frames each holds."""
+        try:
+            return [(self.client.encode_arrays([n.image for n in nodes], self.token_dtype), nodes)]
+        except ServeError as e:
+            if e.status != 413 or len(nodes) == 1:
+                raise
+        half = len(nodes) // 2
+        self.chunk = min(self.chunk, half)
+        return self._encode(nodes[:half]) + self._encode(nodes[half:])
 
     def _generate(self, a: _Node, b: _Node, index: int) -> np.ndarray:
         blob = wire.TokenBlob.pair(a.token, b.token, pair_difference(a, b))
@@ -291,7 +301,8 @@ class Interpolator:
                     kind, *info = running.pop(fut)
                     if kind == "encode":
                         encoding -= 1
-                        self._take_tokens(fut.result(), info[0], stats)
+                        for data, nodes in fut.result():
+                            self._take_tokens(data, nodes, stats)
                     else:
                         seg, p, q = info
                         seg.running -= 1

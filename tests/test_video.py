@@ -19,7 +19,7 @@ from conftest import ROOT, read_rgb
 from client import clips
 from client.api import EdenClient, KeySource
 from client.convert import Options, convert
-from client.frames_io import Frame, FramesError, natural_key
+from client.frames_io import Frame, natural_key
 from client.scenes import SceneDetector, ssim, thumbnail
 from client.video import Interpolator, frame_seed, output_count
 from client.video_cli import parse_rate
@@ -135,6 +135,23 @@ def test_pair_differences_are_the_pairs_own():
     for a, b, diff, _ in fake.pairs:
         x0, x1 = (torch.tensor(image_of(v)).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
         assert diff == pytest.approx(float(pipeline.frame_difference(x0, x1, cfg)), abs=1e-5)
+
+
+def test_too_large_encoder_answers_are_split():
+    """A 413 (the answer would pass the server's response limit) -> the chunk is sent in halves, then smaller."""
+    from client.api import ServeError
+
+    class Limited(FakeEden):
+        def encode_arrays(self, frames, dtype="float16"):
+            if len(frames) > 2:
+                raise ServeError("eden_encoder: HTTP 413: response too large", 413)
+            return super().encode_arrays(frames, dtype)
+
+    fake = Limited()
+    out = []
+    stats = Interpolator(fake, 2, chunk=8).run(flat_frames(list(range(0, 240, 16))), lambda img, *_: out.append(img))
+    assert len(out) == 29 and [int(o[0, 0, 0]) for o in out[::2]] == list(range(0, 240, 16))
+    assert len(fake.encoded) == len(set(fake.encoded)) == 15 == stats.encoded_frames
 
 
 def test_seeds_are_deterministic_and_distinct():
