@@ -170,7 +170,7 @@ class TransportInterpolator(Interpolator):
     def _encode(self, nodes):
         enc = self.client.encode_frames([n.image for n in nodes], self.token_dtype)
         self.encoded.append(enc)
-        return enc
+        return [(enc, nodes)]
 
     def _take_tokens(self, enc, nodes, stats):
         for k, node in enumerate(nodes):
