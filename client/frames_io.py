@@ -128,7 +128,7 @@ def _sws_matrix(colorspace: int) -> str:
 
 
 class VideoSource:
-    """The first video stream of a file, decoded to 8-bit RGB with the stream's own matrix and range (so 10-bit and
+    """The first video stream of a file (cover art aside), decoded to 8-bit RGB with the stream's own matrix and range (so 10-bit and
     BT.709 video keep their colours); audio is left in the file for the sink to copy."""
 
     def __init__(self, path: Path):
@@ -138,10 +138,12 @@ class VideoSource:
             self.container = av.open(str(self.path))
         except av.error.FFmpegError as e:
             raise FramesError(f"{self.path}: not a video FFmpeg can read ({e})") from None
-        if not self.container.streams.video:
+        still = av.stream.Disposition.attached_pic
+        moving = [s for s in self.container.streams.video if not s.disposition & still]  # not cover art
+        if not moving:
             self.container.close()
             raise FramesError(f"{self.path}: has no video stream")
-        self.stream = self.container.streams.video[0]
+        self.stream = moving[0]
         self.stream.thread_type = "AUTO"
         cc = self.stream.codec_context
         rate = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
@@ -358,9 +360,12 @@ class VideoSink:
             frame = frame.reformat(format=self.pix_fmt)
         frame.pts, frame.time_base = pts, self.time_base
         self._durations[pts] = duration
-        if self.audio:
-            self.audio.copy_until(pts * self.time_base)
-        self._mux(self.stream.encode(frame))
+        try:
+            if self.audio:
+                self.audio.copy_until(pts * self.time_base)
+            self._mux(self.stream.encode(frame))
+        except av.error.FFmpegError as e:
+            raise self._error(e) from None
         self.count += 1
 
     def _mux(self, packets) -> None:
@@ -372,20 +377,33 @@ class VideoSink:
         if not complete:
             self._discard()
             return
-        self._mux(self.stream.encode())
-        if self.audio:
-            self.audio.copy_until(None)
-            self.audio.close()
-        self.out.close()
-        self.tmp.replace(self.path)
-
-    def _discard(self) -> None:
         try:
-            if getattr(self, "audio", None):
+            self._mux(self.stream.encode())
+            if self.audio:
+                self.audio.copy_until(None)
                 self.audio.close()
             self.out.close()
-        except Exception:  # noqa: BLE001 - the partial file is removed either way
-            pass
+        except self.av.error.FFmpegError as e:
+            self._discard()
+            raise self._error(e) from None
+        self.tmp.replace(self.path)
+
+    def _error(self, e: Exception) -> FramesError:
+        """An FFmpeg error while writing, with what to try."""
+        hint = f"try another --codec or --pix-fmt for {self.path.suffix}"
+        if self.audio:
+            codecs = ", ".join(sorted(self.audio.codecs))
+            hint = (f"the copied audio ({codecs}) may not fit {self.path.suffix}: write .mkv, which takes any audio, "
+                    f"or {hint}")
+        return FramesError(f"{self.path}: FFmpeg could not write the file ({e}); {hint}")
+
+    def _discard(self) -> None:
+        for close in (getattr(self.audio, "close", None), self.out.close):
+            try:
+                if close:
+                    close()
+            except Exception:  # noqa: BLE001 - the partial file is removed either way
+                pass
         self.tmp.unlink(missing_ok=True)
 
 
@@ -405,6 +423,7 @@ class _AudioCopy:
                 raise FramesError(f"the audio of {source} ({s.codec_context.name}) cannot be copied into "
                                   f"{out_path.suffix} ({e}): write .mkv instead") from None
         self.out = out
+        self.codecs = {s.codec_context.name for s in self.src.streams.audio}
         self.packets = self.src.demux(list(self.src.streams.audio))
         self.pending = None
 

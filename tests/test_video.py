@@ -413,6 +413,10 @@ def test_clear_errors(server, tmp_path):
     r = run_client("video", mixed, "-o", tmp_path / "m.mp4", *conn(server))
     assert r.returncode == 2 and "g0.png is 80x48 but f0.png is 64x48" in r.stderr
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*partial*"))
+    clips.write_video(tmp_path / "pcm.avi", clips.clip_frames(3), Fraction(25), codec="mpeg4")  # PCM audio
+    r = run_client("video", tmp_path / "pcm.avi", "-o", tmp_path / "pcm.mp4", *conn(server))
+    assert r.returncode == 2 and "the copied audio (pcm_s16le) may not fit .mp4: write .mkv" in r.stderr
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*partial*"))
     (tmp_path / "bad.mp4").write_bytes(b"not a video at all" * 100)
     r = run_client("video", tmp_path / "bad.mp4", "-o", tmp_path / "x.mp4", *conn(server))
     assert r.returncode == 2 and "not a video FFmpeg can read" in r.stderr
