@@ -1,0 +1,210 @@
+"""Helpers for tests and benchmarks that talk to a real TorchServe over HTTP: instances that do not collide, raw
+requests with the inference key, test frames, token blobs with one thing wrong, and the memory of the processes."""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import psutil
+import requests
+from PIL import Image
+
+from client.api import EdenClient, KeySource, ModelClient, RetryPolicy
+from client.server import TorchServe, free_port
+from eden_serve import wire
+
+
+# ---------------------------------------------------------------------- instances
+def isolated_config(**extra) -> dict:
+    """extra_config for a TorchServe that can run beside others on one host: TorchServe 0.12 also opens gRPC ports
+    (7070/7071 by default), which client/server.py leaves at their defaults, so a second instance would fail to
+    start."""
+    return {"grpc_inference_port": free_port(), "grpc_management_port": free_port(), **extra}
+
+
+def start_server(workdir, model_store, **extra) -> TorchServe:
+    """A started TorchServe of both models in ``workdir``, with free ports and ``extra`` config.properties keys."""
+    return TorchServe(workdir, model_store, extra_config=isolated_config(**extra)).start()
+
+
+def eden_client(ts: TorchServe, timeout: float = 60, retry: RetryPolicy | None = None) -> EdenClient:
+    """A client of both models of ``ts`` with its own retry policy and per-try timeout."""
+    keys = KeySource(key_file=ts.key_file)
+    return EdenClient(ModelClient(ts.inference_url, "eden_encoder", keys, timeout, retry=retry),
+                      ModelClient(ts.inference_url, "eden_ditdec", keys, timeout, retry=retry))
+
+
+# ---------------------------------------------------------------------- raw requests
+def post(ts: TorchServe, model: str, headers: dict | None = None, timeout: float = 60, **kw) -> requests.Response:
+    """One POST to /predictions/{model} with the inference key, no retry (the answer as it came)."""
+    key = ts.keys()["inference"]["key"]
+    return requests.post(f"{ts.inference_url}/predictions/{model}",
+                         headers={"Authorization": f"Bearer {key}", **(headers or {})}, timeout=timeout, **kw)
+
+
+@dataclass
+class RawAnswer:
+    """An answer read off a raw socket (for requests that ``requests`` refuses to send)."""
+    status: int
+    reason: str
+    headers: dict = field(default_factory=dict)
+    body: bytes = b""
+
+    def message(self) -> str:
+        try:
+            return json.loads(self.body)["message"]
+        except (ValueError, KeyError, TypeError):
+            return self.body.decode(errors="replace") or self.reason
+
+
+def post_raw(ts: TorchServe, model: str, head: dict, body: bytes, timeout: float = 30) -> RawAnswer:
+    """A POST whose headers are sent exactly as given (e.g. a Content-Length that does not match the body)."""
+    url = urlparse(ts.inference_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        conn.putrequest("POST", f"/predictions/{model}", skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {ts.keys()['inference']['key']}")
+        for name, value in head.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        conn.send(body)
+        r = conn.getresponse()
+        return RawAnswer(r.status, r.reason, dict(r.getheaders()), r.read())
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------- frames
+def png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_bytes(rgb: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def noise_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def moving_frames(count: int, height: int = 64, width: int = 80, seed: int = 0) -> list[np.ndarray]:
+    """A small synthetic video: a textured background moving right a few pixels per frame."""
+    base = np.random.default_rng(seed).integers(0, 256, (height, width + 4 * count, 3), dtype=np.uint8)
+    return [np.ascontiguousarray(base[:, 4 * i:4 * i + width]) for i in range(count)]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG file whose header declares width x height pixels (its data is far too short for that)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------------- token blobs with one thing wrong
+def blob_header(blob: bytes) -> dict:
+    n = struct.unpack_from("<I", blob, 12)[0]
+    return json.loads(blob[16:16 + n])
+
+
+def with_header(blob: bytes, **changes) -> bytes:
+    """The blob with header fields replaced (the payload untouched; the header re-padded to the alignment)."""
+    n = struct.unpack_from("<I", blob, 12)[0]
+    header = {**json.loads(blob[16:16 + n]), **changes}
+    text = json.dumps(header).encode()
+    text += b" " * (-(16 + len(text)) % wire.ALIGN)
+    return blob[:12] + struct.pack("<I", len(text)) + text + blob[16 + n:]
+
+
+def with_prefix(blob: bytes, version: int | None = None, header_length: int | None = None) -> bytes:
+    """The blob with its version or declared header length replaced."""
+    magic, v, n = wire.PREFIX.unpack_from(blob)
+    return wire.PREFIX.pack(magic, v if version is None else version, n if header_length is None else header_length) \
+        + blob[wire.PREFIX.size:]
+
+
+def with_token(blob: bytes, value: float, index=(0, 1, 0, 0)) -> bytes:
+    """The blob with one token value replaced (e.g. NaN or infinity)."""
+    parsed = wire.from_bytes(blob)
+    tokens = parsed.tokens.copy()
+    tokens[index] = value
+    parsed.tokens = tokens
+    return parsed.to_bytes()
+
+
+def with_tokens(blob: bytes, tokens: np.ndarray, **header) -> bytes:
+    """The blob's header around other tokens (a consistent blob of another shape or dtype)."""
+    parsed = wire.from_bytes(blob)
+    parsed.tokens = tokens
+    return with_header(parsed.to_bytes(), **header) if header else parsed.to_bytes()
+
+
+def repeated_frames(blob: bytes, frames: int) -> bytes:
+    """A well-formed blob of ``frames`` frames made by repeating the pair's first frame."""
+    p = wire.from_bytes(blob)
+    return wire.TokenBlob(np.repeat(p.tokens[:1], frames, axis=0), p.size, p.padding, p.patch_size,
+                          p.mean[:1] * frames, p.std[:1] * frames, [0.0] * (frames - 1), p.encoder).to_bytes()
+
+
+# ---------------------------------------------------------------------- process memory
+def tree_rss(root_pid: int) -> dict[str, int]:
+    """Resident memory (bytes) of a TorchServe started by client.server: 'frontend' (the Java process and the Python
+    launcher above it) and 'workers' (the Python model workers below the frontend)."""
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {"frontend": 0, "workers": 0}
+    out = {"frontend": 0, "workers": 0}
+    for p in procs:
+        try:
+            kind = "workers" if "model_service_worker" in " ".join(p.cmdline()) else "frontend"
+            out[kind] += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def pids_rss(pids: list[int]) -> int:
+    """Summed resident memory (bytes) of the given processes."""
+    return sum(psutil.Process(p).memory_info().rss for p in pids)
+
+
+def wait_for_new_workers(ts: TorchServe, model: str, old: list[int], timeout: float = 120) -> list[int]:
+    """Until TorchServe has replaced the workers ``old`` of ``model`` and they are READY; their pids."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            workers = ts.describe(model)["workers"]
+            pids = sorted(int(w["pid"]) for w in workers)
+            if workers and all(w["status"] == "READY" for w in workers) and not set(pids) & set(old) \
+                    and all(p > 0 for p in pids):
+                return pids
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{model}'s workers {old} were not replaced within {timeout:.0f} s\n{ts.log_tail()}")
+
+
+def count_in_log(path: Path, text: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(text)
+    except FileNotFoundError:
+        return 0
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, 9)
