@@ -64,11 +64,7 @@ class VideoMeta:
 
 def natural_key(name: str) -> list:
     """Sort key where digit runs compare as numbers: f2 before f10."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
-def is_video_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".")
+    return [int(t) if t.isdecimal() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
 def frame_files(folder: Path) -> list[Path]:
@@ -293,7 +289,6 @@ class VideoSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = partial_path(self.path)
         remove_partial(self.path)
-        self.meta = meta
         self.time_base = meta.time_base / factor
         fmt = self.path.suffix.lower().lstrip(".")
         fmt = {"mkv": "matroska", "m4v": "mp4"}.get(fmt, fmt)
@@ -308,7 +303,6 @@ class VideoSink:
             self._discard()
             raise
         self._durations: dict[int, int] = {}
-        self.count = 0
 
     def _setup(self, meta: VideoMeta, factor: int, encoding: Encoding, fmt: str) -> None:
         """The video stream (codec, size, timing, colour, rotation) and the audio copies."""
@@ -327,9 +321,9 @@ class VideoSink:
         except ValueError:
             raise FramesError(f"unknown pixel format {self.pix_fmt!r} (e.g. yuv420p, yuv420p10le, yuv444p)") from None
         # subsampled chroma needs even sides: pad by repeating the last row/column
-        self.even = (fmt_info.chroma_width(2) < 2 or fmt_info.chroma_height(2) < 2) and not fmt_info.is_rgb
-        self.width = meta.width + (meta.width % 2 if self.even else 0)
-        self.height = meta.height + (meta.height % 2 if self.even else 0)
+        even = (fmt_info.chroma_width(2) < 2 or fmt_info.chroma_height(2) < 2) and not fmt_info.is_rgb
+        self.width = meta.width + (meta.width % 2 if even else 0)
+        self.height = meta.height + (meta.height % 2 if even else 0)
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, self.pix_fmt
         self.stream.time_base = self.time_base
         self.stream.codec_context.time_base = self.time_base
@@ -366,7 +360,6 @@ class VideoSink:
             self._mux(self.stream.encode(frame))
         except av.error.FFmpegError as e:
             raise self._error(e) from None
-        self.count += 1
 
     def _mux(self, packets) -> None:
         for packet in packets:

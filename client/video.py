@@ -239,7 +239,7 @@ class Interpolator:
                     stats.input_frames += 1
                     last = node
                     filling.append(node)
-                    if len(filling) == self.chunk:
+                    if len(filling) >= self.chunk:  # (the chunk may shrink after a 413)
                         input_chunks.append(filling)
                         filling = []
                 if filling and (exhausted or not (running or input_chunks or new_frames)):
