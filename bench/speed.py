@@ -39,7 +39,7 @@ from client.api import EdenClient, KeySource  # noqa: E402
 from client.frames_io import Frame  # noqa: E402
 from client.samples import moving_shapes  # noqa: E402
 from client.server import TorchServe  # noqa: E402
-from client.video import Interpolator, frame_seed, pair_difference  # noqa: E402
+from client.video import Interpolator, frame_seed  # noqa: E402
 from eden_serve import checkpoint, pipeline, tokens  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
@@ -183,7 +183,8 @@ class TransportInterpolator(Interpolator):
 
     def _generate(self, a, b, index):
         (ea, ia), (eb, ib) = a.token, b.token
-        image, _ = self.client.generate_pair(ea, ia, eb, ib, pair_difference(a, b), frame_seed(self.seed, index))
+        diff = a.next_difference if a.next is b else pipeline.frame_difference_uint8(a.image, b.image, EdenConfig())
+        image, _ = self.client.generate_pair(ea, ia, eb, ib, diff, frame_seed(self.seed, index))
         return image
 
     def release(self):
@@ -192,7 +193,7 @@ class TransportInterpolator(Interpolator):
         self.encoded.clear()
 
 
-def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 8) -> dict:
+def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 16) -> dict:
     client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file), transport=transport,
                                 shm_dir="/dev/shm/eden")
     calls = defaultdict(list)

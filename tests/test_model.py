@@ -125,3 +125,13 @@ def test_real_size_architecture_shapes():
     assert sd["dit_blocks.11.temp_attn.qkv.weight"].shape == (2304, 768)
     assert sd["unpatchify.3.weight"].shape == (768, 768)
     assert sum(v.numel() for v in sd.values()) > 100_000_000
+
+
+def test_uint8_frame_difference_matches(fixture_frames, expected):
+    frames = (fixture_frames.permute(0, 2, 3, 1) * 255).round().byte().numpy()
+    got = pipeline.frame_difference_uint8(frames[0], frames[1], EdenConfig())
+    assert abs(got - expected["difference"].item()) <= 1e-5
+    black = np.zeros((40, 50, 3), np.uint8)
+    x = torch.from_numpy(np.stack([black, frames[0][:40, :50]])).permute(0, 3, 1, 2).float() / 255
+    want = pipeline.frame_difference(x[:1], x[1:], EdenConfig()).item()
+    assert abs(pipeline.frame_difference_uint8(black, frames[0][:40, :50], EdenConfig()) - want) <= 1e-5
