@@ -84,7 +84,9 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
     """Process what is not done yet; returns the jobs (with status and detail) and the exit code."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
-        raise NotADirectoryError(f"{in_dir} is not a folder")
+        raise FramesError(f"{in_dir} is not a folder")
+    if in_dir.resolve() == out_dir.resolve():
+        raise FramesError(f"OUT_DIR must be another folder than IN_DIR ({in_dir}): outputs keep the inputs' names")
     jobs = find_jobs(in_dir, out_dir, options.encoding.codec)
     pending = []
     for job in jobs:

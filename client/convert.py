@@ -29,6 +29,8 @@ def convert(src: Path, dst: Path, client, options: Options,
             on_progress: Callable[[int], None] | None = None) -> Stats:
     """Interpolate ``src`` into ``dst`` (written under a temporary name, renamed when complete; removed on error).
     ``on_start`` gets the expected number of output frames, ``on_progress`` the number written so far."""
+    if Path(src).resolve() == Path(dst).resolve():
+        raise FramesError(f"{dst} is the input itself: pick another output")
     source = open_source(Path(src), options.fps)
     try:
         if on_start:

@@ -104,7 +104,7 @@ def cmd_batch(args) -> int:
         options = options_from(args)
         jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), connect(args), options, args.jobs,
                                args.quiet)
-    except (FramesError, NotADirectoryError) as e:
+    except FramesError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2
     if not jobs:

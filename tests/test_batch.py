@@ -70,6 +70,8 @@ def test_tree_failures_summary_and_exit_codes(server, tmp_path):
 
     r = run_batch(server, tmp_path / "nothing-here", out)
     assert r.returncode == 2 and "is not a folder" in r.stderr
+    r = run_batch(server, src, src)
+    assert r.returncode == 2 and "OUT_DIR must be another folder than IN_DIR" in r.stderr
 
 
 def _start_and_stop_midway(server, src, out, sig):
