@@ -64,6 +64,11 @@ def ops_server(ops_store, tmp_path_factory):
         yield ts
 
 
+def keys_of(ts: TorchServe) -> KeySource:
+    """The server's key file, renewed when a key expires (ops_server's keys last one minute)."""
+    return KeySource(key_file=ts.key_file, management_url=ts.management_url)
+
+
 def args_for(ts: TorchServe) -> list:
     return ["--management-url", ts.management_url, "--key-file", ts.key_file]
 
@@ -74,8 +79,7 @@ def status_args(ts: TorchServe) -> list:
 
 @pytest.fixture(scope="module")
 def mgmt(ops_server):
-    return ManagementClient(ops_server.management_url,
-                            KeySource(key_file=ops_server.key_file, management_url=ops_server.management_url))
+    return ManagementClient(ops_server.management_url, keys_of(ops_server))
 
 
 def interpolate_fixture(client: EdenClient) -> np.ndarray:
@@ -131,7 +135,7 @@ def test_status_json_matches_the_management_api(ops_server):
 
 
 def test_status_table_shows_every_worker_and_requests_served(ops_server):
-    client = EdenClient.connect(ops_server.inference_url, encoder_keys=KeySource(key_file=ops_server.key_file))
+    client = EdenClient.connect(ops_server.inference_url, encoder_keys=keys_of(ops_server))
     interpolate_fixture(client)
     r = run_client("status", *status_args(ops_server))
     assert r.returncode == 0, r.stderr
@@ -194,7 +198,7 @@ def test_register_set_default_and_unregister_a_version(ops_server, ops_store, ti
     listed = json.loads(run_client("models", "list", "--json", *args_for(ops_server)).stdout)
     assert {(x["model"], x["version"], x["default"]) for x in listed} == \
         {("eden_encoder", "1.0", True), ("eden_ditdec", "1.0", False), ("eden_ditdec", "2.0", True)}
-    client = EdenClient.connect(ops_server.inference_url, encoder_keys=KeySource(key_file=ops_server.key_file))
+    client = EdenClient.connect(ops_server.inference_url, encoder_keys=keys_of(ops_server))
     assert np.abs(interpolate_fixture(client).astype(int) - official_frame()).max() <= 1  # served by 2.0
 
     r = run_client("models", "unregister", "eden_ditdec", "1.0", *args_for(ops_server))
@@ -243,7 +247,7 @@ def test_missing_or_wrong_management_key_is_refused_with_a_hint(ops_server, tmp_
 def test_metrics_of_the_handlers_are_exported(ops_server, server):
     """Declared metrics (deploy/metrics.yaml) on ops_server, auto-detected ones (config.properties) on server."""
     for ts in (ops_server, server):
-        client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file))
+        client = EdenClient.connect(ts.inference_url, encoder_keys=keys_of(ts))
         interpolate_fixture(client)
         deadline = time.monotonic() + 20
         while True:
