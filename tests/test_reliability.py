@@ -12,12 +12,15 @@ Destructive tests use instances started here (module-scoped), never the session-
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import numpy as np
@@ -28,7 +31,9 @@ from helpers_http import (RawAnswer, count_in_log, eden_client, image_bytes, kil
                           pids_rss, png, png_declaring, post, post_raw, repeated_frames, start_server,
                           wait_for_new_workers, with_header, with_prefix, with_token, with_tokens)
 
+from client import clips
 from client.api import KeySource, ModelClient, RetryPolicy, ServeError
+from client.convert import Options, convert
 from eden_serve import images, shm, wire
 
 pytestmark = pytest.mark.server
@@ -414,26 +419,62 @@ def decoded(png_bytes: bytes) -> np.ndarray:
     return images.decode_image(png_bytes, max_pixels=1 << 30)
 
 
-def stream_with_kills(ts, jobs, clients: int, kill_after: tuple[int, ...], delay: float = 0.03):
-    """Send ``jobs`` (pairs of frames, seed) through both models from ``clients`` threads; once ``kill_after[i]``
-    pairs have completed, wait for a DiT+decoder request to be on its way and kill (-9) that model's worker
-    ``delay`` seconds later (inside TorchServe's 100 ms batching window). -> (results in job order, seeds in
-    completion order, the client)."""
-    client = eden_client(ts, timeout=5, retry=RetryPolicy(backoff=0.2, max_backoff=2, max_elapsed=120))
-    done, killed, in_flight = [], [], [0]
+class Killer:
+    """Kills (-9) the DiT+decoder's worker while one of ``client``'s requests to it is on its way: each time
+    ``progress()`` reaches the next of ``thresholds``, it waits for a request in flight and kills ``delay`` s later
+    (inside TorchServe's 100 ms batching window)."""
+
+    def __init__(self, ts, client, thresholds: tuple[int, ...], progress: Callable[[], int], delay: float = 0.03):
+        self.ts, self.thresholds, self.progress, self.delay = ts, thresholds, progress, delay
+        self.killed: list[int] = []
+        self.in_flight = 0
+        self.lock = threading.Lock()
+        post_ditdec = client.ditdec.session.post
+
+        def tracked_post(*args, **kw):
+            with self.lock:
+                self.in_flight += 1
+            try:
+                return post_ditdec(*args, **kw)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
+
+        client.ditdec.session.post = tracked_post
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        for after in self.thresholds:
+            while self.progress() < after or not self.in_flight:
+                time.sleep(0.001)
+            time.sleep(self.delay)
+            pid = self.ts.worker_pids("eden_ditdec")[0]
+            kill(pid)
+            self.killed.append(pid)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.join(timeout=120)
+        if exc[0] is None:
+            assert len(self.killed) == len(self.thresholds), f"only {len(self.killed)} kills"
+            wait_for_new_workers(self.ts, "eden_ditdec", self.killed)
+
+
+def faulty_client(ts):
+    """A client of ``ts`` for runs with killed workers: 5 s per try (a job TorchServe lost costs that much)."""
+    return eden_client(ts, timeout=5, retry=RetryPolicy(backoff=0.2, max_backoff=2, max_elapsed=120))
+
+
+def stream_with_kills(ts, jobs, clients: int, kill_after: tuple[int, ...]):
+    """Send ``jobs`` (pairs of frames, seed) through both models from ``clients`` threads, killing the DiT+decoder's
+    worker as the completed count passes each of ``kill_after``. -> (results in job order, seeds in completion
+    order, the client)."""
+    client = faulty_client(ts)
+    done = []
     lock = threading.Lock()
-    post_ditdec = client.ditdec.session.post
-
-    def tracked_post(*args, **kw):
-        with lock:
-            in_flight[0] += 1
-        try:
-            return post_ditdec(*args, **kw)
-        finally:
-            with lock:
-                in_flight[0] -= 1
-
-    client.ditdec.session.post = tracked_post
 
     def one(job):
         (f0, f1), seed = job
@@ -442,24 +483,11 @@ def stream_with_kills(ts, jobs, clients: int, kill_after: tuple[int, ...], delay
             done.append(seed)
         return out
 
-    def killer():
-        for after in kill_after:
-            while len(done) < after or not in_flight[0]:
-                time.sleep(0.001)
-            time.sleep(delay)
-            pid = ts.worker_pids("eden_ditdec")[0]
-            kill(pid)
-            killed.append(pid)
-
-    k = threading.Thread(target=killer)
-    k.start()
-    with ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(one, job) for job in jobs]
-        results = [f.result(timeout=300) for f in futures]
-    k.join(timeout=60)
-    assert len(killed) == len(kill_after)
-    new = wait_for_new_workers(ts, "eden_ditdec", killed)
-    print(f"\n{clients} client(s): killed DiT+decoder workers {killed}, now {new}; client retries: "
+    with Killer(ts, client, kill_after, lambda: len(done)) as killer:
+        with ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(one, job) for job in jobs]
+            results = [f.result(timeout=300) for f in futures]
+    print(f"\n{clients} client(s): killed DiT+decoder workers {killer.killed}; client retries: "
           f"encoder {dict(client.encoder.retries)}, ditdec {dict(client.ditdec.retries)}")
     return results, done, client
 
@@ -520,6 +548,173 @@ def test_request_running_when_its_worker_dies_is_retried(ts):
     assert seed == 11 and np.array_equal(decoded(png_bytes), want)
     assert client.ditdec.retries["HTTP 507"] == 1, dict(client.ditdec.retries)
     wait_for_new_workers(ts, "eden_ditdec", [pid])
+
+
+# ---------------------------------------------------------------------- the video client under faults
+def test_killed_worker_mid_video_gives_the_clean_run(ts, tmp_path):
+    """``python -m client video``'s engine on a folder of frames, x4 to PNG frames: the DiT+decoder's worker is
+    killed twice mid-video; the output has every frame, in order, byte-identical to a clean run (one request in
+    flight, so TorchServe's batches are the same as in the clean run)."""
+    pytest.importorskip("av")
+    src = tmp_path / "in"
+    clips.write_frame_folder(src, clips.clip_frames(13, 48, 64))
+    options = Options(factor=4, max_inflight=1)
+    clean = convert(src, tmp_path / "clean", eden_client(ts, retry=RetryPolicy.never()), options)
+    client = faulty_client(ts)
+    written = [0]
+    with Killer(ts, client, (8, 30), lambda: written[0]) as killer:
+        stats = convert(src, tmp_path / "faulted", client, options, on_progress=lambda n: written.__setitem__(0, n))
+    print(f"\nvideo: killed DiT+decoder workers {killer.killed}; client retries {dict(client.ditdec.retries)}")
+    assert client.ditdec.retries, "no request was caught by the kills"
+    assert stats.output_frames == clean.output_frames == 49
+    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "faulted").iterdir()) and len(names) == 49
+    for name in names:
+        assert (tmp_path / "faulted" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def batch_command(ts, src, out, *args):
+    return [sys.executable, "-m", "client", "batch", str(src), str(out), "--factor", "4",
+            "--encoder-url", ts.inference_url, "--key-file", str(ts.key_file), *args]
+
+
+def video_frames(path) -> int:
+    import av
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def test_torchserve_restarted_mid_batch(ts, tmp_path):
+    """``python -m client batch`` over three videos; TorchServe is stopped and started again (new keys, new
+    workers) once the first video is done. The batch carries on (its requests are retried, the key file read
+    again); if the restart took longer than the retry budget, the video in progress fails without leaving
+    anything that looks done, and a second run does only what is missing. Either way: nothing finished is redone,
+    every output is complete, no partial output is left."""
+    pytest.importorskip("av")
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        clips.write_video(src / f"v{i}.mp4", clips.clip_frames(12, step=1.0 + i), Fraction(30000, 1001))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(batch_command(ts, src, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "v0.mp4").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    first_done = (out / "v0.mp4").stat().st_mtime_ns
+    time.sleep(0.3)  # into the second video
+    pids = ts.worker_pids("eden_ditdec")
+    ts.stop()
+    assert not (out / "v2.mp4").exists()
+    ts.start()
+    assert ts.worker_pids("eden_ditdec") != pids
+    stdout, stderr = proc.communicate(timeout=300)
+    table = stdout.splitlines()
+    print(f"\nbatch across a restart: exit {proc.returncode}, {table[-1]!r}; retries logged: "
+          f"{stderr.count('; try ')}")
+    assert "; try 2 of" in stderr, "the restart did not catch a request"
+    assert any(line.startswith("done") and "v0.mp4" in line for line in table)
+    if proc.returncode != 0:  # the restart outlasted the retry budget: the video in progress failed cleanly
+        assert proc.returncode == 1 and table[-1].endswith("1 failed"), stdout + stderr
+        failed = [line.split()[1] for line in table if line.startswith("failed")]
+        assert all(not (out / name).exists() for name in failed)
+        again = subprocess.run(batch_command(ts, src, out), cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.splitlines()[-1] == f"{len(failed)} done, {3 - len(failed)} skipped, 0 failed"
+    else:
+        assert table[-1] == "3 done, 0 skipped, 0 failed", stdout + stderr
+    assert (out / "v0.mp4").stat().st_mtime_ns == first_done  # never redone
+    for i in range(3):
+        assert video_frames(out / f"v{i}.mp4") == 11 * 4 + 1
+    assert not [p for p in out.rglob("*") if "partial" in p.name]
+
+
+# ---------------------------------------------------------------------- disk trouble
+@dataclass
+class DiskRun:
+    """One ``python -m client video`` run into a place it cannot write."""
+    returncode: int
+    stderr: str
+    left: list[str]  # what is left in the output's folder afterwards
+    output_exists: bool
+
+
+def mount_tmpfs(path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def disk_runs(ts, tmp_path_factory) -> dict[str, DiskRun]:
+    """The video client writing to a read-only location and to a full one (x8 of a 12-frame clip), as a video and
+    as a folder of PNG frames. A full disk is an 8 KiB tmpfs where mounting is allowed, else a file-size limit
+    (RLIMIT_FSIZE) on the client's process; a read-only location is a read-only tmpfs, else a folder without write
+    permission (not for root, who may write anyway)."""
+    pytest.importorskip("av")
+    base = tmp_path_factory.mktemp("disk")
+    clip = base / "clip.mp4"
+    clips.write_video(clip, clips.clip_frames(12), Fraction(25))
+    mounted, runs = [], {}
+    places = {}
+    if mount_tmpfs(base / "ro", "size=1m,ro"):
+        mounted.append(base / "ro")
+        places["read-only"] = (base / "ro", None)
+    elif os.geteuid() != 0:
+        (base / "ro").mkdir()
+        (base / "ro").chmod(0o555)
+        places["read-only"] = (base / "ro", None)
+    full = base / "full"
+    if mount_tmpfs(full, "size=8k"):
+        mounted.append(full)
+        places["full"] = (full, None)
+    else:
+        full.mkdir()
+        places["full"] = (full, 8192)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        for kind, (folder, fsize) in places.items():
+            for output in ("out.mp4", "frames"):
+                limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
+                r = subprocess.run([sys.executable, "-m", "client", "video", str(clip), "-o", str(folder / output),
+                                    "--factor", "8", "--quiet", "--encoder-url", ts.inference_url,
+                                    "--key-file", str(ts.key_file)], cwd=ROOT, env=env, capture_output=True,
+                                   text=True, timeout=300, preexec_fn=limit)
+                runs[f"{kind} {output}"] = DiskRun(r.returncode, r.stderr, sorted(os.listdir(folder)),
+                                                   (folder / output).exists())
+        yield runs
+    finally:
+        for m in mounted:
+            subprocess.run(["umount", str(m)], capture_output=True)
+
+
+DISK_CASES = ["read-only out.mp4", "read-only frames", "full out.mp4", "full frames"]
+DISK_REASONS = {"read-only": ("Read-only file system", "Permission denied"),
+                "full": ("No space left on device", "File too large")}
+
+
+@pytest.mark.parametrize("case", DISK_CASES)
+def test_disk_trouble_leaves_nothing_that_looks_complete(disk_runs, case):
+    if case not in disk_runs:
+        pytest.skip("no read-only location can be made here (running as root without mount)")
+    run = disk_runs[case]
+    assert run.returncode != 0, run.stderr
+    assert not run.output_exists, f"{case}: the output exists after a failed run"
+    assert all(name.startswith(".") and "partial" in name for name in run.left), run.left
+    assert any(reason in run.stderr for reason in DISK_REASONS[case.split()[0]]), run.stderr[-1500:]
+
+
+@pytest.mark.xfail(strict=False, reason="client/frames_io.py: OSErrors of the PNG-folder sink and of removing a "
+                   "partial output escape as tracebacks, and the video sink adds an audio hint to every write error")
+@pytest.mark.parametrize("case", DISK_CASES)
+def test_disk_trouble_is_reported_clearly(disk_runs, case):
+    if case not in disk_runs:
+        pytest.skip("no read-only location can be made here (running as root without mount)")
+    run = disk_runs[case]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-1500:]
+    assert run.stderr.startswith("client: ") and "audio" not in run.stderr, run.stderr
 
 
 # ---------------------------------------------------------------------- overload
