@@ -193,14 +193,39 @@ class TransportInterpolator(Interpolator):
         self.encoded.clear()
 
 
-def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 16) -> dict:
+def in_flight(timeline: list, start: float, end: float) -> dict:
+    """Mean number of requests of each kind in flight over [start, end], and the share of that time with no
+    DiT+decoder request in flight (the GPU 1 side starved)."""
+    out = {}
+    for kind in ("encode", "generate"):
+        spans = [(a, b) for k, a, b in timeline if k == kind]
+        out[f"mean_{kind}"] = round(sum(min(b, end) - max(a, start) for a, b in spans if b > start and a < end)
+                                    / (end - start), 2)
+    events = sorted([(a, 1) for k, a, b in timeline if k == "generate"] +
+                    [(b, -1) for k, a, b in timeline if k == "generate"])
+    idle, level, last = 0.0, 0, start
+    for t, step in events:
+        if level == 0 and t > last:
+            idle += min(t, end) - max(last, start) if t > start else 0
+        level += step
+        last = t
+    if level == 0 and end > last:
+        idle += end - max(last, start)
+    out["share_without_generate"] = round(idle / (end - start), 3)
+    return out
+
+
+def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 16, chunk: int = 8) -> dict:
     client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file), transport=transport,
                                 shm_dir="/dev/shm/eden")
     calls = defaultdict(list)
     stages = defaultdict(list)
 
+    timeline = []
+
     def observe(kind, seconds, r):
         calls[kind].append(seconds)
+        timeline.append((kind, time.perf_counter() - seconds, time.perf_counter()))
         for item in filter(None, r.headers.get("X-Eden-Stages", "").split(",")):
             name, ms = item.split("=")
             stages[name].append(float(ms) / 1000 / int(r.headers.get("X-Eden-Batch", 1)))
@@ -209,6 +234,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
     frames = [Frame(image, pts=i, duration=1) for i, image in enumerate(clip)]
     generated = {}
     write_time = [0.0]
+    first_frame = [0.0]
 
     with open(sink, "wb") as f:
         def write(image, pts, duration):
@@ -217,8 +243,9 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
             write_time[0] += time.perf_counter() - t
             if pts % 2:
                 generated[pts] = image
+                first_frame[0] = first_frame[0] or time.perf_counter()
 
-        interp = TransportInterpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=8)
+        interp = TransportInterpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=chunk)
         interp.run(frames[:3], lambda *a: None)  # warm-up
         interp.release()
         calls.clear()
@@ -230,6 +257,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
         interp.release()
     n = len(clip) - 1
     per_frame = {f"handler_{k}": sum(v) / n for k, v in stages.items()}
+    occupancy = in_flight(timeline, t, t + seconds)
     per_frame.update({f"roundtrip_{k}": sum(v) / n for k, v in calls.items()})
     per_frame["write"] = write_time[0] / n
     enc_stage = per_frame.get("handler_encode", 0) + per_frame.get("handler_serialize", 0)
@@ -237,6 +265,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
     per_frame["transport_and_queue_encode"] = per_frame.get("roundtrip_encode", 0) - enc_stage
     per_frame["transport_and_queue_generate"] = per_frame.get("roundtrip_generate", 0) - gen_stage
     return {"seconds_per_generated_frame": seconds / n, "wall_s": seconds, "gpu_util_percent": gpu.mean(),
+            "requests_in_flight": occupancy, "first_frame_s": first_frame[0] - t if first_frame[0] else None,
             "per_generated_frame_s (request times overlap: sums exceed the wall clock)": per_frame,
             "client_stats": stats.as_dict(), "frames": [generated[k] for k in sorted(generated)]}
 
@@ -251,6 +280,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of the DiT+decoder")
     ap.add_argument("--workers", type=int, default=2,
                     help="workers per model and GPU: a second one overlaps its host work with the first's GPU work")
+    ap.add_argument("--max-inflight", type=int, default=16, help="DiT+decoder requests the client keeps in flight")
+    ap.add_argument("--chunk", type=int, default=8, help="frames per encoder request")
+    ap.add_argument("--variants", default="", help="extra shm runs, comma list of CHUNK:INFLIGHT (e.g. 4:16,8:32)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,http")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -290,13 +322,21 @@ def main():
             for transport in ("shm", "http"):
                 if transport in skip:
                     continue
-                d = run_deployed(ts, clip, transport, work / f"out_{transport}.rgb")
+                d = run_deployed(ts, clip, transport, work / f"out_{transport}.rgb", args.max_inflight, args.chunk)
                 frames = d.pop("frames")
                 if ref_s:
                     d["speedup"] = ref_s / d["seconds_per_generated_frame"]
                     d["psnr_db"] = mean_psnr(frames, ref_frames)
                 row[f"deployed_{transport}"] = d
                 print(f"{H}x{W} deployed {transport}: {d['seconds_per_generated_frame']}", flush=True)
+            for variant in filter(None, args.variants.split(",")):
+                chunk, inflight = (int(v) for v in variant.split(":"))
+                d = run_deployed(ts, clip, "shm", work / "out_variant.rgb", inflight, chunk)
+                d.pop("frames")
+                row[f"variant_shm_chunk{chunk}_inflight{inflight}"] = {
+                    k: d[k] for k in ("seconds_per_generated_frame", "gpu_util_percent", "requests_in_flight",
+                                      "first_frame_s")}
+                print(f"{H}x{W} shm chunk {chunk} inflight {inflight}: {d['seconds_per_generated_frame']}", flush=True)
             summary["sizes"][f"{H}x{W}"] = row
             (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     print(json.dumps(summary, indent=1, default=float))

@@ -260,14 +260,15 @@ class BatchService:
         self.sweep()
         answers: list = [None] * len(data)
         groups: dict = defaultdict(list)
-        for idx, request in enumerate(data):
-            try:
-                key, item = self.parse(request, context, idx)
-                groups[key].append((idx, item))
-            except RequestError as e:
-                answers[idx] = self._error(context, idx, e)
-            except (wire.WireError, images.ImageError, shm.ShmError) as e:
-                answers[idx] = self._error(context, idx, RequestError(str(e)))
+        with self.stage("parse"):  # reading, checking and uploading the inputs
+            for idx, request in enumerate(data):
+                try:
+                    key, item = self.parse(request, context, idx)
+                    groups[key].append((idx, item))
+                except RequestError as e:
+                    answers[idx] = self._error(context, idx, e)
+                except (wire.WireError, images.ImageError, shm.ShmError) as e:
+                    answers[idx] = self._error(context, idx, RequestError(str(e)))
         for items in groups.values():
             indices = [i for i, _ in items]
             try:
