@@ -256,24 +256,25 @@ class PngFolderSink:
 class Encoding:
     """Output codec settings. Defaults: H.264 (plays everywhere), yuv420p (what players and browsers expect;
     yuv420p10le for 10/12-bit input, against banding), CRF 18 (the usual "visually lossless" point of x264), preset
-    medium."""
+    medium. Other CRF encoders get a high-quality default of their own scale (``DEFAULT_CRF``)."""
     codec: str = "libx264"
-    crf: int | None = None  # None: 18 for the x264/x265 family, the codec's own default otherwise
+    crf: int | None = None  # None: DEFAULT_CRF of the codec (encoders without CRF: their own default)
     pix_fmt: str | None = None  # None: yuv420p, or yuv420p10le when the input has more than 8 bits
     preset: str | None = "medium"
 
+    DEFAULT_CRF = {"libx264": 18, "libx264rgb": 18, "libx265": 20, "libvpx-vp9": 24, "libvpx": 10,
+                   "libaom-av1": 24, "libsvtav1": 24}
+
     def options(self) -> dict:
-        crf_codecs = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "libvpx", "libaom-av1", "libsvtav1")
         opts = {}
-        crf = self.crf if self.crf is not None else (18 if self.codec in ("libx264", "libx264rgb", "libx265")
-                                                    else None)
+        crf = self.crf if self.crf is not None else self.DEFAULT_CRF.get(self.codec)
         if crf is not None:
-            if self.codec not in crf_codecs:
+            if self.codec not in self.DEFAULT_CRF:
                 raise FramesError(f"--crf is not supported by codec {self.codec} (CRF codecs: "
-                                  f"{', '.join(crf_codecs)})")
+                                  f"{', '.join(self.DEFAULT_CRF)})")
             opts["crf"] = str(crf)
-            if self.codec.startswith("libvpx"):
-                opts["b"] = "0"  # constant quality mode
+            if self.codec.startswith("libvpx") or self.codec == "libaom-av1":
+                opts["b"] = "0"  # constant quality, no bitrate cap
         if self.preset and self.codec in ("libx264", "libx264rgb", "libx265"):
             opts["preset"] = self.preset
         return opts

@@ -50,7 +50,8 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output video")
     g.add_argument("--codec", default="libx264", help="FFmpeg encoder (default libx264, i.e. H.264)")
     g.add_argument("--crf", type=int, default=None,
-                   help="constant quality (default 18 for libx264/libx265: visually lossless)")
+                   help="constant quality (default 18 for libx264: visually lossless; 20 for libx265, 24 for "
+                        "libvpx-vp9/AV1)")
     g.add_argument("--pix-fmt", default=None,
                    help="pixel format (default yuv420p, which plays everywhere; yuv420p10le for 10/12-bit input)")
     g.add_argument("--preset", default="medium", help="x264/x265 preset (default medium)")
