@@ -3,7 +3,9 @@
 * A video ``IN_DIR/a/b.mp4`` becomes ``OUT_DIR/a/b.mp4`` (same container, so its audio always fits; ``.webm``
   becomes ``.mkv`` unless the codec is VP8/VP9/AV1, the only ones WebM allows). A folder holding PNG/JPEG frames,
   ``IN_DIR/a/shot``, becomes the folder of PNG frames ``OUT_DIR/a/shot`` (frames at the root of IN_DIR go to
-  ``OUT_DIR/<name of IN_DIR>``). Hidden files and folders, and OUT_DIR if it lies inside IN_DIR, are skipped.
+  ``OUT_DIR/<name of IN_DIR>``; a folder whose frames sit beside other inputs, e.g. ``IN_DIR/a/f0.png`` and
+  ``IN_DIR/a/b.mp4``, writes its frames to ``OUT_DIR/a/_frames``). Hidden files and folders, and OUT_DIR if it
+  lies inside IN_DIR, are skipped.
 * Done means the final name exists: outputs are written under a temporary name and renamed when complete, so a
   crash or Ctrl-C never leaves something that looks done, and a rerun skips exactly what was finished and redoes
   (from the start) what was not.
@@ -23,6 +25,7 @@ from .frames_io import FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, frame_fi
 from .progress import Progress
 from .video import output_count
 
+MIXED_FRAMES = "_frames"
 WEBM_CODECS = ("libvpx", "libvpx-vp9", "libaom-av1", "libsvtav1", "librav1e")
 
 
@@ -62,8 +65,14 @@ def find_jobs(in_dir: Path, out_dir: Path, codec: str) -> list[Job]:
         if any(f.lower().endswith(FRAME_EXTENSIONS) for f in visible):
             jobs.append(root_path)
         jobs += [root_path / f for f in sorted(visible, key=natural_key) if f.lower().endswith(VIDEO_EXTENSIONS)]
-    return [Job(p, output_path(p, in_dir, out_dir, codec), str(p.relative_to(in_dir)) if p != in_dir else ".")
-            for p in jobs]
+    holding_inputs = {parent for q in jobs for parent in q.parents}
+    result = []
+    for p in jobs:
+        dst = output_path(p, in_dir, out_dir, codec)
+        if p.is_dir() and p != in_dir and p in holding_inputs:
+            dst = dst / MIXED_FRAMES  # the mirrored folder also holds the outputs of the inputs under it
+        result.append(Job(p, dst, str(p.relative_to(in_dir)) if p != in_dir else "."))
+    return result
 
 
 def _expected_frames(job: Job, factor: int) -> int:

@@ -46,6 +46,8 @@ def test_tree_failures_summary_and_exit_codes(server, tmp_path):
     clips.write_video(src / "sub" / "b.webm", clips.clip_frames(4), Fraction(24), codec="libvpx-vp9", audio=False)
     clips.write_video(src / "sub" / "c.avi", clips.clip_frames(4, 45, 67), Fraction(25), codec="mpeg4")
     clips.write_frame_folder(src / "sub" / "shot", clips.clip_frames(3))
+    clips.write_frame_folder(src / "mixed", clips.clip_frames(2))  # frames beside another input
+    clips.write_video(src / "mixed" / "m.mp4", clips.clip_frames(2), Fraction(25), audio=False)
     (src / "broken.mp4").write_bytes(b"\x00" * 1000)
     (src / ".hidden.mp4").write_bytes(b"\x00" * 10)
 
@@ -55,18 +57,19 @@ def test_tree_failures_summary_and_exit_codes(server, tmp_path):
     assert frame_count(out / "sub" / "b.mkv") == 7  # WebM allows only VP8/VP9/AV1: H.264 goes to .mkv
     assert frame_count(out / "sub" / "c.avi") == 7
     assert frame_count(out / "sub" / "shot") == 5
+    assert frame_count(out / "mixed" / "_frames") == 3 and frame_count(out / "mixed" / "m.mp4") == 3
     assert not (out / "broken.mp4").exists() and not partials(out)
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["status", "input", "output"]
     assert any(line.startswith("failed") and "broken.mp4" in line and "not a video FFmpeg can read" in line
                for line in lines)
-    assert lines[-1] == "4 done, 0 skipped, 1 failed"
+    assert lines[-1] == "6 done, 0 skipped, 1 failed"
 
     r = run_batch(server, src, out, "--factor", "2")
-    assert r.returncode == 1 and r.stdout.splitlines()[-1] == "0 done, 4 skipped, 1 failed"
+    assert r.returncode == 1 and r.stdout.splitlines()[-1] == "0 done, 6 skipped, 1 failed"
     (src / "broken.mp4").unlink()
     r = run_batch(server, src, out, "--factor", "2", "--quiet")
-    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "0 done, 4 skipped, 0 failed" and r.stderr == ""
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "0 done, 6 skipped, 0 failed" and r.stderr == ""
 
     r = run_batch(server, tmp_path / "nothing-here", out)
     assert r.returncode == 2 and "is not a folder" in r.stderr
