@@ -122,7 +122,8 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
             stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
             job.status = "done"
             job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "
-                          f"{stats.cuts} scene cut{'s' * (stats.cuts != 1)}")
+                          f"{stats.cuts} scene cut{'s' * (stats.cuts != 1)}, encoder {stats.encoded_frames} frames "
+                          f"in {stats.encoder_requests} requests ({stats.token_bytes / 1e6:.1f} MB of tokens)")
         except Cancelled:
             job.status, job.detail = "interrupted", "stopped, partial output removed"
         except FramesError as e:
