@@ -341,6 +341,22 @@ def test_frame_folder_natural_order_png_output_and_reproducible(client, tmp_path
 
 
 @pytest.mark.server
+def test_frame_folders_need_no_pyav(server, tmp_path):
+    """As on the GPU host: PyAV missing, frame folder in, PNG folder out; a video asks for PyAV by name."""
+    clips.write_frame_folder(tmp_path / "in", clips.clip_frames(3))
+    code = ("import sys; sys.modules['av'] = None; from client.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [*map(str, conn(server)), "--quiet"]
+    r = subprocess.run([sys.executable, "-c", code, "video", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                        *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "out").iterdir())) == 5
+    r = subprocess.run([sys.executable, "-c", code, "video", str(tmp_path / "in"), "-o", str(tmp_path / "o.mp4"),
+                        *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and "needs PyAV: pip install av" in r.stderr
+
+
+@pytest.mark.server
 def test_scene_cut_detected_and_frames_repeated(server, client, clip_dir, tmp_path):
     stats = convert(clip_dir / "cut.mp4", tmp_path / "cut", client, Options(factor=4))
     assert stats.cuts == 1 and stats.ditdec_requests == 6 * 3
