@@ -33,18 +33,25 @@ def add_server_args(p: argparse.ArgumentParser, with_status_ports: bool = False)
                    help="management API of a second TorchServe serving eden_ditdec (two-host deployments)")
     g.add_argument("--ditdec-key-file", default=None, help="key file of that second TorchServe")
     if with_status_ports:
-        g.add_argument("--inference-url", default=DEFAULT_INFERENCE_URL,
-                       help=f"inference API, for the health check (default {DEFAULT_INFERENCE_URL}; '' skips it)")
-        g.add_argument("--metrics-url", default=DEFAULT_METRICS_URL,
-                       help=f"metrics API, for requests served (default {DEFAULT_METRICS_URL}; '' skips it)")
+        g.add_argument("--inference-url", default=None,
+                       help=f"inference API, for the health check (default {DEFAULT_INFERENCE_URL} when the management "
+                            "URL is the default one, else not checked; '' skips it)")
+        g.add_argument("--metrics-url", default=None,
+                       help=f"metrics API, for requests served (default {DEFAULT_METRICS_URL} when the management URL "
+                            "is the default one; '' skips it)")
         g.add_argument("--ditdec-inference-url", default=None, help="inference API of the second TorchServe")
         g.add_argument("--ditdec-metrics-url", default=None, help="metrics API of the second TorchServe")
 
 
 def servers_of(args) -> list[Server]:
     """The one or two servers the arguments name."""
-    first = Server(args.management_url, getattr(args, "inference_url", None) or None,
-                   getattr(args, "metrics_url", None) or None, args.key_file,
+    local_default = args.management_url.rstrip("/") == DEFAULT_MANAGEMENT_URL
+    inference, metrics = getattr(args, "inference_url", None), getattr(args, "metrics_url", None)
+    if inference is None and local_default:  # the ports of config.properties; elsewhere they are not guessed
+        inference = DEFAULT_INFERENCE_URL
+    if metrics is None and local_default:
+        metrics = DEFAULT_METRICS_URL
+    first = Server(args.management_url, inference or None, metrics or None, args.key_file,
                    "encoder" if args.ditdec_management_url else "")
     if not args.ditdec_management_url:
         return [first]
