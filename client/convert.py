@@ -35,10 +35,10 @@ def convert(src: Path, dst: Path, client, options: Options,
     try:
         if on_start:
             on_start(output_count(source.count, options.factor))
-        sink = open_sink(Path(dst), source.meta, options.factor, options.encoding)
         interpolator = Interpolator(client, options.factor, options.seed, options.max_inflight,
                                     options.encoder_chunk, detector=SceneDetector(options.scene_threshold),
                                     token_dtype=options.token_dtype)
+        sink = open_sink(Path(dst), source.meta, options.factor, options.encoding)
         frames = Prefetch(source)
         complete = False
         try:

@@ -124,8 +124,8 @@ def _sws_matrix(colorspace: int) -> str:
 
 
 class VideoSource:
-    """The first video stream of a file (cover art aside), decoded to 8-bit RGB with the stream's own matrix and range (so 10-bit and
-    BT.709 video keep their colours); audio is left in the file for the sink to copy."""
+    """The first video stream of a file (cover art aside), decoded to 8-bit RGB with the stream's own matrix and
+    range (so 10-bit and BT.709 video keep their colours); audio is left in the file for the sink to copy."""
 
     def __init__(self, path: Path):
         av = import_av()
@@ -149,6 +149,7 @@ class VideoSource:
         try:
             first = next(self._decoded, None)
         except av.error.FFmpegError as e:
+            self.container.close()
             raise FramesError(f"{self.path}: cannot decode the first frame ({e})") from None
         if first is None:
             self.container.close()
@@ -174,7 +175,7 @@ class VideoSource:
     def _rgb(self, frame) -> np.ndarray:
         # the source's matrix and range -> full-range RGB; unknown range means limited (video) unless yuvj
         src_range = self.color["color_range"] or (2 if frame.format.name.startswith("yuvj") else 1)
-        if frame.format.name in ("rgb24",):
+        if frame.format.name == "rgb24":
             return frame.to_ndarray()
         return frame.to_ndarray(format="rgb24", src_colorspace=_sws_matrix(self.color["colorspace"]),
                                 dst_colorspace=_sws_matrix(self.color["colorspace"]), src_color_range=src_range,

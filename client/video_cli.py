@@ -37,7 +37,8 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="base noise seed; frame j uses a seed derived from it and j, so reruns are identical")
     g.add_argument("--fps", type=parse_rate, default=None,
-                   help="frame rate of frame-folder input (default 25, as ffmpeg; e.g. 30000/1001 or 29.97)")
+                   help="frame rate of frame-folder input (default 25, as ffmpeg; e.g. 30000/1001 or 29.97); "
+                        "video files keep their own time stamps")
     g.add_argument("--scene-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"a pair is a scene cut when the SSIM of its 32x32 luma thumbnails is below this "
                         f"(default {DEFAULT_THRESHOLD}); cuts repeat the frame instead of morphing")
