@@ -14,7 +14,9 @@ retry policy (client/api.py RetryPolicy); a pair counts as failed if it still fa
 Reported (stdout and --out JSON): pairs and HTTP requests done and failed, retries, latency of a pair
 (encode + generate) p50/p90/p99/max, throughput, and the resident memory of TorchServe's frontend (Java and its
 launcher) and workers sampled every --sample-s seconds, with a least-squares slope (MB/min) after the warm-up to
-show a growth trend if there is one. Exit code 1 if any pair failed.
+show a growth trend if there is one (also over the second half alone: the JVM's heap grows for a while before it
+settles), with the host's 1-minute load average (other processes on the host slow the clients down). Exit code 1
+if any pair failed.
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ class Load:
         while True:
             rss = tree_rss(self.ts.process.pid)
             self.rss.append([round(time.monotonic() - t0, 1), round(rss["frontend"] / 2**20, 1),
-                             round(rss["workers"] / 2**20, 1)])
+                             round(rss["workers"] / 2**20, 1), round(os.getloadavg()[0], 2)])
             if self.stop.wait(self.args.sample_s):
                 return
 
@@ -155,13 +157,18 @@ class Load:
         sampler.join(timeout=30)
         rss = tree_rss(self.ts.process.pid)
         self.rss.append([round(time.monotonic() - t0, 1), round(rss["frontend"] / 2**20, 1),
-                         round(rss["workers"] / 2**20, 1)])
+                         round(rss["workers"] / 2**20, 1), round(os.getloadavg()[0], 2)])
         return self.report(wall)
 
     def report(self, wall: float) -> dict:
         args, lat = self.args, [x * 1000 for x in self.latencies]
         warm = [s for s in self.rss if s[0] >= min(args.warmup_s, wall / 3)]
-        total = [[s[0], s[1] + s[2]] for s in warm]
+        late = [s for s in self.rss if s[0] >= wall / 2]
+
+        def slopes(samples):
+            return {"frontend": round(slope_per_min(samples, 1), 3), "workers": round(slope_per_min(samples, 2), 3),
+                    "total": round(slope_per_min([[s[0], s[1] + s[2]] for s in samples], 1), 3)}
+
         retries = self.client.encoder.retries + self.client.ditdec.retries
         return {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -175,11 +182,9 @@ class Load:
                            "p99": round(percentile(lat, 99), 1), "max": round(max(lat, default=0), 1),
                            "mean": round(float(np.mean(lat)) if lat else 0, 1)},
             "throughput": {"pairs_per_s": round(self.ok / wall, 2), "http_requests_per_s": round(2 * self.ok / wall, 2)},
-            "rss_mb": {"samples": self.rss, "columns": ["t_s", "frontend", "workers"],
+            "rss_mb": {"samples": self.rss, "columns": ["t_s", "frontend", "workers", "host_load_1min"],
                        "first_after_warmup": warm[0] if warm else None, "last": self.rss[-1] if self.rss else None,
-                       "slope_mb_per_min": {"frontend": round(slope_per_min(warm, 1), 3),
-                                            "workers": round(slope_per_min(warm, 2), 3),
-                                            "total": round(slope_per_min(total, 1), 3)},
+                       "slope_mb_per_min": slopes(warm), "slope_mb_per_min_second_half": slopes(late),
                        "warmup_excluded_s": min(args.warmup_s, wall / 3)},
         }
 
@@ -221,8 +226,8 @@ def main(argv=None) -> int:
     r, lat, rss = report["requests"], report["latency_ms"], report["rss_mb"]
     print(f"load: {r['ok']} pairs ok, {r['failed']} failed, retries {r['retries']} in {report['wall_s']} s; "
           f"pair latency p50 {lat['p50']} ms, p99 {lat['p99']} ms; {report['throughput']['pairs_per_s']} pairs/s; "
-          f"RSS MB {rss['first_after_warmup']} -> {rss['last']} (t, frontend, workers), slope MB/min "
-          f"{rss['slope_mb_per_min']}; report {out}")
+          f"RSS MB {rss['first_after_warmup']} -> {rss['last']} (t, frontend, workers, load), slope MB/min "
+          f"{rss['slope_mb_per_min']} (second half {rss['slope_mb_per_min_second_half']}); report {out}")
     for e in r["errors"][:5]:
         print("  error:", e)
     return 1 if r["failed"] else 0

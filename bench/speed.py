@@ -246,7 +246,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
                 first_frame[0] = first_frame[0] or time.perf_counter()
 
         interp = TransportInterpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=chunk)
-        interp.run(frames[:3], lambda *a: None)  # warm-up
+        interp.run(frames[:4 * chunk + 1], lambda *a: None)  # warm-up: enough pairs for every worker to see the size
         interp.release()
         calls.clear()
         stages.clear()
@@ -281,7 +281,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2,
                     help="workers per model and GPU: a second one overlaps its host work with the first's GPU work")
     ap.add_argument("--max-inflight", type=int, default=16, help="DiT+decoder requests the client keeps in flight")
-    ap.add_argument("--chunk", type=int, default=8, help="frames per encoder request")
+    ap.add_argument("--chunk", type=int, default=4, help="frames per encoder request")
     ap.add_argument("--variants", default="", help="extra shm runs, comma list of CHUNK:INFLIGHT (e.g. 4:16,8:32)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,http")
     args = ap.parse_args()

@@ -195,9 +195,17 @@ class BatchService:
                                "bytes in the request")
         return shm.parse_ref(data)
 
+    def wants_shm(self, context, idx: int) -> bool:
+        """Whether request idx asked for its answer through shared memory (X-Eden-Reply: shm) and may have it."""
+        return self.store is not None and (request_header(context, idx, "X-Eden-Reply") or "").lower() == "shm"
+
     def reply(self, context, idx: int, body, content_type: str, headers: dict):
-        """Answer one request, in the body or, if it asked (X-Eden-Reply: shm), through a shared-memory segment."""
-        if (request_header(context, idx, "X-Eden-Reply") or "").lower() == "shm" and self.store is not None:
+        """Answer one request, in the body or, if it asked (X-Eden-Reply: shm), through a shared-memory segment
+        (``body`` may be one already: a ``shm.Segment``)."""
+        if isinstance(body, shm.Segment):
+            headers = {**headers, "X-Eden-Content-Type": content_type}
+            body, content_type = shm.make_ref(segment=body.name, bytes=body.nbytes), shm.REF_CONTENT_TYPE
+        elif self.wants_shm(context, idx):
             name = self.store.write(body)
             nbytes = sum(memoryview(b).nbytes for b in body) if isinstance(body, list) else len(body)
             headers = {**headers, "X-Eden-Content-Type": content_type}
@@ -337,20 +345,45 @@ class EncoderService(BatchService):
         if size > s.max_response_bytes:
             raise RequestError(f"the tokens of {len(frames)} frames of {w}x{h} would be {size} bytes, over the "
                                f"response limit of {s.max_response_bytes}: send fewer frames per request", 413)
-        return (h, w, dtype), (np.stack(frames), dtype)
+        return (h, w, dtype), (np.stack(frames), dtype, self.wants_shm(context, idx))
 
     def run(self, items):
         with self.stage("encode"):
-            frames = np.concatenate([f for f, _ in items])  # [K, H, W, C] uint8
+            frames = np.concatenate([f for f, _, _ in items])  # [K, H, W, C] uint8
             x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float().div_(255)  # [K, C, H, W]
-            encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _ in items])
+            encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _, _ in items])
         with self.stage("serialize"):
             geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
+            dtype = items[0][1]
+            gpu = tokens.wire_tensor(encoded, dtype)  # [K, 2, N, D]
+            finite = torch.isfinite(gpu).all()
+            metas = tokens.blob_metas(encoded, differences, geo, dtype, self.cfg.encoder_fingerprint)
+            bodies, start = [], 0
             try:
-                blobs = tokens.to_blobs(encoded, differences, geo, items[0][1], self.cfg.encoder_fingerprint)
+                for meta, (_, _, to_shm) in zip(metas, items):
+                    part = gpu[start:start + meta.num_frames]
+                    start += meta.num_frames
+                    bodies.append(self.write_tokens(meta, part) if to_shm else
+                                  [meta.header_bytes(), memoryview(part.cpu().numpy()).cast("B")])
+                tokens.check_finite(gpu, bool(finite))
             except OverflowError as e:
+                for body in bodies:
+                    if isinstance(body, shm.Segment):
+                        self.store.unlink(body.name)
                 raise RequestError(str(e)) from None
-            return [(blob.to_buffers(), wire.CONTENT_TYPE, {}) for blob in blobs]
+            return [(body, wire.CONTENT_TYPE, {}) for body in bodies]
+
+    def write_tokens(self, meta: wire.TokenBlob, part: torch.Tensor) -> shm.Segment:
+        """A blob straight into a new shared-memory segment: the device copies the tokens into it (no host
+        buffer in between)."""
+        head = meta.header_bytes()
+        nbytes = len(head) + part.numel() * part.element_size()
+        with self.store.allocate(nbytes) as (name, view):
+            view[:len(head)] = head
+            dst = np.frombuffer(view, dtype=wire.DTYPES[meta.dtype], offset=len(head)).reshape(meta.tokens.shape)
+            torch.from_numpy(dst).copy_(part)
+            del dst
+        return shm.Segment(name, nbytes)
 
 
 class DitDecService(BatchService):

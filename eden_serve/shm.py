@@ -17,6 +17,7 @@ for long.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -26,7 +27,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (Linux): no fault per page on first touch
 REF_MAGIC = b"EDENREF1"
 REF_CONTENT_TYPE = "application/x-eden-ref"
 NAME_RE = re.compile(r"^eden-[0-9a-f]{32}$")
@@ -66,6 +69,24 @@ class ShmStore:
             raise
         return name
 
+    @contextlib.contextmanager
+    def allocate(self, nbytes: int) -> Iterator[tuple[str, memoryview]]:
+        """A new segment of ``nbytes`` to fill in place (e.g. a GPU copy straight into it): yields (name, writable
+        view); published under its name when the block ends, removed if it raises."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = f"eden-{uuid.uuid4().hex}"
+        tmp = self.root / f".{name}.part"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            yield name, memoryview(mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | POPULATE))
+            os.rename(tmp, self.root / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+
     # ------------------------------------------------------------------ reading
     def path(self, name: str) -> Path:
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -90,7 +111,7 @@ class ShmStore:
                 return memoryview(b"")
             if st.st_size > self.max_bytes:
                 raise ShmError(f"segment {name} is {st.st_size} bytes, over the limit of {self.max_bytes}")
-            return memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
+            return memoryview(mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | POPULATE, prot=mmap.PROT_READ))
         finally:
             os.close(fd)
 
@@ -112,6 +133,13 @@ class ShmStore:
                 except FileNotFoundError:
                     pass
         return removed
+
+
+@dataclass(frozen=True)
+class Segment:
+    """An answer already written to shared memory: the handler replies with a reference to it."""
+    name: str
+    nbytes: int
 
 
 # ---------------------------------------------------------------------- references

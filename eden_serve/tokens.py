@@ -9,24 +9,46 @@ import torch
 from .config import EdenConfig
 from .model import EncodedFrames
 from .pipeline import Geometry, PairBatch
-from .wire import TokenBlob, WireError
+from .wire import TokenBlob, WireError, shape_only
+
+
+def wire_tensor(encoded: EncodedFrames, dtype: str = "float16") -> torch.Tensor:
+    """The frames' tokens as the wire lays them out, on their device: [K, 2, N, D] in ``dtype``."""
+    return torch.stack([encoded.dit, encoded.dec], dim=1).to(getattr(torch, dtype))
+
+
+def check_finite(tokens: torch.Tensor, finite: torch.Tensor | bool) -> None:
+    if not finite:
+        raise OverflowError(f"tokens are not finite in {tokens.dtype}"
+                            + (": ask for float32 tokens" if tokens.dtype == torch.float16 else ""))
+
+
+def blob_metas(encoded: EncodedFrames, differences: list[torch.Tensor], geometry: Geometry, dtype: str,
+               encoder: str = "") -> list[TokenBlob]:
+    """The blobs of encoded frames grouped as ``differences`` is (K_i frames -> K_i-1 differences), with tokens
+    that are only a shape (``wire.shape_only``): headers to write before the tokens themselves."""
+    mean, std = encoded.mean.tolist(), encoded.std.tolist()
+    N, D = encoded.dit.shape[1:]
+    blobs, start = [], 0
+    for diff in differences:
+        k = diff.shape[0] + 1
+        blobs.append(TokenBlob(shape_only((k, 2, N, D), dtype), (geometry.height, geometry.width), geometry.padding,
+                               geometry.patch_size, mean[start:start + k], std[start:start + k], diff.tolist(), encoder))
+        start += k
+    return blobs
 
 
 def to_blobs(encoded: EncodedFrames, differences: list[torch.Tensor], geometry: Geometry, dtype: str = "float16",
              encoder: str = "") -> list[TokenBlob]:
-    """Encoded frames (all of one size, grouped as ``differences`` is: K_i frames -> K_i-1 differences) -> blobs."""
-    tokens = torch.stack([encoded.dit, encoded.dec], dim=1).to(getattr(torch, dtype))  # [K, 2, N, D]
+    """Encoded frames (all of one size, grouped as ``differences`` is: K_i frames -> K_i-1 differences) -> blobs
+    with their tokens on the CPU."""
+    tokens = wire_tensor(encoded, dtype)
     finite = torch.isfinite(tokens).all()
-    tokens = tokens.cpu().numpy()  # one host synchronisation for both
-    if not finite:
-        raise OverflowError(f"tokens are not finite in {dtype}" + (": ask for float32 tokens" if dtype == "float16" else ""))
-    mean, std = encoded.mean.tolist(), encoded.std.tolist()
-    blobs, start = [], 0
-    for diff in differences:
-        k = diff.shape[0] + 1
-        blobs.append(TokenBlob(tokens[start:start + k], (geometry.height, geometry.width), geometry.padding,
-                               geometry.patch_size, mean[start:start + k], std[start:start + k], diff.tolist(), encoder))
-        start += k
+    host = tokens.cpu().numpy()  # one host synchronisation for both
+    check_finite(tokens, finite)
+    blobs, start = blob_metas(encoded, differences, geometry, dtype, encoder), 0
+    for blob in blobs:
+        blob.tokens, start = host[start:start + blob.num_frames], start + blob.num_frames
     return blobs
 
 

@@ -118,16 +118,26 @@ class TokenBlob:
     def to_bytes(self) -> bytes:
         return b"".join(self.to_buffers())
 
-    def to_buffers(self) -> list:
-        """The blob as [prefix+header bytes, payload memoryview]: write them in order, no copy of the tokens."""
+    def header_bytes(self) -> bytes:
+        """Prefix and padded header: the payload follows at ``len(header_bytes())`` (a multiple of 64)."""
         head = json.dumps(self.header(), separators=(",", ":")).encode()
         head += b" " * (-(PREFIX.size + len(head)) % ALIGN)
+        return PREFIX.pack(MAGIC, VERSION, len(head)) + head
+
+    def to_buffers(self) -> list:
+        """The blob as [prefix+header bytes, payload memoryview]: write them in order, no copy of the tokens."""
         tokens = np.ascontiguousarray(self.tokens, dtype=DTYPES[self.dtype])
-        return [PREFIX.pack(MAGIC, VERSION, len(head)) + head, memoryview(tokens).cast("B")]
+        return [self.header_bytes(), memoryview(tokens).cast("B")]
 
     @property
     def nbytes(self) -> int:
-        return len(self.to_buffers()[0]) + self.tokens.nbytes
+        return len(self.header_bytes()) + self.tokens.nbytes
+
+
+def shape_only(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` that owns no memory (every element is the same zero): for a blob's
+    header before its tokens exist (``TokenBlob.header_bytes``)."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, DTYPES[dtype]), shape, (0,) * len(shape), writeable=False)
 
 
 def expected_nbytes(num_frames: int, height: int, width: int, hidden_dim: int, dtype: str = "float16",
