@@ -228,7 +228,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
         timeline.append((kind, time.perf_counter() - seconds, time.perf_counter()))
         for item in filter(None, r.headers.get("X-Eden-Stages", "").split(",")):
             name, ms = item.split("=")
-            stages[name].append(float(ms) / 1000 / int(r.headers.get("X-Eden-Batch", 1)))
+            stages[f"{kind}_{name}"].append(float(ms) / 1000 / int(r.headers.get("X-Eden-Batch", 1)))
 
     client.observe = observe
     frames = [Frame(image, pts=i, duration=1) for i, image in enumerate(clip)]
@@ -260,12 +260,19 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
     occupancy = in_flight(timeline, t, t + seconds)
     per_frame.update({f"roundtrip_{k}": sum(v) / n for k, v in calls.items()})
     per_frame["write"] = write_time[0] / n
-    enc_stage = per_frame.get("handler_encode", 0) + per_frame.get("handler_serialize", 0)
-    gen_stage = sum(per_frame.get(f"handler_{k}", 0) for k in ("denoise", "decode", "png"))
+    enc_stage = sum(v for k, v in per_frame.items() if k.startswith("handler_encode_"))
+    gen_stage = sum(v for k, v in per_frame.items() if k.startswith("handler_generate_"))
     per_frame["transport_and_queue_encode"] = per_frame.get("roundtrip_encode", 0) - enc_stage
     per_frame["transport_and_queue_generate"] = per_frame.get("roundtrip_generate", 0) - gen_stage
+    # token transport: the encoder writing tokens out (device copy into the segment or the body) and the
+    # DiT+decoder reading them in (references, upload, checks), against all the serving work of both models
+    moving = per_frame.get("handler_encode_serialize", 0) + per_frame.get("handler_generate_parse", 0)
+    token_transport = {"seconds_per_generated_frame": moving, "serving_work_s_per_frame": enc_stage + gen_stage,
+                       "share_of_serving_work": moving / max(enc_stage + gen_stage, 1e-9),
+                       "share_of_wall_per_frame": moving / (seconds / n)}
     return {"seconds_per_generated_frame": seconds / n, "wall_s": seconds, "gpu_util_percent": gpu.mean(),
             "requests_in_flight": occupancy, "first_frame_s": first_frame[0] - t if first_frame[0] else None,
+            "token_transport": token_transport,
             "per_generated_frame_s (request times overlap: sums exceed the wall clock)": per_frame,
             "client_stats": stats.as_dict(), "frames": [generated[k] for k in sorted(generated)]}
 
