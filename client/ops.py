@@ -207,7 +207,7 @@ class ManagementClient:
                 raise ServeError("registration through the management API is off on this server (enable_model_api="
                                  "false, the safe default): for a rollout set enable_model_api=true in its "
                                  "config.properties and restart, or add the archive to load_models", 405) from None
-            if "allowed url" in str(e).lower():
+            if "allowed url" in str(e).lower() or "not allowed in url" in str(e).lower():
                 raise ServeError(f"TorchServe refused {url}: only archives in its model store are allowed "
                                  f"(allowed_urls). {e}", e.status) from None
             raise
