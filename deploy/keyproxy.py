@@ -6,8 +6,9 @@ replicas no single client key works. This forwarder gives the cluster one stable
     client --(Authorization: Bearer $EDEN_PROXY_SECRET)--> keyproxy :8090 --(pod's inference key)--> 127.0.0.1:8080
 
 It accepts only POST /predictions/<model> and GET /ping, compares the secret in constant time, forwards the body
-and the X-Eden-* / Content-Type headers unchanged (bytes only: nothing is unpickled or parsed), and answers a
-missing or wrong secret the way TorchServe does (HTTP 400, type InvalidKeyException) so the client's hint applies.
+and the Content-Type / X-Eden-Seed / X-Eden-Token-Dtype headers unchanged (bytes only: nothing is unpickled or
+parsed; shared-memory references, a same-host transport, are refused), and answers a missing or wrong secret the
+way TorchServe does (HTTP 400, type InvalidKeyException) so the client's hint applies.
 The pod's key comes from TorchServe's key_file.json and is renewed through the (loopback) management API when it
 expires (client.api.KeySource). TorchServe itself stays on loopback.
 
@@ -30,11 +31,13 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client.api import KeySource  # noqa: E402
+from eden_serve.shm import REF_MAGIC  # noqa: E402
 
 SECRET_ENV = "EDEN_PROXY_SECRET"
 MAX_BODY = 256 * 1024 * 1024  # config.properties max_request_size
 PATHS = re.compile(r"^/predictions/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
-FORWARD_HEADERS = ("content-type", "x-eden-seed", "x-eden-token-dtype", "x-eden-reply")
+# X-Eden-Reply (answers through shared memory) is not forwarded: that transport is for clients on the same host.
+FORWARD_HEADERS = ("content-type", "x-eden-seed", "x-eden-token-dtype")
 log = logging.getLogger("keyproxy")
 
 
@@ -69,7 +72,14 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
             if length > MAX_BODY:
                 self._error(413, "RequestTooLarge", f"body of {length} bytes is over the limit of {MAX_BODY}")
                 return
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self._error(411, "LengthRequired", "send the body with a Content-Length (no chunked encoding)")
+                return
             body = self.rfile.read(length) if length else None
+            if body and (body.startswith(REF_MAGIC) or b"\r\n\r\n" + REF_MAGIC in body):
+                self._error(400, "BadInput", "shared-memory references are for clients on the server's own host: "
+                                             "send the bytes themselves")
+                return
             headers = {k: v for k, v in self.headers.items() if k.lower() in FORWARD_HEADERS}
             for attempt in range(2):
                 key = keys.read("inference")

@@ -206,6 +206,9 @@ def test_keyproxy_forwards_with_the_shared_secret_only(keyproxy):
         EdenClient.connect(url, encoder_keys=KeySource(key="wrong")).encode([frames[0]])
     r = requests.get(f"{url}/models", headers={"Authorization": f"Bearer {secret}"}, timeout=30)
     assert r.status_code == 404  # management never goes through the forwarder
+    r = requests.post(f"{url}/predictions/eden_ditdec", data=b'EDENREF1{"segment":"eden-' + b"0" * 32 + b'"}',
+                      headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+    assert r.status_code == 400 and "shared-memory references" in r.json()["message"]
 
 
 @pytest.mark.server
