@@ -120,7 +120,8 @@ class ManagementClient:
             raise
 
     def default_version(self, model: str) -> str:
-        return self.request("GET", f"/models/{quote(check_name(model))}")[0]["modelVersion"]
+        """The version /predictions/MODEL goes to."""
+        return self._version_of(model, None)["modelVersion"]
 
     def _unknown(self, model: str, version: str | None) -> ServeError:
         try:
@@ -158,20 +159,14 @@ class ManagementClient:
         return self.wait_for_workers(model, current["modelVersion"], lo, timeout)
 
     def _version_of(self, model: str, version: str | None) -> dict:
+        """The description of ``version`` of ``model`` (default: its default version); ServeError if unknown."""
         if version:
             return self.describe(model, version)[0]
-        default = self.default_version(model) if self._exists(model) else None
-        if default is None:
-            raise self._unknown(model, None)
-        return self.describe(model, default)[0]
-
-    def _exists(self, model: str) -> bool:
         try:
-            self.request("GET", f"/models/{quote(check_name(model))}")
-            return True
+            return self.request("GET", f"/models/{quote(check_name(model))}")[0]
         except ServeError as e:
             if e.status == 404:
-                return False
+                raise self._unknown(model, None) from None
             raise
 
     def wait_for_workers(self, model: str, version: str, count: int, timeout: float = 300) -> dict:
