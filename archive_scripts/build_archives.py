@@ -21,6 +21,7 @@ another): a side alone owns every GPU of its host (one worker per GPU) and the p
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -116,7 +117,8 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
                    "--model-name", name, "--version", version, "--handler", str(ROOT / handler),
                    "--extra-files", str(stage), "--config-file", str(config_file),
                    "--export-path", tmp, "--force"]
-            subprocess.run(cmd, check=True)
+            # the archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps concurrent builds apart
+            subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": tmp})
             target = model_store / (f"{name}-{version}.mar" if versioned_names else f"{name}.mar")
             shutil.move(Path(tmp, f"{name}.mar"), target)
         built.append(target)
