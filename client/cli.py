@@ -24,12 +24,18 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
                          "$EDEN_INFERENCE_KEY gives a key directly)")
     ap.add_argument("--ditdec-key-file", default=None, help="key file of the DiT+decoder's TorchServe, if another")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for each request")
+    ap.add_argument("--transport", choices=["http", "shm"], default="http",
+                    help="http: frames and tokens in the requests (works across hosts); shm: client and servers on "
+                         "one host exchange them through shared memory and send references (much faster)")
+    ap.add_argument("--shm-dir", default=None,
+                    help="shared-memory folder, the servers' shm_dir (default /dev/shm/eden)")
 
 
 def connect(args) -> EdenClient:
     enc_keys = KeySource.default(args.key_file)
     dec_keys = KeySource.default(args.ditdec_key_file) if args.ditdec_key_file else enc_keys
-    return EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout)
+    return EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout,
+                              transport=args.transport, shm_dir=args.shm_dir)
 
 
 def cmd_pair(args) -> int:

@@ -35,13 +35,12 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
 
 from eden_serve import wire
 from eden_serve.config import EdenConfig
-from eden_serve.pipeline import MAX_SEED, frame_difference
+from eden_serve.pipeline import MAX_SEED, frame_difference_uint8
 
-from .api import ServeError
+from .api import EncodedFrames, ServeError
 from .frames_io import Frame
 from .scenes import SceneDetector, thumbnail
 
@@ -89,11 +88,12 @@ class Stats:
 class _Node:
     """A frame the scheduler knows: its pixels and, once encoded, its tokens; ``next``/``next_difference``: the
     frame sent right after it in the same encoder request and the difference between the two (from the blob)."""
-    __slots__ = ("image", "pts", "duration", "thumb", "token", "next", "next_difference")
+    __slots__ = ("image", "pts", "duration", "thumb", "token", "next", "next_difference", "last_use")
 
-    def __init__(self, image: np.ndarray, pts: int = 0, duration: int = 0, thumb=None):
+    def __init__(self, image: np.ndarray, pts: int = 0, duration: int = 0, thumb=None, last_use: int = 0):
         self.image, self.pts, self.duration, self.thumb = image, pts, duration, thumb
-        self.token: wire.TokenBlob | None = None
+        self.token: tuple[EncodedFrames, int] | None = None  # (the encoder answer holding it, its index there)
+        self.last_use = last_use  # the last segment that needs its tokens
         self.next: _Node | None = None
         self.next_difference = 0.0
 
@@ -122,8 +122,7 @@ def pair_difference(a: _Node, b: _Node) -> float:
     request, otherwise computed from the pixels with the release constants."""
     if a.next is b:
         return a.next_difference
-    x0, x1 = (torch.tensor(n.image).permute(2, 0, 1)[None].float() / 255 for n in (a, b))
-    return float(frame_difference(x0, x1, _RELEASE)[0, 0])
+    return frame_difference_uint8(a.image, b.image, _RELEASE)
 
 
 class _Writer:
@@ -164,9 +163,11 @@ class _Writer:
 
 
 class Interpolator:
-    """Drives an ``EdenClient`` (``encode_arrays`` / ``generate_array``) over a stream of frames."""
+    """Drives an ``EdenClient`` (``encode_frames`` / ``generate_pair``, over either transport) over a stream of
+    frames. The encoder answers are released (their shared-memory segments removed) as soon as the last segment
+    that needs their frames has been written."""
 
-    def __init__(self, client, factor: int = 2, seed: int = 0, max_inflight: int = 8, chunk: int = 8,
+    def __init__(self, client, factor: int = 2, seed: int = 0, max_inflight: int = 16, chunk: int = 4,
                  encoder_inflight: int = 2, window: int | None = None, detector: SceneDetector | None = None,
                  token_dtype: str = "float16"):
         if factor not in FACTORS:
@@ -186,11 +187,11 @@ class Interpolator:
         self.token_dtype = token_dtype
 
     # ------------------------------------------------------------------ requests (run in the pool)
-    def _encode(self, nodes: list[_Node]) -> list[tuple[bytes, list[_Node]]]:
+    def _encode(self, nodes: list[_Node]) -> list[tuple[EncodedFrames, list[_Node]]]:
         """Encode ``nodes`` in one request; if the answer would pass the server's response limit (413), in halves
         (and use smaller chunks from then on). Returns the blobs with the frames each holds."""
         try:
-            return [(self.client.encode_arrays([n.image for n in nodes], self.token_dtype), nodes)]
+            return [(self.client.encode_frames([n.image for n in nodes], self.token_dtype), nodes)]
         except ServeError as e:
             if e.status != 413 or len(nodes) == 1:
                 raise
@@ -199,9 +200,19 @@ class Interpolator:
         return self._encode(nodes[:half]) + self._encode(nodes[half:])
 
     def _generate(self, a: _Node, b: _Node, index: int) -> np.ndarray:
-        blob = wire.TokenBlob.pair(a.token, b.token, pair_difference(a, b))
-        image, _ = self.client.generate_array(blob.to_bytes(), frame_seed(self.seed, index))
+        (ea, ia), (eb, ib) = a.token, b.token
+        image, _ = self.client.generate_pair(ea, ia, eb, ib, pair_difference(a, b), frame_seed(self.seed, index))
         return image
+
+    def _release_through(self, segment_index: float) -> None:
+        """Release the encoder answers whose frames no segment up to ``segment_index`` (inclusive) still needs."""
+        keep = []
+        for last_use, enc in self._live:
+            if last_use <= segment_index:
+                self.client.release(enc)
+            else:
+                keep.append((last_use, enc))
+        self._live = keep
 
     # ------------------------------------------------------------------ the loop
     def run(self, frames: Iterable[Frame], write: Callable[[np.ndarray, int, int], None],
@@ -222,6 +233,8 @@ class Interpolator:
         exhausted = False
         writer = _Writer(write)
         pool = ThreadPoolExecutor(self.max_inflight + self.encoder_inflight, thread_name_prefix="eden-request")
+        self._live: list[tuple[int, EncodedFrames]] = []  # (last segment needing them, encoder answer)
+        self._written = -1  # the last segment written out
         try:
             while True:
                 # read input while the window has room
@@ -231,7 +244,8 @@ class Interpolator:
                         exhausted = True
                         break
                     node = _Node(frame.image, frame.pts, frame.duration,
-                                 thumbnail(frame.image) if self.detector.enabled else None)
+                                 thumbnail(frame.image) if self.detector.enabled else None,
+                                 last_use=stats.input_frames)  # segments i-1 and i use input frame i
                     if last is not None:
                         cut = self.detector.is_cut(last.thumb, node.thumb) if self.detector.enabled else False
                         stats.cuts += cut
@@ -283,6 +297,8 @@ class Interpolator:
                         stats.output_frames += 1
                     if progress:
                         progress(stats.output_frames)
+                    self._written = seg.index
+                    self._release_through(seg.index)
                 if exhausted and not segments:
                     if last is not None:
                         # shown for one output step, so the stream's average rate is exactly the input's x m
@@ -301,13 +317,13 @@ class Interpolator:
                     kind, *info = running.pop(fut)
                     if kind == "encode":
                         encoding -= 1
-                        for data, nodes in fut.result():
-                            self._take_tokens(data, nodes, stats)
+                        for enc, nodes in fut.result():
+                            self._take_tokens(enc, nodes, stats)
                     else:
                         seg, p, q = info
                         seg.running -= 1
                         mid = (p + q) // 2
-                        node = _Node(fut.result())
+                        node = _Node(fut.result(), last_use=seg.index)
                         seg.points[mid] = node
                         stats.ditdec_requests += 1
                         if q - p > 2:  # ends of finer pairs: encode, then make their middles
@@ -318,19 +334,23 @@ class Interpolator:
             pool.shutdown(wait=False, cancel_futures=True)
             writer.abort()
             raise
+        finally:
+            self._release_through(float("inf"))
         pool.shutdown()
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    @staticmethod
-    def _take_tokens(data: bytes, nodes: list[_Node], stats: Stats) -> None:
-        blob = wire.from_bytes(data)
+    def _take_tokens(self, enc: EncodedFrames, nodes: list[_Node], stats: Stats) -> None:
+        blob = enc.blob
         if blob.num_frames != len(nodes):
+            self.client.release(enc)
             raise wire.WireError(f"the encoder answered {blob.num_frames} frames for {len(nodes)} sent")
+        self._live.append((max(n.last_use for n in nodes), enc))
+        self._release_through(self._written)  # frames of segments already written (scene cuts) are not needed
         for k, node in enumerate(nodes):
-            node.token = blob.frame(k)
+            node.token = (enc, k)
             if k + 1 < len(nodes):
                 node.next, node.next_difference = nodes[k + 1], blob.differences[k]
         stats.encoder_requests += 1
         stats.encoded_frames += len(nodes)
-        stats.token_bytes += len(data)
+        stats.token_bytes += blob.nbytes

@@ -43,10 +43,12 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                    help=f"a pair is a scene cut when the SSIM of its 32x32 luma thumbnails is below this "
                         f"(default {DEFAULT_THRESHOLD}); cuts repeat the frame instead of morphing")
     g.add_argument("--no-scene-detect", action="store_true", help="interpolate across scene cuts too")
-    g.add_argument("--max-inflight", type=int, default=8,
-                   help="DiT+decoder requests in flight at once (default 8; the encoder gets 2 more)")
-    g.add_argument("--encoder-chunk", type=int, default=8,
-                   help="frames per encoder request, 1..16 (default 8; each frame is encoded once either way)")
+    g.add_argument("--max-inflight", type=int, default=16,
+                   help="DiT+decoder requests in flight at once (default 16: two GPU workers with batches of 4 "
+                        "and one batch queued for each; the encoder gets 2 more)")
+    g.add_argument("--encoder-chunk", type=int, default=4,
+                   help="frames per encoder request, 1..16 (default 4: the first pairs start sooner than with 8; "
+                        "each frame is encoded once either way)")
     g.add_argument("--token-dtype", choices=["float16", "float32"], default="float16")
     g = p.add_argument_group("output video")
     g.add_argument("--codec", default="libx264", help="FFmpeg encoder (default libx264, i.e. H.264)")

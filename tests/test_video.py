@@ -21,6 +21,7 @@ from client.api import EdenClient, KeySource
 from client.convert import Options, convert
 from client.frames_io import Frame, natural_key
 from client.scenes import SceneDetector, ssim, thumbnail
+from client.api import EncodedFrames
 from client.video import Interpolator, frame_seed, output_count
 from client.video_cli import parse_rate
 from eden_serve import pipeline, wire
@@ -43,6 +44,8 @@ class FakeEden:
         self.active = {"encode": 0, "generate": 0}
         self.overlap = False
         self.cfg = EdenConfig()
+        self.answers: list[str] = []  # encoder answers handed out (their "segments")
+        self.released: list[str] = []
 
     def _enter(self, kind):
         with self.lock:
@@ -54,7 +57,7 @@ class FakeEden:
         with self.lock:
             self.active[kind] -= 1
 
-    def encode_arrays(self, frames, dtype="float16"):
+    def encode_frames(self, frames, dtype="float16"):
         self._enter("encode")
         time.sleep(self.delay)
         with self.lock:
@@ -69,12 +72,21 @@ class FakeEden:
         diffs = pipeline.frame_difference(x[:-1], x[1:], self.cfg)[:, 0].tolist() if len(frames) > 1 else []
         blob = wire.TokenBlob(tokens, (h, w), geo.padding, 16, [0.5] * len(frames), [0.2] * len(frames), diffs, "")
         self._leave("encode")
-        return blob.to_bytes()
+        enc = EncodedFrames(wire.from_bytes(blob.to_bytes()), segment=f"answer-{len(self.answers)}")
+        self.answers.append(enc.segment)
+        return enc
 
-    def generate_array(self, pair_blob, seed=None):
+    def release(self, enc):
+        with self.lock:
+            assert enc.segment in self.answers and enc.segment not in self.released, "released twice or unknown"
+            self.released.append(enc.segment)
+
+    def generate_pair(self, first, i, second, j, difference, seed=None):
         self._enter("generate")
         time.sleep(self.delay)
-        blob = wire.from_bytes(pair_blob)
+        with self.lock:
+            assert first.segment not in self.released and second.segment not in self.released, "used after release"
+        blob = wire.TokenBlob.pair(first.blob.frame(i), second.blob.frame(j), difference)
         a, b = (float(v) for v in blob.tokens[:, 0, 0, 0])
         with self.lock:
             self.pairs.append((a, b, blob.differences[0], seed))
@@ -91,6 +103,7 @@ def run_fake(values, factor, **kw):
     fake = FakeEden(kw.pop("delay", 0.0))
     out = []
     stats = Interpolator(fake, factor, **kw).run(flat_frames(values), lambda img, pts, d: out.append((img, pts, d)))
+    assert sorted(fake.released) == sorted(fake.answers)  # every encoder answer released once, none kept
     return fake, stats, out
 
 
@@ -142,10 +155,10 @@ def test_too_large_encoder_answers_are_split():
     from client.api import ServeError
 
     class Limited(FakeEden):
-        def encode_arrays(self, frames, dtype="float16"):
+        def encode_frames(self, frames, dtype="float16"):
             if len(frames) > 2:
                 raise ServeError("eden_encoder: HTTP 413: response too large", 413)
-            return super().encode_arrays(frames, dtype)
+            return super().encode_frames(frames, dtype)
 
     fake = Limited()
     out = []
@@ -288,10 +301,10 @@ def test_cli_x2_counts_timing_audio_and_one_encoding_per_frame(server, clip_dir,
     out, stats_json = tmp_path / "x2.mp4", tmp_path / "stats.json"
     r = run_client("video", clip_dir / "shapes.mp4", "-o", out, "--stats-json", stats_json, *conn(server))
     assert r.returncode == 0, r.stderr
-    assert "9 -> 17 frames" in r.stdout and "encoder: 9 frames in 2 requests" in r.stdout
+    assert "9 -> 17 frames" in r.stdout and "encoder: 9 frames in 3 requests" in r.stdout
     stats = json.loads(stats_json.read_text())
     # the count the issue asks for: every input frame sent to the encoder exactly once
-    assert stats["encoded_frames"] == stats["input_frames"] == 9 and stats["encoder_requests"] == math.ceil(9 / 8)
+    assert stats["encoded_frames"] == stats["input_frames"] == 9 and stats["encoder_requests"] == math.ceil(9 / 4)
     assert stats["token_bytes"] > 0 and stats["ditdec_requests"] == 8
     frames_in, facts_in, audio_in = probe(clip_dir / "shapes.mp4")
     frames_out, facts_out, audio_out = probe(out)
@@ -436,3 +449,21 @@ def test_clear_errors(server, tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"not a video at all" * 100)
     r = run_client("video", tmp_path / "bad.mp4", "-o", tmp_path / "x.mp4", *conn(server))
     assert r.returncode == 2 and "not a video FFmpeg can read" in r.stderr
+
+
+@pytest.mark.server
+def test_shm_transport_gives_the_same_video_and_leaves_no_segment(server, shm_dir, clip_dir, tmp_path):
+    """python -m client video --transport shm: the same frames as over HTTP, x4 (generated frames encoded too),
+    and every shared-memory segment removed by the end."""
+    folder = tmp_path / "in"
+    clips.write_frame_folder(folder, clips.clip_frames(7, 48, 64))
+    outs = {}
+    for transport in ("http", "shm"):
+        outs[transport] = tmp_path / transport
+        r = run_client("video", folder, "-o", outs[transport], "--factor", "4", "--fps", "25", "--transport",
+                       transport, "--shm-dir", shm_dir, *conn(server))
+        assert r.returncode == 0, r.stderr
+    http, fast = sorted(outs["http"].iterdir()), sorted(outs["shm"].iterdir())
+    assert len(http) == len(fast) == 25
+    assert all(np.array_equal(read_rgb(a), read_rgb(b)) for a, b in zip(http, fast))
+    assert not [p for p in shm_dir.iterdir() if p.name.startswith(("eden-", ".eden-"))]
