@@ -159,40 +159,6 @@ def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8) -> tuple[flo
     return seconds / (len(clip) - 1), out
 
 
-class TransportInterpolator(Interpolator):
-    """The video scheduler over ``EdenClient.encode_frames`` / ``generate_pair``, so the shared-memory transport is
-    used when the client has it; segments are released at the end of the run."""
-
-    def __init__(self, client, **kw):
-        super().__init__(client, **kw)
-        self.encoded = []
-
-    def _encode(self, nodes):
-        enc = self.client.encode_frames([n.image for n in nodes], self.token_dtype)
-        self.encoded.append(enc)
-        return [(enc, nodes)]
-
-    def _take_tokens(self, enc, nodes, stats):
-        for k, node in enumerate(nodes):
-            node.token = (enc, k)
-            if k + 1 < len(nodes):
-                node.next, node.next_difference = nodes[k + 1], enc.blob.differences[k]
-        stats.encoder_requests += 1
-        stats.encoded_frames += len(nodes)
-        stats.token_bytes += enc.blob.nbytes
-
-    def _generate(self, a, b, index):
-        (ea, ia), (eb, ib) = a.token, b.token
-        diff = a.next_difference if a.next is b else pipeline.frame_difference_uint8(a.image, b.image, EdenConfig())
-        image, _ = self.client.generate_pair(ea, ia, eb, ib, diff, frame_seed(self.seed, index))
-        return image
-
-    def release(self):
-        for enc in self.encoded:
-            self.client.release(enc)
-        self.encoded.clear()
-
-
 def in_flight(timeline: list, start: float, end: float) -> dict:
     """Mean number of requests of each kind in flight over [start, end], and the share of that time with no
     DiT+decoder request in flight (the GPU 1 side starved)."""
@@ -245,16 +211,14 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
                 generated[pts] = image
                 first_frame[0] = first_frame[0] or time.perf_counter()
 
-        interp = TransportInterpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=chunk)
+        interp = Interpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=chunk)
         interp.run(frames[:4 * chunk + 1], lambda *a: None)  # warm-up: enough pairs for every worker to see the size
-        interp.release()
         calls.clear()
         stages.clear()
         with GpuSampler() as gpu:
             t = time.perf_counter()
             stats = interp.run(frames, write)
             seconds = time.perf_counter() - t
-        interp.release()
     n = len(clip) - 1
     per_frame = {f"handler_{k}": sum(v) / n for k, v in stages.items()}
     occupancy = in_flight(timeline, t, t + seconds)

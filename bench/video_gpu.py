@@ -44,9 +44,11 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=854)
     ap.add_argument("--factor", type=int, choices=(2, 4, 8), default=2)
-    ap.add_argument("--max-inflight", type=int, default=8)
-    ap.add_argument("--encoder-chunk", type=int, default=8)
+    ap.add_argument("--max-inflight", type=int, default=16)
+    ap.add_argument("--encoder-chunk", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batch size of both models")
+    ap.add_argument("--workers", type=int, default=2, help="workers per model and GPU")
+    ap.add_argument("--transport", choices=("shm", "http"), default="shm")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,12 +70,13 @@ def main() -> None:
     if not args.checkpoint and not ckpt.is_file():
         checkpoint.make_random_checkpoint(ckpt, EdenConfig(), seed=0)
     checkpoint.split_checkpoint(ckpt, work / "weights")
-    build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size)
+    build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, workers=args.workers)
 
     result = work / f"x{args.factor}"
     shutil.rmtree(result, ignore_errors=True)
     with TorchServe(work / "serve", work / "store") as ts:
-        client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file))
+        client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file),
+                                    transport=args.transport)
         options = Options(factor=args.factor, fps=RATE, max_inflight=args.max_inflight,
                           encoder_chunk=args.encoder_chunk)
         last = [time.perf_counter()]
@@ -89,7 +92,8 @@ def main() -> None:
                               for name in ("eden_encoder", "eden_ditdec")}
     summary["clip"] = {"frames": num_frames, "rate": str(RATE), "size": [args.height, args.width],
                        "seconds": float(num_frames / RATE)}
-    summary["settings"] = {"factor": args.factor, "max_inflight": args.max_inflight,
+    summary["settings"] = {"factor": args.factor, "max_inflight": args.max_inflight, "transport": args.transport,
+                           "workers": args.workers,
                            "encoder_chunk": args.encoder_chunk, "batch_size": args.batch_size,
                            "checkpoint": args.checkpoint or "random weights"}
     summary["run"] = stats.as_dict()
