@@ -135,6 +135,25 @@ def test_placement_profiles():
         placement(2, "fast")
 
 
+@pytest.mark.parametrize("profile, ditdec_gpus", [("split", [1, 2, 3]), ("spread", [0, 1, 2, 3])])
+def test_archives_for_four_gpus_are_one_flag(tiny_weights, tmp_path, profile, ditdec_gpus):
+    """Built here without GPUs: the placement is written into each archive's model-config.yaml."""
+    import yaml
+    import zipfile
+    r = subprocess.run([sys.executable, str(ROOT / "archive_scripts" / "build_archives.py"), "--weights", tiny_weights,
+                        "--model-store", tmp_path, "--gpus", "4", "--profile", profile], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    configs = {}
+    for name in MODELS:
+        with zipfile.ZipFile(tmp_path / f"{name}.mar") as z:
+            configs[name] = yaml.safe_load(z.read("model-config.yaml"))
+    assert configs["eden_encoder"]["deviceIds"] == [0] and configs["eden_encoder"]["minWorkers"] == 1
+    assert configs["eden_ditdec"]["deviceIds"] == ditdec_gpus
+    assert configs["eden_ditdec"]["minWorkers"] == configs["eden_ditdec"]["maxWorkers"] == len(ditdec_gpus)
+    assert {c["deviceType"] for c in configs.values()} == {"gpu"}
+
+
 def test_key_expiry_and_status_parsing():
     when = expiry_time("2026-11-25T17:56:31.344341680Z")
     assert (when.hour, when.minute, when.second, when.microsecond) == (17, 56, 31, 344341)
