@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "archive_scripts"))
 
-from helpers_http import eden_client, isolated_config, png, tree_rss  # noqa: E402
+from helpers_http import eden_client, png, tree_rss  # noqa: E402
 
 from client.api import RetryPolicy, ServeError  # noqa: E402
 from client.server import TorchServe  # noqa: E402
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     store = Path(args.model_store) if args.model_store else build_store(workdir)
-    ts = TorchServe(workdir / "serve", store, extra_config=isolated_config())
+    ts = TorchServe(workdir / "serve", store)
     assert ts.inference_url.startswith("http://127.0.0.1:"), "loopback only"
     ts.start()
     try:

@@ -1,5 +1,5 @@
-"""Helpers for tests and benchmarks that talk to a real TorchServe over HTTP: instances that do not collide, raw
-requests with the inference key, test frames, token blobs with one thing wrong, and the memory of the processes."""
+"""Helpers for tests and benchmarks that talk to a real TorchServe over HTTP: instances, clients, raw requests
+with the inference key, test frames, token blobs with one thing wrong, and the memory of the processes."""
 from __future__ import annotations
 
 import http.client
@@ -19,21 +19,14 @@ import requests
 from PIL import Image
 
 from client.api import EdenClient, KeySource, ModelClient, RetryPolicy
-from client.server import TorchServe, free_port
+from client.server import TorchServe
 from eden_serve import wire
 
 
 # ---------------------------------------------------------------------- instances
-def isolated_config(**extra) -> dict:
-    """extra_config for a TorchServe that can run beside others on one host: TorchServe 0.12 also opens gRPC ports
-    (7070/7071 by default), which client/server.py leaves at their defaults, so a second instance would fail to
-    start."""
-    return {"grpc_inference_port": free_port(), "grpc_management_port": free_port(), **extra}
-
-
 def start_server(workdir, model_store, **extra) -> TorchServe:
-    """A started TorchServe of both models in ``workdir``, with free ports and ``extra`` config.properties keys."""
-    return TorchServe(workdir, model_store, extra_config=isolated_config(**extra)).start()
+    """A started TorchServe of both models in ``workdir``, on free ports, with ``extra`` config.properties keys."""
+    return TorchServe(workdir, model_store, extra_config=extra).start()
 
 
 def eden_client(ts: TorchServe, timeout: float = 60, retry: RetryPolicy | None = None) -> EdenClient:
@@ -199,11 +192,27 @@ def wait_for_new_workers(ts: TorchServe, model: str, old: list[int], timeout: fl
     raise TimeoutError(f"{model}'s workers {old} were not replaced within {timeout:.0f} s\n{ts.log_tail()}")
 
 
-def count_in_log(path: Path, text: str) -> int:
-    try:
-        return path.read_text(errors="replace").count(text)
-    except FileNotFoundError:
-        return 0
+class LogTail:
+    """Waits for a text to appear in a growing log file, reading only what was written after its creation."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+
+    def wait_for(self, text: str, timeout: float = 30) -> bool:
+        deadline, seen = time.monotonic() + timeout, b""
+        needle = text.encode()
+        while time.monotonic() < deadline:
+            if self.path.is_file():
+                with open(self.path, "rb") as f:
+                    f.seek(self.offset)
+                    new = f.read()
+                self.offset += len(new)
+                seen = seen[-len(needle):] + new
+                if needle in seen:
+                    return True
+            time.sleep(0.001)
+        return False
 
 
 def kill(pid: int) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import ROOT
-from helpers_http import (RawAnswer, count_in_log, eden_client, image_bytes, kill, moving_frames, noise_frame,
+from helpers_http import (LogTail, RawAnswer, eden_client, image_bytes, kill, moving_frames, noise_frame,
                           pids_rss, png, png_declaring, post, post_raw, repeated_frames, start_server,
                           wait_for_new_workers, with_header, with_prefix, with_token, with_tokens)
 
@@ -203,7 +203,7 @@ def pixels_over_limit_blob(c: Ctx) -> bytes:
 
 
 def huge_shape_blob(c: Ctx) -> bytes:
-    """A blob whose header declares 10^8 tokens a frame (3 TB of payload) and carries a few bytes."""
+    """A blob whose header declares 10^8 tokens a frame (100 GB of payload) and carries a few bytes."""
     return with_header(c.blob, shape=[2, 2, 10**8, 128], grid=[10**4, 10**4], size=[160000, 160000],
                        padding=[0, 0, 0, 0])
 
@@ -378,8 +378,9 @@ def test_bad_input_is_refused_with_its_reason(ts, ctx, name):
 
 
 def test_corpus_leaves_workers_and_memory_as_they_were(ts, ctx):
-    """Three rounds of the whole corpus: no worker replaced, every model still serving, worker memory back within
-    a tolerance of where it was after valid requests of the same sizes."""
+    """Rounds of the whole corpus between valid requests of the largest size: no worker replaced, every model
+    still serving, and worker memory back where it was: after two warm-up rounds (allocator pools and caches fill
+    up), three more rounds leave each worker's RSS within a tolerance of where it stood."""
     c = eden_client(ts, timeout=60, retry=RetryPolicy.never())
     big = [png(noise_frame(480, 640, s)) for s in (1, 2)]
 
@@ -387,26 +388,28 @@ def test_corpus_leaves_workers_and_memory_as_they_were(ts, ctx):
         c.generate(c.encode(big), seed=3)
         c.generate(ctx.blob, seed=3)
 
+    def corpus_round():
+        for name, case in CORPUS.items():
+            check_refused(send(ts, case, ctx), case, name)
+        valid_requests()
+
     def rss() -> dict[str, int]:
         return {m: pids_rss(ts.worker_pids(m)) for m in MODELS}
 
     pids = {m: ts.worker_pids(m) for m in MODELS}
-    for _ in range(2):  # warm up: the largest valid requests, then one round of the corpus
-        valid_requests()
-    for name, case in CORPUS.items():
-        send(ts, case, ctx)
     valid_requests()
-    before = rss()
+    for _ in range(2):
+        corpus_round()
+    samples = [rss()]
     for _ in range(3):
-        for name, case in CORPUS.items():
-            check_refused(send(ts, case, ctx), case, name)
-    valid_requests()
-    after = rss()
-    print(f"\nworker RSS before/after 3 rounds of {len(CORPUS)} bad requests (MB): "
-          + ", ".join(f"{m} {before[m] / 2**20:.1f} -> {after[m] / 2**20:.1f}" for m in MODELS))
+        corpus_round()
+        samples.append(rss())
+    print(f"\nworker RSS (MB) after each of 3 rounds of {len(CORPUS)} bad requests, from the warmed-up state: "
+          + "; ".join(f"{m} " + " -> ".join(f"{s[m] / 2**20:.1f}" for s in samples) for m in MODELS))
     assert {m: ts.worker_pids(m) for m in MODELS} == pids
     for m in MODELS:
-        assert after[m] - before[m] < max(24 * 2**20, 0.05 * before[m]), f"{m}: worker memory grew"
+        grown = samples[-1][m] - samples[0][m]
+        assert grown < max(16 * 2**20, 0.05 * samples[0][m]), f"{m}: worker memory grew by {grown / 2**20:.1f} MB"
 
 
 # ---------------------------------------------------------------------- a worker killed mid-stream
@@ -524,7 +527,7 @@ def test_killed_ditdec_worker_under_concurrent_clients_loses_nothing(ts):
         assert sorted(errors)[1] > 10, f"pair with seed {seed} also matches another pair's frame"
 
 
-def test_request_running_when_its_worker_dies_is_retried(ts):
+def test_request_running_when_its_worker_dies_is_retried(ts, caplog):
     """A request the worker is computing when it is killed: TorchServe answers 507 'Worker died.', the client waits
     and sends it again to the restarted worker, and the frame is the clean run's."""
     big = [png(noise_frame(480, 640, s)) for s in (7, 8)]
@@ -534,19 +537,20 @@ def test_request_running_when_its_worker_dies_is_retried(ts):
 
     client = eden_client(ts, timeout=60, retry=RetryPolicy(backoff=0.2, max_backoff=2, max_elapsed=120))
     pid = ts.worker_pids("eden_ditdec")[0]
-    log = ts.log_dir / "model_log.log"
-    received = count_in_log(log, "Backend received inference")
+    log = LogTail(ts.log_dir / "model_log.log")
     box = {}
     t = threading.Thread(target=lambda: box.update(result=client.generate(blob, seed=11)))
     t.start()
-    deadline = time.monotonic() + 30
-    while count_in_log(log, "Backend received inference") == received and time.monotonic() < deadline:
-        time.sleep(0.002)
+    assert log.wait_for("Backend received inference", 30)  # the worker has the request
     kill(pid)
     t.join(timeout=120)
     png_bytes, seed = box["result"]
     assert seed == 11 and np.array_equal(decoded(png_bytes), want)
-    assert client.ditdec.retries["HTTP 507"] == 1, dict(client.ditdec.retries)
+    # TorchServe 0.12 answers such a request 507 or 500, both {"type": "InternalServerException", "message":
+    # "Worker died."} (which one depends on where its worker thread notices the death)
+    assert sum(client.ditdec.retries.values()) == 1 and set(client.ditdec.retries) <= {"HTTP 507", "HTTP 500"}, \
+        dict(client.ditdec.retries)
+    assert "Worker died." in caplog.text
     wait_for_new_workers(ts, "eden_ditdec", [pid])
 
 
