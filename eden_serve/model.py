@@ -166,8 +166,9 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class DiTBlock(nn.Module):
-    """adaLN-modulated self-attention, temporal attention to both frames' 2x2 patches, modulated MLP."""
+class Block(nn.Module):
+    """The layers both kinds of block have (official names): self-attention, temporal attention, MLP, each with
+    its LayerNorm. The DiT and decoder blocks differ only in how they chain them."""
 
     def __init__(self, cfg: EdenConfig):
         super().__init__()
@@ -178,6 +179,10 @@ class DiTBlock(nn.Module):
         self.temp_attn = TemporalAttention(D, cfg.num_heads, cfg.qkv_bias)
         self.norm_mlp = nn.LayerNorm(D, eps=eps)
         self.mlp = Mlp(D, cfg.mlp_hidden_dim)
+
+
+class DiTBlock(Block):
+    """adaLN-modulated self-attention, temporal attention to both frames' 2x2 patches, modulated MLP."""
 
     def forward(self, x: torch.Tensor, ctx: TemporalContext, modulation: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, D] each
@@ -187,18 +192,8 @@ class DiTBlock(nn.Module):
         return x  # [B, n, D]
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(Block):
     """Self-attention over frame tokens and latent queries (frame tokens updated), temporal attention, MLP."""
-
-    def __init__(self, cfg: EdenConfig):
-        super().__init__()
-        D, eps = cfg.hidden_dim, cfg.norm_eps
-        self.norm_self_attn = nn.LayerNorm(D, eps=eps)
-        self.self_attn = SelfAttention(D, cfg.num_heads, cfg.qkv_bias)
-        self.norm_temp_attn = nn.LayerNorm(D, eps=eps)
-        self.temp_attn = TemporalAttention(D, cfg.num_heads, cfg.qkv_bias)
-        self.norm_mlp = nn.LayerNorm(D, eps=eps)
-        self.mlp = Mlp(D, cfg.mlp_hidden_dim)
 
     def forward(self, y: torch.Tensor, queries: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
         N = y.shape[1]
