@@ -10,6 +10,8 @@ its final name is always whole: that is what ``batch`` counts as done.
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shutil
 import threading
@@ -219,10 +221,21 @@ def partial_path(final: Path) -> Path:
 def remove_partial(final: Path) -> None:
     """Remove what an interrupted run left for ``final``."""
     tmp = partial_path(final)
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    elif tmp.exists():
-        tmp.unlink()
+    try:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+    except OSError as e:
+        raise FramesError(f"{tmp}: cannot remove an earlier run's partial output: {e.strerror}") from None
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def write_error(path: Path, e: OSError) -> FramesError:
+    """An error writing the output, said plainly (full disk, read-only or forbidden location)."""
+    return FramesError(f"{path}: cannot write the output: {e.strerror or e}")
 
 
 class PngFolderSink:
@@ -236,21 +249,31 @@ class PngFolderSink:
                               f"output")
         self.tmp = partial_path(self.path)
         remove_partial(self.path)
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self.compress_level = compress_level
         self.count = 0
 
     def write(self, image: np.ndarray, pts: int, duration: int) -> None:
-        (self.tmp / f"{self.count:08d}.png").write_bytes(encode_png(image, self.compress_level))
+        try:
+            (self.tmp / f"{self.count:08d}.png").write_bytes(encode_png(image, self.compress_level))
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self.count += 1
 
     def close(self, complete: bool = True) -> None:
         if not complete:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if self.path.is_dir():
-            self.path.rmdir()  # empty, checked above
-        self.tmp.rename(self.path)
+        try:
+            if self.path.is_dir():
+                self.path.rmdir()  # empty, checked above
+            self.tmp.rename(self.path)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise write_error(self.path, e) from None
 
 
 @dataclass
@@ -288,7 +311,10 @@ class VideoSink:
     def __init__(self, path: Path, meta: VideoMeta, factor: int, encoding: Encoding):
         av = self.av = import_av()
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self.tmp = partial_path(self.path)
         remove_partial(self.path)
         self.time_base = meta.time_base / factor
@@ -297,6 +323,8 @@ class VideoSink:
         try:
             self.out = av.open(str(self.tmp), "w", format=fmt)
         except (av.error.FFmpegError, ValueError) as e:
+            if getattr(e, "errno", None) in DISK_ERRNOS:
+                raise write_error(self.path, OSError(e.errno, os.strerror(e.errno))) from None
             raise FramesError(f"{self.path}: cannot write this kind of file ({e}); use .mp4, .mkv or .mov") from None
         self.audio = None
         try:
@@ -384,7 +412,9 @@ class VideoSink:
         self.tmp.replace(self.path)
 
     def _error(self, e: Exception) -> FramesError:
-        """An FFmpeg error while writing, with what to try."""
+        """An FFmpeg error while writing, with what to try (a disk problem is only that)."""
+        if getattr(e, "errno", None) in DISK_ERRNOS:
+            return write_error(self.path, OSError(e.errno, os.strerror(e.errno)))
         hint = f"try another --codec or --pix-fmt for {self.path.suffix}"
         if self.audio:
             codecs = ", ".join(sorted(self.audio.codecs))
@@ -399,7 +429,10 @@ class VideoSink:
                     close()
             except Exception:  # noqa: BLE001 - the partial file is removed either way
                 pass
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. the disk went read-only: what stays has the partial name, never the output's
+            pass
 
 
 class _AudioCopy:

@@ -30,6 +30,11 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "i
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own limit, before ours
+        size = _png_size(data)
+        what = f"{size[0]}x{size[1]} is {size[0] * size[1]} pixels" if size else \
+            f"it declares more than {Image.MAX_IMAGE_PIXELS} pixels"
+        raise ImageError(f"{name}: {what}, over the limit of {max_pixels}") from None
     except Exception as e:
         raise ImageError(f"{name}: not a PNG or JPEG image ({type(e).__name__})") from None
     if img.format not in ACCEPTED_FORMATS:
@@ -47,6 +52,13 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "i
         return np.asarray(img.convert("RGB"))
     except Exception as e:
         raise ImageError(f"{name}: the image data is damaged or truncated ({type(e).__name__}: {e})") from None
+
+
+def _png_size(data) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, without decoding anything; None if it is not a PNG."""
+    if bytes(data[:8]) != b"\x89PNG\r\n\x1a\n" or bytes(data[12:16]) != b"IHDR" or len(data) < 24:
+        return None
+    return struct.unpack(">II", bytes(data[16:24]))
 
 
 def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:

@@ -367,9 +367,7 @@ def test_corpus_is_large_enough():
     assert {c.model for c in CORPUS.values()} == set(MODELS)
 
 
-@pytest.mark.parametrize("name", [*CORPUS, pytest.param(
-    "enc: PNG declaring 100000x100000", marks=pytest.mark.xfail(
-        strict=True, reason="eden_serve/images.py reports PIL's DecompressionBombError as 'not a PNG or JPEG'"))])
+@pytest.mark.parametrize("name", [*CORPUS, "enc: PNG declaring 100000x100000"])
 def test_bad_input_is_refused_with_its_reason(ts, ctx, name):
     case = CORPUS.get(name, BOMB)
     pids = {m: ts.worker_pids(m) for m in MODELS}
@@ -710,8 +708,6 @@ def test_disk_trouble_leaves_nothing_that_looks_complete(disk_runs, case):
     assert any(reason in run.stderr for reason in DISK_REASONS[case.split()[0]]), run.stderr[-1500:]
 
 
-@pytest.mark.xfail(strict=False, reason="client/frames_io.py: OSErrors of the PNG-folder sink and of removing a "
-                   "partial output escape as tracebacks, and the video sink adds an audio hint to every write error")
 @pytest.mark.parametrize("case", DISK_CASES)
 def test_disk_trouble_is_reported_clearly(disk_runs, case):
     if case not in disk_runs:
