@@ -366,10 +366,12 @@ class EncoderService(BatchService):
                     bodies.append(self.write_tokens(meta, part) if to_shm else
                                   [meta.header_bytes(), memoryview(part.cpu().numpy()).cast("B")])
                 tokens.check_finite(gpu, bool(finite))
-            except OverflowError as e:
+            except (OverflowError, OSError) as e:
                 for body in bodies:
                     if isinstance(body, shm.Segment):
                         self.store.unlink(body.name)
+                if isinstance(e, OSError):  # e.g. the shared-memory folder is full: worth a retry later
+                    raise RequestError(f"cannot write the tokens to shared memory: {e.strerror}", 507) from None
                 raise RequestError(str(e)) from None
             return [(body, wire.CONTENT_TYPE, {}) for body in bodies]
 
