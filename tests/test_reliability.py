@@ -373,9 +373,14 @@ def test_bad_input_is_refused_with_its_reason(ts, ctx, name):
     assert {m: ts.worker_pids(m) for m in MODELS} == pids, f"{name}: a worker died"
 
 
+# The allocator's pools can take a few rounds to settle (seen on a busy 2-core machine: 367 -> 386 -> 393 -> 393 MB
+# from the second round on); growth is measured from there.
+WARMUP_ROUNDS = 4
+
+
 def test_corpus_leaves_workers_and_memory_as_they_were(ts, ctx):
     """Rounds of the whole corpus between valid requests of the largest size: no worker replaced, every model
-    still serving, and worker memory back where it was: after two warm-up rounds (allocator pools and caches fill
+    still serving, and worker memory back where it was: after WARMUP_ROUNDS rounds (allocator pools and caches fill
     up), three more rounds leave each worker's RSS within a tolerance of where it stood."""
     c = eden_client(ts, timeout=60, retry=RetryPolicy.never())
     big = [png(noise_frame(480, 640, s)) for s in (1, 2)]
@@ -394,7 +399,7 @@ def test_corpus_leaves_workers_and_memory_as_they_were(ts, ctx):
 
     pids = {m: ts.worker_pids(m) for m in MODELS}
     valid_requests()
-    for _ in range(2):
+    for _ in range(WARMUP_ROUNDS):
         corpus_round()
     samples = [rss()]
     for _ in range(3):
