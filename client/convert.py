@@ -18,8 +18,8 @@ class Options:
     seed: int = 0
     fps: Fraction | None = None  # frame rate of frame-folder input (default 25, as ffmpeg's image2)
     scene_threshold: float | None = DEFAULT_THRESHOLD  # None: no scene-cut detection
-    max_inflight: int = 8
-    encoder_chunk: int = 8
+    max_inflight: int = 16
+    encoder_chunk: int = 4
     token_dtype: str = "float16"
     encoding: Encoding = field(default_factory=Encoding)
 

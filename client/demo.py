@@ -1,7 +1,7 @@
 """The main job on an embedded default, end to end on CPU with a real TorchServe:
 
 checkpoint (yours, or a small random-weight one in the official layout) -> split_weights -> build the two archives
--> start TorchServe -> interpolate a generated pair through both models -> stop TorchServe.
+-> start TorchServe -> interpolate a generated pair, then a generated clip x2, through both models -> stop TorchServe.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from eden_serve.checkpoint import make_random_checkpoint, split_checkpoint
 from eden_serve.config import CheckpointError, EdenConfig
 
 from .api import EdenClient, KeySource
+from .clips import write_video
+from .convert import Options, convert
 from .samples import moving_shapes
 from .server import ROOT, TorchServe
 
@@ -62,6 +64,11 @@ def run_demo(args) -> int:
         out = work / "middle.png"
         out.write_bytes(png)
         print(f"    {len(blob) / 1e3:.0f} kB of float16 tokens, {time.perf_counter() - t:.2f} s -> {out}")
+        clip, video = work / "sample_clip.mp4", work / "sample_clip_x2.mp4"
+        write_video(clip, moving_shapes(12, 192, 256))  # 12 frames at 30000/1001 fps with an audio track
+        step(f"interpolate the generated clip {clip.name} x2 (python -m client video {clip.name} -o {video.name})")
+        stats = convert(clip, video, client, Options(factor=2, seed=args.seed))
+        print(f"    {stats.summary()} -> {video}")
         step("stop TorchServe")
-    print(f"demo done: {out}")
+    print(f"demo done: {out}, {video}")
     return 0

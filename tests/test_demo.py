@@ -1,0 +1,17 @@
+"""The README's main command (./run.sh demo runs python -m client demo) works end to end."""
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.server
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "client", "demo", "--workdir", str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "RANDOM-WEIGHT checkpoint" in r.stdout and "12 -> 23 frames" in r.stdout
+    assert (tmp_path / "middle.png").stat().st_size > 0 and (tmp_path / "sample_clip_x2.mp4").stat().st_size > 0
+    assert not (tmp_path / "serve" / "key_file.json").exists()  # TorchServe stopped
