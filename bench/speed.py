@@ -6,12 +6,13 @@ For each size, over one generated clip (frames already in memory), in the same r
   (a) reference  bench/reference.py: the official inference.py loop (monolithic model, float32, batch 1, cuda:0);
   (b) fast       the eden_serve core in process on cuda:0: each frame encoded once, pairs batched, bf16 autocast;
   (c) deployed   client -> TorchServe eden_encoder (GPU 0) -> TorchServe eden_ditdec (GPU 1) through the video
-                 client's scheduler (client.video.Interpolator), with the shared-memory transport and with the inline
-                 HTTP transport; the sink writes raw RGB frames to a file.
+                 client's scheduler (client.video.Interpolator): "shm" = shared-memory transport with the tokens
+                 handed off GPU to GPU (the default), "shm_host" = the same with the token bytes through tmpfs,
+                 "http" = the inline HTTP transport (at --http-sizes only); the sink writes raw RGB frames to a file.
 Reports seconds per generated frame (wall clock / frames the model made), the ratio to (a), PSNR of (b) and (c)
 against (a) with the same seeds, GPU utilisation during (c), and a per-stage breakdown of (c): handler stages from
-the X-Eden-Stages answers (encode, serialize, denoise, decode, png), request round trips, and what is left of them
-(transport and queueing). Writes summary.json to --out.
+the X-Eden-Stages answers (encode, serialize, denoise, decode, png, and "transfer": the token copies inside serialize
+and parse), request round trips, and what is left of them (transport and queueing). Writes summary.json to --out.
 """
 from __future__ import annotations
 
@@ -181,9 +182,10 @@ def in_flight(timeline: list, start: float, end: float) -> dict:
     return out
 
 
-def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 16, chunk: int = 8) -> dict:
+def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 16, chunk: int = 8,
+                 handoff: str = "device", encoder_inflight: int = 2) -> dict:
     client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file), transport=transport,
-                                shm_dir="/dev/shm/eden")
+                                shm_dir="/dev/shm/eden", handoff=handoff)
     calls = defaultdict(list)
     stages = defaultdict(list)
 
@@ -211,7 +213,8 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
                 generated[pts] = image
                 first_frame[0] = first_frame[0] or time.perf_counter()
 
-        interp = Interpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=chunk)
+        interp = Interpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=chunk,
+                              encoder_inflight=encoder_inflight)
         interp.run(frames[:4 * chunk + 1], lambda *a: None)  # warm-up: enough pairs for every worker to see the size
         calls.clear()
         stages.clear()
@@ -231,9 +234,18 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
     # token transport: the encoder writing tokens out (device copy into the segment or the body) and the
     # DiT+decoder reading them in (references, upload, checks), against all the serving work of both models
     moving = per_frame.get("handler_encode_serialize", 0) + per_frame.get("handler_generate_parse", 0)
-    token_transport = {"seconds_per_generated_frame": moving, "serving_work_s_per_frame": enc_stage + gen_stage,
-                       "share_of_serving_work": moving / max(enc_stage + gen_stage, 1e-9),
-                       "share_of_wall_per_frame": moving / (seconds / n)}
+    # the copies themselves (handler "transfer": export or copy out in the encoder, import or upload in the
+    # DiT+decoder); on the encoder side they overlap the DiT+decoder's GPU work (another GPU), on the DiT+decoder
+    # side they are its own time
+    copies = per_frame.get("handler_encode_transfer", 0) + per_frame.get("handler_generate_transfer", 0)
+    wall = seconds / n
+    token_transport = {"stages_s_per_frame (serialize + parse)": moving,
+                       "transfer_s_per_frame (encoder out + ditdec in)": copies,
+                       "ditdec_transfer_s_per_frame": per_frame.get("handler_generate_transfer", 0),
+                       "serving_work_s_per_frame": enc_stage + gen_stage,
+                       "stages_share_of_serving_work": moving / max(enc_stage + gen_stage, 1e-9),
+                       "stages_share_of_wall": moving / wall,
+                       "transfer_share_of_wall": copies / wall}
     return {"seconds_per_generated_frame": seconds / n, "wall_s": seconds, "gpu_util_percent": gpu.mean(),
             "requests_in_flight": occupancy, "first_frame_s": first_frame[0] - t if first_frame[0] else None,
             "token_transport": token_transport,
@@ -253,8 +265,13 @@ def main():
                     help="workers per model and GPU: a second one overlaps its host work with the first's GPU work")
     ap.add_argument("--max-inflight", type=int, default=16, help="DiT+decoder requests the client keeps in flight")
     ap.add_argument("--chunk", type=int, default=4, help="frames per encoder request")
-    ap.add_argument("--variants", default="", help="extra shm runs, comma list of CHUNK:INFLIGHT (e.g. 4:16,8:32)")
-    ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,http")
+    ap.add_argument("--encoder-inflight", type=int, default=2, help="encoder requests the client keeps in flight")
+    ap.add_argument("--variants", default="",
+                    help="extra runs, comma list of [TRANSPORT@]CHUNK:INFLIGHT[:ENCODER_INFLIGHT], TRANSPORT one of "
+                         "shm (default), shm_host, http (e.g. 8:32,http@4:16:4)")
+    ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,shm_host,http")
+    ap.add_argument("--http-sizes", default="480x854",
+                    help="sizes the inline HTTP transport runs at ('all'; at 1080p it takes about 2 s a frame)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     out = Path(args.out)
@@ -290,10 +307,12 @@ def main():
                     row["fast_speedup"] = ref_s / fast_s
                     row["fast_psnr_db"] = mean_psnr(fast_frames, ref_frames)
                 print(f"{H}x{W} fast: {fast_s}", flush=True)
-            for transport in ("shm", "http"):
-                if transport in skip:
+            for transport in ("shm", "shm_host", "http"):  # shm: tokens handed off GPU to GPU; shm_host: via tmpfs
+                if transport in skip or (transport == "http" and args.http_sizes != "all"
+                                         and f"{H}x{W}" not in args.http_sizes.split(",")):
                     continue
-                d = run_deployed(ts, clip, transport, work / f"out_{transport}.rgb", args.max_inflight, args.chunk)
+                d = run_deployed(ts, clip, transport.split("_")[0], work / f"out_{transport}.rgb", args.max_inflight,
+                                 args.chunk, "host" if transport == "shm_host" else "device", args.encoder_inflight)
                 frames = d.pop("frames")
                 if ref_s:
                     d["speedup"] = ref_s / d["seconds_per_generated_frame"]
@@ -301,13 +320,20 @@ def main():
                 row[f"deployed_{transport}"] = d
                 print(f"{H}x{W} deployed {transport}: {d['seconds_per_generated_frame']}", flush=True)
             for variant in filter(None, args.variants.split(",")):
-                chunk, inflight = (int(v) for v in variant.split(":"))
-                d = run_deployed(ts, clip, "shm", work / "out_variant.rgb", inflight, chunk)
+                transport, _, numbers = variant.rpartition("@")
+                transport = transport or "shm"
+                if transport == "http" and args.http_sizes != "all" and f"{H}x{W}" not in args.http_sizes.split(","):
+                    continue
+                chunk, inflight, enc_inflight = ([int(v) for v in numbers.split(":")] + [args.encoder_inflight])[:3]
+                d = run_deployed(ts, clip, transport.split("_")[0], work / "out_variant.rgb", inflight, chunk,
+                                 "host" if transport == "shm_host" else "device", enc_inflight)
                 d.pop("frames")
-                row[f"variant_shm_chunk{chunk}_inflight{inflight}"] = {
-                    k: d[k] for k in ("seconds_per_generated_frame", "gpu_util_percent", "requests_in_flight",
-                                      "first_frame_s")}
-                print(f"{H}x{W} shm chunk {chunk} inflight {inflight}: {d['seconds_per_generated_frame']}", flush=True)
+                name = f"variant_{transport}_chunk{chunk}_inflight{inflight}_encoder{enc_inflight}"
+                row[name] = {k: d[k] for k in ("seconds_per_generated_frame", "gpu_util_percent", "requests_in_flight",
+                                               "first_frame_s", "token_transport")}
+                if ref_s:
+                    row[name]["speedup"] = ref_s / d["seconds_per_generated_frame"]
+                print(f"{H}x{W} {name}: {d['seconds_per_generated_frame']}", flush=True)
             summary["sizes"][f"{H}x{W}"] = row
             (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     print(json.dumps(summary, indent=1, default=float))
@@ -315,18 +341,19 @@ def main():
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'size':>10} {'path':>14} {'s/frame':>9} {'x ref':>7} {'PSNR':>7}")
+    print(f"\n{'size':>10} {'path':>14} {'s/frame':>9} {'x ref':>7} {'PSNR':>7} {'token copies/wall':>18}")
     for size, row in summary["sizes"].items():
         ref = row.get("reference_s_per_frame")
         print(f"{size:>10} {'reference':>14} {ref or float('nan'):9.4f} {1.0:7.2f} {'':>7}")
         if "fast_s_per_frame" in row:
             print(f"{size:>10} {'fast (in proc)':>14} {row['fast_s_per_frame']:9.4f} "
                   f"{row.get('fast_speedup', float('nan')):7.2f} {row.get('fast_psnr_db', float('nan')):7.2f}")
-        for t in ("shm", "http"):
+        for t in ("shm", "shm_host", "http"):
             d = row.get(f"deployed_{t}")
             if d:
                 print(f"{size:>10} {'deployed ' + t:>14} {d['seconds_per_generated_frame']:9.4f} "
-                      f"{d.get('speedup', float('nan')):7.2f} {d.get('psnr_db', float('nan')):7.2f}")
+                      f"{d.get('speedup', float('nan')):7.2f} {d.get('psnr_db', float('nan')):7.2f} "
+                      f"{100 * d['token_transport']['transfer_share_of_wall']:17.1f}%")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import requests
 
 from eden_serve import wire
 from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
-from eden_serve.shm import REF_CONTENT_TYPE, ShmStore, make_ref, parse_ref
+from eden_serve.shm import REF_CONTENT_TYPE, ShmStore, make_ref, parse_ref, read_blob
 from eden_serve.wire import TokenBlob
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -41,6 +41,11 @@ class ServeError(RuntimeError):
     def __init__(self, message: str, status: int = 0):
         super().__init__(message)
         self.status = status
+
+
+class TokensLost(ServeError):
+    """The DiT+decoder could not reach tokens the encoder handed off on its GPU (410: that encoder worker stopped):
+    the frames must be encoded again."""
 
 
 @dataclass
@@ -336,13 +341,18 @@ class EdenClient:
 
     ``transport="http"`` sends every byte in the requests (PNG frames in and out, tokens in bodies);
     ``transport="shm"`` (client and both servers on one host) puts raw frames and tokens in shared memory and sends
-    references, which skips TorchServe's copies of large bodies and every PNG encode and decode.
+    references, which skips TorchServe's copies of large bodies and every PNG encode and decode. With it,
+    ``handoff="device"`` lets an encoder on a GPU keep the tokens there (the DiT+decoder copies them GPU to GPU);
+    ``"host"`` always puts their bytes in shared memory.
     """
 
     def __init__(self, encoder: ModelClient, ditdec: ModelClient, transport: str = "http",
-                 store: ShmStore | None = None):
+                 store: ShmStore | None = None, handoff: str = "device"):
         if transport not in ("http", "shm"):
             raise ValueError(f"transport must be http or shm, got {transport!r}")
+        if handoff not in ("device", "host"):
+            raise ValueError(f"handoff must be device or host, got {handoff!r}")
+        self.handoff = handoff
         self.encoder = encoder
         self.ditdec = ditdec
         self.transport = transport
@@ -359,11 +369,12 @@ class EdenClient:
     @classmethod
     def connect(cls, encoder_url: str = DEFAULT_URL, ditdec_url: str | None = None,
                 encoder_keys: KeySource | None = None, ditdec_keys: KeySource | None = None,
-                timeout: float = 600, transport: str = "http", shm_dir: str | None = None) -> "EdenClient":
+                timeout: float = 600, transport: str = "http", shm_dir: str | None = None,
+                handoff: str = "device") -> "EdenClient":
         encoder_keys = encoder_keys or KeySource.default()
         return cls(ModelClient(encoder_url, "eden_encoder", encoder_keys, timeout),
                    ModelClient(ditdec_url or encoder_url, "eden_ditdec", ditdec_keys or encoder_keys, timeout),
-                   transport, ShmStore(shm_dir) if shm_dir else None)
+                   transport, ShmStore(shm_dir) if shm_dir else None, handoff)
 
     # ------------------------------------------------------------------ frames -> tokens -> frames
     def encode_frames(self, frames: list, dtype: str = "float16") -> EncodedFrames:
@@ -376,13 +387,14 @@ class EdenClient:
             files = {f"frame{i}": (f"frame{i}", make_ref(segment=name), REF_CONTENT_TYPE)
                      for i, name in enumerate(inputs)}
             files["dtype"] = (None, dtype)
-            r = self._post("encode", self.encoder, files=files, headers={"X-Eden-Reply": "shm"})
+            r = self._post("encode", self.encoder, files=files,
+                           headers={"X-Eden-Reply": "shm", "X-Eden-Handoff": self.handoff})
         finally:
             for name in inputs:
                 self.store.unlink(name)
         segment = self._segment_of(r)
         try:
-            return EncodedFrames(wire.from_bytes(self.store.read(segment)), segment)
+            return EncodedFrames(read_blob(self.store.read(segment))[0], segment)  # (tokens maybe on the GPU)
         except Exception:
             self.store.unlink(segment)
             raise
@@ -404,8 +416,13 @@ class EdenClient:
             return self.generate_array(pair.to_bytes(), seed)
         ref = make_ref(pair=[{"segment": first.segment, "frame": i}, {"segment": second.segment, "frame": j}],
                        difference=float(difference))
-        r = self._post("generate", self.ditdec, data=ref, headers={
-            **headers, "Content-Type": REF_CONTENT_TYPE, "X-Eden-Reply": "shm", "X-Eden-Format": "raw"})
+        try:
+            r = self._post("generate", self.ditdec, data=ref, headers={
+                **headers, "Content-Type": REF_CONTENT_TYPE, "X-Eden-Reply": "shm", "X-Eden-Format": "raw"})
+        except ServeError as e:
+            if e.status == 410:
+                raise TokensLost(str(e), e.status) from None
+            raise
         segment = self._segment_of(r)
         try:
             frame = decode_raw(self.store.read(segment), max_pixels=1 << 40).copy()

@@ -27,6 +27,9 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--transport", choices=["http", "shm"], default="http",
                     help="http: frames and tokens in the requests (works across hosts); shm: client and servers on "
                          "one host exchange them through shared memory and send references (much faster)")
+    ap.add_argument("--handoff", choices=["device", "host"], default="device",
+                    help="with --transport shm: device (default) lets an encoder on a GPU keep the tokens there and "
+                         "the DiT+decoder copy them GPU to GPU; host puts their bytes in shared memory")
     ap.add_argument("--shm-dir", default=None,
                     help="shared-memory folder, the servers' shm_dir (default /dev/shm/eden)")
 
@@ -35,7 +38,7 @@ def connect(args) -> EdenClient:
     enc_keys = KeySource.default(args.key_file)
     dec_keys = KeySource.default(args.ditdec_key_file) if args.ditdec_key_file else enc_keys
     return EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout,
-                              transport=args.transport, shm_dir=args.shm_dir)
+                              transport=args.transport, shm_dir=args.shm_dir, handoff=args.handoff)
 
 
 def cmd_pair(args) -> int:

@@ -40,7 +40,7 @@ from eden_serve import wire
 from eden_serve.config import EdenConfig
 from eden_serve.pipeline import MAX_SEED, frame_difference_uint8
 
-from .api import EncodedFrames, ServeError
+from .api import EncodedFrames, ServeError, TokensLost
 from .frames_io import Frame
 from .scenes import SceneDetector, thumbnail
 
@@ -61,7 +61,8 @@ def output_count(num_inputs: int, factor: int) -> int:
 
 @dataclass
 class Stats:
-    """What a run did; ``encoded_frames`` counts frames sent to the encoder (each exactly once)."""
+    """What a run did; ``encoded_frames`` counts frames sent to the encoder (each exactly once), ``reencoded``
+    those sent again because the encoder worker holding their tokens on its GPU stopped."""
     input_frames: int = 0
     output_frames: int = 0
     cuts: int = 0
@@ -69,6 +70,7 @@ class Stats:
     encoded_frames: int = 0
     token_bytes: int = 0
     ditdec_requests: int = 0
+    reencoded: int = 0
     seconds: float = 0.0
 
     @property
@@ -185,6 +187,7 @@ class Interpolator:
         self.window = max(window or max_inflight + chunk, chunk + 1)
         self.detector = detector or SceneDetector(None)
         self.token_dtype = token_dtype
+        self.reencoded = 0  # frames encoded again because their handed-off tokens were lost
 
     # ------------------------------------------------------------------ requests (run in the pool)
     def _encode(self, nodes: list[_Node]) -> list[tuple[EncodedFrames, list[_Node]]]:
@@ -201,7 +204,16 @@ class Interpolator:
 
     def _generate(self, a: _Node, b: _Node, index: int) -> np.ndarray:
         (ea, ia), (eb, ib) = a.token, b.token
-        image, _ = self.client.generate_pair(ea, ia, eb, ib, pair_difference(a, b), frame_seed(self.seed, index))
+        difference, seed = pair_difference(a, b), frame_seed(self.seed, index)
+        try:
+            image, _ = self.client.generate_pair(ea, ia, eb, ib, difference, seed)
+        except TokensLost:  # the encoder worker holding these tokens on its GPU stopped: encode the two again
+            self.reencoded += 2
+            enc = self.client.encode_frames([a.image, b.image], self.token_dtype)
+            try:
+                image, _ = self.client.generate_pair(enc, 0, enc, 1, difference, seed)
+            finally:
+                self.client.release(enc)
         return image
 
     def _release_through(self, segment_index: float) -> None:
@@ -234,6 +246,7 @@ class Interpolator:
         writer = _Writer(write)
         pool = ThreadPoolExecutor(self.max_inflight + self.encoder_inflight, thread_name_prefix="eden-request")
         self._live: list[tuple[int, EncodedFrames]] = []  # (last segment needing them, encoder answer)
+        self.reencoded = 0
         self._written = -1  # the last segment written out
         try:
             while True:
@@ -338,6 +351,7 @@ class Interpolator:
             self._release_through(float("inf"))
         pool.shutdown()
         stats.seconds = time.perf_counter() - t0
+        stats.reencoded = self.reencoded
         return stats
 
     def _take_tokens(self, enc: EncodedFrames, nodes: list[_Node], stats: Stats) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, fields
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, images, pipeline, shm, tokens, ts_patches, wire
+from . import checkpoint, handoff, images, pipeline, shm, tokens, ts_patches, wire
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class RequestError(Exception):
         self.status = status
 
 
-REASONS = {400: "Bad Request", 413: "Payload Too Large", 503: "Service Unavailable", 507: "Insufficient Storage"}
+REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 503: "Service Unavailable", 507: "Insufficient Storage"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class Settings:
     shm_dir: str = shm.DEFAULT_DIR  # same-host transport (eden_serve/shm.py); "" turns it off
     shm_ttl_s: float = 600.0  # segments older than this are swept
     fast_socket_reads: bool = True  # eden_serve/ts_patches.py: read request bodies without repeated copies
-    frame_cache: int = 8  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
+    frame_cache: int = 16  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
+    device_handoff: bool = True  # encoder on a GPU: keep tokens there for shm requests that ask (eden_serve/handoff.py)
+    handoff_max_bytes: int = 8 << 30  # encoder: GPU memory held for handed-off tokens; past it, tokens go to host
 
     @classmethod
     def from_context(cls, context) -> "Settings":
@@ -234,6 +237,14 @@ class BatchService:
             torch.cuda.synchronize(self.device)
         self._stages[name] = self._stages.get(name, 0.0) + time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        """Time part of a stage (no synchronisation of its own: what it times waits for its own copies); reported
+        in X-Eden-Stages like the stages. "transfer": moving the tokens (out of the encoder, into the DiT+decoder)."""
+        start = time.perf_counter()
+        yield
+        self._stages[name] = self._stages.get(name, 0.0) + time.perf_counter() - start
+
     def record_metrics(self, context, stages: dict[str, float], batch_size: int, bytes_in: int,
                        bytes_out: int) -> None:
         """Called once per batch with the stage times (seconds), the batch size and body bytes in and out.
@@ -322,6 +333,13 @@ class EncoderService(BatchService):
 
     def load(self):
         self.encoder = checkpoint.load_encoder(self.model_dir, self.device)
+        # handed-off tokens, by segment name: (tensor, bytes, time); kept until the segment is released
+        self.held: dict[str, tuple[torch.Tensor, int, float]] = {}
+        self.held_lock = threading.Lock()
+        self.handoff = (self.settings.device_handoff and self.store is not None
+                        and handoff.available(self.device))
+        if self.handoff:
+            threading.Thread(target=self._reaper, name="eden-handoff-reaper", daemon=True).start()
 
     def parse(self, request, context, idx):
         s = self.settings
@@ -345,7 +363,9 @@ class EncoderService(BatchService):
         if size > s.max_response_bytes:
             raise RequestError(f"the tokens of {len(frames)} frames of {w}x{h} would be {size} bytes, over the "
                                f"response limit of {s.max_response_bytes}: send fewer frames per request", 413)
-        return (h, w, dtype), (np.stack(frames), dtype, self.wants_shm(context, idx))
+        to_shm = self.wants_shm(context, idx)
+        on_device = to_shm and self.handoff and (request_header(context, idx, "X-Eden-Handoff") or "") == "device"
+        return (h, w, dtype), (np.stack(frames), dtype, "device" if on_device else "shm" if to_shm else "")
 
     def run(self, items):
         with self.stage("encode"):
@@ -360,20 +380,80 @@ class EncoderService(BatchService):
             metas = tokens.blob_metas(encoded, differences, geo, dtype, self.cfg.encoder_fingerprint)
             bodies, start = [], 0
             try:
-                for meta, (_, _, to_shm) in zip(metas, items):
-                    part = gpu[start:start + meta.num_frames]
-                    start += meta.num_frames
-                    bodies.append(self.write_tokens(meta, part) if to_shm else
-                                  [meta.header_bytes(), memoryview(part.cpu().numpy()).cast("B")])
-                tokens.check_finite(gpu, bool(finite))
+                with self.timed("transfer"):
+                    for meta, (_, _, reply) in zip(metas, items):
+                        part = gpu[start:start + meta.num_frames]
+                        start += meta.num_frames
+                        if reply == "device" and (segment := self.hand_off(meta, part)):
+                            bodies.append(segment)
+                        elif reply:
+                            bodies.append(self.write_tokens(meta, part))
+                        else:
+                            bodies.append([meta.header_bytes(), memoryview(part.cpu().numpy()).cast("B")])
+                tokens.check_finite(gpu, bool(finite))  # (a synchronisation: the handed-off tokens are final)
             except (OverflowError, OSError) as e:
                 for body in bodies:
                     if isinstance(body, shm.Segment):
                         self.store.unlink(body.name)
+                        self.drop(body.name)
                 if isinstance(e, OSError):  # e.g. the shared-memory folder is full: worth a retry later
                     raise RequestError(f"cannot write the tokens to shared memory: {e.strerror}", 507) from None
                 raise RequestError(str(e)) from None
             return [(body, wire.CONTENT_TYPE, {}) for body in bodies]
+
+    def hand_off(self, meta: wire.TokenBlob, part: torch.Tensor) -> shm.Segment | None:
+        """Keep ``part`` on the GPU and write a device segment naming it; None if it must go to the host instead
+        (the held memory is at its limit, or this GPU memory cannot be exported)."""
+        nbytes = part.numel() * part.element_size()
+        if self.held_bytes() + nbytes > self.settings.handoff_max_bytes:
+            self.reap()
+            if self.held_bytes() + nbytes > self.settings.handoff_max_bytes:
+                log.info("handed-off tokens at the %d-byte limit: these go through host memory",
+                         self.settings.handoff_max_bytes)
+                return None
+        try:
+            desc = handoff.export(part)
+        except handoff.HandoffError as e:
+            log.warning("device handoff off for this worker, tokens go through host memory: %s", e)
+            self.handoff = False
+            return None
+        body = shm.device_segment(meta, desc)
+        name = self.store.write(body)
+        with self.held_lock:
+            self.held[name] = (part, nbytes, time.monotonic())
+        return shm.Segment(name, len(body))
+
+    def held_bytes(self) -> int:
+        with self.held_lock:
+            return sum(nbytes for _, nbytes, _ in self.held.values())
+
+    def drop(self, name: str) -> None:
+        with self.held_lock:
+            self.held.pop(name, None)
+
+    def reap(self) -> int:
+        """Free the handed-off tokens whose segment was released (unlinked) or is older than the TTL (whose segment
+        is then removed first, so no reader finds it after its memory is reused); returns how many."""
+        cutoff = time.monotonic() - self.store.ttl_s
+        with self.held_lock:
+            names = list(self.held.items())
+        freed = 0
+        for name, (_, _, created) in names:
+            if created < cutoff:
+                self.store.unlink(name)
+            elif (self.store.root / name).exists():
+                continue
+            self.drop(name)
+            freed += 1
+        return freed
+
+    def _reaper(self, period_s: float = 0.5) -> None:
+        while True:
+            time.sleep(period_s)
+            try:
+                self.reap()
+            except Exception:  # noqa: BLE001 - keep reaping
+                log.warning("handoff reaper failed", exc_info=True)
 
     def write_tokens(self, meta: wire.TokenBlob, part: torch.Tensor) -> shm.Segment:
         """A blob straight into a new shared-memory segment: the device copies the tokens into it (no host
@@ -400,19 +480,28 @@ class DitDecService(BatchService):
         self.generator = checkpoint.load_generator(self.model_dir, self.device)
         self.frames: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (segment, frame) -> [2, N, D]
 
-    def frame_tensor(self, segment: str, k: int, blob: wire.TokenBlob) -> torch.Tensor:
+    def frame_tensor(self, segment: str, k: int, blob: wire.TokenBlob, cuda: dict | None) -> torch.Tensor:
         """Frame k of a segment's blob on the device, from the cache when a previous pair brought it (a segment's
-        bytes never change: it is written once under a fresh name)."""
+        bytes never change: it is written once under a fresh name). A device segment comes over whole on first use
+        (one mapping of the encoder's memory for all its frames: mapping costs more than copying)."""
         key = (segment, k)
         if key in self.frames:
             self.frames.move_to_end(key)
             return self.frames[key]
-        t = tokens.array_tensor(blob.tokens[k], self.device)
+        with self.timed("transfer"):
+            if cuda:
+                first = 0 if self.settings.frame_cache >= blob.num_frames else k
+                frames = self.device_frames(blob, cuda, first, blob.num_frames - first)
+                # each its own copy (device to device, fast), so the cache holds what it counts and no more
+                got = {first + i: f.clone() if blob.num_frames - first > 1 else f for i, f in enumerate(frames)}
+            else:
+                got = {k: tokens.array_tensor(blob.tokens[k], self.device)}
         if self.settings.frame_cache > 0:
-            self.frames[key] = t
+            for i in sorted(got, key=lambda i: i == k):  # frame k last: the most recently used
+                self.frames[(segment, i)] = got[i]
             while len(self.frames) > self.settings.frame_cache:
                 self.frames.popitem(last=False)
-        return t
+        return got[k]
 
     def parse(self, request, context, idx):
         body = _as_bytes(request.get("body") if request.get("body") is not None else request.get("data"))
@@ -425,26 +514,45 @@ class DitDecService(BatchService):
         blob, geo, t = self.pair_tokens(body)
         return (geo, blob.dtype), (blob, t, seed, fmt)
 
+    def device_frames(self, blob: wire.TokenBlob, cuda: dict, first: int, count: int) -> torch.Tensor:
+        """Frames first..first+count-1 of a device segment's blob, copied from the encoder's GPU [count, 2, N, D]."""
+        if self.device.type != "cuda":
+            raise RequestError("these tokens were handed off on a GPU, which this CPU worker cannot read: ask the "
+                               "encoder for host tokens (client --handoff host)")
+        frame_bytes = blob.tokens[0].nbytes
+        try:
+            t = handoff.import_copy(cuda, first * frame_bytes, (count, *blob.tokens.shape[1:]),
+                                    getattr(torch, blob.dtype), self.device)
+        except handoff.TokensGone as e:
+            raise RequestError(f"{e}: encode the frames again", 410) from None
+        except handoff.HandoffError as e:
+            raise RequestError(f"cannot use the handed-off tokens: {e}") from None
+        if not torch.isfinite(t).all():
+            raise RequestError("tokens contain NaN or infinite values")
+        return t
+
     def pair_tokens(self, body) -> tuple[wire.TokenBlob, pipeline.Geometry, torch.Tensor]:
         """The pair a body names (a blob, or a reference) -> its blob (checked against the model), geometry and
         tokens on the device [2, 2, N, D]."""
         ref = self.ref(body) if shm.is_ref(body) else None
         if ref is None or "segment" in ref:
-            blob = wire.from_bytes(self.value(body, "body"))
+            blob, cuda = shm.read_blob(self.value(body, "body"))
             geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
-            return blob, geo, tokens.tokens_tensor(blob, self.device)
+            with self.timed("transfer"):
+                t = self.device_frames(blob, cuda, 0, 2) if cuda else tokens.tokens_tensor(blob, self.device)
+            return blob, geo, t
         frames, difference = shm.pair_frames(ref)
-        blobs = [wire.from_bytes(self.store.read(seg)) for seg, _ in frames]
-        for (seg, k), blob in zip(frames, blobs):
+        read = [shm.read_blob(self.store.read(seg)) for seg, _ in frames]
+        for (seg, k), (blob, _) in zip(frames, read):
             if k >= blob.num_frames:
                 raise RequestError(f"frame {k} of segment {seg} does not exist (it holds {blob.num_frames})")
         (seg0, k0), (seg1, k1) = frames
         if seg0 == seg1 and k1 == k0 + 1:  # consecutive frames of one blob: a view, no copy
-            blob = blobs[0].window(k0, difference)
-        else:
-            blob = wire.TokenBlob.pair(blobs[0].frame(k0), blobs[1].frame(k1), difference)
+            blob = read[0][0].window(k0, difference)
+        else:  # the tokens come from frame_tensor, the blob is only checked
+            blob = wire.TokenBlob.pair(read[0][0].frame(k0), read[1][0].frame(k1), difference, copy=False)
         geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
-        t = torch.stack([self.frame_tensor(seg, k, b) for (seg, k), b in zip(frames, blobs)])
+        t = torch.stack([self.frame_tensor(seg, k, b, cuda) for (seg, k), (b, cuda) in zip(frames, read)])
         return blob, geo, t
 
     def run(self, items):

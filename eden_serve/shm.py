@@ -9,7 +9,10 @@ by default) and the request carries a *reference*: ``b"EDENREF1"`` followed by U
                                                               DiT+decoder only: frames of two token blobs
 
 The bytes in a segment are exactly what HTTP would carry (an image or a token blob), so they are parsed and checked
-the same way. Segments are written under a temporary name and renamed (no reader sees a partial one), created
+the same way. One exception: an encoder on a GPU asked for a device handoff (``X-Eden-Handoff: device``) keeps
+the tokens on its GPU and writes a *device segment*: ``b"EDENDEV1"`` followed by UTF-8 JSON
+``{"blob": <the token blob's header>, "cuda": <descriptor>}`` (eden_serve/handoff.py), which readers turn into
+the same blob with its tokens left where they are. Segments are written under a temporary name and renamed (no reader sees a partial one), created
 0600 (same user only) and never followed through links; names are ``eden-`` + 32 hex digits, nothing else is
 opened. Whoever asked for a segment unlinks it when done (the client, for the encoder's tokens and the returned
 frames); anything older than the store's TTL is swept by the handlers, so a killed client or worker leaks nothing
@@ -29,8 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from . import wire
+
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (Linux): no fault per page on first touch
 REF_MAGIC = b"EDENREF1"
+DEVICE_MAGIC = b"EDENDEV1"
 REF_CONTENT_TYPE = "application/x-eden-ref"
 NAME_RE = re.compile(r"^eden-[0-9a-f]{32}$")
 DEFAULT_DIR = "/dev/shm/eden"
@@ -174,3 +180,25 @@ def pair_frames(ref: dict) -> tuple[list[tuple[str, int]], float]:
     if type(diff) not in (int, float) or diff != diff or abs(diff) == float("inf"):
         raise ShmError("a pair reference needs a finite 'difference'")
     return [(f["segment"], f["frame"]) for f in frames], float(diff)
+
+
+# ---------------------------------------------------------------------- device segments
+def device_segment(blob: wire.TokenBlob, cuda: dict) -> bytes:
+    """The bytes of a device segment: the blob's header and where its tokens are (``handoff.export``)."""
+    return DEVICE_MAGIC + json.dumps({"blob": blob.header(), "cuda": cuda}, separators=(",", ":")).encode()
+
+
+def read_blob(data) -> tuple[wire.TokenBlob, dict | None]:
+    """A segment's (or body's) token blob -> (blob, None), or for a device segment (blob whose tokens are only a
+    shape, its CUDA descriptor). Raises WireError / ShmError naming what is wrong."""
+    if bytes(data[:len(DEVICE_MAGIC)]) != DEVICE_MAGIC:
+        return wire.from_bytes(data), None
+    if len(data) > wire.MAX_HEADER_BYTES:
+        raise ShmError(f"device segment of {len(data)} bytes is over {wire.MAX_HEADER_BYTES}")
+    try:
+        body = json.loads(bytes(data[len(DEVICE_MAGIC):]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShmError(f"device segment is not valid JSON: {e}") from None
+    if not isinstance(body, dict) or set(body) != {"blob", "cuda"} or not isinstance(body["cuda"], dict):
+        raise ShmError("a device segment needs exactly 'blob' (a token blob header) and 'cuda' (a descriptor)")
+    return wire.from_header(body["blob"]), body["cuda"]

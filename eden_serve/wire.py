@@ -102,15 +102,18 @@ class TokenBlob:
                          self.std[k:k + 2], [diff], self.encoder)
 
     @staticmethod
-    def pair(first: "TokenBlob", second: "TokenBlob", difference: float) -> "TokenBlob":
-        """Two single frames (``frame(k)`` of any blobs of the same size and encoder) -> a pair blob."""
+    def pair(first: "TokenBlob", second: "TokenBlob", difference: float, copy: bool = True) -> "TokenBlob":
+        """Two single frames (``frame(k)`` of any blobs of the same size and encoder) -> a pair blob; with
+        ``copy=False`` its tokens are only a shape (for a reader that takes the tokens from elsewhere)."""
         for name in ("size", "padding", "patch_size", "encoder"):
             if getattr(first, name) != getattr(second, name):
                 raise WireError(f"cannot pair frames with different {name}: {getattr(first, name)} vs "
                                 f"{getattr(second, name)}")
         if first.tokens.dtype != second.tokens.dtype or first.tokens.shape[1:] != second.tokens.shape[1:]:
             raise WireError("cannot pair frames with different token dtype or shape")
-        return TokenBlob(np.concatenate([first.tokens[-1:], second.tokens[:1]]), first.size, first.padding,
+        tokens = (np.concatenate([first.tokens[-1:], second.tokens[:1]]) if copy
+                  else shape_only((2, *first.tokens.shape[1:]), first.dtype))
+        return TokenBlob(tokens, first.size, first.padding,
                          first.patch_size, [first.mean[-1], second.mean[0]], [first.std[-1], second.std[0]],
                          [float(difference)], first.encoder)
 
@@ -185,6 +188,21 @@ def from_bytes(buf) -> TokenBlob:
         h = json.loads(bytes(buf[PREFIX.size:PREFIX.size + head_len]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WireError(f"header is not valid JSON: {e}") from None
+    blob = from_header(h)
+    K, _, N, D = blob.tokens.shape
+    start = PREFIX.size + head_len
+    expected = blob.tokens.nbytes
+    got = len(buf) - start
+    if got < expected:
+        raise WireError(f"truncated token blob: {got} payload bytes, expected {expected} for shape {[K, 2, N, D]}")
+    if got > expected:
+        raise WireError(f"{got - expected} unexpected trailing bytes after the {expected}-byte token payload")
+    blob.tokens = np.frombuffer(buf[start:], dtype=blob.tokens.dtype).reshape(K, 2, N, D)
+    return blob
+
+
+def from_header(h) -> TokenBlob:
+    """Check a decoded header (every field) -> a blob whose tokens are only a shape (``shape_only``)."""
     if not isinstance(h, dict):
         raise WireError("header is not a JSON object")
     dtype = h.get("dtype")
@@ -210,12 +228,5 @@ def from_bytes(buf) -> TokenBlob:
     encoder = h.get("encoder")
     if not isinstance(encoder, str) or len(encoder) > 128:
         raise WireError("header field 'encoder' must be a string")
-    start = PREFIX.size + head_len
-    expected = K * 2 * N * D * DTYPES[dtype].itemsize
-    got = len(buf) - start
-    if got < expected:
-        raise WireError(f"truncated token blob: {got} payload bytes, expected {expected} for shape {[K, 2, N, D]}")
-    if got > expected:
-        raise WireError(f"{got - expected} unexpected trailing bytes after the {expected}-byte token payload")
-    tokens = np.frombuffer(buf[start:], dtype=DTYPES[dtype]).reshape(K, 2, N, D)
-    return TokenBlob(tokens, (height, width), (left, right, top, bottom), patch, mean, std, differences, encoder)
+    return TokenBlob(shape_only((K, 2, N, D), dtype), (height, width), (left, right, top, bottom), patch, mean, std,
+                     differences, encoder)

@@ -21,7 +21,7 @@ from client.api import EdenClient, KeySource
 from client.convert import Options, convert
 from client.frames_io import Frame, natural_key
 from client.scenes import SceneDetector, ssim, thumbnail
-from client.api import EncodedFrames
+from client.api import EncodedFrames, TokensLost
 from client.video import Interpolator, frame_seed, output_count
 from client.video_cli import parse_rate
 from eden_serve import pipeline, wire
@@ -105,6 +105,27 @@ def run_fake(values, factor, **kw):
     stats = Interpolator(fake, factor, **kw).run(flat_frames(values), lambda img, pts, d: out.append((img, pts, d)))
     assert sorted(fake.released) == sorted(fake.answers)  # every encoder answer released once, none kept
     return fake, stats, out
+
+
+class LosingEden(FakeEden):
+    """As if the encoder worker holding the second answer's tokens on its GPU stopped: pairs using it get 410."""
+
+    def generate_pair(self, first, i, second, j, difference, seed=None):
+        if "answer-1" in (first.segment, second.segment):
+            raise TokensLost("eden_ditdec: HTTP 410: the encoder worker that held these tokens has stopped", 410)
+        return super().generate_pair(first, i, second, j, difference, seed)
+
+
+def test_lost_device_tokens_are_encoded_again_with_the_same_frames():
+    values = [0, 128, 200, 120, 40, 96, 0, 64, 232, 8, 160, 80]
+    _, clean, want = run_fake(values, 4, chunk=4, max_inflight=3)
+    fake = LosingEden()
+    got = []
+    stats = Interpolator(fake, 4, chunk=4, max_inflight=3).run(flat_frames(values),
+                                                              lambda img, pts, d: got.append((img, pts, d)))
+    assert sorted(fake.released) == sorted(fake.answers)  # the extra answers released too
+    assert stats.reencoded > 0 and clean.reencoded == 0
+    assert [(int(i[0, 0, 0]), p, d) for i, p, d in got] == [(int(i[0, 0, 0]), p, d) for i, p, d in want]
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8])
