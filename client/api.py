@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import requests
+import urllib3
 
 from eden_serve import wire
 from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
@@ -237,7 +238,9 @@ class ModelClient:
                 sent["Authorization"] = f"Bearer {key}"
             status, retry_after = 0, None
             try:
-                r = self.session.post(self.endpoint, data=data, files=files, headers=sent, timeout=timeout)
+                r = self.session.post(self.endpoint, data=data, files=files, headers=sent, timeout=timeout,
+                                      stream=True)
+                _read_body(r)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError) as e:
                 reason = "connection"
@@ -314,6 +317,21 @@ def _cause(e: Exception) -> str:
         if marker in text:
             return marker
     return type(e).__name__
+
+
+def _read_body(r: requests.Response) -> None:
+    """Read the whole body of a streamed answer in one call, then ``r.content`` is it. requests itself reads 10 KB
+    at a time, which costs 5x more client time for a 20 MB token blob (52 against 9 ms here), and a client thread
+    reading holds the interpreter that the other requests' threads need."""
+    try:
+        r._content = r.raw.read(decode_content=True)  # what r.content returns from now on
+        r._content_consumed = True
+    except urllib3.exceptions.ReadTimeoutError as e:
+        raise requests.exceptions.ReadTimeout(e, response=r) from None
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise requests.ConnectionError(e, response=r) from None
+    finally:
+        r.close()  # the connection goes back to the session's pool (or is dropped if the read failed)
 
 
 def _error_of(r: requests.Response) -> dict:
