@@ -323,6 +323,8 @@ def _read_body(r: requests.Response) -> None:
     """Read the whole body of a streamed answer in one call, then ``r.content`` is it. requests itself reads 10 KB
     at a time, which costs 5x more client time for a 20 MB token blob (52 against 9 ms here), and a client thread
     reading holds the interpreter that the other requests' threads need."""
+    if r._content is not False or r.raw is None:  # already read (or nothing to read)
+        return
     try:
         r._content = r.raw.read(decode_content=True)  # what r.content returns from now on
         r._content_consumed = True

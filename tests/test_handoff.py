@@ -4,6 +4,8 @@ tokens cross processes GPU to GPU, and a stopped encoder worker is reported as t
 import json
 import multiprocessing
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 
 from client.api import EdenClient, KeySource
 from eden_serve import handoff, shm, wire
+from eden_serve.serving import EncoderService, Settings
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref
 
 DESC = {"handle": "ab" * 64, "offset": 0, "nbytes": 1 << 20, "device": "0000:1b:00.0", "pid": 1}
@@ -66,6 +69,39 @@ def test_pair_without_copy_has_the_same_header():
 
 def test_no_handoff_off_the_gpu():
     assert not handoff.available(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------- the encoder's held tokens
+def holding_encoder(tmp_path, ttl_s=60.0, max_bytes=1 << 30) -> EncoderService:
+    """An encoder service with only what holding handed-off tokens needs (no model, no GPU)."""
+    svc = EncoderService.__new__(EncoderService)
+    svc.store = ShmStore(tmp_path, ttl_s=ttl_s)
+    svc.settings = Settings(handoff_max_bytes=max_bytes)
+    svc.held, svc.held_lock, svc.handoff = {}, threading.Lock(), True
+    return svc
+
+
+def test_held_tokens_are_freed_when_released_or_expired(tmp_path):
+    svc = holding_encoder(tmp_path)
+    names = [svc.store.write(b"device segment") for _ in range(3)]
+    now = time.monotonic()
+    svc.held = {names[0]: (torch.zeros(4), 16, now), names[1]: (torch.zeros(4), 16, now),
+                names[2]: (torch.zeros(4), 16, now - 120)}
+    svc.store.unlink(names[0])  # the client released it
+    assert svc.reap() == 2
+    assert list(svc.held) == [names[1]] and svc.held_bytes() == 16
+    assert sorted(os.listdir(tmp_path)) == [names[1]]  # the expired one's segment is removed with its tokens
+
+
+def test_tokens_past_the_held_limit_go_to_host_memory(tmp_path):
+    svc = holding_encoder(tmp_path, max_bytes=100)
+    name = svc.store.write(b"device segment")
+    svc.held = {name: (torch.zeros(20), 80, time.monotonic())}
+    meta = blob(1)
+    assert svc.hand_off(meta, torch.zeros(16)) is None  # 80 + 32 > 100 and nothing to free: host path
+    svc.store.unlink(name)
+    # once released there is room; on a CPU tensor the export itself refuses, so the worker stops handing off
+    assert svc.hand_off(meta, torch.zeros(16)) is None and not svc.handoff and svc.held == {}
 
 
 # ---------------------------------------------------------------------- a CPU deployment (real TorchServe)
