@@ -214,8 +214,9 @@ def import_copy(desc: dict, offset: int, shape: tuple[int, ...], dtype: torch.dt
     own = device.index if device.index is not None else torch.cuda.current_device()
     try:
         src = own if desc["device"].lower() == drv.bus_id(own).lower() else drv.ordinal_of(desc["device"])
-    except HandoffError:
-        raise TokensGone(f"the encoder's GPU {desc['device']} is not visible to this worker") from None
+    except HandoffError:  # a configuration problem (CUDA_VISIBLE_DEVICES, containers), not lost tokens
+        raise HandoffError(f"the encoder's GPU {desc['device']} is not visible to this worker: give both workers "
+                           "the same GPUs, or ask the encoder for host tokens (client --handoff host)") from None
     error = None
     for where in dict.fromkeys([own, src] if peer else [src, own]):
         try:
