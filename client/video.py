@@ -188,6 +188,7 @@ class Interpolator:
         self.detector = detector or SceneDetector(None)
         self.token_dtype = token_dtype
         self.reencoded = 0  # frames encoded again because their handed-off tokens were lost
+        self._count_lock = threading.Lock()
 
     # ------------------------------------------------------------------ requests (run in the pool)
     def _encode(self, nodes: list[_Node]) -> list[tuple[EncodedFrames, list[_Node]]]:
@@ -208,7 +209,8 @@ class Interpolator:
         try:
             image, _ = self.client.generate_pair(ea, ia, eb, ib, difference, seed)
         except TokensLost:  # the encoder worker holding these tokens on its GPU stopped: encode the two again
-            self.reencoded += 2
+            with self._count_lock:
+                self.reencoded += 2
             enc = self.client.encode_frames([a.image, b.image], self.token_dtype)
             try:
                 image, _ = self.client.generate_pair(enc, 0, enc, 1, difference, seed)

@@ -15,12 +15,15 @@ and it keeps ``tensor`` alive until the segment is released. The DiT+decoder's s
 
     t = import_copy(desc, frame_offset, shape, dtype, device)   # a new tensor on ``device``
 
-Each import opens the handle, copies, waits for the copy and closes the handle: nothing of the encoder's memory
-stays mapped in the DiT+decoder. A handle whose memory is gone (the encoder worker stopped) raises ``TokensGone``.
+Each import opens the handle, checks the range against what is mapped, copies, waits for the copy and closes the
+handle: nothing of the encoder's memory stays mapped in the DiT+decoder (CUDA leaves freeing exported memory that
+an importer still maps undefined). Whether the memory still holds the tokens is the segment lease's business
+(``shm.ShmStore.lease``). A handle whose exporter has stopped raises ``TokensGone``.
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import threading
@@ -31,6 +34,9 @@ IPC_HANDLE_BYTES = 64
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 BUS_ID_RE = re.compile(r"^[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-9A-Fa-f]$")
 DESC_KEYS = {"handle", "offset", "nbytes", "device", "pid"}
+LIMITS = {"offset": 1 << 48, "nbytes": 1 << 48, "pid": 1 << 31}  # exclusive upper bounds of the integer fields
+
+log = logging.getLogger(__name__)
 
 
 class HandoffError(RuntimeError):
@@ -39,6 +45,10 @@ class HandoffError(RuntimeError):
 
 class TokensGone(HandoffError):
     """The tokens a descriptor names are no longer on the encoder's GPU (its worker stopped, or they expired)."""
+
+
+class CopyFailed(RuntimeError):
+    """The copy onto this worker's own GPU failed: a fault of this worker, not of the request."""
 
 
 class _IpcHandle(ctypes.Structure):
@@ -157,9 +167,9 @@ def check_descriptor(desc) -> dict:
     handle = desc["handle"]
     if not isinstance(handle, str) or not re.fullmatch(f"[0-9a-f]{{{2 * IPC_HANDLE_BYTES}}}", handle):
         raise HandoffError(f"device descriptor 'handle' must be {2 * IPC_HANDLE_BYTES} lowercase hex digits")
-    for key in ("offset", "nbytes", "pid"):
-        if type(desc[key]) is not int or desc[key] < 0:
-            raise HandoffError(f"device descriptor '{key}' must be a non-negative integer")
+    for key, limit in LIMITS.items():
+        if type(desc[key]) is not int or not 0 <= desc[key] < limit:
+            raise HandoffError(f"device descriptor '{key}' must be an integer in [0, {limit})")
     if not isinstance(desc["device"], str) or not BUS_ID_RE.match(desc["device"]):
         raise HandoffError("device descriptor 'device' must be a PCI bus id like 0000:1b:00.0")
     return desc
@@ -186,12 +196,37 @@ def _open(drv: _Driver, ordinal: int, handle: _IpcHandle) -> int:
     return ptr.value
 
 
-def _close(drv: _Driver, ordinal: int, ptr: int) -> None:
+def _mapped_bytes(drv: _Driver, ordinal: int, ptr: int) -> int:
+    """Bytes mapped from ``ptr`` on (the exported allocation's size)."""
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
     drv.push(ordinal)
     try:
-        drv.call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
+        drv.call("cuMemGetAddressRange", ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr),
+                 alias=("cuMemGetAddressRange_v2",))
     finally:
         drv.pop()
+    return base.value + size.value - ptr
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def _close(drv: _Driver, ordinal: int, ptr: int) -> None:
+    """Unmap; a failure is logged (the copy before it is done and good)."""
+    try:
+        drv.push(ordinal)
+        try:
+            drv.call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
+        finally:
+            drv.pop()
+    except HandoffError:
+        log.warning("could not unmap handed-off memory", exc_info=True)
 
 
 def import_copy(desc: dict, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -208,6 +243,7 @@ def import_copy(desc: dict, offset: int, shape: tuple[int, ...], dtype: torch.dt
     nbytes = out.numel() * out.element_size()
     if offset < 0 or offset + nbytes > desc["nbytes"]:
         raise HandoffError(f"bytes {offset}..{offset + nbytes} are outside the {desc['nbytes']} handed off")
+    start = desc["offset"] + offset  # from the mapping's base
     drv = driver()
     handle = _IpcHandle()
     handle.reserved = (ctypes.c_ubyte * IPC_HANDLE_BYTES).from_buffer_copy(bytes.fromhex(desc["handle"]))
@@ -227,12 +263,20 @@ def import_copy(desc: dict, offset: int, shape: tuple[int, ...], dtype: torch.dt
     else:
         if not _alive(desc["pid"]):
             raise TokensGone(f"the encoder worker (pid {desc['pid']}) that held these tokens has stopped")
-        raise TokensGone(f"the tokens are no longer on the encoder's GPU ({error})")
+        raise HandoffError(f"cannot map the encoder's GPU memory ({error}): workers in separate containers must "
+                           "share the host's IPC namespace, or ask the encoder for host tokens (client --handoff host)")
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     try:
+        try:
+            mapped = _mapped_bytes(drv, where, ptr)
+        except HandoffError as e:  # then the descriptor's own bounds (its file is the workers' user's, mode 0600)
+            _warn_once(f"cannot query the size of mapped IPC memory, relying on the descriptor's bounds: {e}")
+            mapped = None
+        if mapped is not None and start + nbytes > mapped:  # never read past what was exported
+            raise HandoffError(f"bytes {start}..{start + nbytes} are outside the {mapped} bytes exported")
         drv.push(own)
         try:
-            at = ctypes.c_uint64(ptr + desc["offset"] + offset)
+            at = ctypes.c_uint64(ptr + start)
             if where == own:
                 drv.call("cuMemcpyDtoDAsync", ctypes.c_uint64(out.data_ptr()), at, ctypes.c_size_t(nbytes), stream,
                          alias=("cuMemcpyDtoDAsync_v2",))
@@ -240,6 +284,8 @@ def import_copy(desc: dict, offset: int, shape: tuple[int, ...], dtype: torch.dt
                 drv.call("cuMemcpyPeerAsync", ctypes.c_uint64(out.data_ptr()), drv.context(own), at,
                          drv.context(src), ctypes.c_size_t(nbytes), stream)
             drv.call("cuStreamSynchronize", stream)
+        except HandoffError as e:
+            raise CopyFailed(f"copying handed-off tokens onto {device} failed: {e}") from None
         finally:
             drv.pop()
     finally:

@@ -7,7 +7,9 @@ and does not disturb the others; the worker keeps serving.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import logging
 import secrets
 import threading
@@ -288,6 +290,10 @@ class BatchService:
                     answers[idx] = self._error(context, idx, e)
                 except (wire.WireError, images.ImageError, shm.ShmError) as e:
                     answers[idx] = self._error(context, idx, RequestError(str(e)))
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    answers[idx] = self._error(context, idx, RequestError(
+                        "the GPU ran out of memory for this request's inputs: retry, or send smaller frames", 503))
         for items in groups.values():
             indices = [i for i, _ in items]
             try:
@@ -333,8 +339,9 @@ class EncoderService(BatchService):
 
     def load(self):
         self.encoder = checkpoint.load_encoder(self.model_dir, self.device)
-        # handed-off tokens, by segment name: (tensor, bytes, time); kept until the segment is released
-        self.held: dict[str, tuple[torch.Tensor, int, float]] = {}
+        # handed-off tokens, by segment name: (tensor, bytes, time, open descriptor of the segment for its lock);
+        # kept until the segment is released
+        self.held: dict[str, tuple[torch.Tensor, int, float, int]] = {}
         self.held_lock = threading.Lock()
         self.handoff = (self.settings.device_handoff and self.store is not None
                         and handoff.available(self.device))
@@ -384,21 +391,24 @@ class EncoderService(BatchService):
                     for meta, (_, _, reply) in zip(metas, items):
                         part = gpu[start:start + meta.num_frames]
                         start += meta.num_frames
-                        if reply == "device" and (segment := self.hand_off(meta, part)):
+                        if reply == "device" and (segment := self.hand_off(  # held: its own memory, not the batch's
+                                meta, part if len(items) == 1 else part.clone())):
                             bodies.append(segment)
                         elif reply:
                             bodies.append(self.write_tokens(meta, part))
                         else:
                             bodies.append([meta.header_bytes(), memoryview(part.cpu().numpy()).cast("B")])
                 tokens.check_finite(gpu, bool(finite))  # (a synchronisation: the handed-off tokens are final)
-            except (OverflowError, OSError) as e:
+            except BaseException as e:  # nothing written for this batch outlives it
                 for body in bodies:
                     if isinstance(body, shm.Segment):
                         self.store.unlink(body.name)
                         self.drop(body.name)
                 if isinstance(e, OSError):  # e.g. the shared-memory folder is full: worth a retry later
                     raise RequestError(f"cannot write the tokens to shared memory: {e.strerror}", 507) from None
-                raise RequestError(str(e)) from None
+                if isinstance(e, OverflowError):
+                    raise RequestError(str(e)) from None
+                raise
             return [(body, wire.CONTENT_TYPE, {}) for body in bodies]
 
     def hand_off(self, meta: wire.TokenBlob, part: torch.Tensor) -> shm.Segment | None:
@@ -418,31 +428,41 @@ class EncoderService(BatchService):
             self.handoff = False
             return None
         body = shm.device_segment(meta, desc)
-        name = self.store.write(body)
+        name, fd = self.store.write_held(body)
         with self.held_lock:
-            self.held[name] = (part, nbytes, time.monotonic())
+            self.held[name] = (part, nbytes, time.monotonic(), fd)
         return shm.Segment(name, len(body))
 
     def held_bytes(self) -> int:
         with self.held_lock:
-            return sum(nbytes for _, nbytes, _ in self.held.values())
+            return sum(entry[1] for entry in self.held.values())
 
     def drop(self, name: str) -> None:
+        """Free a handed-off segment's tokens now (no reader can be using them)."""
         with self.held_lock:
-            self.held.pop(name, None)
+            entry = self.held.pop(name, None)
+        if entry is not None:
+            os.close(entry[3])
 
     def reap(self) -> int:
-        """Free the handed-off tokens whose segment was released (unlinked) or is older than the TTL (whose segment
-        is then removed first, so no reader finds it after its memory is reused); returns how many."""
+        """Free the handed-off tokens whose segment was released (unlinked) or is older than the TTL (then removed);
+        returns how many. Each is freed under the segment's exclusive lock after emptying the file, so a reader
+        holding a lease (``ShmStore.lease``) finishes first, and a later one finds the file empty: nobody reads
+        memory the allocator has given to something else."""
         cutoff = time.monotonic() - self.store.ttl_s
         with self.held_lock:
-            names = list(self.held.items())
+            entries = list(self.held.items())
         freed = 0
-        for name, (_, _, created) in names:
+        for name, (_, _, created, fd) in entries:
             if created < cutoff:
                 self.store.unlink(name)
             elif (self.store.root / name).exists():
                 continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a DiT+decoder is copying from it: next round
+            os.ftruncate(fd, 0)
             self.drop(name)
             freed += 1
         return freed
@@ -491,9 +511,10 @@ class DitDecService(BatchService):
         with self.timed("transfer"):
             if cuda:
                 first = 0 if self.settings.frame_cache >= blob.num_frames else k
-                frames = self.device_frames(blob, cuda, first, blob.num_frames - first)
+                count = min(blob.num_frames - first, max(self.settings.frame_cache, 1))
+                frames = self.device_frames(blob, cuda, first, count)
                 # each its own copy (device to device, fast), so the cache holds what it counts and no more
-                got = {first + i: f.clone() if blob.num_frames - first > 1 else f for i, f in enumerate(frames)}
+                got = {first + i: f.clone() if count > 1 else f for i, f in enumerate(frames)}
             else:
                 got = {k: tokens.array_tensor(blob.tokens[k], self.device)}
         if self.settings.frame_cache > 0:
@@ -519,6 +540,9 @@ class DitDecService(BatchService):
         if self.device.type != "cuda":
             raise RequestError("these tokens were handed off on a GPU, which this CPU worker cannot read: ask the "
                                "encoder for host tokens (client --handoff host)")
+        if cuda.get("nbytes") != blob.tokens.nbytes:
+            raise RequestError(f"device segment: the descriptor hands off {cuda.get('nbytes')} bytes but the blob's "
+                               f"tokens are {blob.tokens.nbytes}")
         frame_bytes = blob.tokens[0].nbytes
         try:
             t = handoff.import_copy(cuda, first * frame_bytes, (count, *blob.tokens.shape[1:]),
@@ -535,14 +559,28 @@ class DitDecService(BatchService):
         """The pair a body names (a blob, or a reference) -> its blob (checked against the model), geometry and
         tokens on the device [2, 2, N, D]."""
         ref = self.ref(body) if shm.is_ref(body) else None
-        if ref is None or "segment" in ref:
-            blob, cuda = shm.read_blob(self.value(body, "body"))
+        if ref is None:  # the blob itself (device segments only come from this host's shared memory)
+            blob = wire.from_bytes(body)
+            geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
+            with self.timed("transfer"):
+                return blob, geo, tokens.tokens_tensor(blob, self.device)
+        with contextlib.ExitStack() as leases:  # segments locked until their tokens are on this device
+            try:
+                return self.segment_pair(ref, leases)
+            except shm.SegmentGone as e:
+                raise RequestError(f"{e}: encode the frames again", 410) from None
+
+    def segment_pair(self, ref: dict, leases: contextlib.ExitStack):
+        if "segment" in ref:
+            if set(ref) != {"segment"}:
+                raise RequestError("body: a reference here must be {'segment': NAME}")
+            blob, cuda = shm.read_blob(leases.enter_context(self.store.lease(ref["segment"])))
             geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
             with self.timed("transfer"):
                 t = self.device_frames(blob, cuda, 0, 2) if cuda else tokens.tokens_tensor(blob, self.device)
             return blob, geo, t
         frames, difference = shm.pair_frames(ref)
-        read = [shm.read_blob(self.store.read(seg)) for seg, _ in frames]
+        read = [shm.read_blob(leases.enter_context(self.store.lease(seg))) for seg, _ in frames]
         for (seg, k), (blob, _) in zip(frames, read):
             if k >= blob.num_frames:
                 raise RequestError(f"frame {k} of segment {seg} does not exist (it holds {blob.num_frames})")

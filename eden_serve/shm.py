@@ -21,6 +21,7 @@ for long.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import mmap
 import os
@@ -101,25 +102,48 @@ class ShmStore:
 
     def read(self, name: str) -> memoryview:
         """A read-only view of the segment's bytes (memory-mapped, no copy)."""
+        fd = self._open(name)
+        try:
+            return self._map(fd, name)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator[memoryview]:
+        """``read``, holding a shared lock on the segment until the block ends. A device segment's writer frees
+        its GPU memory only under an exclusive lock, after truncating the file: a reader sees either the whole
+        segment with the memory still there, or an empty file."""
+        lock = self._open(name)  # its own descriptor: a mapping keeps a duplicate of the one it maps, which would
+        try:                     # keep a lock taken through it for as long as the mapping lives
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            yield self.read(name)
+        finally:
+            os.close(lock)  # (releases the lock)
+
+    def _open(self, name: str) -> int:
         path = self.path(name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise ShmError(f"segment {name} does not exist in {self.root} (expired, already released, or on "
                            "another host: use the HTTP transport across hosts)") from None
         except OSError as e:
             raise ShmError(f"segment {name} cannot be opened: {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ShmError(f"segment {name} is not a regular file")
-            if st.st_size == 0:
-                return memoryview(b"")
-            if st.st_size > self.max_bytes:
-                raise ShmError(f"segment {name} is {st.st_size} bytes, over the limit of {self.max_bytes}")
-            return memoryview(mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | POPULATE, prot=mmap.PROT_READ))
-        finally:
-            os.close(fd)
+
+    def _map(self, fd: int, name: str) -> memoryview:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ShmError(f"segment {name} is not a regular file")
+        if st.st_size == 0:
+            return memoryview(b"")
+        if st.st_size > self.max_bytes:
+            raise ShmError(f"segment {name} is {st.st_size} bytes, over the limit of {self.max_bytes}")
+        return memoryview(mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | POPULATE, prot=mmap.PROT_READ))
+
+    def write_held(self, data: bytes) -> tuple[str, int]:
+        """``write``, and an open descriptor of the new segment for its writer to lock (see ``lease``)."""
+        name = self.write(data)
+        return name, os.open(self.root / name, os.O_RDWR | os.O_NOFOLLOW)
 
     def unlink(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
@@ -188,9 +212,16 @@ def device_segment(blob: wire.TokenBlob, cuda: dict) -> bytes:
     return DEVICE_MAGIC + json.dumps({"blob": blob.header(), "cuda": cuda}, separators=(",", ":")).encode()
 
 
+class SegmentGone(ShmError):
+    """A device segment whose tokens were freed (its file was emptied under the writer's lock)."""
+
+
 def read_blob(data) -> tuple[wire.TokenBlob, dict | None]:
-    """A segment's (or body's) token blob -> (blob, None), or for a device segment (blob whose tokens are only a
-    shape, its CUDA descriptor). Raises WireError / ShmError naming what is wrong."""
+    """A segment's token blob -> (blob, None), or for a device segment (blob whose tokens are only a shape, its
+    CUDA descriptor). Only for bytes read from the store: a body that came over the network is ``wire.from_bytes``.
+    Raises WireError / ShmError naming what is wrong."""
+    if len(data) == 0:
+        raise SegmentGone("the segment is empty: its tokens were freed (expired or released)")
     if bytes(data[:len(DEVICE_MAGIC)]) != DEVICE_MAGIC:
         return wire.from_bytes(data), None
     if len(data) > wire.MAX_HEADER_BYTES:

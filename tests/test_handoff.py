@@ -32,6 +32,8 @@ def blob(k=2, n=4, d=8):
     ({"offset": -1}, "'offset'"),
     ({"nbytes": 1.5}, "'nbytes'"),
     ({"pid": "1"}, "'pid'"),
+    ({"pid": 1 << 40}, "'pid'"),
+    ({"offset": 1 << 60}, "'offset'"),
     ({"device": "../../dev"}, "PCI bus id"),
     ({"extra": 1}, "exactly the fields"),
 ])
@@ -81,22 +83,45 @@ def holding_encoder(tmp_path, ttl_s=60.0, max_bytes=1 << 30) -> EncoderService:
     return svc
 
 
+def hold(svc, age_s=0.0) -> str:
+    name, fd = svc.store.write_held(b"device segment")
+    svc.held[name] = (torch.zeros(4), 16, time.monotonic() - age_s, fd)
+    return name
+
+
 def test_held_tokens_are_freed_when_released_or_expired(tmp_path):
     svc = holding_encoder(tmp_path)
-    names = [svc.store.write(b"device segment") for _ in range(3)]
-    now = time.monotonic()
-    svc.held = {names[0]: (torch.zeros(4), 16, now), names[1]: (torch.zeros(4), 16, now),
-                names[2]: (torch.zeros(4), 16, now - 120)}
-    svc.store.unlink(names[0])  # the client released it
+    released, kept, expired = hold(svc), hold(svc), hold(svc, age_s=120)
+    svc.store.unlink(released)  # the client released it
     assert svc.reap() == 2
-    assert list(svc.held) == [names[1]] and svc.held_bytes() == 16
-    assert sorted(os.listdir(tmp_path)) == [names[1]]  # the expired one's segment is removed with its tokens
+    assert list(svc.held) == [kept] and svc.held_bytes() == 16
+    assert sorted(os.listdir(tmp_path)) == [kept]  # the expired one's segment is removed with its tokens
+
+
+def test_tokens_are_not_freed_while_a_reader_holds_a_lease(tmp_path):
+    """The DiT+decoder copies under a shared lock; the encoder frees under an exclusive one, emptying the file
+    first: a reader that opened the segment before its release never reads freed memory."""
+    svc = holding_encoder(tmp_path)
+    name = hold(svc)
+    reader = ShmStore(tmp_path)
+    with reader.lease(name) as data:
+        assert bytes(data) == b"device segment"
+        svc.store.unlink(name)  # released while the copy runs
+        assert svc.reap() == 0 and name in svc.held
+    assert svc.reap() == 1 and svc.held == {}
+    late = ShmStore(tmp_path, ttl_s=60)
+    name = hold(svc, age_s=120)
+    fd = os.open(tmp_path / name, os.O_RDONLY)  # opened just before it expires, not yet locked
+    assert svc.reap() == 1
+    with pytest.raises(shm.SegmentGone, match="freed"):
+        shm.read_blob(late._map(fd, name))  # the lock taken late finds the file emptied
+    os.close(fd)
 
 
 def test_tokens_past_the_held_limit_go_to_host_memory(tmp_path):
     svc = holding_encoder(tmp_path, max_bytes=100)
-    name = svc.store.write(b"device segment")
-    svc.held = {name: (torch.zeros(20), 80, time.monotonic())}
+    name, fd = svc.store.write_held(b"device segment")
+    svc.held = {name: (torch.zeros(20), 80, time.monotonic(), fd)}
     meta = blob(1)
     assert svc.hand_off(meta, torch.zeros(16)) is None  # 80 + 32 > 100 and nothing to free: host path
     svc.store.unlink(name)
@@ -116,6 +141,7 @@ def test_cpu_deployment_ignores_the_handoff_request_and_refuses_device_segments(
     real = shm.read_blob(store.read(enc.segment))[0]
     device_seg = store.write(shm.device_segment(real, DESC))
     broken = store.write(shm.DEVICE_MAGIC + b"{")
+    emptied = store.write(b"")
     key = server.keys()["inference"]["key"]
     cases = [
         (make_ref(pair=[{"segment": device_seg, "frame": 0}, {"segment": device_seg, "frame": 1}], difference=0.1),
@@ -123,18 +149,25 @@ def test_cpu_deployment_ignores_the_handoff_request_and_refuses_device_segments(
         (make_ref(segment=device_seg), "this CPU worker cannot read"),
         (make_ref(pair=[{"segment": broken, "frame": 0}, {"segment": broken, "frame": 1}], difference=0.1),
          "device segment is not valid JSON"),
+        (shm.device_segment(real, DESC), "bad magic"),  # inline over HTTP: a blob, never a device segment
     ]
     try:
         for body, message in cases:
             r = requests.post(f"{server.inference_url}/predictions/eden_ditdec", data=body, timeout=60,
                               headers={"Authorization": f"Bearer {key}", "Content-Type": REF_CONTENT_TYPE})
             assert r.status_code == 400 and message in r.json()["message"], (message, r.text)
+        r = requests.post(f"{server.inference_url}/predictions/eden_ditdec", timeout=60,
+                          data=make_ref(pair=[{"segment": emptied, "frame": 0}, {"segment": emptied, "frame": 1}],
+                                        difference=0.1),
+                          headers={"Authorization": f"Bearer {key}", "Content-Type": REF_CONTENT_TYPE})
+        assert r.status_code == 410 and "encode the frames again" in r.json()["message"], r.text
         frame, _ = client.generate_pair(enc, 0, enc, 1, seed=0)  # the worker still serves
         assert frame.shape == (64, 96, 3)
     finally:
         client.release(enc)
         store.unlink(device_seg)
         store.unlink(broken)
+        store.unlink(emptied)
     assert os.listdir(shm_dir) == []
 
 
