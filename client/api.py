@@ -149,6 +149,7 @@ def expiry_time(text) -> datetime | None:
 # Answers worth another try: 502/504 (a proxy lost TorchServe), 503 (job queue full, no worker ready, out of GPU
 # memory) and 507 (TorchServe's "Worker died."). Other 5xx are retried unless they are a JSON error of our handler.
 RETRY_STATUSES = frozenset({502, 503, 504, 507})
+KEY_REREAD_WAITS = (0.0, 1.0, 2.0)  # seconds before each re-read of a key file whose key was refused
 HANDLER_ERROR_TYPES = frozenset({"BadInput"})  # eden_serve.serving's error types that a retry cannot fix
 
 
@@ -227,7 +228,7 @@ class ModelClient:
         policy = self.retry
         start = self._clock()
         attempt = 0
-        key_reread = False
+        key_rereads = 0
         while True:
             attempt += 1
             left = policy.max_elapsed - (self._clock() - start)
@@ -255,8 +256,11 @@ class ModelClient:
                     return r
                 error = _error_of(r)
                 if error.get("type") == "InvalidKeyException":
-                    if not key_reread and not self.keys.key:
-                        key_reread = True  # the key may have been rotated or renewed: read the file again, now
+                    if key_rereads < len(KEY_REREAD_WAITS) and not self.keys.key:
+                        # the key may have been rotated or renewed: read the file again, now, then after short
+                        # waits (a restarting TorchServe may answer before it has rewritten its key file)
+                        self._sleep(KEY_REREAD_WAITS[key_rereads])
+                        key_rereads += 1
                         attempt -= 1
                         continue
                     where = self.keys.describe()
