@@ -624,7 +624,7 @@ def test_torchserve_restarted_mid_batch(ts, tmp_path):
     table = stdout.splitlines()
     print(f"\nbatch across a restart: exit {proc.returncode}, {table[-1]!r}; retries logged: "
           f"{stderr.count('; try ')}")
-    assert "; try 2 of" in stderr, "the restart did not catch a request"
+    assert "; try 2 of" in stderr, f"the restart did not catch a request; the batch's stderr:\n{stderr[-4000:]}"
     assert any(line.startswith("done") and "v0.mp4" in line for line in table)
     if proc.returncode != 0:  # the restart outlasted the retry budget: the video in progress failed cleanly
         assert proc.returncode == 1 and table[-1].endswith("1 failed"), stdout + stderr
