@@ -25,7 +25,7 @@ import urllib3
 
 from eden_serve import wire
 from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
-from eden_serve.shm import REF_CONTENT_TYPE, ShmStore, make_ref, parse_ref, read_blob
+from eden_serve.shm import HANDOFF_UNAVAILABLE, REF_CONTENT_TYPE, ShmStore, make_ref, parse_ref, read_blob
 from eden_serve.wire import TokenBlob
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -39,14 +39,16 @@ log = logging.getLogger(__name__)
 class ServeError(RuntimeError):
     """A request the server refused or could not answer; ``status`` is the HTTP code (0: no answer)."""
 
-    def __init__(self, message: str, status: int = 0):
+    def __init__(self, message: str, status: int = 0, kind: str | None = None):
         super().__init__(message)
         self.status = status
+        self.kind = kind  # the server's error "type", if it said
 
 
 class TokensLost(ServeError):
-    """The DiT+decoder could not reach tokens the encoder handed off on its GPU (410: that encoder worker stopped):
-    the frames must be encoded again."""
+    """The DiT+decoder could not use tokens the encoder handed off on its GPU: they are gone (410: that encoder
+    worker stopped), or handed-off tokens cannot work in this deployment (then the client has switched itself to
+    host tokens). Either way the frames must be encoded again."""
 
 
 @dataclass
@@ -271,7 +273,8 @@ class ModelClient:
                     raise ServeError(hint, r.status_code)
                 message = error.get("message") or r.reason
                 if not _retryable(r.status_code, error):
-                    raise ServeError(f"{self.model}: HTTP {r.status_code}: {message}", r.status_code)
+                    raise ServeError(f"{self.model}: HTTP {r.status_code}: {message}", r.status_code,
+                                     error.get("type"))
                 status, reason = r.status_code, f"HTTP {r.status_code}"
                 problem = f"HTTP {r.status_code}: {message}"
                 retry_after = _retry_after(r)
@@ -445,7 +448,11 @@ class EdenClient:
                 **headers, "Content-Type": REF_CONTENT_TYPE, "X-Eden-Reply": "shm", "X-Eden-Format": "raw"})
         except ServeError as e:
             if e.status == 410:
-                raise TokensLost(str(e), e.status) from None
+                raise TokensLost(str(e), e.status, e.kind) from None
+            if e.kind == HANDOFF_UNAVAILABLE and self.handoff == "device":
+                log.warning("%s; asking the encoder for host tokens from now on", e)
+                self.handoff = "host"
+                raise TokensLost(str(e), e.status, e.kind) from None
             raise
         segment = self._segment_of(r)
         try:

@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
-    """A request the handler refuses; ``status`` is its HTTP code."""
+    """A request the handler refuses; ``status`` is its HTTP code, ``kind`` the answer's error "type" if not the
+    default (BadInput under 500, Unavailable from 500)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, kind: str | None = None):
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 503: "Service Unavailable", 507: "Insufficient Storage"}
@@ -326,8 +328,8 @@ class BatchService:
         context.set_response_status(error.status, REASONS.get(error.status, "Error"), idx)
         context.set_response_content_type(idx, "application/json")
         log.info("request %d refused (%d): %s", idx, error.status, error)
-        return json.dumps({"code": error.status, "type": "BadInput" if error.status < 500 else "Unavailable",
-                           "message": str(error)}).encode()
+        kind = error.kind or ("BadInput" if error.status < 500 else "Unavailable")
+        return json.dumps({"code": error.status, "type": kind, "message": str(error)}).encode()
 
 
 class EncoderService(BatchService):
@@ -539,7 +541,7 @@ class DitDecService(BatchService):
         """Frames first..first+count-1 of a device segment's blob, copied from the encoder's GPU [count, 2, N, D]."""
         if self.device.type != "cuda":
             raise RequestError("these tokens were handed off on a GPU, which this CPU worker cannot read: ask the "
-                               "encoder for host tokens (client --handoff host)")
+                               "encoder for host tokens (client --handoff host)", kind=shm.HANDOFF_UNAVAILABLE)
         if cuda.get("nbytes") != blob.tokens.nbytes:
             raise RequestError(f"device segment: the descriptor hands off {cuda.get('nbytes')} bytes but the blob's "
                                f"tokens are {blob.tokens.nbytes}")
@@ -550,7 +552,7 @@ class DitDecService(BatchService):
         except handoff.TokensGone as e:
             raise RequestError(f"{e}: encode the frames again", 410) from None
         except handoff.HandoffError as e:
-            raise RequestError(f"cannot use the handed-off tokens: {e}") from None
+            raise RequestError(f"cannot use the handed-off tokens: {e}", kind=shm.HANDOFF_UNAVAILABLE) from None
         if not torch.isfinite(t).all():
             raise RequestError("tokens contain NaN or infinite values")
         return t

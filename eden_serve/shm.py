@@ -38,6 +38,7 @@ from . import wire
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (Linux): no fault per page on first touch
 REF_MAGIC = b"EDENREF1"
 DEVICE_MAGIC = b"EDENDEV1"
+HANDOFF_UNAVAILABLE = "HandoffUnavailable"  # error "type" of a DiT+decoder that cannot use handed-off tokens at all
 REF_CONTENT_TYPE = "application/x-eden-ref"
 NAME_RE = re.compile(r"^eden-[0-9a-f]{32}$")
 DEFAULT_DIR = "/dev/shm/eden"

@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from client.api import EdenClient, KeySource
+from client.api import EdenClient, EncodedFrames, KeySource, TokensLost
 from eden_serve import handoff, shm, wire
 from eden_serve.serving import EncoderService, Settings
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref
@@ -163,6 +163,12 @@ def test_cpu_deployment_ignores_the_handoff_request_and_refuses_device_segments(
         assert r.status_code == 410 and "encode the frames again" in r.json()["message"], r.text
         frame, _ = client.generate_pair(enc, 0, enc, 1, seed=0)  # the worker still serves
         assert frame.shape == (64, 96, 3)
+        # a deployment that cannot use handed-off tokens: the client switches itself to host tokens, and says the
+        # frames must be encoded again (the video client does that)
+        on_device = EncodedFrames(real, device_seg)
+        with pytest.raises(TokensLost, match="this CPU worker cannot read"):
+            client.generate_pair(on_device, 0, on_device, 1, seed=0)
+        assert client.handoff == "host"
     finally:
         client.release(enc)
         store.unlink(device_seg)
