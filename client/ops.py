@@ -107,17 +107,21 @@ class ManagementClient:
             if not token:
                 return sorted(names)
 
+    def model_request(self, method: str, path: str, model: str, version: str | None = None):
+        """``request`` on a model's path; a 404 becomes the ServeError saying which model or version is unknown."""
+        try:
+            return self.request(method, path)
+        except ServeError as e:
+            if e.status == 404:
+                raise self._unknown(model, version) from None
+            raise
+
     def describe(self, model: str, version: str | None = None) -> list[dict]:
         """Every version of ``model`` (or just ``version``), as TorchServe describes them; ServeError if unknown."""
         check_name(model)
         path = f"/models/{quote(model)}/{quote(check_name(version, 'version'))}" if version else \
             f"/models/{quote(model)}/all"
-        try:
-            return self.request("GET", path)
-        except ServeError as e:
-            if e.status == 404:
-                raise self._unknown(model, version) from None
-            raise
+        return self.model_request("GET", path, model, version)
 
     def default_version(self, model: str) -> str:
         """The version /predictions/MODEL goes to."""
@@ -162,12 +166,7 @@ class ManagementClient:
         """The description of ``version`` of ``model`` (default: its default version); ServeError if unknown."""
         if version:
             return self.describe(model, version)[0]
-        try:
-            return self.request("GET", f"/models/{quote(check_name(model))}")[0]
-        except ServeError as e:
-            if e.status == 404:
-                raise self._unknown(model, None) from None
-            raise
+        return self.model_request("GET", f"/models/{quote(check_name(model))}", model)[0]
 
     def wait_for_workers(self, model: str, version: str, count: int, timeout: float = 300) -> dict:
         """Until ``model`` ``version`` has ``count`` workers, all READY; ServeError with their states if not."""
@@ -209,21 +208,11 @@ class ManagementClient:
 
     def unregister(self, model: str, version: str | None = None) -> dict:
         path = f"/models/{quote(check_name(model))}" + (f"/{quote(check_name(version, 'version'))}" if version else "")
-        try:
-            return self.request("DELETE", path)
-        except ServeError as e:
-            if e.status == 404:
-                raise self._unknown(model, version) from None
-            raise
+        return self.model_request("DELETE", path, model, version)
 
     def set_default(self, model: str, version: str) -> dict:
         path = f"/models/{quote(check_name(model))}/{quote(check_name(version, 'version'))}/set-default"
-        try:
-            return self.request("PUT", path)
-        except ServeError as e:
-            if e.status == 404:
-                raise self._unknown(model, version) from None
-            raise
+        return self.model_request("PUT", path, model, version)
 
 
 # ---------------------------------------------------------------------- status
