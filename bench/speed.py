@@ -309,12 +309,20 @@ def main():
                     row["fast_speedup"] = ref_s / fast_s
                     row["fast_psnr_db"] = mean_psnr(fast_frames, ref_frames)
                 print(f"{H}x{W} fast: {fast_s}", flush=True)
-            for transport in ("shm", "shm_host", "http"):  # shm: tokens handed off GPU to GPU; shm_host: via tmpfs
-                if transport in skip or (transport == "http" and args.http_sizes != "all"
-                                         and f"{H}x{W}" not in args.http_sizes.split(",")):
+
+            def runs_here(transport: str) -> bool:
+                return transport != "http" or args.http_sizes == "all" or f"{H}x{W}" in args.http_sizes.split(",")
+
+            def deployed(transport: str, sink: Path, chunk: int, inflight: int, enc_inflight: int) -> dict:
+                """transport: shm (tokens handed off GPU to GPU), shm_host (tokens via tmpfs) or http."""
+                return run_deployed(ts, clip, transport.split("_")[0], sink, inflight, chunk,
+                                    "host" if transport == "shm_host" else "device", enc_inflight)
+
+            for transport in ("shm", "shm_host", "http"):
+                if transport in skip or not runs_here(transport):
                     continue
-                d = run_deployed(ts, clip, transport.split("_")[0], work / f"out_{transport}.rgb", args.max_inflight,
-                                 args.chunk, "host" if transport == "shm_host" else "device", args.encoder_inflight)
+                d = deployed(transport, work / f"out_{transport}.rgb", args.chunk, args.max_inflight,
+                             args.encoder_inflight)
                 frames = d.pop("frames")
                 if ref_s:
                     d["speedup"] = ref_s / d["seconds_per_generated_frame"]
@@ -324,11 +332,10 @@ def main():
             for variant in filter(None, args.variants.split(",")):
                 transport, _, numbers = variant.rpartition("@")
                 transport = transport or "shm"
-                if transport == "http" and args.http_sizes != "all" and f"{H}x{W}" not in args.http_sizes.split(","):
+                if not runs_here(transport):
                     continue
                 chunk, inflight, enc_inflight = ([int(v) for v in numbers.split(":")] + [args.encoder_inflight])[:3]
-                d = run_deployed(ts, clip, transport.split("_")[0], work / "out_variant.rgb", inflight, chunk,
-                                 "host" if transport == "shm_host" else "device", enc_inflight)
+                d = deployed(transport, work / "out_variant.rgb", chunk, inflight, enc_inflight)
                 d.pop("frames")
                 name = f"variant_{transport}_chunk{chunk}_inflight{inflight}_encoder{enc_inflight}"
                 row[name] = {k: d[k] for k in ("seconds_per_generated_frame", "gpu_util_percent", "requests_in_flight",

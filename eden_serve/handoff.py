@@ -66,6 +66,7 @@ class _Driver:
             raise HandoffError(f"the CUDA driver library is not available: {e}") from None
         self.lock = threading.Lock()
         self.contexts: dict[int, ctypes.c_void_p] = {}
+        self.bus_ids: dict[int, str] = {}
         self.call("cuInit", ctypes.c_uint(0))
 
     def fn(self, *names):
@@ -104,10 +105,13 @@ class _Driver:
         self.call("cuCtxPopCurrent", ctypes.byref(ctypes.c_void_p()), alias=("cuCtxPopCurrent_v2",))
 
     def bus_id(self, ordinal: int) -> str:
-        dev, buf = ctypes.c_int(), ctypes.create_string_buffer(32)
-        self.call("cuDeviceGet", ctypes.byref(dev), ctypes.c_int(ordinal))
-        self.call("cuDeviceGetPCIBusId", buf, ctypes.c_int(len(buf)), dev)
-        return buf.value.decode()
+        """The device's PCI bus id (asked of the driver once: every export and import needs it)."""
+        if ordinal not in self.bus_ids:
+            dev, buf = ctypes.c_int(), ctypes.create_string_buffer(32)
+            self.call("cuDeviceGet", ctypes.byref(dev), ctypes.c_int(ordinal))
+            self.call("cuDeviceGetPCIBusId", buf, ctypes.c_int(len(buf)), dev)
+            self.bus_ids[ordinal] = buf.value.decode()
+        return self.bus_ids[ordinal]
 
     def ordinal_of(self, bus_id: str) -> int:
         dev = ctypes.c_int()

@@ -191,10 +191,14 @@ class BatchService:
         data = _as_bytes(raw)
         if data is None or not shm.is_ref(data):
             return data
-        ref = self.ref(data)
+        return self.store.read(self.segment_of(self.ref(data), name))
+
+    @staticmethod
+    def segment_of(ref: dict, name: str) -> str:
+        """The segment a whole-value reference names."""
         if set(ref) != {"segment"}:
             raise RequestError(f"{name}: a reference here must be {{'segment': NAME}}")
-        return self.store.read(ref["segment"])
+        return ref["segment"]
 
     def ref(self, data) -> dict:
         if self.store is None:
@@ -574,9 +578,7 @@ class DitDecService(BatchService):
 
     def segment_pair(self, ref: dict, leases: contextlib.ExitStack):
         if "segment" in ref:
-            if set(ref) != {"segment"}:
-                raise RequestError("body: a reference here must be {'segment': NAME}")
-            blob, cuda = shm.read_blob(leases.enter_context(self.store.lease(ref["segment"])))
+            blob, cuda = shm.read_blob(leases.enter_context(self.store.lease(self.segment_of(ref, "body"))))
             geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
             with self.timed("transfer"):
                 t = self.device_frames(blob, cuda, 0, 2) if cuda else tokens.tokens_tensor(blob, self.device)
