@@ -374,7 +374,7 @@ class EdenClient:
     """
 
     def __init__(self, encoder: ModelClient, ditdec: ModelClient, transport: str = "http",
-                 store: ShmStore | None = None, handoff: str = "device"):
+                 store: ShmStore | None = None, handoff: str = "device", reason: str = ""):
         if transport not in ("http", "shm"):
             raise ValueError(f"transport must be http or shm, got {transport!r}")
         if handoff not in ("device", "host"):
@@ -384,6 +384,7 @@ class EdenClient:
         self.ditdec = ditdec
         self.transport = transport
         self.store = store or ShmStore()
+        self.reason = reason or f"asked for with transport={transport}"  # why this transport (client/transport.py)
         self.observe: Callable[[str, float, requests.Response], None] | None = None  # (kind, seconds, response)
 
     def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
@@ -398,10 +399,25 @@ class EdenClient:
                 encoder_keys: KeySource | None = None, ditdec_keys: KeySource | None = None,
                 timeout: float = 600, transport: str = "http", shm_dir: str | None = None,
                 handoff: str = "device") -> "EdenClient":
+        """``transport``: "http", "shm" (taken as said) or "auto": shared memory if both models prove, by a probe
+        segment, that they share a folder with this client, else HTTP (client/transport.py; ``reason`` says why)."""
         encoder_keys = encoder_keys or KeySource.default()
-        return cls(ModelClient(encoder_url, "eden_encoder", encoder_keys, timeout),
-                   ModelClient(ditdec_url or encoder_url, "eden_ditdec", ditdec_keys or encoder_keys, timeout),
-                   transport, ShmStore(shm_dir) if shm_dir else None, handoff)
+        encoder = ModelClient(encoder_url, "eden_encoder", encoder_keys, timeout)
+        ditdec = ModelClient(ditdec_url or encoder_url, "eden_ditdec", ditdec_keys or encoder_keys, timeout)
+        reason = ""
+        if transport == "auto":
+            from .transport import choose
+            choice = choose(encoder, ditdec, "auto", handoff, shm_dir)
+            transport, handoff, reason, shm_dir = choice.transport, choice.handoff, choice.reason, choice.shm_dir
+        return cls(encoder, ditdec, transport, ShmStore(shm_dir) if shm_dir else None, handoff, reason)
+
+    def models(self) -> tuple[ModelClient, ModelClient]:
+        return self.encoder, self.ditdec
+
+    def describe_transport(self) -> str:
+        """E.g. "shm, device handoff (the servers read and wrote probe segments in /dev/shm/eden)"."""
+        how = self.transport + (f", {self.handoff} handoff" if self.transport == "shm" else "")
+        return f"{how} ({self.reason})"
 
     # ------------------------------------------------------------------ frames -> tokens -> frames
     def encode_frames(self, frames: list, dtype: str = "float16") -> EncodedFrames:

@@ -23,15 +23,17 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
                     help="TorchServe's key_file.json (default: $EDEN_KEY_FILE, else ./key_file.json; "
                          "$EDEN_INFERENCE_KEY gives a key directly)")
     ap.add_argument("--ditdec-key-file", default=None, help="key file of the DiT+decoder's TorchServe, if another")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for each request")
-    ap.add_argument("--transport", choices=["http", "shm"], default="http",
-                    help="http: frames and tokens in the requests (works across hosts); shm: client and servers on "
-                         "one host exchange them through shared memory and send references (much faster)")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds to wait for each request before trying again (default: %(default)s)")
+    ap.add_argument("--transport", choices=["auto", "shm", "http"], default="auto",
+                    help="auto (default): shared memory when both servers prove, by a probe segment, that they share "
+                         "a folder with this client (same host), HTTP otherwise; shm: shared memory without the "
+                         "check; http: frames and tokens in the requests (works across hosts)")
     ap.add_argument("--handoff", choices=["device", "host"], default="device",
-                    help="with --transport shm: device (default) lets an encoder on a GPU keep the tokens there and "
+                    help="with shared memory: device (default) lets an encoder on a GPU keep the tokens there and "
                          "the DiT+decoder copy them GPU to GPU; host puts their bytes in shared memory")
     ap.add_argument("--shm-dir", default=None,
-                    help="shared-memory folder, the servers' shm_dir (default /dev/shm/eden)")
+                    help="shared-memory folder (default: the one the servers name, usually /dev/shm/eden)")
 
 
 def connect(args) -> EdenClient:
@@ -51,17 +53,35 @@ def cmd_pair(args) -> int:
             return 2
     client = connect(args)
     t0 = time.perf_counter()
-    blob = client.encode(frames, args.token_dtype)
-    t1 = time.perf_counter()
-    png, seed = client.generate(blob, args.seed)
+    if client.transport == "http":  # the files as they are, the answer a PNG
+        blob = client.encode(frames, args.token_dtype)
+        token_bytes = len(blob)
+        t1 = time.perf_counter()
+        png, seed = client.generate(blob, args.seed)
+    else:  # pixels and tokens through shared memory
+        from eden_serve.images import ImageError, decode_image, encode_png
+        try:
+            arrays = [decode_image(f, max_pixels=1 << 40, name=p) for f, p in zip(frames, (args.frame0, args.frame1))]
+        except ImageError as e:
+            print(f"client: {e}", file=sys.stderr)
+            return 2
+        encoded = client.encode_frames(arrays, args.token_dtype)
+        token_bytes = encoded.blob.nbytes
+        t1 = time.perf_counter()
+        try:
+            image, seed = client.generate_pair(encoded, 0, encoded, 1, seed=args.seed)
+        finally:
+            client.release(encoded)
+        png = encode_png(image)
     t2 = time.perf_counter()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_bytes(png)
     tmp.replace(out)
-    print(f"wrote {out} (seed {seed}; encoder {1000 * (t1 - t0):.0f} ms, {len(blob) / 1e6:.2f} MB of "
-          f"{args.token_dtype} tokens; DiT+decoder {1000 * (t2 - t1):.0f} ms)")
+    print(f"wrote {out} (seed {seed}; encoder {1000 * (t1 - t0):.0f} ms, {token_bytes / 1e6:.2f} MB of "
+          f"{args.token_dtype} tokens; DiT+decoder {1000 * (t2 - t1):.0f} ms; transport: "
+          f"{client.describe_transport()})")
     return 0
 
 
@@ -80,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", required=True, help="output PNG")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
     p.add_argument("--token-dtype", choices=["float16", "float32"], default="float16",
-                   help="precision of the tokens on the wire")
+                   help="precision of the tokens between the two models (default: %(default)s)")
     add_connection_args(p)
     p.set_defaults(fn=cmd_pair)
 

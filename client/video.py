@@ -38,7 +38,8 @@ import numpy as np
 
 from eden_serve import wire
 from eden_serve.config import EdenConfig
-from eden_serve.pipeline import MAX_SEED, frame_difference_uint8
+from eden_serve.difference import frame_difference_uint8
+from eden_serve.protocol import MAX_SEED
 
 from .api import EncodedFrames, ServeError, TokensLost
 from .frames_io import Frame
@@ -72,6 +73,7 @@ class Stats:
     ditdec_requests: int = 0
     reencoded: int = 0
     seconds: float = 0.0
+    transport: str = ""  # which transport and handoff the client used, and why (client/transport.py)
 
     @property
     def fps(self) -> float:
@@ -84,7 +86,8 @@ class Stats:
         return (f"{self.input_frames} -> {self.output_frames} frames in {self.seconds:.1f} s "
                 f"({self.fps:.1f} frames/s); {self.cuts} scene cut{'s' * (self.cuts != 1)}; encoder: "
                 f"{self.encoded_frames} frames in {self.encoder_requests} requests, "
-                f"{self.token_bytes / 1e6:.1f} MB of tokens; DiT+decoder: {self.ditdec_requests} requests")
+                f"{self.token_bytes / 1e6:.1f} MB of tokens; DiT+decoder: {self.ditdec_requests} requests"
+                + (f"; transport: {self.transport}" if self.transport else ""))
 
 
 class _Node:
@@ -233,7 +236,8 @@ class Interpolator:
             progress: Callable[[int], None] | None = None) -> Stats:
         """Interpolate ``frames`` (time stamps in the source's time base) and call ``write(image, pts, duration)``
         for each output frame in order (time stamps in the source's time base divided by the factor)."""
-        stats = Stats()
+        describe = getattr(self.client, "describe_transport", None)
+        stats = Stats(transport=describe() if describe else "")
         t0 = time.perf_counter()
         m = self.factor
         frames = iter(frames)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:  # only in annotations: the config is read by the client too, without torch
+    import torch
 
 # Constants of the official release (configs/eval_eden.yaml and the sampler of the official code).
 COS_SIM_MEAN = 0.990539  # mean of the pair's per-pixel cosine similarity over the training set

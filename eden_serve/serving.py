@@ -12,6 +12,7 @@ import json
 import os
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -290,6 +291,9 @@ class BatchService:
         with self.stage("parse"):  # reading, checking and uploading the inputs
             for idx, request in enumerate(data):
                 try:
+                    if (probe := self.probe_of(request)) is not None:
+                        answers[idx] = self.answer_probe(probe, context, idx)
+                        continue
                     key, item = self.parse(request, context, idx)
                     groups[key].append((idx, item))
                 except RequestError as e:
@@ -327,6 +331,43 @@ class BatchService:
         bytes_out = sum(len(a) for a in answers if isinstance(a, (bytes, bytearray)))
         self.record_metrics(context, self._stages, len(data), bytes_in, bytes_out)
         return answers
+
+    # ------------------------------------------------------------------ transport probes (eden_serve/shm.py)
+    def probe_of(self, request: dict) -> dict | None:
+        """The reference of a probe request (a body ``EDENREF1{"probe": ...}``), else None."""
+        body = request.get("body") if request.get("body") is not None else request.get("data")
+        if not isinstance(body, (bytes, bytearray)) or not shm.is_ref(body) or len(body) > shm.MAX_REF_BYTES:
+            return None
+        try:
+            ref = shm.parse_ref(body)
+        except shm.ShmError:
+            return None
+        return ref if set(ref) == {"probe"} else None
+
+    def can_hand_off(self) -> bool:
+        """Whether this worker takes part in the device handoff (encoder: exports tokens; DiT+decoder: imports)."""
+        return False
+
+    def answer_probe(self, ref: dict, context, idx: int) -> bytes:
+        """``{"probe": null}``: where this worker keeps shared-memory segments, its host and device.
+        ``{"probe": NAME}``: the hash of segment NAME's bytes, also written to a new segment named in the answer,
+        so the client knows both directions work (it removes both)."""
+        answer = {"shm_dir": str(self.store.root) if self.store else None, "host": socket.gethostname(),
+                  "device": str(self.device), "handoff": self.can_hand_off()}
+        name = ref["probe"]
+        if name is not None:
+            if self.store is None:
+                raise RequestError("the shared-memory transport is off on this server (shm_dir is empty)")
+            data = self.store.read(name)
+            if len(data) > 4096:
+                raise RequestError("a probe segment holds at most 4096 bytes")
+            answer["probe"] = shm.probe_answer(data)
+            try:
+                answer["reply"] = self.store.write(answer["probe"].encode())
+            except OSError as e:
+                raise RequestError(f"cannot write to shared memory: {e.strerror}", 507) from None
+        context.set_response_content_type(idx, "application/json")
+        return json.dumps(answer).encode()
 
     def _error(self, context, idx: int, error: RequestError) -> bytes:
         context.set_response_status(error.status, REASONS.get(error.status, "Error"), idx)
@@ -417,6 +458,9 @@ class EncoderService(BatchService):
                 raise
             return [(body, wire.CONTENT_TYPE, {}) for body in bodies]
 
+    def can_hand_off(self) -> bool:
+        return self.handoff
+
     def hand_off(self, meta: wire.TokenBlob, part: torch.Tensor) -> shm.Segment | None:
         """Keep ``part`` on the GPU and write a device segment naming it; None if it must go to the host instead
         (the held memory is at its limit, or this GPU memory cannot be exported)."""
@@ -505,6 +549,9 @@ class DitDecService(BatchService):
     def load(self):
         self.generator = checkpoint.load_generator(self.model_dir, self.device)
         self.frames: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (segment, frame) -> [2, N, D]
+
+    def can_hand_off(self) -> bool:
+        return self.device.type == "cuda" and self.store is not None
 
     def frame_tensor(self, segment: str, k: int, blob: wire.TokenBlob, cuda: dict | None) -> torch.Tensor:
         """Frame k of a segment's blob on the device, from the cache when a previous pair brought it (a segment's

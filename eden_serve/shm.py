@@ -7,6 +7,12 @@ by default) and the request carries a *reference*: ``b"EDENREF1"`` followed by U
     {"segment": NAME}                                         the whole segment is the value (frame or blob)
     {"pair": [{"segment": A, "frame": i}, {"segment": B, "frame": j}], "difference": d}
                                                               DiT+decoder only: frames of two token blobs
+    {"probe": NAME or null}                                   either model: may this client use shared memory?
+
+A probe is how a client finds out, before sending any frame, whether it shares this folder with the servers
+(``client/transport.py``): ``{"probe": null}`` answers where the server keeps segments (JSON: ``shm_dir``, host, device,
+whether it hands tokens off on its GPU); ``{"probe": NAME}`` answers the hash of the segment's bytes
+(``probe_answer``) and writes the same hash to a new segment for the client to read back.
 
 The bytes in a segment are exactly what HTTP would carry (an image or a token blob), so they are parsed and checked
 the same way. One exception: an encoder on a GPU asked for a device handoff (``X-Eden-Handoff: device``) keeps
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import mmap
 import os
@@ -193,6 +200,12 @@ def parse_ref(value) -> dict:
     if not isinstance(ref, dict):
         raise ShmError("reference is not a JSON object")
     return ref
+
+
+def probe_answer(nonce) -> str:
+    """What a server proves it read a probe segment with (``{"probe": NAME}``): a hash of the segment's bytes, so a
+    client can tell its own segment from another one of the same name in another folder or on another host."""
+    return hashlib.sha256(b"eden-probe:" + bytes(nonce)).hexdigest()
 
 
 def pair_frames(ref: dict) -> tuple[list[tuple[str, int]], float]:

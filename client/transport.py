@@ -1,0 +1,142 @@
+"""Which transport a client uses: shared memory when it shares a folder with both servers, HTTP otherwise.
+
+``--transport auto`` (the CLI's default) decides by asking each model, never by the URL alone:
+
+1. ``{"probe": null}``: the server answers where it keeps shared-memory segments (its ``shm_dir``), its host and
+   device, and whether it takes part in the device handoff;
+2. the client writes a segment of random bytes in that folder (or in ``--shm-dir``) and sends ``{"probe": NAME}``:
+   the server answers the hash of what it read there and writes the same hash to a new segment, which the client
+   reads back. Both directions work only when client and server really see one folder (same host, or the same
+   memory-backed volume), whatever the URL says.
+
+A client on another host, behind the key-checking proxy (which refuses references), against a server with shm off,
+or whose folder belongs to another user, gets HTTP, and ``Choice.reason`` says why. Tokens stay on the GPU (the
+device handoff) when both models said they can take part; where it fails anyway (containers without a shared IPC
+namespace) the client falls back to host tokens by itself (client/api.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from eden_serve.shm import DEFAULT_DIR, REF_CONTENT_TYPE, ShmError, ShmStore, make_ref, probe_answer
+
+TRANSPORTS = ("auto", "shm", "http")
+
+
+@dataclass(frozen=True)
+class Choice:
+    transport: str  # "shm" or "http"
+    handoff: str  # "device" or "host" (meaningful with shm)
+    reason: str  # why, in words, for the summary line and --stats-json
+    shm_dir: str | None = None
+
+
+
+class ProbeFailed(Exception):
+    """Shared memory cannot work with this server; the message says why."""
+
+
+def private_folder(path: Path) -> str | None:
+    """None if ``path`` is a folder this user owns that no other user can write to; otherwise why not."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return f"{path} does not exist here"
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _ask(model, probe: str | None) -> dict:
+    """One probe request to ``model`` (a ModelClient) -> its JSON answer; ProbeFailed if refused."""
+    from .api import ServeError
+    try:
+        r = model.predict(data=make_ref(probe=probe), headers={"Content-Type": REF_CONTENT_TYPE})
+    except ServeError as e:
+        if e.status == 0:  # no answer at all: the server is not there; the caller says so
+            raise
+        raise ProbeFailed(f"{model.model} refused the probe ({str(e).split(': ', 1)[-1][:160]})") from None
+    try:
+        answer = json.loads(r.content)
+        if not isinstance(answer, dict):
+            raise ValueError
+    except ValueError:
+        raise ProbeFailed(f"{model.model} does not answer probes (an older server, or a proxy in front)") from None
+    return answer
+
+
+def probe(model, shm_dir: str | None) -> tuple[str, dict]:
+    """Whether ``model`` shares a folder with this client -> (that folder, the server's answer); else ProbeFailed."""
+    info = _ask(model, None)
+    folder = shm_dir or info.get("shm_dir")
+    if not folder:
+        raise ProbeFailed(f"{model.model} has the shared-memory transport off")
+    if not isinstance(folder, str):
+        raise ProbeFailed(f"{model.model} answered an invalid folder")
+    problem = private_folder(Path(folder))
+    if problem:
+        raise ProbeFailed(f"cannot use {model.model}'s shared-memory folder: {problem}")
+    store = ShmStore(folder)
+    nonce = secrets.token_bytes(32)
+    try:
+        name = store.write(nonce)
+    except OSError as e:
+        raise ProbeFailed(f"cannot write to {folder}: {e.strerror}") from None
+    reply = None
+    try:
+        answer = _ask(model, name)
+        reply = answer.get("reply")
+        if answer.get("probe") != probe_answer(nonce):
+            raise ProbeFailed(f"{model.model} read another segment than this client wrote in {folder} "
+                              f"(another host or another folder of that name)")
+        try:
+            back = bytes(store.read(reply))
+        except ShmError:
+            raise ProbeFailed(f"{model.model}'s reply segment is not in {folder} here") from None
+        if back != answer["probe"].encode():
+            raise ProbeFailed(f"{model.model}'s reply segment in {folder} holds something else")
+    finally:
+        store.unlink(name)
+        if isinstance(reply, str):
+            try:
+                store.unlink(reply)
+            except ShmError:
+                pass
+    return folder, info
+
+
+def choose(encoder, ditdec, requested: str = "auto", handoff: str = "device", shm_dir: str | None = None) -> Choice:
+    """The transport for an encoder and a DiT+decoder (ModelClients): ``requested`` "http" is taken as is;
+    "shm" must pass the probe (ProbeFailed otherwise: used by ``--transport shm`` to fail early); "auto" takes shared memory when both pass, HTTP if not."""
+    if requested not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {requested!r}")
+    if requested == "http":
+        return Choice("http", handoff, "asked for with --transport http")
+    try:
+        enc_dir, enc = probe(encoder, shm_dir)
+        dec_dir, dec = probe(ditdec, shm_dir or enc_dir)
+        if dec_dir != enc_dir:
+            raise ProbeFailed(f"the two models use different shared-memory folders ({enc_dir}, {dec_dir})")
+    except ProbeFailed as e:
+        if requested == "shm":
+            raise
+        return Choice("http", "host", f"no shared memory with the servers: {e}")
+    both = "the servers read and wrote probe segments in " + enc_dir
+    if handoff == "device" and not (enc.get("handoff") and dec.get("handoff")):
+        name, info = ("encoder", enc) if not enc.get("handoff") else ("DiT+decoder", dec)
+        return Choice("shm", "host", f"{both}; no device handoff: the {name} runs on {info.get('device')}", enc_dir)
+    return Choice("shm", handoff, both, enc_dir)
+
+
+__all__ = ["Choice", "ProbeFailed", "TRANSPORTS", "choose", "probe", "private_folder", "DEFAULT_DIR"]
