@@ -6,8 +6,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-from .frames_io import Encoding, FramesError, Prefetch, open_sink, open_source
-from .scenes import DEFAULT_THRESHOLD, SceneDetector
+from .frames_io import Encoding, FramesError, ParallelWriter, Prefetch, open_sink, open_source
+from .scenes import DEFAULT_THRESHOLD, SceneDetector, thumbnail
 from .video import Interpolator, Stats, output_count
 
 
@@ -24,6 +24,13 @@ class Options:
     encoding: Encoding = field(default_factory=Encoding)
 
 
+def _with_thumbnails(frames):
+    """Frames with their scene-detection thumbnail made as they are decoded (off the scheduler's thread)."""
+    for frame in frames:
+        frame.thumb = thumbnail(frame.image)
+        yield frame
+
+
 def convert(src: Path, dst: Path, client, options: Options,
             on_start: Callable[[int], None] | None = None,
             on_progress: Callable[[int], None] | None = None) -> Stats:
@@ -38,8 +45,8 @@ def convert(src: Path, dst: Path, client, options: Options,
         interpolator = Interpolator(client, options.factor, options.seed, options.max_inflight,
                                     options.encoder_chunk, detector=SceneDetector(options.scene_threshold),
                                     token_dtype=options.token_dtype)
-        sink = open_sink(Path(dst), source.meta, options.factor, options.encoding)
-        frames = Prefetch(source)
+        sink = ParallelWriter(open_sink(Path(dst), source.meta, options.factor, options.encoding))
+        frames = Prefetch(_with_thumbnails(source) if options.scene_threshold is not None else source)
         complete = False
         try:
             stats = interpolator.run(frames, sink.write, on_progress)

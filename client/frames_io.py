@@ -49,6 +49,7 @@ class Frame:
     image: np.ndarray  # [H, W, 3] uint8 RGB
     pts: int  # time stamp in the source's time_base
     duration: int = 0  # how long it is shown, in time_base units (0: unknown)
+    thumb: np.ndarray | None = None  # scene detection's thumbnail, made in the decoding thread (client/scenes.py)
 
 
 @dataclass
@@ -256,12 +257,20 @@ class PngFolderSink:
         self.compress_level = compress_level
         self.count = 0
 
-    def write(self, image: np.ndarray, pts: int, duration: int) -> None:
+    def prepare(self, image: np.ndarray) -> bytes:
+        """The PNG file of a frame (thread-safe: ``ParallelWriter`` runs it on several threads)."""
+        return encode_png(image, self.compress_level)
+
+    def commit(self, png: bytes, pts: int, duration: int) -> None:
+        """Write the next frame's file (in order)."""
         try:
-            (self.tmp / f"{self.count:08d}.png").write_bytes(encode_png(image, self.compress_level))
+            (self.tmp / f"{self.count:08d}.png").write_bytes(png)
         except OSError as e:
             raise write_error(self.path, e) from None
         self.count += 1
+
+    def write(self, image: np.ndarray, pts: int, duration: int) -> None:
+        self.commit(self.prepare(image), pts, duration)
 
     def close(self, complete: bool = True) -> None:
         if not complete:
@@ -369,8 +378,9 @@ class VideoSink:
             self.stream.set_display_rotation(meta.rotation)
         self.audio = _AudioCopy(meta.audio_from, self.out, self.path) if meta.audio_from else None
 
-    def write(self, image: np.ndarray, pts: int, duration: int) -> None:
-        """One RGB frame at ``pts`` (in the output time base, the source's divided by the factor)."""
+    def prepare(self, image: np.ndarray):
+        """An RGB frame -> the encoder's pixel format (thread-safe: ``ParallelWriter`` runs it on several threads;
+        swscale works without the interpreter lock)."""
         av = self.av
         if image.shape[0] != self.height or image.shape[1] != self.width:
             image = np.pad(image, ((0, self.height - image.shape[0]), (0, self.width - image.shape[1]), (0, 0)),
@@ -378,10 +388,17 @@ class VideoSink:
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         if self.yuv:
             matrix = _sws_matrix(self.color.get("colorspace", 0))
-            frame = frame.reformat(format=self.pix_fmt, src_colorspace=matrix, dst_colorspace=matrix,
-                                   src_color_range=2, dst_color_range=self.color["color_range"])
-        else:
-            frame = frame.reformat(format=self.pix_fmt)
+            return frame.reformat(format=self.pix_fmt, src_colorspace=matrix, dst_colorspace=matrix,
+                                  src_color_range=2, dst_color_range=self.color["color_range"])
+        return frame.reformat(format=self.pix_fmt)
+
+    def write(self, image: np.ndarray, pts: int, duration: int) -> None:
+        """One RGB frame at ``pts`` (in the output time base, the source's divided by the factor)."""
+        self.commit(self.prepare(image), pts, duration)
+
+    def commit(self, frame, pts: int, duration: int) -> None:
+        """Encode a prepared frame (in order) and mux what the encoder gives back, with the audio up to it."""
+        av = self.av
         frame.pts, frame.time_base = pts, self.time_base
         self._durations[pts] = duration
         try:
@@ -483,6 +500,59 @@ def open_sink(path: Path, meta: VideoMeta, factor: int, encoding: Encoding):
 
 
 # ---------------------------------------------------------------------- background threads
+def writer_threads() -> int:
+    """Threads for a sink's per-frame work: PNG encoding (about 30 ms a 1080p frame) or colour conversion, so that
+    the output keeps up with a GPU making 60 frames a second; x264 has threads of its own."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+class ParallelWriter:
+    """A sink's ``write`` with its per-frame work spread over threads: ``prepare`` (PNG encoding, colour conversion)
+    runs on ``threads`` threads while ``commit`` (the file, the video encoder) takes the results in order on one.
+
+    ``write`` returns as soon as the frame is queued (it blocks only when ``depth`` frames are waiting, which bounds
+    memory); an error from either step is raised by the next ``write`` or by ``close``."""
+
+    _END = object()
+
+    def __init__(self, sink, threads: int | None = None, depth: int | None = None):
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+        self.sink = sink
+        threads = threads or writer_threads()
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="eden-prepare")
+        self.queue: queue.Queue = queue.Queue(depth or 2 * threads)
+        self.error: BaseException | None = None
+        self.discard = False
+        self.thread = threading.Thread(target=self._commit, name="eden-commit", daemon=True)
+        self.thread.start()
+
+    def _commit(self) -> None:
+        while (item := self.queue.get()) is not self._END:
+            if self.error is None and not self.discard:
+                future, pts, duration = item
+                try:
+                    self.sink.commit(future.result(), pts, duration)
+                except BaseException as e:  # noqa: BLE001 - raised in the caller
+                    self.error = e
+
+    def write(self, image: np.ndarray, pts: int, duration: int) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((self.pool.submit(self.sink.prepare, image), pts, duration))
+
+    def close(self, complete: bool = True) -> None:
+        """Wait for every queued frame (or drop them when not ``complete``), then close the sink: kept if complete
+        and nothing failed, discarded otherwise."""
+        self.discard = not complete
+        self.queue.put(self._END)
+        self.thread.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.sink.close(complete and self.error is None)
+        if complete and self.error is not None:
+            raise self.error
+
+
 class Prefetch:
     """Iterate ``iterable`` in a thread, ``depth`` items ahead (decoding overlaps the requests); errors are raised
     in the consumer."""

@@ -262,8 +262,10 @@ class Interpolator:
                     if frame is None:
                         exhausted = True
                         break
-                    node = _Node(frame.image, frame.pts, frame.duration,
-                                 thumbnail(frame.image) if self.detector.enabled else None,
+                    thumb = None
+                    if self.detector.enabled:  # (made in the decoding thread when it could: Frame.thumb)
+                        thumb = frame.thumb if getattr(frame, "thumb", None) is not None else thumbnail(frame.image)
+                    node = _Node(frame.image, frame.pts, frame.duration, thumb,
                                  last_use=stats.input_frames)  # segments i-1 and i use input frame i
                     if last is not None:
                         cut = self.detector.is_cut(last.thumb, node.thumb) if self.detector.enabled else False

@@ -1,0 +1,63 @@
+"""client.frames_io.ParallelWriter: per-frame work on several threads, frames committed in order, errors kept."""
+import random
+import time
+
+import numpy as np
+import pytest
+
+from client.frames_io import ParallelWriter, PngFolderSink
+from conftest import read_rgb
+
+
+class Recorder:
+    def __init__(self, fail_at=None):
+        self.committed, self.closed, self.fail_at = [], None, fail_at
+
+    def prepare(self, image):
+        time.sleep(random.random() / 200)  # finish out of order
+        if self.fail_at is not None and int(image[0, 0, 0]) == self.fail_at:
+            raise ValueError("cannot prepare")
+        return int(image[0, 0, 0])
+
+    def commit(self, value, pts, duration):
+        self.committed.append((value, pts, duration))
+
+    def close(self, complete=True):
+        self.closed = complete
+
+
+def frames(n):
+    return [np.full((2, 2, 3), i, np.uint8) for i in range(n)]
+
+
+def test_frames_are_committed_in_order():
+    sink = Recorder()
+    writer = ParallelWriter(sink, threads=4, depth=3)
+    for i, f in enumerate(frames(40)):
+        writer.write(f, i * 2, 2)
+    writer.close()
+    assert sink.committed == [(i, i * 2, 2) for i in range(40)] and sink.closed is True
+
+
+def test_an_error_discards_the_output_and_is_raised():
+    sink = Recorder(fail_at=5)
+    writer = ParallelWriter(sink, threads=2)
+    with pytest.raises(ValueError, match="cannot prepare"):
+        for i, f in enumerate(frames(30)):
+            writer.write(f, i, 1)
+        writer.close()
+    if sink.closed is None:  # raised by write: the caller closes incomplete
+        writer.close(complete=False)
+    assert sink.closed is False and [v for v, _, _ in sink.committed] == list(range(5))
+
+
+def test_png_folder_through_the_writer(tmp_path):
+    sink = ParallelWriter(PngFolderSink(tmp_path / "out"), threads=3)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16, 24, 3), dtype=np.uint8) for _ in range(12)]
+    for i, im in enumerate(images):
+        sink.write(im, i, 1)
+    sink.close()
+    written = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in written] == [f"{i:08d}.png" for i in range(12)]
+    assert all(np.array_equal(read_rgb(p), im) for p, im in zip(written, images))
