@@ -9,14 +9,16 @@ model-config.yaml. Placement (TorchServe deviceIds) follows the number of GPUs o
 torch sees here) and a profile:
 
   profile  0 GPUs   1 GPU         N >= 2 GPUs
-  split    CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on GPUs 1..N-1 (one worker each) -- the default:
+  split    CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on GPUs 1..N-1 -- the default:
                                    the heavy half never shares a GPU with the encoder, so its latency is steady
-  spread   CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on every GPU 0..N-1 (one worker each) -- for
+  spread   CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on every GPU 0..N-1 -- for
                                    throughput: the encoder is a few percent of the work, so GPU 0 has room for a
                                    DiT+decoder worker too (N workers instead of N-1: +100% on 2 GPUs, +33% on 4)
 
+Each model gets --workers-per-gpu workers (default 2) on each of its GPUs, one on a CPU deployment.
+
 --side encoder|ditdec builds one archive alone, for two-host deployments (encoder on one TorchServe, DiT+decoder on
-another): a side alone owns every GPU of its host (one worker per GPU) and the profile does not apply.
+another): a side alone owns every GPU of its host and the profile does not apply.
 """
 from __future__ import annotations
 
@@ -66,9 +68,14 @@ def placement(gpus: int, profile: str = "split", side: str = "both") -> dict[str
     return {"eden_encoder": [0], "eden_ditdec": list(range(first_ditdec_gpu, gpus))}
 
 
+# Workers of each model on each of its GPUs: two, so that one worker's host work (parsing, copies, answering)
+# overlaps the other's GPU work (bench/NOTES.md: one H200, 1 vs 2 workers per model).
+WORKERS_PER_GPU = 2
+
+
 def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_delay_ms: int,
-                 workers: int | None) -> dict:
-    n = workers or max(1, len(device_ids))
+                 workers: int | None, workers_per_gpu: int = WORKERS_PER_GPU) -> dict:
+    n = workers or (len(device_ids) * workers_per_gpu if device_ids else 1)
     cfg = {
         "minWorkers": n,
         "maxWorkers": max(n, len(device_ids)),
@@ -87,7 +94,7 @@ def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_de
 
 def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_batch_delay_ms: int = 10,
           workers: int | None = None, version: str = "1.0", settings: dict | None = None, profile: str = "split",
-          side: str = "both", versioned_names: bool = False) -> list[Path]:
+          side: str = "both", versioned_names: bool = False, workers_per_gpu: int = WORKERS_PER_GPU) -> list[Path]:
     """Build the archives of ``side`` into ``model_store``; returns their paths. ``versioned_names`` names them
     ``eden_encoder-<version>.mar`` (for rolling out a new version next to the loaded one) instead of
     ``eden_encoder.mar``."""
@@ -108,7 +115,7 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             shutil.copy2(weights / weights_file, stage / weights_file)
             shutil.copy2(weights / CONFIG_FILE, stage / CONFIG_FILE)
-            config = model_config(name, device_ids, batch_size, max_batch_delay_ms, workers)
+            config = model_config(name, device_ids, batch_size, max_batch_delay_ms, workers, workers_per_gpu)
             config["eden"].update(settings or {})
             config_file = Path(tmp, "model-config.yaml")
             config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -140,9 +147,15 @@ def main(argv=None):
     ap.add_argument("--weights", required=True, type=Path, help="output folder of split_weights.py")
     ap.add_argument("--model-store", required=True, type=Path, help="where the .mar files go")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs of the deployment (default: those seen here)")
-    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of both models")
-    ap.add_argument("--max-batch-delay", type=int, default=10, help="TorchServe maxBatchDelay in ms")
-    ap.add_argument("--workers", type=int, default=None, help="workers per model (default: one per GPU, 1 on CPU)")
+    ap.add_argument("--batch-size", type=int, default=4,
+                    help="TorchServe batchSize of both models (default: %(default)s)")
+    ap.add_argument("--max-batch-delay", type=int, default=10,
+                    help="TorchServe maxBatchDelay in ms (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="workers per model in all (default: --workers-per-gpu on each of its GPUs, 1 on CPU)")
+    ap.add_argument("--workers-per-gpu", type=int, default=WORKERS_PER_GPU,
+                    help="workers of each model on each of its GPUs (default: %(default)s: one's host work overlaps "
+                         "the other's GPU work)")
     ap.add_argument("--version", default="1.0", help="model version written in the archives (default 1.0)")
     ap.add_argument("--versioned-names", action="store_true",
                     help="name the files eden_*-VERSION.mar, to register them next to the loaded version")
@@ -155,8 +168,11 @@ def main(argv=None):
     gpus = detected_gpus() if args.gpus is None else args.gpus
     if gpus < 0:
         ap.error("--gpus must be >= 0")
+    if args.workers_per_gpu < 1:
+        ap.error("--workers-per-gpu must be >= 1")
     build(args.weights, args.model_store, gpus, args.batch_size, args.max_batch_delay, args.workers, args.version,
-          profile=args.profile, side=args.side, versioned_names=args.versioned_names)
+          profile=args.profile, side=args.side, versioned_names=args.versioned_names,
+          workers_per_gpu=args.workers_per_gpu)
 
 
 if __name__ == "__main__":

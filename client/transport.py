@@ -117,8 +117,8 @@ def probe(model, shm_dir: str | None) -> tuple[str, dict]:
 
 
 def choose(encoder, ditdec, requested: str = "auto", handoff: str = "device", shm_dir: str | None = None) -> Choice:
-    """The transport for an encoder and a DiT+decoder (ModelClients): ``requested`` "http" is taken as is;
-    "shm" must pass the probe (ProbeFailed otherwise: used by ``--transport shm`` to fail early); "auto" takes shared memory when both pass, HTTP if not."""
+    """The transport for an encoder and a DiT+decoder (ModelClients): ``requested`` "http" is taken as is; "shm"
+    must pass the probe (else ProbeFailed); "auto" takes shared memory when both models pass it, HTTP if not."""
     if requested not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {requested!r}")
     if requested == "http":

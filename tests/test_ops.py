@@ -148,9 +148,10 @@ def test_archives_for_four_gpus_are_one_flag(tiny_weights, tmp_path, profile, di
     for name in MODELS:
         with zipfile.ZipFile(tmp_path / f"{name}.mar") as z:
             configs[name] = yaml.safe_load(z.read("model-config.yaml"))
-    assert configs["eden_encoder"]["deviceIds"] == [0] and configs["eden_encoder"]["minWorkers"] == 1
+    # two workers of each model on each of its GPUs (build_archives.WORKERS_PER_GPU)
+    assert configs["eden_encoder"]["deviceIds"] == [0] and configs["eden_encoder"]["minWorkers"] == 2
     assert configs["eden_ditdec"]["deviceIds"] == ditdec_gpus
-    assert configs["eden_ditdec"]["minWorkers"] == configs["eden_ditdec"]["maxWorkers"] == len(ditdec_gpus)
+    assert configs["eden_ditdec"]["minWorkers"] == configs["eden_ditdec"]["maxWorkers"] == 2 * len(ditdec_gpus)
     assert {c["deviceType"] for c in configs.values()} == {"gpu"}
 
 
