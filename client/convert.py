@@ -1,6 +1,7 @@
 """One input (a video file or a folder of frames) -> one output (a video file or a folder of PNG frames)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -38,6 +39,7 @@ def convert(src: Path, dst: Path, client, options: Options,
     ``on_start`` gets the expected number of output frames, ``on_progress`` the number written so far."""
     if Path(src).resolve() == Path(dst).resolve():
         raise FramesError(f"{dst} is the input itself: pick another output")
+    t0 = time.perf_counter()
     source = open_source(Path(src), options.fps)
     try:
         if on_start:
@@ -48,8 +50,10 @@ def convert(src: Path, dst: Path, client, options: Options,
         sink = ParallelWriter(open_sink(Path(dst), source.meta, options.factor, options.encoding))
         frames = Prefetch(_with_thumbnails(source) if options.scene_threshold is not None else source)
         complete = False
+        t1 = time.perf_counter()
         try:
             stats = interpolator.run(frames, sink.write, on_progress)
+            t2 = time.perf_counter()
             if stats.output_frames != output_count(stats.input_frames, options.factor):
                 raise FramesError(f"internal error: {stats.output_frames} frames written for {stats.input_frames} "
                                   f"inputs at x{options.factor}")
@@ -57,6 +61,8 @@ def convert(src: Path, dst: Path, client, options: Options,
         finally:
             frames.close()
             sink.close(complete)
+        # where the command's time went: opening input and output, the pipelined run, writing what was queued
+        stats.phases.update(open=t1 - t0, run=t2 - t1, finish=time.perf_counter() - t2)
         return stats
     finally:
         source.close()

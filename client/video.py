@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -74,6 +74,7 @@ class Stats:
     reencoded: int = 0
     seconds: float = 0.0
     transport: str = ""  # which transport and handoff the client used, and why (client/transport.py)
+    phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
 
     @property
     def fps(self) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -84,11 +85,15 @@ def cmd_video(args) -> int:
         return 2
     try:
         options = options_from(args)
+        t0 = time.perf_counter()
+        client = connect(args)
+        connected = time.perf_counter() - t0
         progress = Progress(quiet=args.quiet)
-        stats = convert(src, dst, connect(args), options,
+        stats = convert(src, dst, client, options,
                         on_start=lambda total: progress.start(0, src.name, total),
                         on_progress=lambda done: progress.update(0, done))
         progress.close()
+        stats.phases["connect"] = connected
     except FramesError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,208 @@
+"""The speed a user gets: the README's commands with their defaults, timed from input file to output file.
+
+    python bench/cli_speed.py [--sizes 480x854:300,1080x1920:120] [--out DIR] [--official-dir .official]
+
+One command on the GPU host; in one run, for each size:
+  reference   bench/reference.py on the clip's first pairs (and the official code itself, bench/official_loop.py,
+              when --official-dir holds a checkout of it);
+  raw sink    the deployment through the video client's scheduler with its defaults, frames in memory, answers
+              dropped: what the deployment can do (`--transport auto`, as the CLI);
+  cli mp4     `python -m client video in.mp4 -o out.mp4` as a subprocess, no tuning flags: decoding, scene
+              detection, audio, H.264 and the file included;
+  cli png     the same into a folder of PNG frames.
+The deployment is the README's: `split_weights.py` on a random real-size checkpoint, `build_archives.py` with its
+defaults, `torchserve --start --ncs --ts-config config.properties` in a working folder (a copy of the repository's
+config.properties), the client reading ./key_file.json there. Clips are generated (moving shapes, 30000/1001 fps,
+an AAC track). Seconds per generated frame = the command's wall clock / (frames in - 1). Writes summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from speed import GpuSampler, run_reference  # noqa: E402
+
+from client import clips  # noqa: E402
+from client.api import EdenClient, KeySource  # noqa: E402
+from client.convert import Options  # noqa: E402
+from client.frames_io import Frame  # noqa: E402
+from client.samples import moving_shapes  # noqa: E402
+from client.video import Interpolator  # noqa: E402
+from eden_serve import checkpoint  # noqa: E402
+from eden_serve.config import EdenConfig  # noqa: E402
+
+RATE = Fraction(30000, 1001)
+
+
+def sh(cmd: list, cwd: Path, **kw) -> float:
+    """Run a command as a user would; its wall clock in seconds (raises with its output if it fails)."""
+    t = time.perf_counter()
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, **kw)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n"
+                           f"{r.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def wait_ready(work: Path, timeout: float = 600) -> float:
+    """Until both models have all their workers READY (what a user waits for after `torchserve --start`)."""
+    t = time.perf_counter()
+    while time.perf_counter() - t < timeout:
+        try:
+            key = json.loads((work / "key_file.json").read_text())["management"]["key"]
+            ready = []
+            for name in ("eden_encoder", "eden_ditdec"):
+                r = requests.get(f"http://127.0.0.1:8081/models/{name}", headers={"Authorization": f"Bearer {key}"},
+                                 timeout=5)
+                workers = r.json()[0]["workers"] if r.ok else []
+                ready.append(bool(workers) and all(w["status"] == "READY" for w in workers))
+            if all(ready):
+                return time.perf_counter() - t
+        except (OSError, ValueError, KeyError, requests.RequestException):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"TorchServe not ready after {timeout} s: see {work}/logs")
+
+
+def raw_sink(work: Path, clip: list, warm: int = 17) -> dict:
+    """The deployment at the client's defaults with frames in memory and answers dropped."""
+    client = EdenClient.connect("http://127.0.0.1:8080", encoder_keys=KeySource(key_file=work / "key_file.json"),
+                                transport="auto")
+    o = Options()
+    interp = Interpolator(client, o.factor, o.seed, o.max_inflight, o.encoder_chunk)
+    frames = [Frame(image, pts=i, duration=1) for i, image in enumerate(clip)]
+    t = time.perf_counter()
+    interp.run(frames[:warm], lambda *a: None)  # every worker sees the size (the first request at a new size)
+    warm_s = time.perf_counter() - t
+    with GpuSampler() as gpu:
+        t = time.perf_counter()
+        stats = interp.run(frames, lambda *a: None)
+        seconds = time.perf_counter() - t
+    return {"seconds_per_generated_frame": seconds / (len(clip) - 1), "wall_s": seconds, "warm_up_s": warm_s,
+            "gpu_util_percent": gpu.mean(), "transport": stats.transport}
+
+
+def cli(work: Path, src: Path, dst: Path, n: int) -> dict:
+    """`python -m client video SRC -o DST` as a user runs it (no tuning flags), wall clock and its stats."""
+    stats_file = work / f"{dst.name}.stats.json"
+    with GpuSampler() as gpu:
+        wall = sh([sys.executable, "-m", "client", "video", src, "-o", dst, "--quiet", "--stats-json", stats_file],
+                  cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    stats = json.loads(stats_file.read_text())
+    return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),
+            "phases_s": stats.get("phases"), "transport": stats.get("transport"),
+            "output_frames": stats.get("output_frames")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="480x854:300,1080x1920:120", help="HxW:FRAMES, comma separated")
+    ap.add_argument("--reference-pairs", type=int, default=16, help="pairs the reference makes per size")
+    ap.add_argument("--checkpoint", default=None, help="official checkpoint (default: random real-size weights)")
+    ap.add_argument("--official-dir", default=None, help="a checkout of the official code: bench/official_loop.py")
+    ap.add_argument("--workdir", default="/tmp/eden_cli")
+    ap.add_argument("--out", default="build/cli_speed")
+    ap.add_argument("--skip", default="", help="comma list: reference,official,raw,mp4,png")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    out, work = Path(args.out).resolve(), Path(args.workdir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    summary: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                     "torch": torch.__version__, "cpus": os.cpu_count(), "setup_s": {}, "sizes": {}}
+
+    def save():
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+
+    # ---- the README's deployment, its commands and defaults
+    ckpt = Path(args.checkpoint).resolve() if args.checkpoint else work / "eden.pt"
+    if not args.checkpoint:
+        checkpoint.make_random_checkpoint(ckpt, EdenConfig(), seed=0)
+    shutil.copy(ROOT / "config.properties", work / "config.properties")
+    setup = summary["setup_s"]
+    setup["split_weights"] = sh([sys.executable, ROOT / "split_weights.py", ckpt, "--out-dir", "weights/"], work)
+    setup["build_archives"] = sh([sys.executable, ROOT / "archive_scripts" / "build_archives.py", "--weights",
+                                  "weights/", "--model-store", "model_store/"], work)
+    setup["cli_help"] = sh([sys.executable, "-m", "client", "video", "--help"], work,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    t = time.perf_counter()
+    sh(["torchserve", "--start", "--ncs", "--ts-config", "config.properties"], work)
+    wait_ready(work)
+    setup["torchserve_ready"] = time.perf_counter() - t
+    print(f"deployment ready: {setup}", flush=True)
+    save()
+    sd = checkpoint.read_official_checkpoint(ckpt)
+    cfg = EdenConfig.from_state_dict(sd)
+    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        for spec in args.sizes.split(","):
+            size, n = spec.split(":")
+            H, W = (int(v) for v in size.split("x"))
+            n = int(n)
+            row: dict = summary["sizes"].setdefault(size, {"frames_in": n, "generated": n - 1})
+            clip = moving_shapes(n, H, W, step=H / 40)
+            src = work / f"in_{size}.mp4"
+            clips.write_video(src, clip, RATE)  # with an AAC track
+            if "reference" not in skip:
+                m = min(args.reference_pairs + 1, n)
+                ref_s, _ = run_reference(sd, cfg, clip[:m], dev)
+                row["reference_s_per_frame"] = ref_s
+                print(f"{size} reference {ref_s:.4f} s/frame", flush=True)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            if args.official_dir and "official" not in skip:
+                try:
+                    o = subprocess.run([sys.executable, ROOT / "bench" / "official_loop.py", "--official-dir",
+                                        args.official_dir, "--sizes", size, "--frames", str(args.reference_pairs),
+                                        "--out", work / f"official_{size}.json"], capture_output=True, text=True,
+                                       cwd=ROOT, timeout=400)
+                    row["official"] = json.loads((work / f"official_{size}.json").read_text()) \
+                        if o.returncode == 0 else {"error": o.stderr[-2000:]}
+                except Exception as e:  # noqa: BLE001 - the rest of the run goes on
+                    row["official"] = {"error": repr(e)}
+                print(f"{size} official {row['official']}", flush=True)
+            ref_s = row.get("reference_s_per_frame")
+            for name, run in (("raw_sink", lambda: raw_sink(work, clip)),
+                              ("cli_mp4", lambda: cli(work, src, work / f"out_{size}.mp4", n)),
+                              ("cli_png", lambda: cli(work, src, work / f"out_{size}_png", n))):
+                if name.split("_")[-1] in skip:
+                    continue
+                try:
+                    r = run()
+                except Exception as e:  # noqa: BLE001 - keep what was measured
+                    r = {"error": repr(e)[-3000:]}
+                if ref_s and "seconds_per_generated_frame" in r:
+                    r["speedup_vs_reference"] = ref_s / r["seconds_per_generated_frame"]
+                row[name] = r
+                print(f"{size} {name}: {json.dumps(r, default=float)}", flush=True)
+                save()
+            raw, mp4, png = (row.get(k, {}).get("seconds_per_generated_frame")
+                             for k in ("raw_sink", "cli_mp4", "cli_png"))
+            if raw and mp4:
+                row["cli_mp4_vs_raw_sink"] = raw / mp4
+            if mp4 and png:
+                row["cli_png_vs_mp4"] = mp4 / png
+            save()
+    finally:
+        subprocess.run(["torchserve", "--stop"], cwd=work, capture_output=True)
+    print(json.dumps(summary, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
