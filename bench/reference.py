@@ -1,25 +1,36 @@
 """The speed reference: EDEN computed the way the official ``inference.py`` does it, in one module.
 
 Written for the benchmark, not for serving: one monolithic model holding every weight under the official names,
-float32, one pair at a time, and the official code's work pattern kept on purpose:
-- the sin-cos positions are rebuilt with NumPy on the host and copied to the device at every DiT step and decode;
-- the conditioning frames are patch-embedded again at every Euler step (the official ``denoise`` re-runs
-  ``patch_cond``), and the temporal attention projects all 9 (DiT) or 3 (decoder) window tokens and attends
-  over every row, keeping only the middle one;
+float32 (the official loop runs no autocast, no ``.half()`` and sets no TF32 flag), one pair at a time, and the
+official code's work pattern kept on purpose (official names from ``src/models/EDEN.py``):
+- the conditioning frames are normalised and patch-embedded again (both the DiT's and the decoder's tokens) at every
+  Euler step, as ``EDEN.denoise`` re-runs ``patch_cond``;
+- the sin-cos positions are rebuilt with NumPy on the host and copied to the device at every Euler step, the
+  patch grid's in ``patch_cond`` and the latent grid's in ``denoise`` (``get_pos_embedding``);
+- the decoder uses what the last Euler step left (the official keeps ``cond_dec``, ``stats``, ``pos_embedding`` and
+  ``query_pos_embedding`` on the module and ``EDEN.decode`` reads them): it embeds and positions nothing again;
+- the temporal attention projects all 9 (DiT) or 3 (decoder) window tokens and attends over every row, keeping only
+  the middle one; the windows are regathered in every block;
 - the attention kernels are the library's fused ones (the official release runs xformers; here SDPA), so the
   reference is not slowed by an unfused softmax;
 - ``torch.cuda.empty_cache()`` after every frame, as the official video loop does.
-It gives the same frames as eden_serve (tests/test_reference.py checks it on the official fixture).
+It does less host work than the official loop in one place: the Euler steps are a Python loop, not torchdiffeq's
+``odeint`` (whose input checks and time comparisons synchronise with the device a few times a frame).
+It gives the same frames as eden_serve (tests/test_reference.py checks it on the official fixture);
+bench/official_loop.py times it next to the official code itself.
 """
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eden_serve import pipeline
 from eden_serve.config import EdenConfig
 
 
@@ -120,25 +131,28 @@ class ReferenceEden(nn.Module):
         return self.denoise_timestep_embedder.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
     def velocity(self, x, t, frames, difference):
-        dit, _, _, _ = self._cond(frames)  # re-embedded at every step, as the official denoise does
+        """One ``EDEN.denoise`` call: the velocity, and what the decoder reuses from the last step."""
+        dit, dec, stats, pos = self._cond(frames)  # re-embedded at every step, as the official denoise does
         gh, gw = frames.shape[-2] // self.cfg.patch_size, frames.shape[-1] // self.cfg.patch_size
         mod = self.adaLN_modulation(self._timestep(t) + self.difference_embedder(difference))
-        h = self.proj_in(x) + _numpy_positions(gh, gw, 2, self.cfg.hidden_dim).to(x.device)
+        query_pos = _numpy_positions(gh, gw, 2, self.cfg.hidden_dim).to(x.device)
+        h = self.proj_in(x) + query_pos
         t0, t1 = dit.chunk(2, dim=0)
         for blk in self.dit_blocks:
             s1, c1, g1, s2, c2, g2 = mod.chunk(6, dim=1)
             h = h + g1.unsqueeze(1) * blk.self_attn(blk.norm_self_attn(h) * (1 + c1.unsqueeze(1)) + s1.unsqueeze(1))
             h = h + blk.temp_attn.temporal(blk.norm_temp_attn(h), t0, t1, gh, gw)
             h = h + g2.unsqueeze(1) * blk.mlp(blk.norm_mlp(h) * (1 + c2.unsqueeze(1)) + s2.unsqueeze(1))
-        return self.proj_out(self.norm_out(h)).chunk(2, dim=-1)[0]
+        return self.proj_out(self.norm_out(h)).chunk(2, dim=-1)[0], (dec, stats, pos, query_pos)
 
-    def decode(self, z, frames):
-        _, dec, (mean, std), pos = self._cond(frames)
-        gh, gw = frames.shape[-2] // self.cfg.patch_size, frames.shape[-1] // self.cfg.patch_size
+    def decode(self, z, last_step, grid):
+        """``EDEN.decode``: latents -> frame, from the last Euler step's decoder tokens, statistics and positions."""
+        dec, (mean, std), pos, query_pos = last_step
+        gh, gw = grid
         q = self.proj_token(z)
         y = F.interpolate(q.transpose(1, 2).reshape(1, -1, gh // 2, gw // 2), scale_factor=2.0, mode="bicubic",
                           align_corners=False).flatten(2).transpose(1, 2) + pos
-        q = q + _numpy_positions(gh, gw, 2, self.cfg.hidden_dim).to(z.device)
+        q = q + query_pos
         d0, d1 = dec.chunk(2, dim=0)
         for blk in self.decoder_blocks:
             n = y.shape[1]
@@ -162,10 +176,13 @@ class ReferenceEden(nn.Module):
         frames = F.pad(torch.cat([frame0, frame1]), pad, mode="replicate")
         x = noise
         grid = torch.tensor(cfg.time_grid, device=noise.device)
+        last_step = None
         for i in range(len(cfg.time_grid) - 1):
             t = torch.ones(1, device=noise.device) * grid[i]
-            x = x + (grid[i + 1] - grid[i]) * self.velocity(x, t, frames, difference)
-        out = self.decode(x / cfg.latent_scale + cfg.latent_shift, frames)
+            v, last_step = self.velocity(x, t, frames, difference)
+            x = x + (grid[i + 1] - grid[i]) * v
+        patches = (frames.shape[-2] // cfg.patch_size, frames.shape[-1] // cfg.patch_size)
+        out = self.decode(x / cfg.latent_scale + cfg.latent_shift, last_step, patches)
         out = out[..., pad[2]:pad[2] + h, pad[0]:pad[0] + w].clamp(0, 1)
         if out.is_cuda:
             torch.cuda.empty_cache()
@@ -176,3 +193,27 @@ def load_reference(state_dict, cfg: EdenConfig, device) -> ReferenceEden:
     model = ReferenceEden(cfg)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval()
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_clip(model: ReferenceEden, clip: list, noise_for: Callable[[int], torch.Tensor],
+              device) -> tuple[float, list]:
+    """The benchmark's measure of the reference: a clip of [H, W, 3] uint8 frames already in memory -> seconds per
+    generated frame and the generated frames ([H, W, 3] uint8). Per pair, like the official video loop: both frames
+    uploaded, the middle frame made, brought back to the host; ``noise_for(i)`` gives pair i's noise (on the device).
+    One pair first as warm-up, not timed."""
+    def one(i):
+        f0 = torch.from_numpy(clip[i]).to(device).permute(2, 0, 1)[None].float() / 255
+        f1 = torch.from_numpy(clip[i + 1]).to(device).permute(2, 0, 1)[None].float() / 255
+        return pipeline.to_uint8(model.interpolate(f0, f1, noise_for(i)))[0].numpy()
+
+    one(0)  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    out = [one(i) for i in range(len(clip) - 1)]
+    _sync(device)
+    return (time.perf_counter() - t) / (len(clip) - 1), out

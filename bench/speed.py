@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 
 from build_archives import build  # noqa: E402
-from reference import load_reference  # noqa: E402
+from reference import load_reference, time_clip  # noqa: E402
 
 from client.api import EdenClient, KeySource  # noqa: E402
 from client.frames_io import Frame  # noqa: E402
@@ -98,23 +98,10 @@ def sync(device) -> None:
 def run_reference(sd, cfg, clip, device) -> tuple[float, list]:
     model = load_reference(sd, cfg, device)
     geo = pipeline.Geometry.for_size(*clip[0].shape[:2], cfg)
-    out = []
-
-    def one(i):
-        f0 = torch.from_numpy(clip[i]).to(device).permute(2, 0, 1)[None].float() / 255
-        f1 = torch.from_numpy(clip[i + 1]).to(device).permute(2, 0, 1)[None].float() / 255
-        noise = pipeline.make_noise(geo, cfg.latent_dim, frame_seed(SEED, 2 * i + 1), device)
-        return pipeline.to_uint8(model.interpolate(f0, f1, noise))[0].numpy()
-
-    one(0)  # warm-up
-    sync(device)
-    t = time.perf_counter()
-    for i in range(len(clip) - 1):
-        out.append(one(i))
-    sync(device)
-    seconds = time.perf_counter() - t
+    seconds, out = time_clip(model, clip, lambda i: pipeline.make_noise(geo, cfg.latent_dim,
+                                                                         frame_seed(SEED, 2 * i + 1), device), device)
     del model
-    return seconds / (len(clip) - 1), out
+    return seconds, out
 
 
 def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8) -> tuple[float, list]:
