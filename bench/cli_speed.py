@@ -142,7 +142,9 @@ def main():
     setup["cli_help"] = sh([sys.executable, "-m", "client", "video", "--help"], work,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     t = time.perf_counter()
-    sh(["torchserve", "--start", "--ncs", "--ts-config", "config.properties"], work)
+    with open(work / "torchserve.out", "wb") as log:  # (its Java child keeps the output open: not a pipe)
+        subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", "config.properties"], cwd=work, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
     wait_ready(work)
     setup["torchserve_ready"] = time.perf_counter() - t
     print(f"deployment ready: {setup}", flush=True)
@@ -169,7 +171,8 @@ def main():
             if args.official_dir and "official" not in skip:
                 try:
                     o = subprocess.run([sys.executable, ROOT / "bench" / "official_loop.py", "--official-dir",
-                                        args.official_dir, "--sizes", size, "--frames", str(args.reference_pairs),
+                                        args.official_dir, "--checkpoint", ckpt, "--sizes", size, "--frames",
+                                        str(min(args.reference_pairs + 1, n)), "--repeats", "1",
                                         "--out", work / f"official_{size}.json"], capture_output=True, text=True,
                                        cwd=ROOT, timeout=400)
                     row["official"] = json.loads((work / f"official_{size}.json").read_text()) \

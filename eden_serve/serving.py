@@ -170,6 +170,12 @@ class BatchService:
         self.model_dir = context.system_properties["model_dir"]
         self.cfg = checkpoint.load_config(self.model_dir)
         self.store = shm.ShmStore(self.settings.shm_dir, self.settings.shm_ttl_s) if self.settings.shm_dir else None
+        if self.store is not None:
+            try:
+                self.store.create()  # now, so that a client's probe finds it before any segment was written
+            except OSError as e:
+                log.warning("cannot create the shared-memory folder %s (%s): same-host clients will use HTTP",
+                            self.store.root, e.strerror)
         self._last_sweep = 0.0
         self.compute_dtype = resolve_dtype(self.settings.compute_dtype, self.device)
         self.load()
@@ -352,6 +358,8 @@ class BatchService:
         """``{"probe": null}``: where this worker keeps shared-memory segments, its host and device.
         ``{"probe": NAME}``: the hash of segment NAME's bytes, also written to a new segment named in the answer,
         so the client knows both directions work (it removes both)."""
+        if self.store is not None:
+            self.store.create()
         answer = {"shm_dir": str(self.store.root) if self.store else None, "host": socket.gethostname(),
                   "device": str(self.device), "handoff": self.can_hand_off()}
         name = ref["probe"]

@@ -66,9 +66,13 @@ class ShmStore:
         object.__setattr__(self, "root", Path(self.root))
 
     # ------------------------------------------------------------------ writing
+    def create(self) -> None:
+        """The folder, private to this user (0700), if it does not exist yet."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
     def write(self, buffers) -> str:
         """Write bytes (or a list of buffers, in order) to a new segment; returns its name."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.create()
         name = f"eden-{uuid.uuid4().hex}"
         tmp = self.root / f".{name}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -88,7 +92,7 @@ class ShmStore:
     def allocate(self, nbytes: int) -> Iterator[tuple[str, memoryview]]:
         """A new segment of ``nbytes`` to fill in place (e.g. a GPU copy straight into it): yields (name, writable
         view); published under its name when the block ends, removed if it raises."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.create()
         name = f"eden-{uuid.uuid4().hex}"
         tmp = self.root / f".{name}.part"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
