@@ -23,9 +23,9 @@ from eden_serve.config import EdenConfig
 H, W = 32, 32
 
 
-def stamp(image_id: int, shade: int = 128) -> np.ndarray:
+def stamp(image_id: int, h: int = H, w: int = W) -> np.ndarray:
     """A flat frame whose first pixel holds ``image_id`` (24 bits)."""
-    img = np.full((H, W, 3), shade, np.uint8)
+    img = np.full((h, w, 3), 128, np.uint8)
     img[0, 0] = (image_id & 255, (image_id >> 8) & 255, image_id >> 16)
     return img
 
@@ -51,10 +51,11 @@ class TimedFake:
         self.answers = 0
 
     def encode_frames(self, frames, dtype="float16"):
-        geo = pipeline.Geometry.for_size(H, W, self.cfg)
+        h, w = frames[0].shape[:2]
+        geo = pipeline.Geometry.for_size(h, w, self.cfg)
         tokens = np.zeros((len(frames), 2, geo.grid[0] * geo.grid[1], 4), np.float32)
         tokens[:, 0, 0, 0] = [id_of(f) for f in frames]
-        blob = wire.TokenBlob(tokens, (H, W), geo.padding, 16, [0.5] * len(frames), [0.2] * len(frames),
+        blob = wire.TokenBlob(tokens, (h, w), geo.padding, 16, [0.5] * len(frames), [0.2] * len(frames),
                               [0.0] * (len(frames) - 1), "")
         with self.lock:
             self.encoded += [id_of(f) for f in frames]
@@ -76,7 +77,7 @@ class TimedFake:
             self.time[new] = (self.time[a] + self.time[b]) / 2
             self.pairs.append((a, b, seed))
             self.made[new] = seed
-        return stamp(new), seed
+        return stamp(new, *first.blob.size), seed
 
 
 def clip(times: list[Fraction], time_base: Fraction) -> tuple[list[Frame], dict[int, Fraction]]:
@@ -288,3 +289,32 @@ def test_a_lone_frame_is_not_encoded(chunk):
     for kw in ({"factor": 4}, {"target_fps": Fraction(60)}):
         fake, stats, out, _ = run([Fraction(0)], Fraction(1, 24), chunk=chunk, **kw)
         assert len(out) == 1 and fake.answers == stats.encoder_requests == 0
+
+
+# ---------------------------------------------------------------------- batch reruns with other settings
+def test_batch_rerun_with_other_settings_redoes_the_output(tmp_path):
+    from client import clips
+    from client.batch import run_batch, settings_path
+    src, out = tmp_path / "in", tmp_path / "out"
+    clips.write_frame_folder(src / "shot", [stamp(i + 1) for i in range(5)])
+
+    def batch(**kw):
+        fake = TimedFake({i + 1: Fraction(i, 24) for i in range(5)})
+        jobs, code = run_batch(src, out, fake, Options(fps=Fraction(24), **kw), quiet=True)
+        assert code == 0
+        return jobs[0], len(list((out / "shot").iterdir()))
+
+    job, frames = batch(factor=2)
+    assert job.status == "done" and frames == 9 and settings_path(out / "shot").is_file()
+    job, frames = batch(factor=2)
+    assert job.status == "skipped" and "already done with these settings" in job.detail and frames == 9
+    job, frames = batch(target_fps=Fraction(60))
+    assert job.status == "done" and frames == 11
+    assert "redone, settings changed (factor 2 -> (none), max_depth (none) -> 5, target_fps (none) -> 60)" \
+        in job.detail
+    job, frames = batch(target_fps=Fraction(60), seed=1)
+    assert job.status == "done" and "seed 0 -> 1" in job.detail
+    settings_path(out / "shot").unlink()  # an output made before records existed is kept as it is
+    job, frames = batch(factor=4)
+    assert job.status == "skipped" and "settings not recorded" in job.detail and frames == 11
+    assert not [p for p in out.rglob("*") if "partial" in p.name]
