@@ -69,9 +69,19 @@ def server_for(args, model: str | None) -> Server:
     return servers[0]
 
 
+MEMORY_NOTE = ("MEMORY -: not measured yet. TorchServe measures its workers' memory with its system metrics "
+               "collector, once a minute (metric_time_interval, default 60 s), so a worker started less than a "
+               "minute ago has none yet; served requests do not change that.")
+
+
 def cmd_status(args) -> int:
     status = collect_status(servers_of(args))
-    print(json.dumps(status, indent=1) if args.json else format_status(status), end="\n" if args.json else "")
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    text = format_status(status)
+    unmeasured = any(not w.get("memoryUsage") for s in status["servers"] for m in s["models"] for w in m["workers"])
+    print(text + (f"\n{MEMORY_NOTE}\n" if unmeasured else ""), end="")
     return 0
 
 

@@ -88,6 +88,18 @@ def options_from(args):
                    encoding=Encoding(args.codec, args.crf, args.pix_fmt, args.preset))
 
 
+def check_keys(client) -> None:
+    """Before any work starts: each model's key can be read (the key file exists and is one), so a missing key
+    file is said at once rather than after the first requests were refused."""
+    from .api import KEY_ENV, KEY_FILE_ENV, ServeError
+    for model in (client.encoder, client.ditdec):
+        keys = getattr(model, "keys", None)
+        if keys is not None and keys.read("inference") is None:
+            raise ServeError(f"no key: {keys.key_file} does not exist. TorchServe writes key_file.json in the folder "
+                             f"it was started from: pass it with --key-file or ${KEY_FILE_ENV}, or the key itself "
+                             f"in ${KEY_ENV}")
+
+
 def cmd_video(args) -> int:
     from .cli import connect
     from .convert import convert
@@ -99,8 +111,10 @@ def cmd_video(args) -> int:
         return 2
     try:
         options = options_from(args)
+        client = connect(args)
+        check_keys(client)  # before "start ...": a missing key file is the first thing to know
         progress = Progress(quiet=args.quiet)
-        stats = convert(src, dst, connect(args), options,
+        stats = convert(src, dst, client, options,
                         on_start=lambda total: progress.start(0, src.name, total),
                         on_progress=lambda done: progress.update(0, done))
         progress.close()
@@ -121,8 +135,9 @@ def cmd_batch(args) -> int:
     from .cli import connect
     try:
         options = options_from(args)
-        jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), connect(args), options, args.jobs,
-                               args.quiet)
+        client = connect(args)
+        check_keys(client)
+        jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), client, options, args.jobs, args.quiet)
     except FramesError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2

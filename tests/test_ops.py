@@ -164,6 +164,27 @@ def test_key_expiry_and_status_parsing():
     assert m["ts_inference_requests_total"] == [({"model_name": "eden_encoder", "hostname": "h"}, 3.0)]
 
 
+def test_status_explains_an_unmeasured_memory(monkeypatch, capsys):
+    """TorchServe fills a worker's memoryUsage once a minute: until then the table shows - and says why."""
+    from argparse import Namespace
+    from client import ops_cli
+    worker = {"id": "9000", "status": "READY", "pid": 1, "gpu": False, "gpuId": None, "gpuUsage": "N/A",
+              "memoryUsage": 0, "startTime": "t"}
+    model = {"model": "eden_encoder", "version": "1.0", "default": True, "minWorkers": 1, "maxWorkers": 1,
+             "batchSize": 1, "maxBatchDelay": 10, "deviceType": "cpu", "deviceIds": None, "pendingRequests": 0,
+             "requestsServed": 0, "workers": [worker]}
+    status = {"servers": [{"label": "", "management_url": "m", "health": "Healthy", "models": [model]}]}
+    monkeypatch.setattr(ops_cli, "collect_status", lambda servers: status)
+    monkeypatch.setattr(ops_cli, "servers_of", lambda args: [])
+    ops_cli.cmd_status(Namespace(json=False))
+    out = capsys.readouterr().out
+    assert "MEMORY -: not measured yet" in out and "once a minute" in out
+    worker["memoryUsage"] = 300 * 2**20
+    ops_cli.cmd_status(Namespace(json=False))
+    out = capsys.readouterr().out
+    assert "300 MiB" in out and "not measured" not in out
+
+
 # ---------------------------------------------------------------------- status
 def test_status_json_matches_the_management_api(ops_server):
     r = run_client("status", "--json", *status_args(ops_server))
