@@ -23,10 +23,11 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
                     help="TorchServe's key_file.json (default: $EDEN_KEY_FILE, else ./key_file.json; "
                          "$EDEN_INFERENCE_KEY gives a key directly)")
     ap.add_argument("--ditdec-key-file", default=None, help="key file of the DiT+decoder's TorchServe, if another")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for each request")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for each try of a request (default: %(default)s)")
     ap.add_argument("--transport", choices=["http", "shm"], default="http",
                     help="http: frames and tokens in the requests (works across hosts); shm: client and servers on "
-                         "one host exchange them through shared memory and send references (much faster)")
+                         "one host exchange them through shared memory and send references (much faster) "
+                         "(default: %(default)s)")
     ap.add_argument("--handoff", choices=["device", "host"], default="device",
                     help="with --transport shm: device (default) lets an encoder on a GPU keep the tokens there and "
                          "the DiT+decoder copy them GPU to GPU; host puts their bytes in shared memory")
