@@ -308,6 +308,9 @@ class Interpolator:
     def _encode(self, nodes: list[_Node]) -> list[tuple[EncodedFrames, list[_Node]]]:
         """Encode ``nodes`` in one request; if the answer would pass the server's response limit (413), in halves
         (and use smaller chunks from then on). Returns the blobs with the frames each holds."""
+        if len(nodes) > self.chunk:  # formed before a 413 made the chunks smaller: do not send it to hear 413 again
+            return [part for k in range(0, len(nodes), self.chunk)
+                    for part in self._encode(nodes[k:k + self.chunk])]
         try:
             return [(self.client.encode_frames([n.image for n in nodes], self.token_dtype), nodes)]
         except ServeError as e:
@@ -337,6 +340,13 @@ class Interpolator:
                 image, _ = self.client.generate_pair(enc, 0, enc, 1, difference, seed)
             finally:
                 self.client.release(enc)
+        except ServeError as e:
+            if e.status != 413:
+                raise
+            size = ea.blob.frame(ia).nbytes * 2
+            raise ServeError(f"{e}. A pair of these frames' {self.token_dtype} tokens is {size / 2**20:.0f} MiB, "
+                             f"over TorchServe's request limit (max_request_size): use --token-dtype float16 or "
+                             f"--transport shm (client and servers on one host), or raise the limit", 413) from None
         return image
 
     def _release_through(self, segment_index: float) -> None:

@@ -318,3 +318,62 @@ def test_batch_rerun_with_other_settings_redoes_the_output(tmp_path):
     job, frames = batch(factor=4)
     assert job.status == "skipped" and "settings not recorded" in job.detail and frames == 11
     assert not [p for p in out.rglob("*") if "partial" in p.name]
+
+
+# ---------------------------------------------------------------------- 4K by default
+def test_4k_is_admitted_where_the_gpu_has_the_memory():
+    import torch
+    from eden_serve import limits
+    from eden_serve.config import EdenConfig
+    gpu = torch.device("cuda", 0)
+    pixels, note = limits.resolve_max_pixels(0, gpu, batch_size=4, total_memory=141 * 2**30)  # an H200
+    assert pixels == 4096 * 2160 >= 3840 * 2160 and "4K" in note
+    pixels, note = limits.resolve_max_pixels(0, gpu, batch_size=4, total_memory=16 * 2**30)
+    assert pixels == 2560 * 1440 and "has 16.0 GiB" in note and "smaller --batch-size" in note
+    assert limits.resolve_max_pixels(0, gpu, batch_size=1, total_memory=16 * 2**30)[0] == 4096 * 2160
+    pixels, own = limits.resolve_max_pixels(640 * 480, gpu, 4, 141 * 2**30)  # the archive's own setting wins
+    assert pixels == 640 * 480 and "max_pixels setting" in own
+    pixels, note = limits.resolve_max_pixels(0, torch.device("cpu"), batch_size=4)
+    assert pixels == 2560 * 1440 and "CPU worker" in note
+    message = limits.explain("frame0: 3840x2160 is 8294400 pixels, over the limit of 3686400", note)
+    assert message.startswith("frame0: 3840x2160") and "CPU worker" in message
+    assert limits.explain("truncated blob", note) == "truncated blob"
+    # the wire at 4K (released model, float16): a pair passes TorchServe's 256 MiB body limits, 4 frames do not
+    cfg = EdenConfig()
+    pair = wire.expected_nbytes(2, 2160, 4096, cfg.hidden_dim, "float16", cfg.pad_multiple, cfg.patch_size)
+    four = wire.expected_nbytes(4, 2160, 3840, cfg.hidden_dim, "float16", cfg.pad_multiple, cfg.patch_size)
+    assert pair + wire.MAX_HEADER_BYTES < 256 * 2**20 < four
+
+
+def test_after_a_413_chunks_formed_earlier_are_split_before_sending():
+    from client.api import ServeError
+
+    class Limited(TimedFake):
+        sent: list[int] = []
+
+        def encode_frames(self, frames, dtype="float16"):
+            self.sent.append(len(frames))
+            if len(frames) > 2:
+                raise ServeError("eden_encoder: HTTP 413: response too large", 413)
+            return super().encode_frames(frames, dtype)
+
+    times = [Fraction(i, 24) for i in range(25)]
+    frames, known = clip(times, Fraction(1, 24))
+    fake = Limited(known)
+    out = []
+    Interpolator(fake, factor=2, chunk=4, max_inflight=16, time_base=Fraction(1, 24)).run(
+        frames, lambda img, *_: out.append(img))
+    assert len(out) == 49 and fake.sent.count(2) + fake.sent.count(1) >= 12
+    assert sum(n > 2 for n in fake.sent) <= 2  # the 413s: the first chunk (and one sent meanwhile), not every one
+
+
+def test_a_pair_over_the_request_limit_says_what_to_do():
+    from client.api import ServeError
+
+    class Refusing(TimedFake):
+        def generate_pair(self, *a, **k):
+            raise ServeError("eden_ditdec: HTTP 413: Request Entity Too Large", 413)
+
+    frames, known = clip([Fraction(0), Fraction(1, 24)], Fraction(1, 24))
+    with pytest.raises(ServeError, match="over TorchServe's request limit .* --token-dtype float16 or --transport shm"):
+        Interpolator(Refusing(known), factor=2, token_dtype="float32").run(frames, lambda *a: None)
