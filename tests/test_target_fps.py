@@ -377,3 +377,29 @@ def test_a_pair_over_the_request_limit_says_what_to_do():
     frames, known = clip([Fraction(0), Fraction(1, 24)], Fraction(1, 24))
     with pytest.raises(ServeError, match="over TorchServe's request limit .* --token-dtype float16 or --transport shm"):
         Interpolator(Refusing(known), factor=2, token_dtype="float32").run(frames, lambda *a: None)
+
+
+# ---------------------------------------------------------------------- through a real TorchServe
+@pytest.mark.server
+def test_24_to_60_through_the_server(server, tmp_path):
+    """The tiny model served by TorchServe: 13 frames at 24 fps -> 31 at 60 fps, the input frames where the times
+    meet, the same frames again on a rerun (seeds from the dyadic positions), and the counts of the README."""
+    from conftest import read_rgb
+    from client import clips
+    from client.api import EdenClient, KeySource
+    frames = clips.clip_frames(13, 48, 64)
+    clips.write_frame_folder(tmp_path / "in", frames)
+    client = EdenClient.connect(server.inference_url, encoder_keys=KeySource(key_file=server.key_file))
+    options = Options(target_fps=Fraction(60), fps=Fraction(24), max_inflight=8)
+    stats = convert(tmp_path / "in", tmp_path / "a", client, options)
+    assert stats.output_frames == 31 and stats.ditdec_requests == 6 * 16
+    assert stats.encoded_frames == 13 + 6 * 12 and stats.max_time_error_ms < 0.53
+    out = sorted((tmp_path / "a").iterdir())
+    assert len(out) == 31
+    for k in range(0, 31, 5):
+        assert np.array_equal(read_rgb(out[k]), frames[2 * k // 5])
+    convert(tmp_path / "in", tmp_path / "b", client, options)
+    # same seeds, same frames: to within one level, as requests in flight may share batches differently
+    for p in out:
+        a, b = read_rgb(p).astype(int), read_rgb(tmp_path / "b" / p.name).astype(int)
+        assert np.abs(a - b).max() <= 1
