@@ -403,3 +403,21 @@ def test_24_to_60_through_the_server(server, tmp_path):
     for p in out:
         a, b = read_rgb(p).astype(int), read_rgb(tmp_path / "b" / p.name).astype(int)
         assert np.abs(a - b).max() <= 1
+
+
+def test_cli_flags():
+    import argparse
+    from client.frames_io import FramesError
+    from client.video_cli import add_interpolation_args, options_from
+    p = argparse.ArgumentParser()
+    add_interpolation_args(p)
+    o = options_from(p.parse_args(["--target-fps", "59.94"]))
+    assert o.target_fps == Fraction(60000, 1001) and o.max_depth == DEFAULT_MAX_DEPTH
+    assert options_from(p.parse_args([])).factor == 2 and options_from(p.parse_args([])).target_fps is None
+    assert options_from(p.parse_args(["--target-fps", "60000/1001", "--max-depth", "3"])).max_depth == 3
+    with pytest.raises(SystemExit):
+        p.parse_args(["--factor", "4", "--target-fps", "60"])  # one or the other
+    with pytest.raises(FramesError, match="--max-depth must be 1..10"):
+        options_from(p.parse_args(["--target-fps", "60", "--max-depth", "0"]))
+    help_text = p.format_help()
+    assert "--target-fps RATE" in help_text and "default 5" in help_text.replace("\n", " ").replace("  ", " ")
