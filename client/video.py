@@ -24,13 +24,14 @@ Each frame goes to the encoder exactly once:
   between consecutive frames); the pair (F_i, F_i+1) is assembled from per-frame tokens
   (``wire.TokenBlob.pair``), its difference taken from the blob when both frames were in one chunk and computed
   here (``pipeline.frame_difference``, the same formula on the same pixels) when the pair spans two chunks;
-* a generated middle frame that is itself an end of a finer pair (factor 4 and 8) is sent once, with whatever
-  other such frames are waiting, and its pairs' differences are computed here.
+* a generated middle frame that is itself an end of a finer pair (factor 4 and 8, most target rates) is sent once,
+  with whatever other such frames are waiting, and its pairs' differences are computed here.
 
 Scheduling: one loop keeps up to ``max_inflight`` DiT+decoder requests and ``encoder_inflight`` encoder requests in
 flight at once (the two models work at the same time), always serving the earliest segment first, and writes output
 frames in order as soon as the earliest segment is complete. At most ``window`` segments (input pairs) are open, so
-memory is bounded by about window x (m + 1) frames and their tokens whatever the video's length.
+memory is bounded by about window x (2 + the frames a pair generates: m - 1 for a factor, at most 2^D - 1 for a
+target rate) frames and their tokens whatever the video's length.
 
 Scene cuts: a pair that ``scenes.SceneDetector`` calls a cut gets no generated frames; its in-between frames repeat
 the pair's first frame (no morphing of two shots).
@@ -171,7 +172,8 @@ class Stats:
         return (f"{self.input_frames} -> {self.output_frames} frames in {self.seconds:.1f} s "
                 f"({self.fps:.1f} frames/s); {self.cuts} scene cut{'s' * (self.cuts != 1)}; encoder: "
                 f"{self.encoded_frames} frames in {self.encoder_requests} requests, "
-                f"{self.token_bytes / 1e6:.1f} MB of tokens; DiT+decoder: {self.ditdec_requests} requests")
+                f"{self.token_bytes / 1e6:.1f} MB of tokens; DiT+decoder: {self.ditdec_requests} requests"
+                + (f"; time error <= {self.max_time_error_ms:.2f} ms" if self.max_time_error_ms else ""))
 
 
 class _Node:
