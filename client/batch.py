@@ -171,12 +171,11 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
         progress.start(key, job.name, job.frames)
         try:
             settings = wanted_settings(job, options)
-            if id(job) in redo:
-                # other settings than the output's: the new output replaces it when complete (a folder of
-                # frames cannot be renamed over, so the old one goes first); no stale record stays meanwhile
-                settings_path(job.dst).unlink(missing_ok=True)
-                if job.dst.is_dir():
-                    shutil.rmtree(job.dst)
+            if id(job) in redo and job.dst.is_dir():
+                # other settings than the output's: a video is replaced when the new one is complete, but a folder
+                # of frames cannot be renamed over, so the old one goes first. The old record stays until the new
+                # output is complete: if this run stops before, the next one still sees the old settings.
+                shutil.rmtree(job.dst)
             stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
             record_settings(job.dst, settings)
             job.status = "done"

@@ -421,3 +421,22 @@ def test_cli_flags():
         options_from(p.parse_args(["--target-fps", "60", "--max-depth", "0"]))
     help_text = p.format_help()
     assert "--target-fps RATE" in help_text and "default 5" in help_text.replace("\n", " ").replace("  ", " ")
+
+
+def test_batch_redo_that_fails_keeps_the_old_output_and_its_record(tmp_path, monkeypatch):
+    from client import batch as batch_mod
+    from client import clips
+    src, out = tmp_path / "in", tmp_path / "out"
+    clips.write_frame_folder(src / "shot", [stamp(i + 1) for i in range(3)])
+    fake = TimedFake({i + 1: Fraction(i, 24) for i in range(3)})
+    assert batch_mod.run_batch(src, out, fake, Options(fps=Fraction(24)), quiet=True)[1] == 0
+    record = batch_mod.settings_path(out / "shot").read_text()
+
+    def broken(*a, **k):
+        raise RuntimeError("server gone")
+
+    monkeypatch.setattr(batch_mod, "convert", broken)
+    jobs, code = batch_mod.run_batch(src, out, fake, Options(fps=Fraction(24), seed=5), quiet=True)
+    assert code == 1 and jobs[0].status == "failed" and "server gone" in jobs[0].detail
+    # a frame folder is removed before it is redone; its old record is harmless (no output: it is redone)
+    assert not (out / "shot").exists() and batch_mod.settings_path(out / "shot").read_text() == record
