@@ -440,3 +440,22 @@ def test_batch_redo_that_fails_keeps_the_old_output_and_its_record(tmp_path, mon
     assert code == 1 and jobs[0].status == "failed" and "server gone" in jobs[0].detail
     # a frame folder is removed before it is redone; its old record is harmless (no output: it is redone)
     assert not (out / "shot").exists() and batch_mod.settings_path(out / "shot").read_text() == record
+
+
+def test_target_rate_memory_is_bounded():
+    times = [Fraction(i, 24) for i in range(200)]
+    frames, known = clip(times, Fraction(1, 24))
+    fake = TimedFake(known)
+    read, written = [], []
+
+    def source():
+        for f in frames:
+            read.append(f.pts)
+            # inputs held (read, not yet written): the window (max_inflight + chunk pairs) and the writer's queue
+            # (16 output frames, 2.5 per input), whatever the length
+            assert len(read) - len(written) / 2.5 <= (4 + 4) + 16 / 2.5 + 3
+            yield f
+
+    stats = Interpolator(fake, max_inflight=4, chunk=4, time_base=Fraction(1, 24), target_fps=Fraction(60)).run(
+        source(), lambda *a: written.append(a))
+    assert stats.output_frames == len(written) == 199 * 5 // 2 + 1
