@@ -40,9 +40,9 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                      help="an output frame rate instead of a factor, any rational (60, 60000/1001, 59.94, 50): "
                           "each output frame at its exact time, the input frame where the times meet, else the "
                           "generated frame at the nearest dyadic time of its interval (see --max-depth)")
-    g.add_argument("--max-depth", type=int, default=DEFAULT_MAX_DEPTH,
+    g.add_argument("--max-depth", type=int, default=None,
                    help=f"with --target-fps: the deepest level of recursive midpoints, 1..{MAX_DEPTH} (default "
-                        f"%(default)s: times within 1/(2^(depth+1) x input rate) of the exact ones, 0.65 ms at "
+                        f"{DEFAULT_MAX_DEPTH}: times within 1/(2^(depth+1) x input rate) of the exact ones, 0.65 ms at "
                         f"24 fps; each level costs up to one more model call per output frame)")
     g.add_argument("--seed", type=int, default=0,
                    help="base noise seed; frame j uses a seed derived from it and j, so reruns are identical")
@@ -79,9 +79,12 @@ def options_from(args):
         raise FramesError(f"--encoder-chunk must be 1..16, got {args.encoder_chunk}")
     if args.max_inflight < 1:
         raise FramesError(f"--max-inflight must be at least 1, got {args.max_inflight}")
-    if not 1 <= args.max_depth <= MAX_DEPTH:
-        raise FramesError(f"--max-depth must be 1..{MAX_DEPTH}, got {args.max_depth}")
-    return Options(factor=args.factor or 2, target_fps=args.target_fps, max_depth=args.max_depth,
+    if args.max_depth is not None and args.target_fps is None:
+        raise FramesError("--max-depth goes with --target-fps (a --factor sets its own depth: log2 of it)")
+    max_depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
+    if not 1 <= max_depth <= MAX_DEPTH:
+        raise FramesError(f"--max-depth must be 1..{MAX_DEPTH}, got {max_depth}")
+    return Options(factor=args.factor or 2, target_fps=args.target_fps, max_depth=max_depth,
                    seed=args.seed, fps=args.fps,
                    scene_threshold=None if args.no_scene_detect else args.scene_threshold,
                    max_inflight=args.max_inflight, encoder_chunk=args.encoder_chunk, token_dtype=args.token_dtype,

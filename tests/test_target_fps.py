@@ -419,6 +419,8 @@ def test_cli_flags():
         p.parse_args(["--factor", "4", "--target-fps", "60"])  # one or the other
     with pytest.raises(FramesError, match="--max-depth must be 1..10"):
         options_from(p.parse_args(["--target-fps", "60", "--max-depth", "0"]))
+    with pytest.raises(FramesError, match="--max-depth goes with --target-fps"):
+        options_from(p.parse_args(["--factor", "4", "--max-depth", "3"]))
     help_text = p.format_help()
     assert "--target-fps RATE" in help_text and "default 5" in help_text.replace("\n", " ").replace("  ", " ")
 
