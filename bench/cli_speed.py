@@ -27,7 +27,6 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import requests
 import torch
 
@@ -46,6 +45,12 @@ from eden_serve import checkpoint  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
 RATE = Fraction(30000, 1001)
+
+
+def user_env() -> dict:
+    """The environment of a user's shell with the repository importable (as when run from its root)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
 
 
 def sh(cmd: list, cwd: Path, **kw) -> float:
@@ -101,7 +106,7 @@ def cli(work: Path, src: Path, dst: Path, n: int) -> dict:
     stats_file = work / f"{dst.name}.stats.json"
     with GpuSampler() as gpu:
         wall = sh([sys.executable, "-m", "client", "video", src, "-o", dst, "--quiet", "--stats-json", stats_file],
-                  cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                  cwd=work, env=user_env())
     stats = json.loads(stats_file.read_text())
     return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),
             "phases_s": stats.get("phases"), "transport": stats.get("transport"),
@@ -140,7 +145,7 @@ def main():
     setup["build_archives"] = sh([sys.executable, ROOT / "archive_scripts" / "build_archives.py", "--weights",
                                   "weights/", "--model-store", "model_store/"], work)
     setup["cli_help"] = sh([sys.executable, "-m", "client", "video", "--help"], work,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env=user_env())
     t = time.perf_counter()
     with open(work / "torchserve.out", "wb") as log:  # (its Java child keeps the output open: not a pipe)
         subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", "config.properties"], cwd=work, check=True,

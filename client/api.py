@@ -213,6 +213,7 @@ class ModelClient:
         self.session = session or requests.Session()
         self.retry = retry or RetryPolicy()
         self.retries: Counter = Counter()
+        self.reached = False  # set by the first answer: only a server that was up is waited for when refused
         self._retries_lock = threading.Lock()
         self._rng = random.Random()
         self._sleep, self._clock = time.sleep, time.monotonic  # replaced by tests
@@ -248,12 +249,17 @@ class ModelClient:
                     requests.exceptions.ContentDecodingError) as e:
                 reason = "connection"
                 problem = f"no answer from TorchServe at {self.url} ({_cause(e)})"
+                if not self.reached and _nobody_there(e):
+                    # refused (or no such host) before this server ever answered: a wrong address or a server
+                    # that is not running, not one restarting; waiting would only delay the same message
+                    raise self._give_up(reason, problem, 0, attempt, self._clock() - start)
             except requests.Timeout:
                 if not policy.retry_timeouts:
                     raise ServeError(f"{self.endpoint} did not answer within {timeout:.0f} s") from None
                 reason = "timeout"
                 problem = f"no answer from {self.endpoint} within {timeout:.0f} s"
             else:
+                self.reached = True
                 if r.ok:
                     return r
                 error = _error_of(r)
@@ -326,6 +332,15 @@ def _cause(e: Exception) -> str:
     return type(e).__name__
 
 
+def _nobody_there(e: Exception) -> bool:
+    """Whether a connection error means nothing listens at the address (refused, or a host name that does not
+    resolve), rather than a connection that was cut."""
+    text = str(e)
+    return any(marker in text for marker in ("Connection refused", "Name or service not known",
+                                             "nodename nor servname", "Failed to resolve",
+                                             "Temporary failure in name resolution", "NameResolutionError"))
+
+
 def _read_body(r: requests.Response) -> None:
     """Read the whole body of a streamed answer in one call, then ``r.content`` is it. requests itself reads 10 KB
     at a time, which costs 5x more client time for a 20 MB token blob (52 against 9 ms here), and a client thread
@@ -390,6 +405,9 @@ class EdenClient:
     def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
         start = time.perf_counter()
         r = model.predict(**kw)
+        for other in (self.encoder, self.ditdec):  # the same TorchServe is up for the other model too
+            if other.url == model.url:
+                other.reached = True
         if self.observe is not None:
             self.observe(kind, time.perf_counter() - start, r)
         return r

@@ -9,21 +9,26 @@
 * Done means the final name exists: outputs are written under a temporary name and renamed when complete, so a
   crash or Ctrl-C never leaves something that looks done, and a rerun skips exactly what was finished and redoes
   (from the start) what was not.
+* The settings that decide an output's frames (factor or target rate, seed, scene cuts, codec, ...) are recorded
+  next to it (``.NAME.eden.json``); a rerun with other settings redoes that output (the new one replaces the old
+  when complete) and says what changed. An output without a record (made before records existed) is kept.
 * One failing input does not stop the others; the run ends with a table (done / skipped / failed and why) and exit
   code 0 if nothing failed, 1 otherwise (130 if interrupted).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import Options, convert
-from .frames_io import FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, frame_files, natural_key, open_source
+from .convert import Options, convert, expected_outputs
+from .frames_io import (DEFAULT_FOLDER_FPS, FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, frame_files,
+                        natural_key, open_source)
 from .progress import Progress
-from .video import output_count
 
 MIXED_FRAMES = "_frames"
 WEBM_CODECS = ("libvpx", "libvpx-vp9", "libaom-av1", "libsvtav1", "librav1e")
@@ -75,17 +80,56 @@ def find_jobs(in_dir: Path, out_dir: Path, codec: str) -> list[Job]:
     return result
 
 
-def _expected_frames(job: Job, factor: int) -> int:
+def _expected_frames(job: Job, options: Options) -> int:
     if job.src.is_dir():
-        return output_count(len(frame_files(job.src)), factor)
+        return expected_outputs(len(frame_files(job.src)), options.fps or DEFAULT_FOLDER_FPS, options)
     try:
         source = open_source(job.src)
     except Exception:  # noqa: BLE001 - reported when the job runs
         return 0
     try:
-        return output_count(source.count, factor)
+        return expected_outputs(source.count, source.meta.rate, options)
     finally:
         source.close()
+
+
+SETTINGS_VERSION = 1
+
+
+def settings_path(dst: Path) -> Path:
+    """Where the settings an output was made with are recorded: a hidden file beside it."""
+    return dst.with_name(f".{dst.name}.eden.json")
+
+
+def wanted_settings(job: Job, options: Options) -> dict:
+    return options.settings(video_output=not job.src.is_dir())  # a video in, a video out
+
+
+def recorded_settings(dst: Path) -> dict | None:
+    """The settings recorded with ``dst`` (None: no record, or one this version cannot read)."""
+    try:
+        data = json.loads(settings_path(dst).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != SETTINGS_VERSION or not isinstance(
+            data.get("settings"), dict):
+        return None
+    return data["settings"]
+
+
+def record_settings(dst: Path, settings: dict) -> None:
+    path = settings_path(dst)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps({"version": SETTINGS_VERSION, "settings": settings}, indent=1))
+    tmp.replace(path)
+
+
+def settings_change(old: dict, new: dict) -> str:
+    """What differs, e.g. 'factor 2 -> (none), target_fps (none) -> 60'."""
+    def show(v):
+        return "(none)" if v is None else str(v)
+    return ", ".join(f"{k} {show(old.get(k))} -> {show(new.get(k))}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
 
 
 def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: int = 1,
@@ -98,12 +142,19 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
         raise FramesError(f"OUT_DIR must be another folder than IN_DIR ({in_dir}): outputs keep the inputs' names")
     jobs = find_jobs(in_dir, out_dir, options.encoding.codec)
     pending = []
+    redo: dict[int, str] = {}  # id(job) -> what changed since its output was made
     for job in jobs:
         if job.dst.exists():
-            job.status, job.detail = "skipped", "already done"
-        else:
-            job.frames = _expected_frames(job, options.factor)
-            pending.append(job)
+            old, new = recorded_settings(job.dst), wanted_settings(job, options)
+            if old is None:
+                job.status, job.detail = "skipped", "already done (settings not recorded: remove it to redo)"
+                continue
+            if old == new:
+                job.status, job.detail = "skipped", "already done with these settings"
+                continue
+            redo[id(job)] = settings_change(old, new)
+        job.frames = _expected_frames(job, options)
+        pending.append(job)
     progress = Progress(sum(j.frames for j in pending), len(pending), quiet=quiet)
     cancel = threading.Event()
 
@@ -119,11 +170,20 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
 
         progress.start(key, job.name, job.frames)
         try:
+            settings = wanted_settings(job, options)
+            if id(job) in redo and job.dst.is_dir():
+                # other settings than the output's: a video is replaced when the new one is complete, but a folder
+                # of frames cannot be renamed over, so the old one goes first. The old record stays until the new
+                # output is complete: if this run stops before, the next one still sees the old settings.
+                shutil.rmtree(job.dst)
             stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
+            record_settings(job.dst, settings)
             job.status = "done"
             job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "
                           f"{stats.cuts} scene cut{'s' * (stats.cuts != 1)}, encoder {stats.encoded_frames} frames "
                           f"in {stats.encoder_requests} requests ({stats.token_bytes / 1e6:.1f} MB of tokens)")
+            if id(job) in redo:
+                job.detail = f"redone, settings changed ({redo[id(job)]}): {job.detail}"
         except Cancelled:
             job.status, job.detail = "interrupted", "stopped, partial output removed"
         except FramesError as e:

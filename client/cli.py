@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import ops_cli, video_cli
-from .api import DEFAULT_URL, EdenClient, KeySource, ServeError
+from .api import DEFAULT_URL, KEY_ENV, KEY_FILE_ENV, EdenClient, KeySource, ServeError
 
 
 def add_connection_args(ap: argparse.ArgumentParser) -> None:
@@ -36,9 +36,21 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
                     help="shared-memory folder (default: the one the servers name, usually /dev/shm/eden)")
 
 
+def check_keys(*sources: KeySource) -> None:
+    """Before any request: each key can be read (the key file exists and is one), so a missing key file is the
+    first thing said, not a refusal after the first requests."""
+    for keys in sources:
+        if keys.read("inference") is None:
+            raise ServeError(f"no key: {keys.key_file} does not exist. TorchServe writes key_file.json in the folder "
+                             f"it was started from: pass it with --key-file or ${KEY_FILE_ENV}, or the key itself "
+                             f"in ${KEY_ENV}")
+
+
 def connect(args) -> EdenClient:
+    """The client the connection flags describe; with --transport auto this asks both models (client/transport.py)."""
     enc_keys = KeySource.default(args.key_file)
     dec_keys = KeySource.default(args.ditdec_key_file) if args.ditdec_key_file else enc_keys
+    check_keys(enc_keys, dec_keys)
     return EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout,
                               transport=args.transport, shm_dir=args.shm_dir, handoff=args.handoff)
 

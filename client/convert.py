@@ -1,6 +1,9 @@
 """One input (a video file or a folder of frames) -> one output (a video file or a folder of PNG frames)."""
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -9,7 +12,7 @@ from typing import Callable
 
 from .frames_io import Encoding, FramesError, ParallelWriter, Prefetch, open_sink, open_source
 from .scenes import DEFAULT_THRESHOLD, SceneDetector, thumbnail
-from .video import Interpolator, Stats, output_count
+from .video import DEFAULT_MAX_DEPTH, Interpolator, Stats, TimeGrid, output_count, target_count
 
 
 @dataclass
@@ -23,6 +26,28 @@ class Options:
     encoder_chunk: int = 4
     token_dtype: str = "float16"
     encoding: Encoding = field(default_factory=Encoding)
+    target_fps: Fraction | None = None  # an output rate instead of a factor (then ``factor`` is not used)
+    max_depth: int = DEFAULT_MAX_DEPTH  # with target_fps: the deepest midpoint level
+
+    def settings(self, video_output: bool) -> dict:
+        """What decides the output's frames (recorded by ``batch`` next to each output): the timing, the seeds,
+        the scene cuts, the token precision and, for a video, the codec settings."""
+        timing = ({"target_fps": str(self.target_fps), "max_depth": self.max_depth} if self.target_fps is not None
+                  else {"factor": self.factor})
+        record = {**timing, "seed": self.seed, "fps": None if self.fps is None else str(self.fps),
+                  "scene_threshold": self.scene_threshold, "token_dtype": self.token_dtype}
+        if video_output:
+            record.update(codec=self.encoding.codec, crf=self.encoding.crf, pix_fmt=self.encoding.pix_fmt,
+                          preset=self.encoding.preset)
+        return record
+
+
+def expected_outputs(count: int, rate: Fraction, options: Options) -> int:
+    """The output frames of ``count`` input frames at ``rate`` (exact for constant-rate input; the progress
+    estimate otherwise)."""
+    if options.target_fps is None or count <= 0:
+        return output_count(count, options.factor)
+    return math.floor((count - 1) * Fraction(options.target_fps) / Fraction(rate)) + 1
 
 
 def _with_thumbnails(frames):
@@ -42,25 +67,43 @@ def convert(src: Path, dst: Path, client, options: Options,
     t0 = time.perf_counter()
     source = open_source(Path(src), options.fps)
     try:
+        meta = source.meta
         if on_start:
-            on_start(output_count(source.count, options.factor))
+            on_start(expected_outputs(source.count, meta.rate, options))
         interpolator = Interpolator(client, options.factor, options.seed, options.max_inflight,
                                     options.encoder_chunk, detector=SceneDetector(options.scene_threshold),
-                                    token_dtype=options.token_dtype)
-        sink = ParallelWriter(open_sink(Path(dst), source.meta, options.factor, options.encoding))
+                                    token_dtype=options.token_dtype, target_fps=options.target_fps,
+                                    time_base=meta.time_base, max_depth=options.max_depth)
         frames = Prefetch(_with_thumbnails(source) if options.scene_threshold is not None else source)
         complete = False
-        t1 = time.perf_counter()
         try:
-            stats = interpolator.run(frames, sink.write, on_progress)
-            t2 = time.perf_counter()
-            if stats.output_frames != output_count(stats.input_frames, options.factor):
-                raise FramesError(f"internal error: {stats.output_frames} frames written for {stats.input_frames} "
-                                  f"inputs at x{options.factor}")
-            complete = True
+            stream = iter(frames)
+            factor = options.factor
+            if options.target_fps is not None:
+                # the output's time base depends on where the stream starts: look at its first frame
+                first = next(stream, None)
+                grid = TimeGrid.make(options.target_fps, meta.time_base, 0 if first is None else first.pts)
+                meta = dataclasses.replace(meta, rate=grid.rate, time_base=grid.time_base)
+                factor = 1
+                stream = itertools.chain([] if first is None else [first], stream)
+            sink = ParallelWriter(open_sink(Path(dst), meta, factor, options.encoding))
+            t1 = time.perf_counter()
+            try:
+                stats = interpolator.run(stream, sink.write, on_progress)
+                t2 = time.perf_counter()
+                if options.target_fps is None:
+                    want = output_count(stats.input_frames, options.factor)
+                else:
+                    want = (target_count(interpolator.first_time, interpolator.last_time, options.target_fps)
+                            if stats.input_frames else 0)
+                if stats.output_frames != want:
+                    raise FramesError(f"internal error: {stats.output_frames} frames written for "
+                                      f"{stats.input_frames} inputs, {want} expected")
+                complete = True
+            finally:
+                sink.close(complete)
         finally:
             frames.close()
-            sink.close(complete)
         # where the command's time went: opening input and output, the pipelined run, writing what was queued
         stats.phases.update(open=t1 - t0, run=t2 - t1, finish=time.perf_counter() - t2)
         return stats

@@ -1,6 +1,6 @@
 """Sub-commands of python -m client for operators: status, scale, models (see client/ops.py).
 
-    status [--json]                                   both models: versions, workers, GPUs, queue, requests, health
+    status [--json] [--wait S]                        both models: versions, workers, GPUs, queue, requests, health
     scale MODEL --workers N | --min N [--max N]       change a model's workers and wait until they are READY
     models list                                       registered models and their versions
     models register ARCHIVE [--workers N]             add a version (needs enable_model_api=true on the server)
@@ -69,9 +69,50 @@ def server_for(args, model: str | None) -> Server:
     return servers[0]
 
 
+MEMORY_NOTE = ("MEMORY -: not measured yet. TorchServe measures its workers' memory with its system metrics "
+               "collector, once a minute (metric_time_interval, default 60 s), so a worker started less than a "
+               "minute ago has none yet; served requests do not change that.")
+
+
+def serving(status: dict) -> bool:
+    """Every server has models, and every model version its minimum of workers (at least one) READY."""
+    for server in status["servers"]:
+        if not server["models"]:
+            return False
+        for m in server["models"]:
+            ready = sum(w.get("status") == "READY" for w in m["workers"])
+            if ready < max(1, m.get("minWorkers") or 0):
+                return False
+    return True
+
+
+def wait_until_serving(args, timeout: float, poll: float = 1.0) -> dict:
+    """Poll until ``serving``: TorchServe may not answer yet, nor have written its key file, while it starts."""
+    import time
+    from .api import ServeError
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = collect_status(servers_of(args))
+            problem = None if serving(status) else "not every model has its workers READY"
+        except ServeError as e:
+            status, problem = None, str(e)
+        if problem is None:
+            return status
+        if time.monotonic() >= deadline:
+            raise ServeError(f"not ready after {timeout:.0f} s: {problem} (see TorchServe's logs/model_log.log)")
+        time.sleep(poll)
+
+
 def cmd_status(args) -> int:
-    status = collect_status(servers_of(args))
-    print(json.dumps(status, indent=1) if args.json else format_status(status), end="\n" if args.json else "")
+    status = (wait_until_serving(args, args.wait) if args.wait is not None
+              else collect_status(servers_of(args)))
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    text = format_status(status)
+    unmeasured = any(not w.get("memoryUsage") for s in status["servers"] for m in s["models"] for w in m["workers"])
+    print(text + (f"\n{MEMORY_NOTE}\n" if unmeasured else ""), end="")
     return 0
 
 
@@ -130,6 +171,9 @@ def register(sub) -> None:
                        description="A table of every model version: workers (state, pid, GPU, memory), queue, "
                                    "requests served, and the server's health.")
     p.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of the table")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="first wait (up to SECONDS) until TorchServe answers and every model has its workers "
+                        "READY; exit 1 if it does not happen in time (for scripts right after torchserve --start)")
     add_server_args(p, with_status_ports=True)
     p.set_defaults(fn=cmd_status)
 

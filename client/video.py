@@ -1,8 +1,22 @@
 """Interpolating a stream of frames through the two served models, pipelined and memory-bounded.
 
-For a factor m = 2, 4 or 8, input frames F0 .. F(N-1) give (N-1)*m + 1 output frames: for each consecutive pair
-(F_i, F_i+1) the frame itself and m-1 in-between frames, then the last input frame once. EDEN makes midpoints, so
-m = 4 and 8 recurse: the middle of (F_i, F_i+1) is made first, then the middles of each half, and so on.
+Two ways to say what comes out, one machinery:
+
+* a factor m = 2, 4 or 8: input frames F0 .. F(N-1) give (N-1)*m + 1 output frames: for each consecutive pair
+  (F_i, F_i+1) the frame itself and m-1 in-between frames, then the last input frame once;
+* a target rate R (``target_fps``, any positive rational, e.g. 60000/1001): output frame k is shown at
+  t_k = t_0 + k/R (t_0: the first input frame's time), for every t_k up to the last input frame's time, so
+  floor((t_last - t_0) * R) + 1 frames (the factor's count when R = m x a constant input rate). Frame k lies in
+  the input interval [t_i, t_i+1) at the fraction u = (t_k - t_i) / (t_i+1 - t_i); u is rounded to the nearest
+  multiple of 2^-D (D = ``max_depth``): 0 shows F_i itself, 1 shows F_i+1, anything else shows the generated frame
+  at that dyadic time. A variable-rate input is sampled the same way on its own time stamps (constant-rate
+  output).
+
+EDEN makes midpoints only, so both recurse: a pair's positions are the integers 0 .. 2^D (0 and 2^D the input
+frames, D = log2 m for a factor); a position p/2^d (reduced) is the middle of the interval [p-1, p+1]/2^d, made
+from its two ends, which are generated first if they are not input frames. Only the positions an output frame
+shows and their ancestors are generated, each once, shared by every output frame that needs it (a factor needs
+all 2^D - 1). The time error is at most half a step of the finest level, 1 / (2^(D+1) x the input rate).
 
 Each frame goes to the encoder exactly once:
 
@@ -10,28 +24,33 @@ Each frame goes to the encoder exactly once:
   between consecutive frames); the pair (F_i, F_i+1) is assembled from per-frame tokens
   (``wire.TokenBlob.pair``), its difference taken from the blob when both frames were in one chunk and computed
   here (``pipeline.frame_difference``, the same formula on the same pixels) when the pair spans two chunks;
-* a generated middle frame that is itself an end of a finer pair (factor 4 and 8) is sent once, with whatever
-  other such frames are waiting, and its pairs' differences are computed here.
+* a generated middle frame that is itself an end of a finer pair (factor 4 and 8, most target rates) is sent once,
+  with whatever other such frames are waiting, and its pairs' differences are computed here.
 
 Scheduling: one loop keeps up to ``max_inflight`` DiT+decoder requests and ``encoder_inflight`` encoder requests in
 flight at once (the two models work at the same time), always serving the earliest segment first, and writes output
 frames in order as soon as the earliest segment is complete. At most ``window`` segments (input pairs) are open, so
-memory is bounded by about window x (m + 1) frames and their tokens whatever the video's length.
+memory is bounded by about window x (2 + the frames a pair generates: m - 1 for a factor, at most 2^D - 1 for a
+target rate) frames and their tokens whatever the video's length.
 
 Scene cuts: a pair that ``scenes.SceneDetector`` calls a cut gets no generated frames; its in-between frames repeat
 the pair's first frame (no morphing of two shots).
 
-Seeds: the in-between frame with output index j uses ``frame_seed(seed, j)``, so a rerun makes the same frames.
+Seeds: with a factor, the in-between frame with output index j uses ``frame_seed(seed, j)``; with a target rate,
+the generated frame at dyadic position p/2^d of pair i uses ``frame_seed(seed, "i+p/2^d")`` (reduced): either way
+the seed depends on where the frame is, never on the order requests complete, so a rerun makes the same frames.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Callable, Iterable
 
 import numpy as np
@@ -46,11 +65,15 @@ from .frames_io import Frame
 from .scenes import SceneDetector, thumbnail
 
 FACTORS = (2, 4, 8)
+DEFAULT_MAX_DEPTH = 5  # time error <= 1 / (64 x the input rate): 0.65 ms at 24 fps, 0.52 ms at 30 fps
+MAX_DEPTH = 10
 _RELEASE = EdenConfig()  # the release constants of the difference input
+_HALF = Fraction(1, 2)
 
 
-def frame_seed(seed: int, index: int) -> int:
-    """The noise seed of output frame ``index`` for a run seeded with ``seed`` (deterministic, spread out)."""
+def frame_seed(seed: int, index: int | str) -> int:
+    """The noise seed of output frame ``index`` (factor runs) or of the generated frame at a pair's dyadic position
+    ``"i+p/2^d"`` (target-rate runs) for a run seeded with ``seed`` (deterministic, spread out)."""
     digest = hashlib.blake2b(f"eden-video:{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & MAX_SEED
 
@@ -58,6 +81,70 @@ def frame_seed(seed: int, index: int) -> int:
 def output_count(num_inputs: int, factor: int) -> int:
     """(N - 1) * m + 1: every input frame once, m - 1 new frames between each consecutive pair."""
     return (num_inputs - 1) * factor + 1 if num_inputs else 0
+
+
+def target_count(first: Fraction, last: Fraction, rate: Fraction) -> int:
+    """Output frames at ``rate`` for inputs shown from ``first`` to ``last`` (seconds): every t_0 + k/R <= last."""
+    return math.floor((last - first) * rate) + 1
+
+
+def max_time_error(input_rate: Fraction, max_depth: int) -> Fraction:
+    """The largest time error of a target-rate run: half the finest dyadic step of an input interval, in seconds."""
+    return 1 / (Fraction(input_rate) * 2 ** (max_depth + 1))
+
+
+def _gcd(a: Fraction, b: Fraction) -> Fraction:
+    """The largest time step that both rationals are integer multiples of (gcd(0, b) = b)."""
+    if a == 0:
+        return b
+    return Fraction(math.gcd(a.numerator * b.denominator, b.numerator * a.denominator),
+                    a.denominator * b.denominator)
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    """The output times of a target-rate run: frame k at ``start + k / rate`` seconds, written with the integer
+    time stamp ``(start + k / rate) / time_base``. The time base is 1/rate when the start is on that grid (a
+    stream starting at 0), else the largest step both the start and 1/rate are multiples of, so every stamp and
+    every duration is an exact integer."""
+    rate: Fraction
+    start: Fraction
+    time_base: Fraction
+
+    @classmethod
+    def make(cls, rate, input_time_base, first_pts: int) -> "TimeGrid":
+        rate = Fraction(rate)
+        if rate <= 0:
+            raise ValueError(f"the target frame rate must be positive, got {rate}")
+        start = first_pts * Fraction(input_time_base)
+        return cls(rate, start, _gcd(start, 1 / rate))
+
+    @property
+    def step(self) -> int:
+        """One output frame's duration in the time base."""
+        return int(1 / (self.rate * self.time_base))
+
+    def time(self, k: int) -> Fraction:
+        return self.start + k / self.rate
+
+    def pts(self, k: int) -> int:
+        stamp = self.time(k) / self.time_base
+        assert stamp.denominator == 1
+        return int(stamp)
+
+
+def dyadic_path(q: int, span: int) -> list[int]:
+    """The positions (of 0 .. span, span a power of 2) generated on the way to position ``q``: the middle of
+    (0, span), then the middle of the half holding q, and so on until q (empty for 0 and span)."""
+    path = []
+    lo, hi = 0, span
+    while 0 < q < span:
+        mid = (lo + hi) // 2
+        path.append(mid)
+        if q == mid:
+            break
+        lo, hi = (lo, mid) if q < mid else (mid, hi)
+    return path
 
 
 @dataclass
@@ -73,6 +160,7 @@ class Stats:
     ditdec_requests: int = 0
     reencoded: int = 0
     seconds: float = 0.0
+    max_time_error_ms: float = 0.0  # target-rate runs: the largest |time shown - time asked| of an output frame
     transport: str = ""  # which transport and handoff the client used, and why (client/transport.py)
     phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
 
@@ -88,6 +176,7 @@ class Stats:
                 f"({self.fps:.1f} frames/s); {self.cuts} scene cut{'s' * (self.cuts != 1)}; encoder: "
                 f"{self.encoded_frames} frames in {self.encoder_requests} requests, "
                 f"{self.token_bytes / 1e6:.1f} MB of tokens; DiT+decoder: {self.ditdec_requests} requests"
+                + (f"; time error <= {self.max_time_error_ms:.2f} ms" if self.max_time_error_ms else "")
                 + (f"; transport: {self.transport}" if self.transport else ""))
 
 
@@ -105,18 +194,32 @@ class _Node:
 
 
 class _Segment:
-    """Input pair i: its m + 1 points (0 and m are the input frames), the intervals whose middle is still to make,
-    and how many generations are running."""
+    """Input pair i on a grid of ``span`` + 1 positions (0 and span are the input frames): ``plan`` lists its output
+    frames (position shown, pts, duration), ``wanted`` the positions to generate (those shown and their
+    ancestors), ``todo`` the intervals whose middle is still to make, ``running`` the generations in flight."""
 
-    def __init__(self, index: int, left: _Node, right: _Node, factor: int, cut: bool):
+    def __init__(self, index: int, left: _Node, right: _Node, span: int, plan: list[tuple[int, int, int]],
+                 cut: bool):
         self.index = index
-        self.points: dict[int, _Node] = {0: left, factor: right}
+        self.span = span
+        self.plan = plan
+        self.points: dict[int, _Node] = {0: left, span: right}
+        self.wanted: set[int] = set()
         self.todo: list[tuple[int, int]] = []
         self.running = 0
-        if cut:
-            self.points.update({k: left for k in range(1, factor)})
-        else:
-            self.todo.append((0, factor))
+        shown = {q for q, _, _ in plan if 0 < q < span}
+        if cut:  # no morphing across a cut: the in-between frames repeat the pair's first frame
+            self.points.update({q: left for q in shown})
+            return
+        for q in shown:
+            self.wanted.update(dyadic_path(q, span))
+        if self.wanted:
+            self.todo.append((0, span))
+
+    def children(self, p: int, q: int) -> list[tuple[int, int]]:
+        """The halves of (p, q) whose middle is wanted."""
+        mid = (p + q) // 2
+        return [(a, b) for a, b in ((p, mid), (mid, q)) if b - a >= 2 and (a + b) // 2 in self.wanted]
 
     @property
     def done(self) -> bool:
@@ -175,9 +278,16 @@ class Interpolator:
 
     def __init__(self, client, factor: int = 2, seed: int = 0, max_inflight: int = 16, chunk: int = 4,
                  encoder_inflight: int = 2, window: int | None = None, detector: SceneDetector | None = None,
-                 token_dtype: str = "float16"):
-        if factor not in FACTORS:
+                 token_dtype: str = "float16", target_fps: Fraction | None = None,
+                 time_base: Fraction = Fraction(1), max_depth: int = DEFAULT_MAX_DEPTH):
+        """With ``target_fps`` (then ``factor`` is ignored) output frames are at that rate; ``time_base`` is the
+        input's (seconds per pts unit), ``max_depth`` the deepest midpoint level (see the module's docstring)."""
+        if target_fps is None and factor not in FACTORS:
             raise ValueError(f"factor must be one of {FACTORS}, got {factor}")
+        if target_fps is not None and Fraction(target_fps) <= 0:
+            raise ValueError(f"the target frame rate must be positive, got {target_fps}")
+        if not 1 <= max_depth <= MAX_DEPTH:
+            raise ValueError(f"max_depth must be 1..{MAX_DEPTH}, got {max_depth}")
         if not 1 <= chunk <= 16:
             raise ValueError(f"encoder chunk must be 1..16 frames (the server's max_frames), got {chunk}")
         if max_inflight < 1 or encoder_inflight < 1:
@@ -191,6 +301,12 @@ class Interpolator:
         self.window = max(window or max_inflight + chunk, chunk + 1)
         self.detector = detector or SceneDetector(None)
         self.token_dtype = token_dtype
+        self.target_fps = None if target_fps is None else Fraction(target_fps)
+        self.time_base = Fraction(time_base)
+        self.max_depth = max_depth
+        self.span = 2 ** max_depth if self.target_fps is not None else factor
+        self.grid: TimeGrid | None = None  # target rate: set from the first frame
+        self.first_time = self.last_time = None  # target rate: the input's first and last times (seconds)
         self.reencoded = 0  # frames encoded again because their handed-off tokens were lost
         self._count_lock = threading.Lock()
 
@@ -198,6 +314,9 @@ class Interpolator:
     def _encode(self, nodes: list[_Node]) -> list[tuple[EncodedFrames, list[_Node]]]:
         """Encode ``nodes`` in one request; if the answer would pass the server's response limit (413), in halves
         (and use smaller chunks from then on). Returns the blobs with the frames each holds."""
+        if len(nodes) > self.chunk:  # formed before a 413 made the chunks smaller: do not send it to hear 413 again
+            return [part for k in range(0, len(nodes), self.chunk)
+                    for part in self._encode(nodes[k:k + self.chunk])]
         try:
             return [(self.client.encode_frames([n.image for n in nodes], self.token_dtype), nodes)]
         except ServeError as e:
@@ -207,9 +326,16 @@ class Interpolator:
         self.chunk = min(self.chunk, half)
         return self._encode(nodes[:half]) + self._encode(nodes[half:])
 
-    def _generate(self, a: _Node, b: _Node, index: int) -> np.ndarray:
+    def _seed_key(self, segment: int, position: int) -> int | str:
+        """What a generated frame's seed derives from: its output index for a factor (as always), its pair and
+        reduced dyadic position for a target rate."""
+        if self.target_fps is None:
+            return segment * self.span + position
+        return f"{segment}+{Fraction(position, self.span)}"
+
+    def _generate(self, a: _Node, b: _Node, key: int | str) -> np.ndarray:
         (ea, ia), (eb, ib) = a.token, b.token
-        difference, seed = pair_difference(a, b), frame_seed(self.seed, index)
+        difference, seed = pair_difference(a, b), frame_seed(self.seed, key)
         try:
             image, _ = self.client.generate_pair(ea, ia, eb, ib, difference, seed)
         except TokensLost:  # the encoder worker holding these tokens on its GPU stopped: encode the two again
@@ -220,6 +346,13 @@ class Interpolator:
                 image, _ = self.client.generate_pair(enc, 0, enc, 1, difference, seed)
             finally:
                 self.client.release(enc)
+        except ServeError as e:
+            if e.status != 413:
+                raise
+            size = ea.blob.frame(ia).nbytes * 2
+            raise ServeError(f"{e}. A pair of these frames' {self.token_dtype} tokens is {size / 2**20:.0f} MiB, "
+                             f"over TorchServe's request limit (max_request_size): use --token-dtype float16 or "
+                             f"--transport shm (client and servers on one host), or raise the limit", 413) from None
         return image
 
     def _release_through(self, segment_index: float) -> None:
@@ -232,15 +365,50 @@ class Interpolator:
                 keep.append((last_use, enc))
         self._live = keep
 
+    # ------------------------------------------------------------------ what each pair shows
+    def _plan(self, left: _Node, right: _Node, stats: Stats) -> list[tuple[int, int, int]]:
+        """The output frames of the pair (left, right): (position shown, pts, duration), in order."""
+        m = self.span
+        if self.target_fps is None:  # m frames: the left one and m - 1 new ones, at the source's stamps x m
+            step = right.pts - left.pts
+            return [(k, left.pts * m + k * step, step) for k in range(m)]
+        grid, plan = self.grid, []
+        t_a, t_b = left.pts * self.time_base, right.pts * self.time_base
+        while (t := grid.time(self._next_output)) < t_b:
+            u = (t - t_a) / (t_b - t_a)  # in [0, 1): earlier frames went to earlier pairs
+            q = math.floor(u * m + _HALF)  # the nearest multiple of 2^-D (m = span), 1 = the right frame
+            error = abs(u - Fraction(q, m)) * (t_b - t_a)
+            stats.max_time_error_ms = max(stats.max_time_error_ms, float(error) * 1000)
+            plan.append((q, grid.pts(self._next_output), grid.step))
+            self._next_output += 1
+        return plan
+
+    def _last_frame(self, last: _Node, stats: Stats) -> tuple[int, int] | None:
+        """(pts, duration) of the last input frame's own output frame, or None if it has none."""
+        if self.target_fps is None:
+            # shown for one output step, so the stream's average rate is exactly the input's x m (a lone frame
+            # keeps its own duration)
+            m = self.span
+            return last.pts * m, max(last.duration, 1) * (m if stats.input_frames == 1 else 1)
+        grid = self.grid
+        if stats.input_frames == 1:  # a lone frame keeps its own duration
+            return grid.pts(0), max(1, round(max(last.duration, 1) * self.time_base / grid.time_base))
+        if grid.time(self._next_output) == last.pts * self.time_base:  # the grid meets the last frame
+            return grid.pts(self._next_output), grid.step
+        return None
+
     # ------------------------------------------------------------------ the loop
     def run(self, frames: Iterable[Frame], write: Callable[[np.ndarray, int, int], None],
             progress: Callable[[int], None] | None = None) -> Stats:
         """Interpolate ``frames`` (time stamps in the source's time base) and call ``write(image, pts, duration)``
-        for each output frame in order (time stamps in the source's time base divided by the factor)."""
+        for each output frame in order (time stamps in the source's time base divided by the factor, or in the
+        target rate's ``TimeGrid.time_base``)."""
         describe = getattr(self.client, "describe_transport", None)
         stats = Stats(transport=describe() if describe else "")
         t0 = time.perf_counter()
-        m = self.factor
+        m = self.span
+        self.grid = None
+        self._next_output = 0  # target rate: the next output frame to place
         frames = iter(frames)
         segments: deque[_Segment] = deque()
         filling: list[_Node] = []  # input frames read but not yet sent to the encoder
@@ -268,16 +436,25 @@ class Interpolator:
                         thumb = frame.thumb if getattr(frame, "thumb", None) is not None else thumbnail(frame.image)
                     node = _Node(frame.image, frame.pts, frame.duration, thumb,
                                  last_use=stats.input_frames)  # segments i-1 and i use input frame i
+                    if self.target_fps is not None:
+                        if self.grid is None:
+                            self.grid = TimeGrid.make(self.target_fps, self.time_base, frame.pts)
+                            self.first_time = frame.pts * self.time_base
+                        self.last_time = frame.pts * self.time_base
                     if last is not None:
                         cut = self.detector.is_cut(last.thumb, node.thumb) if self.detector.enabled else False
                         stats.cuts += cut
-                        segments.append(_Segment(stats.input_frames - 1, last, node, m, cut))
+                        segments.append(_Segment(stats.input_frames - 1, last, node, m,
+                                                 self._plan(last, node, stats), cut))
                     stats.input_frames += 1
                     last = node
                     filling.append(node)
                     if len(filling) >= self.chunk:  # (the chunk may shrink after a 413)
                         input_chunks.append(filling)
                         filling = []
+                if exhausted and stats.input_frames == 1:
+                    filling = []  # a lone frame makes no pair: nothing to encode (nor an answer to release)
+                    input_chunks.clear()
                 if filling and (exhausted or not (running or input_chunks or new_frames)):
                     input_chunks.append(filling)  # the end of the input, or nothing else can progress
                     filling = []
@@ -305,28 +482,24 @@ class Interpolator:
                         seg.todo.remove((p, q))
                         seg.running += 1
                         mid = (p + q) // 2
-                        fut = pool.submit(self._generate, a, b, seg.index * m + mid)
+                        fut = pool.submit(self._generate, a, b, self._seed_key(seg.index, mid))
                         running[fut] = ("generate", seg, p, q)
                         generating += 1
 
                 # output, in order
                 while segments and segments[0].done:
                     seg = segments.popleft()
-                    left, right = seg.points[0], seg.points[m]
-                    step = right.pts - left.pts
-                    for k in range(m):
-                        writer.put(seg.points[k].image, left.pts * m + k * step, step)
+                    for q, pts, duration in seg.plan:
+                        writer.put(seg.points[q].image, pts, duration)
                         stats.output_frames += 1
                     if progress:
                         progress(stats.output_frames)
                     self._written = seg.index
                     self._release_through(seg.index)
                 if exhausted and not segments:
-                    if last is not None:
-                        # shown for one output step, so the stream's average rate is exactly the input's x m
-                        # (a lone frame keeps its own duration)
-                        duration = max(last.duration, 1) * (m if stats.input_frames == 1 else 1)
-                        writer.put(last.image, last.pts * m, duration)
+                    timing = self._last_frame(last, stats) if last is not None else None
+                    if timing is not None:
+                        writer.put(last.image, *timing)
                         stats.output_frames += 1
                         if progress:
                             progress(stats.output_frames)
@@ -348,9 +521,10 @@ class Interpolator:
                         node = _Node(fut.result(), last_use=seg.index)
                         seg.points[mid] = node
                         stats.ditdec_requests += 1
-                        if q - p > 2:  # ends of finer pairs: encode, then make their middles
+                        finer = seg.children(p, q)
+                        if finer:  # an end of finer pairs: encode it, then make their middles
                             new_frames.append(node)
-                            seg.todo += [(p, mid), (mid, q)]
+                            seg.todo += finer
             writer.close()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)

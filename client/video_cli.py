@@ -1,7 +1,7 @@
 """Sub-commands of python -m client: video and batch commands (issue 3).
 
-    video INPUT -o OUTPUT [--factor 2|4|8] ...     a video file or a folder of frames -> a video or a PNG folder
-    batch IN_DIR OUT_DIR [--factor N] [--jobs N]    every video and frame folder under IN_DIR, resumable
+    video INPUT -o OUTPUT [--factor 2|4|8 | --target-fps RATE] ...   a video or frame folder -> a video or PNGs
+    batch IN_DIR OUT_DIR [--factor N | --target-fps RATE] [--jobs N]  every video and frame folder, resumable
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .frames_io import VIDEO_EXTENSIONS, Encoding, FramesError
 from .scenes import DEFAULT_THRESHOLD
+from .video import DEFAULT_MAX_DEPTH, MAX_DEPTH
 
 # the usual decimal shorthands of the NTSC rates mean the exact rationals
 _NTSC = {"23.976": Fraction(24000, 1001), "23.98": Fraction(24000, 1001), "29.97": Fraction(30000, 1001),
@@ -33,8 +34,17 @@ def parse_rate(text: str) -> Fraction:
 
 def add_interpolation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("interpolation")
-    g.add_argument("--factor", type=int, choices=(2, 4, 8), default=2,
-                   help="output frames per input frame: (N-1)*factor+1 frames out (default 2)")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--factor", type=int, choices=(2, 4, 8), default=None,
+                     help="output frames per input frame: (N-1)*factor+1 frames out (default 2)")
+    how.add_argument("--target-fps", type=parse_rate, default=None, metavar="RATE",
+                     help="an output frame rate instead of a factor, any rational (60, 60000/1001, 59.94, 50): "
+                          "each output frame at its exact time, the input frame where the times meet, else the "
+                          "generated frame at the nearest dyadic time of its interval (see --max-depth)")
+    g.add_argument("--max-depth", type=int, default=None,
+                   help=f"with --target-fps: the deepest level of recursive midpoints, 1..{MAX_DEPTH} (default "
+                        f"{DEFAULT_MAX_DEPTH}: times within 1/(2^(depth+1) x input rate) of the exact ones, 0.65 ms at "
+                        f"24 fps; each level costs up to one more model call per output frame)")
     g.add_argument("--seed", type=int, default=0,
                    help="base noise seed; frame j uses a seed derived from it and j, so reruns are identical")
     g.add_argument("--fps", type=parse_rate, default=None,
@@ -50,7 +60,9 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder-chunk", type=int, default=4,
                    help="frames per encoder request, 1..16 (default 4: the first pairs start sooner than with 8; "
                         "each frame is encoded once either way)")
-    g.add_argument("--token-dtype", choices=["float16", "float32"], default="float16")
+    g.add_argument("--token-dtype", choices=["float16", "float32"], default="float16",
+                   help="precision of the tokens sent from the encoder to the DiT+decoder (default %(default)s: "
+                        "half the bytes of float32)")
     g = p.add_argument_group("output video")
     g.add_argument("--codec", default="libx264", help="FFmpeg encoder (default libx264, i.e. H.264)")
     g.add_argument("--crf", type=int, default=None,
@@ -68,7 +80,13 @@ def options_from(args):
         raise FramesError(f"--encoder-chunk must be 1..16, got {args.encoder_chunk}")
     if args.max_inflight < 1:
         raise FramesError(f"--max-inflight must be at least 1, got {args.max_inflight}")
-    return Options(factor=args.factor, seed=args.seed, fps=args.fps,
+    if args.max_depth is not None and args.target_fps is None:
+        raise FramesError("--max-depth goes with --target-fps (a --factor sets its own depth: log2 of it)")
+    max_depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
+    if not 1 <= max_depth <= MAX_DEPTH:
+        raise FramesError(f"--max-depth must be 1..{MAX_DEPTH}, got {max_depth}")
+    return Options(factor=args.factor or 2, target_fps=args.target_fps, max_depth=max_depth,
+                   seed=args.seed, fps=args.fps,
                    scene_threshold=None if args.no_scene_detect else args.scene_threshold,
                    max_inflight=args.max_inflight, encoder_chunk=args.encoder_chunk, token_dtype=args.token_dtype,
                    encoding=Encoding(args.codec, args.crf, args.pix_fmt, args.preset))
@@ -86,7 +104,7 @@ def cmd_video(args) -> int:
     try:
         options = options_from(args)
         t0 = time.perf_counter()
-        client = connect(args)
+        client = connect(args)  # (a missing key file is said first, before "start ...")
         connected = time.perf_counter() - t0
         progress = Progress(quiet=args.quiet)
         stats = convert(src, dst, client, options,
@@ -111,8 +129,8 @@ def cmd_batch(args) -> int:
     from .cli import connect
     try:
         options = options_from(args)
-        jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), connect(args), options, args.jobs,
-                               args.quiet)
+        client = connect(args)
+        jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), client, options, args.jobs, args.quiet)
     except FramesError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2

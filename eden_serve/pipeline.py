@@ -9,7 +9,6 @@ import contextlib
 import secrets
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -7,6 +7,7 @@ and does not disturb the others; the worker keeps serving.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, handoff, images, pipeline, shm, tokens, ts_patches, wire
+from . import checkpoint, handoff, images, limits, pipeline, shm, tokens, ts_patches, wire
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 503: "Serv
 @dataclass(frozen=True)
 class Settings:
     """Handler settings: the ``eden`` section of the archive's model-config.yaml."""
-    max_pixels: int = 2560 * 1440  # per frame; tokens of a 1440p pair are 88 MB in float16
+    max_pixels: int = 0  # per frame; 0: 4K where the GPU has the memory, else 2560x1440 (eden_serve/limits.py)
     min_side: int = 32  # one latent cell: anything smaller is not a video frame
     max_frames: int = 16  # frames per encoder request
     max_response_bytes: int = 256 * 1024 * 1024  # keep equal to config.properties' max_response_size
@@ -159,6 +160,7 @@ class BatchService:
 
     def __init__(self):
         self.initialized = False
+        self.limit_note = ""  # why max_pixels is what it is (set in initialize)
 
     def initialize(self, context):
         self.settings = Settings.from_context(context)
@@ -167,6 +169,9 @@ class BatchService:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self.device = select_device(context)
+        pixels, self.limit_note = limits.resolve_max_pixels(
+            self.settings.max_pixels, self.device, int(context.system_properties.get("batch_size") or 1))
+        self.settings = dataclasses.replace(self.settings, max_pixels=pixels)
         self.model_dir = context.system_properties["model_dir"]
         self.cfg = checkpoint.load_config(self.model_dir)
         self.store = shm.ShmStore(self.settings.shm_dir, self.settings.shm_ttl_s) if self.settings.shm_dir else None
@@ -305,7 +310,7 @@ class BatchService:
                 except RequestError as e:
                     answers[idx] = self._error(context, idx, e)
                 except (wire.WireError, images.ImageError, shm.ShmError) as e:
-                    answers[idx] = self._error(context, idx, RequestError(str(e)))
+                    answers[idx] = self._error(context, idx, RequestError(limits.explain(str(e), self.limit_note)))
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     answers[idx] = self._error(context, idx, RequestError(
@@ -422,10 +427,10 @@ class EncoderService(BatchService):
                                    "all frames of a request must have one size")
         size = wire.expected_nbytes(len(frames), h, w, self.cfg.hidden_dim, dtype, self.cfg.pad_multiple,
                                     self.cfg.patch_size) + wire.MAX_HEADER_BYTES
-        if size > s.max_response_bytes:
+        to_shm = self.wants_shm(context, idx)
+        if size > s.max_response_bytes and not to_shm:  # a shared-memory reply is a reference, not the bytes
             raise RequestError(f"the tokens of {len(frames)} frames of {w}x{h} would be {size} bytes, over the "
                                f"response limit of {s.max_response_bytes}: send fewer frames per request", 413)
-        to_shm = self.wants_shm(context, idx)
         on_device = to_shm and self.handoff and (request_header(context, idx, "X-Eden-Handoff") or "") == "device"
         return (h, w, dtype), (np.stack(frames), dtype, "device" if on_device else "shm" if to_shm else "")
 

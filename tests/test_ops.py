@@ -165,6 +165,53 @@ def test_key_expiry_and_status_parsing():
     assert m["ts_inference_requests_total"] == [({"model_name": "eden_encoder", "hostname": "h"}, 3.0)]
 
 
+def test_status_explains_an_unmeasured_memory(monkeypatch, capsys):
+    """TorchServe fills a worker's memoryUsage once a minute: until then the table shows - and says why."""
+    from argparse import Namespace
+    from client import ops_cli
+    worker = {"id": "9000", "status": "READY", "pid": 1, "gpu": False, "gpuId": None, "gpuUsage": "N/A",
+              "memoryUsage": 0, "startTime": "t"}
+    model = {"model": "eden_encoder", "version": "1.0", "default": True, "minWorkers": 1, "maxWorkers": 1,
+             "batchSize": 1, "maxBatchDelay": 10, "deviceType": "cpu", "deviceIds": None, "pendingRequests": 0,
+             "requestsServed": 0, "workers": [worker]}
+    status = {"servers": [{"label": "", "management_url": "m", "health": "Healthy", "models": [model]}]}
+    monkeypatch.setattr(ops_cli, "collect_status", lambda servers: status)
+    monkeypatch.setattr(ops_cli, "servers_of", lambda args: [])
+    ops_cli.cmd_status(Namespace(json=False, wait=None))
+    out = capsys.readouterr().out
+    assert "MEMORY -: not measured yet" in out and "once a minute" in out
+    worker["memoryUsage"] = 300 * 2**20
+    ops_cli.cmd_status(Namespace(json=False, wait=None))
+    out = capsys.readouterr().out
+    assert "300 MiB" in out and "not measured" not in out
+
+
+def test_status_wait_polls_until_the_workers_are_ready(monkeypatch, capsys):
+    from argparse import Namespace
+    from client import ops_cli
+    states = iter([ServeError("cannot reach TorchServe's management API"), "LOADING", "READY"])
+
+    def collect(servers):
+        state = next(states)
+        if isinstance(state, Exception):
+            raise state
+        worker = {"id": "9000", "status": state, "pid": 1, "gpu": False, "gpuId": None, "gpuUsage": "N/A",
+                  "memoryUsage": 1, "startTime": "t"}
+        return {"servers": [{"label": "", "management_url": "m", "health": "Healthy", "models": [
+            {"model": "eden_encoder", "version": "1.0", "default": True, "minWorkers": 1, "maxWorkers": 1,
+             "batchSize": 1, "maxBatchDelay": 10, "deviceType": "cpu", "deviceIds": None, "pendingRequests": 0,
+             "requestsServed": 0, "workers": [worker]}]}]}
+
+    monkeypatch.setattr(ops_cli, "collect_status", collect)
+    monkeypatch.setattr(ops_cli, "servers_of", lambda args: [])
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert ops_cli.cmd_status(Namespace(json=False, wait=60)) == 0
+    assert "1/1 ready" in capsys.readouterr().out
+    monkeypatch.setattr(ops_cli, "collect_status", lambda servers: (_ for _ in ()).throw(ServeError("down")))
+    with pytest.raises(ServeError, match="not ready after 0 s: down"):
+        ops_cli.cmd_status(Namespace(json=False, wait=0))
+
+
 # ---------------------------------------------------------------------- status
 def test_status_json_matches_the_management_api(ops_server):
     r = run_client("status", "--json", *status_args(ops_server))

@@ -87,6 +87,7 @@ def test_retries_what_can_pass_and_succeeds():
     client, session, waits = scripted_client([
         requests.ConnectionError("Connection refused"), requests.ReadTimeout("Read timed out"), died, full,
         502, 500, requests.exceptions.ChunkedEncodingError("Connection broken"), 200])
+    client.reached = True  # a server that was up (refused before any answer fails at once: test below)
     assert client.predict(data=b"x").status_code == 200
     assert len(session.calls) == 8
     assert dict(client.retries) == {"connection": 2, "timeout": 1, "HTTP 507": 1, "HTTP 503": 1, "HTTP 502": 1,
@@ -95,6 +96,35 @@ def test_retries_what_can_pass_and_succeeds():
     for n, wait in enumerate(waits, 1):
         base = min(1.0, 0.1 * 2 ** (n - 1))
         assert base * 0.5 <= wait <= base
+
+
+def test_refused_before_any_answer_fails_at_once():
+    """A wrong address or a server that is not running: the first try's refusal is the answer, with the message
+    a retried refusal would end with; a server that answered once is waited for (it may be restarting)."""
+    client, session, waits = scripted_client([requests.ConnectionError("[Errno 111] Connection refused"), 200])
+    with pytest.raises(ServeError) as e:
+        client.predict(data=b"x")
+    assert len(session.calls) == 1 and not waits and e.value.attempts == 1
+    assert "gave up after 1 try" in str(e.value) and "Connection refused" in str(e.value)
+    assert "Is TorchServe running, and is the address right?" in str(e.value)
+    client, session, waits = scripted_client([200, requests.ConnectionError("Connection refused"), 503, 200])
+    assert client.predict(data=b"x").status_code == 200 and client.reached
+    assert client.predict(data=b"x").status_code == 200 and len(waits) == 2
+    # a connection cut (not refused) on the first try is still retried
+    client, session, waits = scripted_client([requests.exceptions.ChunkedEncodingError("Connection broken"), 200])
+    assert client.predict(data=b"x").status_code == 200 and len(waits) == 1
+
+
+def test_refused_address_fails_fast_for_real(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = ModelClient(f"http://127.0.0.1:{port}", "eden_encoder", KeySource(key="k"), timeout=30)
+    t0 = time.monotonic()
+    with pytest.raises(ServeError, match="Is TorchServe running"):
+        client.predict(data=b"x")
+    assert time.monotonic() - t0 < 5
 
 
 @pytest.mark.parametrize("status,body", [

@@ -268,6 +268,25 @@ def test_natural_order_and_rates():
     assert parse_rate("25") == 25 and parse_rate("12.5") == Fraction(25, 2)
 
 
+def test_missing_key_file_and_dead_address_are_said_at_once(tmp_path):
+    """No key file: said before anything starts (no "start ..." line); no server at the address: one try, no
+    30 s of retries."""
+    clips.write_frame_folder(tmp_path / "in", clips.clip_frames(3))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("EDEN_INFERENCE_KEY", None)
+    cmd = [sys.executable, "-m", "client", "video", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+           "--encoder-url", "http://127.0.0.1:9"]
+    r = subprocess.run(cmd + ["--key-file", str(tmp_path / "nokeys.json")], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and "nokeys.json does not exist" in r.stderr and "start in" not in r.stderr
+    (tmp_path / "keys.json").write_text(json.dumps({"inference": {"key": "k"}, "management": {"key": "m"}}))
+    t0 = time.monotonic()
+    r = subprocess.run(cmd + ["--key-file", str(tmp_path / "keys.json")], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and "gave up after 1 try" in r.stderr and "Is TorchServe running" in r.stderr
+    assert time.monotonic() - t0 < 20 and not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------- real clips, real TorchServe
 RATE = Fraction(30000, 1001)
 
