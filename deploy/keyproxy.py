@@ -7,8 +7,11 @@ replicas no single client key works. This forwarder gives the cluster one stable
 
 It accepts only POST /predictions/<model> and GET /ping, compares the secret in constant time, forwards the body
 and the Content-Type / X-Eden-Seed / X-Eden-Token-Dtype headers unchanged (bytes only: nothing is unpickled or
-parsed; shared-memory references, a same-host transport, are refused), and answers a missing or wrong secret the
-way TorchServe does (HTTP 400, type InvalidKeyException) so the client's hint applies.
+parsed), and answers a missing or wrong secret the way TorchServe does (HTTP 400, type InvalidKeyException) so the
+client's hint applies. The secret is checked before the body is read: a request without it costs one header read.
+Shared-memory references (a same-host transport) are refused twice: a body holding the reference magic anywhere is
+answered 400 here, and every forwarded request carries ``X-Eden-Remote: 1``, on which the handlers refuse references
+and shared-memory replies however they are encoded (eden_serve/shm.py, REMOTE_HEADER).
 The pod's key comes from TorchServe's key_file.json and is renewed through the (loopback) management API when it
 expires (client.api.KeySource). TorchServe itself stays on loopback.
 
@@ -31,7 +34,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client.api import KeySource  # noqa: E402
-from eden_serve.shm import REF_MAGIC  # noqa: E402
+from eden_serve.shm import DEVICE_MAGIC, REF_MAGIC, REMOTE_HEADER  # noqa: E402
 
 SECRET_ENV = "EDEN_PROXY_SECRET"
 MAX_BODY = 256 * 1024 * 1024  # config.properties max_request_size
@@ -56,6 +59,7 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
             self.wfile.write(body)
 
         def _error(self, status: int, type_: str, message: str):
+            self.close_connection = True  # a body left unread must not be taken for the next request
             self._answer(status, json.dumps({"code": status, "type": type_, "message": message}).encode())
 
         def _authorized(self) -> bool:
@@ -76,11 +80,12 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
                 self._error(411, "LengthRequired", "send the body with a Content-Length (no chunked encoding)")
                 return
             body = self.rfile.read(length) if length else None
-            if body and (body.startswith(REF_MAGIC) or b"\r\n\r\n" + REF_MAGIC in body):
+            if body and (REF_MAGIC in body or DEVICE_MAGIC in body):
                 self._error(400, "BadInput", "shared-memory references are for clients on the server's own host: "
                                              "send the bytes themselves")
                 return
             headers = {k: v for k, v in self.headers.items() if k.lower() in FORWARD_HEADERS}
+            headers[REMOTE_HEADER] = "1"
             for attempt in range(2):
                 key = keys.read("inference")
                 headers["Authorization"] = f"Bearer {key}"

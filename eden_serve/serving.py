@@ -40,9 +40,7 @@ class RequestError(Exception):
 REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
            503: "Service Unavailable", 507: "Insufficient Storage"}
 FRAME_FIELD = re.compile(r"frame([0-9]{1,4})")  # ASCII digits only ("frame²" is not a frame field)
-# Set by deploy/keyproxy.py on everything it forwards: such a request came from another host, so it may neither
-# name shared-memory segments nor ask for its answer in one.
-REMOTE_HEADER = "X-Eden-Remote"
+REMOTE_HEADER = shm.REMOTE_HEADER
 
 
 @dataclass(frozen=True)

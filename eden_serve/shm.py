@@ -47,6 +47,9 @@ DEVICE_MAGIC = b"EDENDEV1"
 HANDOFF_UNAVAILABLE = "HandoffUnavailable"  # error "type" of a DiT+decoder that cannot use handed-off tokens at all
 UNSAFE_FOLDER = "ShmFolderUnsafe"  # error "type" of a server that refuses its shared-memory folder (no retry helps)
 REF_CONTENT_TYPE = "application/x-eden-ref"
+# Set by deploy/keyproxy.py on everything it forwards: such a request came from another host, so it may neither
+# name shared-memory segments nor ask for its answer in one (the handlers refuse it).
+REMOTE_HEADER = "X-Eden-Remote"
 NAME_RE = re.compile(r"eden-[0-9a-f]{32}")  # always with fullmatch (a "$" would let a trailing newline through)
 DEFAULT_DIR = "/dev/shm/eden"
 MAX_REF_BYTES = 4096
