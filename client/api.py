@@ -25,7 +25,8 @@ import urllib3
 
 from eden_serve import wire
 from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
-from eden_serve.shm import HANDOFF_UNAVAILABLE, REF_CONTENT_TYPE, ShmStore, make_ref, parse_ref, read_blob
+from eden_serve.shm import (HANDOFF_UNAVAILABLE, REF_CONTENT_TYPE, UNSAFE_FOLDER, ShmError, ShmStore, make_ref,
+                             parse_ref, read_blob)
 from eden_serve.wire import TokenBlob
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -152,7 +153,7 @@ def expiry_time(text) -> datetime | None:
 # memory) and 507 (TorchServe's "Worker died."). Other 5xx are retried unless they are a JSON error of our handler.
 RETRY_STATUSES = frozenset({502, 503, 504, 507})
 KEY_REREAD_WAITS = (0.0, 1.0, 2.0)  # seconds before each re-read of a key file whose key was refused
-HANDLER_ERROR_TYPES = frozenset({"BadInput"})  # eden_serve.serving's error types that a retry cannot fix
+HANDLER_ERROR_TYPES = frozenset({"BadInput", UNSAFE_FOLDER})  # eden_serve.serving's error types that a retry cannot fix
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,11 @@ class EdenClient:
         self.ditdec = ditdec
         self.transport = transport
         self.store = store or ShmStore()
+        if transport == "shm":  # a folder another user owns or can write is never used (eden_serve/shm.py)
+            try:
+                self.store.ensure_dir()
+            except (ShmError, OSError) as e:
+                raise ServeError(f"cannot use the shared-memory transport: {e}") from None
         self.observe: Callable[[str, float, requests.Response], None] | None = None  # (kind, seconds, response)
 
     def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
