@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .convert import Options, convert
-from .frames_io import FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, frame_files, natural_key, open_source
+from .frames_io import (FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, check_no_links, frame_files, natural_key,
+                        open_source)
 from .progress import Progress
 from .video import output_count
 
@@ -119,6 +120,7 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
 
         progress.start(key, job.name, job.frames)
         try:
+            check_no_links(out_dir.resolve(), job.dst)  # a link planted inside OUT_DIR is never written through
             stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
             job.status = "done"
             job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "

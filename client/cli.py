@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,13 +59,36 @@ def cmd_pair(args) -> int:
     png, seed = client.generate(blob, args.seed)
     t2 = time.perf_counter()
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_bytes(png)
-    tmp.replace(out)
+    try:
+        write_new(out, png)
+    except OSError as e:
+        print(f"client: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {out} (seed {seed}; encoder {1000 * (t1 - t0):.0f} ms, {len(blob) / 1e6:.2f} MB of "
           f"{args.token_dtype} tokens; DiT+decoder {1000 * (t2 - t1):.0f} ms)")
     return 0
+
+
+def write_new(out: Path, data: bytes) -> None:
+    """Write ``out`` whole or not at all, through a temporary file of its own (a fresh random name created with
+    O_EXCL, so a link planted under a temporary name is never written through), renamed over ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def cmd_demo(args) -> int:
