@@ -127,6 +127,18 @@ def request_header(context, idx: int, name: str) -> str | None:
     return None
 
 
+def check_binary(context, idx: int, name: str) -> None:
+    """Refuse a frame or body sent with a text or JSON content type (TorchServe keeps each part's content type in
+    the request's headers, as {name: {"content-type": ...}}): frames and token blobs are binary."""
+    entry = (context.get_all_request_header(idx) or {}).get(name) if context is not None else None
+    ctype = entry.get("content-type") if isinstance(entry, dict) else None
+    ctype = (ctype.decode(errors="replace") if isinstance(ctype, bytes) else str(ctype or "")).split(";")[0]
+    ctype = ctype.strip().lower()
+    if ctype.startswith("text/") or ctype == "application/json" or ctype.endswith("+json"):
+        raise RequestError(f"{name} was sent as {ctype[:60]}: frames and token blobs are binary (send them as "
+                           "application/octet-stream, image/png, application/x-eden-tokens, ...)")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -444,6 +456,9 @@ class EncoderService(BatchService):
 
     def parse(self, request, context, idx):
         s = self.settings
+        odd = [k for k in request if isinstance(k, str) and k.startswith("frame") and not FRAME_FIELD.fullmatch(k)]
+        if odd:
+            raise RequestError(f"field {odd[0][:40]!r} is not a frame field: frame0, frame1, ... (ASCII digits)")
         names = sorted((k for k in request if isinstance(k, str) and FRAME_FIELD.fullmatch(k)),
                        key=lambda k: int(k[5:]))
         if not names:
@@ -454,6 +469,8 @@ class EncoderService(BatchService):
             raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
         dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, "X-Eden-Token-Dtype"),
                                   s.token_dtype)
+        for n in names:
+            check_binary(context, idx, n)
         frames = [images.decode_image(self.value(request[n], n, context, idx), s.max_pixels, s.min_side, n)
                   for n in names]
         h, w = frames[0].shape[:2]
@@ -626,7 +643,9 @@ class DitDecService(BatchService):
         return got[k]
 
     def parse(self, request, context, idx):
-        body = _as_bytes(request.get("body") if request.get("body") is not None else request.get("data"))
+        key = "body" if request.get("body") is not None else "data"
+        check_binary(context, idx, key)
+        body = _as_bytes(request.get(key))
         if not body:
             raise RequestError("empty body: send the encoder's token blob as the request body")
         seed = parse_seed(request_header(context, idx, "X-Eden-Seed"))
