@@ -25,8 +25,8 @@ import urllib3
 
 from eden_serve import wire
 from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
-from eden_serve.shm import (HANDOFF_UNAVAILABLE, REF_CONTENT_TYPE, UNSAFE_FOLDER, ShmError, ShmStore, make_ref,
-                             parse_ref, read_blob)
+from eden_serve.shm import (DEFAULT_DIR, HANDOFF_UNAVAILABLE, REF_CONTENT_TYPE, UNSAFE_FOLDER, ShmError, ShmStore,
+                             make_ref, parse_ref, read_blob)
 from eden_serve.wire import TokenBlob
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -403,11 +403,12 @@ class EdenClient:
     def connect(cls, encoder_url: str = DEFAULT_URL, ditdec_url: str | None = None,
                 encoder_keys: KeySource | None = None, ditdec_keys: KeySource | None = None,
                 timeout: float = 600, transport: str = "http", shm_dir: str | None = None,
-                handoff: str = "device") -> "EdenClient":
+                handoff: str = "device", shm_group: str | None = None) -> "EdenClient":
         encoder_keys = encoder_keys or KeySource.default()
         return cls(ModelClient(encoder_url, "eden_encoder", encoder_keys, timeout),
                    ModelClient(ditdec_url or encoder_url, "eden_ditdec", ditdec_keys or encoder_keys, timeout),
-                   transport, ShmStore(shm_dir) if shm_dir else None, handoff)
+                   transport, ShmStore(shm_dir or DEFAULT_DIR, group=shm_group) if shm_dir or shm_group else None,
+                   handoff)
 
     # ------------------------------------------------------------------ frames -> tokens -> frames
     def encode_frames(self, frames: list, dtype: str = "float16") -> EncodedFrames:

@@ -35,13 +35,17 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
                          "the DiT+decoder copy them GPU to GPU; host puts their bytes in shared memory")
     ap.add_argument("--shm-dir", default=None,
                     help="shared-memory folder, the servers' shm_dir (default /dev/shm/eden)")
+    ap.add_argument("--shm-group", default=None,
+                    help="the servers' shm_group, when client and servers run as different users of one group "
+                         "(the folder is then 0770; otherwise it must be 0700 and this user's)")
 
 
 def connect(args) -> EdenClient:
     enc_keys = KeySource.default(args.key_file)
     dec_keys = KeySource.default(args.ditdec_key_file) if args.ditdec_key_file else enc_keys
     return EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout,
-                              transport=args.transport, shm_dir=args.shm_dir, handoff=args.handoff)
+                              transport=args.transport, shm_dir=args.shm_dir, handoff=args.handoff,
+                              shm_group=args.shm_group)
 
 
 def cmd_pair(args) -> int:

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -44,8 +45,9 @@ FORWARD_HEADERS = ("content-type", "x-eden-seed", "x-eden-token-dtype")
 log = logging.getLogger("keyproxy")
 
 
-def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
+def make_handler(secret: str, target: str, keys: KeySource, timeout: float, max_concurrent: int = 16):
     session = requests.Session()
+    slots = threading.BoundedSemaphore(max_concurrent)  # bodies held at once: memory <= max_concurrent x MAX_BODY
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -106,8 +108,18 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
             if not PATHS.match(self.path.split("?")[0]):
                 self._error(404, "ResourceNotFoundException", "only POST /predictions/<model> goes through here")
                 return
-            if self._authorized():
+            if not self._authorized():
+                return
+            if not slots.acquire(blocking=False):
+                self._answer(503, json.dumps({"code": 503, "type": "ServiceUnavailable", "message": (
+                    f"this forwarder already holds {max_concurrent} requests: retry shortly")}).encode(),
+                    {"Content-Type": "application/json", "Retry-After": "1"})
+                self.close_connection = True
+                return
+            try:
                 self._forward("POST")
+            finally:
+                slots.release()
 
         def do_GET(self):  # noqa: N802
             if self.path != "/ping":
@@ -129,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--management", default="http://127.0.0.1:8081", help="its management API (key renewal)")
     ap.add_argument("--key-file", default="key_file.json", help="TorchServe's key_file.json")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--max-concurrent", type=int, default=16,
+                    help="requests forwarded at once (each body is held in memory, up to 256 MiB); past it 503")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s keyproxy %(message)s")
     secret = os.environ.get(SECRET_ENV, "")
@@ -139,7 +153,7 @@ def main(argv=None) -> int:
     host, port = args.listen.rsplit(":", 1)
     keys = KeySource(key_file=Path(args.key_file), management_url=args.management)
     server = ThreadingHTTPServer((host, int(port)), make_handler(secret, args.target.rstrip("/"), keys,
-                                                                 args.timeout))
+                                                                 args.timeout, args.max_concurrent))
     log.info("forwarding %s -> %s", args.listen, args.target)
     try:
         server.serve_forever()
