@@ -288,7 +288,7 @@ CORPUS: dict[str, Case] = {
     "dit: trailing bytes": Case("eden_ditdec", lambda c: body(c.blob + b"extra"), "5 unexpected trailing bytes"),
     "dit: huge declared header length": Case("eden_ditdec", lambda c: body(with_prefix(c.blob, header_length=2**32 - 1)),
                                              "header length 4294967295"),
-    "dit: header not JSON": Case("eden_ditdec", lambda c: body(c.blob[:16] + b"{" * 48 + c.blob[64:]),
+    "dit: header not JSON": Case("eden_ditdec", lambda c: body(c.blob[:16] + b"{not JSON" + b" " * 39 + c.blob[64:]),
                                  "header is not valid JSON"),
     "dit: huge declared shape": Case("eden_ditdec", lambda c: body(huge_shape_blob(c)), "truncated token blob"),
     "dit: NaN token": Case("eden_ditdec", lambda c: body(with_token(c.blob, np.nan)), "NaN or infinite"),
