@@ -54,7 +54,7 @@ def cmd_pair(args) -> int:
         try:
             frames.append(Path(path).read_bytes())
         except OSError as e:
-            print(f"client: cannot read {path}: {e.strerror}", file=sys.stderr)
+            print(f"client: cannot read {path}: {e.strerror or e}", file=sys.stderr)
             return 2
     client = connect(args)
     t0 = time.perf_counter()

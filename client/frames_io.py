@@ -100,7 +100,7 @@ class FolderSource:
         try:
             return decode_image(path.read_bytes(), max_pixels=1 << 40, name=str(path))
         except OSError as e:
-            raise FramesError(f"cannot read {path}: {e.strerror}") from None
+            raise FramesError(f"cannot read {path}: {e.strerror or e}") from None
         except ImageError as e:
             raise FramesError(str(e)) from None
 
