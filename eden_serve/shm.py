@@ -12,11 +12,17 @@ The bytes in a segment are exactly what HTTP would carry (an image or a token bl
 the same way. One exception: an encoder on a GPU asked for a device handoff (``X-Eden-Handoff: device``) keeps
 the tokens on its GPU and writes a *device segment*: ``b"EDENDEV1"`` followed by UTF-8 JSON
 ``{"blob": <the token blob's header>, "cuda": <descriptor>}`` (eden_serve/handoff.py), which readers turn into
-the same blob with its tokens left where they are. Segments are written under a temporary name and renamed (no reader sees a partial one), created
-0600 (same user only) and never followed through links; names are ``eden-`` + 32 hex digits, nothing else is
+the same blob with its tokens left where they are. Segments are written under a temporary name and renamed (no
+reader sees a partial one), created 0600 (same user only); names are ``eden-`` + 32 hex digits, nothing else is
 opened. Whoever asked for a segment unlinks it when done (the client, for the encoder's tokens and the returned
 frames); anything older than the store's TTL is swept by the handlers, so a killed client or worker leaks nothing
 for long.
+
+Neighbours on the host are not trusted (issue 17): the folder must be private (``ShmStore.check_dir``: a real
+folder of this user, mode 0700, or 0770 with a named group), segments are opened without following links and
+without blocking and must be regular files of this user, they are read by copying rather than mapped (a file
+truncated under a reader is a short read, not a SIGBUS), the sweep leaves alone what it cannot remove, and
+``quota_bytes`` bounds what the folder may hold (``ShmFull``).
 """
 from __future__ import annotations
 
