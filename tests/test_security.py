@@ -423,6 +423,59 @@ def test_keyless_large_bodies_are_refused_before_they_are_read(keyproxy):
         assert time.monotonic() - t0 < 5
 
 
+def test_forwarder_holds_a_bounded_number_of_bodies(tmp_path):
+    """Finding 10's other bound: the forwarder holds at most --max-concurrent requests (here 1); one more is
+    answered 503 with Retry-After at once, and the client retries 503."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            time.sleep(1.5)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *a):
+            pass
+
+    target = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=target.serve_forever, daemon=True).start()
+    keys = tmp_path / "key_file.json"
+    keys.write_text(json.dumps({"inference": {"key": "k"}, "management": {"key": "m"}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "s3cret-" + "z" * 20
+    proc = subprocess.Popen([sys.executable, str(DEPLOY / "keyproxy.py"), "--listen", f"127.0.0.1:{port}",
+                             "--target", f"http://127.0.0.1:{target.server_port}", "--key-file", str(keys),
+                             "--max-concurrent", "1"], env={**os.environ, "EDEN_PROXY_SECRET": secret,
+                                                            "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/predictions/eden_ditdec"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except requests.RequestException:
+                time.sleep(0.2)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(requests.post, url, data=b"x" * 1000, headers={"Authorization": f"Bearer {secret}"},
+                                timeout=30)
+            time.sleep(0.5)
+            second = requests.post(url, data=b"y", headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+            assert second.status_code == 503 and second.headers.get("Retry-After") == "1", second.text
+            assert "already holds 1 requests" in message(second)
+            assert first.result().status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        target.shutdown()
+
+
 @pytest.mark.server
 def test_references_never_pass_the_forwarder(keyproxy, server, shm_dir, blob):
     """Finding 11: a reference to a real segment, sent as a JSON string (application/json), as text, or inside
@@ -463,6 +516,19 @@ def test_pair_output_never_goes_through_a_planted_link(tmp_path):
     cli.write_new(out / "middle.png", b"PNG")
     assert victim.read_text() == "precious" and (out / "middle.png").read_bytes() == b"PNG"
     assert sorted(os.listdir(out)) == [".middle.png.partial", "middle.png"]
+
+
+@pytest.mark.server
+def test_pair_command_through_a_planted_link(server, tmp_path):
+    """Finding 12 as it was seen: ``python -m client pair`` with a link planted at .NAME.partial."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".middle.png.partial").symlink_to(victim)
+    r = subprocess.run([sys.executable, "-m", "client", "pair", FIXTURE / "frame0.png", FIXTURE / "frame1.png",
+                        "-o", tmp_path / "middle.png", "--seed", "0", "--encoder-url", server.inference_url,
+                        "--key-file", server.key_file], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "precious" and (tmp_path / "middle.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sinks_never_write_through_planted_links(tmp_path):
