@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -33,8 +32,8 @@ from client.batch import run_batch
 from client.frames_io import Encoding, PngFolderSink, VideoMeta, VideoSink, check_no_links, partial_path
 from client.ops import MAX_WORKERS, ManagementClient
 from client.server import TorchServe
-from eden_serve import serving, shm, wire
-from eden_serve.shm import REF_CONTENT_TYPE, SegmentFile, ShmError, ShmStore, ShmUnsafe, make_ref
+from eden_serve import shm, wire
+from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, ShmUnsafe, make_ref
 from helpers_http import LogTail, hostile_requests, noise_frame, png, post
 
 DEPLOY = ROOT / "deploy"
