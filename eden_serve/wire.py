@@ -48,6 +48,7 @@ MAX_GRID = 1 << 16  # patches along a side
 MAX_PATCH = 1 << 10  # pixels of a patch's side
 MAX_TOKENS = 1 << 32  # tokens of a frame
 MAX_HIDDEN = 1 << 16  # values of a token
+MAX_STATISTIC = 1e6  # |mean|, std, |difference|: statistics of frames in [0, 1] are far below (and float32 holds it)
 # What JSON read from a request may cost before it is parsed (headers, references, device segments): nesting depth
 # (Python's parser recurses once per level) and digits of one number (int() of thousands of digits is quadratic,
 # and 10**400 does not fit a float).
@@ -205,6 +206,8 @@ def _float_list(h: dict, key: str, n: int, positive: bool = False) -> list[float
         raise WireError(f"header field '{key}' must be a list of {n} numbers, got {v!r:.80}")
     if not all(math.isfinite(x) and (x > 0 or not positive) for x in v):
         raise WireError(f"header field '{key}' has values that are not finite{' and positive' if positive else ''}")
+    if not all(abs(x) <= MAX_STATISTIC for x in v):
+        raise WireError(f"header field '{key}' has values beyond +-{MAX_STATISTIC:g} (statistics of frames in [0, 1])")
     return [float(x) for x in v]
 
 

@@ -252,6 +252,8 @@ def hostile_requests(good: bytes, frame: bytes) -> dict:
                                                              "headers": tokens}, 400, "number of 5000 digits"),
         "10**400 as a statistic": ("eden_ditdec", {"data": header_with(good, "mean", f"[{10**400}, 0.1]"),
                                                    "headers": tokens}, 400, "number of 401 digits"),
+        "1e300 as a statistic": ("eden_ditdec", {"data": header_with(good, "std", "[1e300, 0.1]"),
+                                                 "headers": tokens}, 400, "'std' has values beyond"),
         "1e400 as a difference": ("eden_ditdec", {"data": header_with(good, "differences", "[1e400]"),
                                                   "headers": tokens}, 400, "'differences' has values that are not"),
         "a grid of 2^31": ("eden_ditdec", {"data": header_with(good, "grid", f"[{2**31}, 2]"), "headers": tokens},
