@@ -25,7 +25,8 @@ import urllib3
 
 from eden_serve import wire
 from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
-from eden_serve.shm import HANDOFF_UNAVAILABLE, REF_CONTENT_TYPE, ShmStore, make_ref, parse_ref, read_blob
+from eden_serve.shm import (DEFAULT_DIR, HANDOFF_UNAVAILABLE, REF_CONTENT_TYPE, UNSAFE_FOLDER, ShmError, ShmStore,
+                             make_ref, parse_ref, read_blob)
 from eden_serve.wire import TokenBlob
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -152,7 +153,7 @@ def expiry_time(text) -> datetime | None:
 # memory) and 507 (TorchServe's "Worker died."). Other 5xx are retried unless they are a JSON error of our handler.
 RETRY_STATUSES = frozenset({502, 503, 504, 507})
 KEY_REREAD_WAITS = (0.0, 1.0, 2.0)  # seconds before each re-read of a key file whose key was refused
-HANDLER_ERROR_TYPES = frozenset({"BadInput"})  # eden_serve.serving's error types that a retry cannot fix
+HANDLER_ERROR_TYPES = frozenset({"BadInput", UNSAFE_FOLDER})  # eden_serve.serving's error types that a retry cannot fix
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,11 @@ class EdenClient:
         self.transport = transport
         self.store = store or ShmStore()
         self.reason = reason or f"asked for with transport={transport}"  # why this transport (client/transport.py)
+        if transport == "shm":  # a folder another user owns or can write is never used (eden_serve/shm.py)
+            try:
+                self.store.ensure_dir()
+            except (ShmError, OSError) as e:
+                raise ServeError(f"cannot use the shared-memory transport: {e}") from None
         self.observe: Callable[[str, float, requests.Response], None] | None = None  # (kind, seconds, response)
 
     def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
@@ -416,7 +422,7 @@ class EdenClient:
     def connect(cls, encoder_url: str = DEFAULT_URL, ditdec_url: str | None = None,
                 encoder_keys: KeySource | None = None, ditdec_keys: KeySource | None = None,
                 timeout: float = 600, transport: str = "http", shm_dir: str | None = None,
-                handoff: str = "device") -> "EdenClient":
+                handoff: str = "device", shm_group: str | None = None) -> "EdenClient":
         """``transport``: "http", "shm" (taken as said) or "auto": shared memory if both models prove, by a probe
         segment, that they share a folder with this client, else HTTP (client/transport.py; ``reason`` says why)."""
         encoder_keys = encoder_keys or KeySource.default()
@@ -425,9 +431,10 @@ class EdenClient:
         reason = ""
         if transport == "auto":
             from .transport import choose
-            choice = choose(encoder, ditdec, "auto", handoff, shm_dir)
+            choice = choose(encoder, ditdec, "auto", handoff, shm_dir, shm_group)
             transport, handoff, reason, shm_dir = choice.transport, choice.handoff, choice.reason, choice.shm_dir
-        return cls(encoder, ditdec, transport, ShmStore(shm_dir) if shm_dir else None, handoff, reason)
+        store = ShmStore(shm_dir or DEFAULT_DIR, group=shm_group) if shm_dir or shm_group else None
+        return cls(encoder, ditdec, transport, store, handoff, reason)
 
     def models(self) -> tuple[ModelClient, ModelClient]:
         return self.encoder, self.ditdec

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .convert import Options, convert, expected_outputs
-from .frames_io import (DEFAULT_FOLDER_FPS, FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, frame_files,
-                        natural_key, open_source)
+from .frames_io import (DEFAULT_FOLDER_FPS, FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, check_no_links,
+                        frame_files, natural_key, open_source)
 from .progress import Progress
 
 MIXED_FRAMES = "_frames"
@@ -170,6 +170,7 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
 
         progress.start(key, job.name, job.frames)
         try:
+            check_no_links(out_dir.resolve(), job.dst)  # a link planted inside OUT_DIR is never written through
             settings = wanted_settings(job, options)
             if id(job) in redo and job.dst.is_dir():
                 # other settings than the output's: a video is replaced when the new one is complete, but a folder

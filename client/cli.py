@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +37,9 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
                          "the DiT+decoder copy them GPU to GPU; host puts their bytes in shared memory")
     ap.add_argument("--shm-dir", default=None,
                     help="shared-memory folder (default: the one the servers name, usually /dev/shm/eden)")
+    ap.add_argument("--shm-group", default=None,
+                    help="the servers' shm_group, when client and servers run as different users of one group "
+                         "(the folder is then 0770; otherwise it must be 0700 and this user's)")
 
 
 def check_keys(*sources: KeySource) -> None:
@@ -52,7 +58,8 @@ def connect(args) -> EdenClient:
     dec_keys = KeySource.default(args.ditdec_key_file) if args.ditdec_key_file else enc_keys
     check_keys(enc_keys, dec_keys)
     return EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout,
-                              transport=args.transport, shm_dir=args.shm_dir, handoff=args.handoff)
+                              transport=args.transport, shm_dir=args.shm_dir, handoff=args.handoff,
+                              shm_group=args.shm_group)
 
 
 def cmd_pair(args) -> int:
@@ -61,7 +68,7 @@ def cmd_pair(args) -> int:
         try:
             frames.append(Path(path).read_bytes())
         except OSError as e:
-            print(f"client: cannot read {path}: {e.strerror}", file=sys.stderr)
+            print(f"client: cannot read {path}: {e.strerror or e}", file=sys.stderr)
             return 2
     client = connect(args)
     t0 = time.perf_counter()
@@ -87,14 +94,37 @@ def cmd_pair(args) -> int:
         png = encode_png(image)
     t2 = time.perf_counter()
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_bytes(png)
-    tmp.replace(out)
+    try:
+        write_new(out, png)
+    except OSError as e:
+        print(f"client: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {out} (seed {seed}; encoder {1000 * (t1 - t0):.0f} ms, {token_bytes / 1e6:.2f} MB of "
           f"{args.token_dtype} tokens; DiT+decoder {1000 * (t2 - t1):.0f} ms; transport: "
           f"{client.describe_transport()})")
     return 0
+
+
+def write_new(out: Path, data: bytes) -> None:
+    """Write ``out`` whole or not at all, through a temporary file of its own (a fresh random name created with
+    O_EXCL, so a link planted under a temporary name is never written through), renamed over ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def cmd_demo(args) -> int:

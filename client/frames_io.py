@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -100,7 +101,7 @@ class FolderSource:
         try:
             return decode_image(path.read_bytes(), max_pixels=1 << 40, name=str(path))
         except OSError as e:
-            raise FramesError(f"cannot read {path}: {e.strerror}") from None
+            raise FramesError(f"cannot read {path}: {e.strerror or e}") from None
         except ImageError as e:
             raise FramesError(str(e)) from None
 
@@ -220,15 +221,51 @@ def partial_path(final: Path) -> Path:
 
 
 def remove_partial(final: Path) -> None:
-    """Remove what an interrupted run left for ``final``."""
+    """Remove what an interrupted run left for ``final`` (a link there is removed itself, never followed)."""
     tmp = partial_path(final)
     try:
-        if tmp.is_dir():
+        st = os.lstat(tmp)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise FramesError(f"{tmp}: cannot remove an earlier run's partial output: {e.strerror or e}") from None
+    try:
+        if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(tmp)
-        elif tmp.exists():
+        else:
             tmp.unlink()
     except OSError as e:
-        raise FramesError(f"{tmp}: cannot remove an earlier run's partial output: {e.strerror}") from None
+        raise FramesError(f"{tmp}: cannot remove an earlier run's partial output: {e.strerror or e}") from None
+
+
+def create_new(path: Path, folder: bool = False) -> None:
+    """Create ``path`` as a new empty file (or folder) of this process: refused if anything is there, a planted
+    link included, so the writes that follow cannot be redirected (O_CREAT | O_EXCL | O_NOFOLLOW; mkdir never
+    follows a link either)."""
+    try:
+        if folder:
+            os.mkdir(path)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+    except FileExistsError:
+        raise FramesError(f"{path}: something appeared under this temporary name while it was being created "
+                          "(another process writing the same output?): refusing to write through it") from None
+
+
+def check_no_links(root: Path, path: Path) -> None:
+    """Refuse ``path`` if it, or a folder between ``root`` and it, is a symbolic link: outputs stay inside
+    ``root`` (``batch`` checks each output against OUT_DIR)."""
+    root, path = Path(root), Path(path)
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise FramesError(f"{path} is not inside {root}") from None
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise FramesError(f"{current} is a symbolic link: refusing to write through it (outputs stay inside "
+                              f"{root}); remove the link")
 
 
 DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -251,7 +288,8 @@ class PngFolderSink:
         self.tmp = partial_path(self.path)
         remove_partial(self.path)
         try:
-            self.tmp.mkdir(parents=True)
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            create_new(self.tmp, folder=True)
         except OSError as e:
             raise write_error(self.path, e) from None
         self.compress_level = compress_level
@@ -326,12 +364,17 @@ class VideoSink:
             raise write_error(self.path, e) from None
         self.tmp = partial_path(self.path)
         remove_partial(self.path)
+        try:
+            create_new(self.tmp)  # ours, empty: what FFmpeg opens next by name is this file, not a planted link
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self.time_base = meta.time_base / factor
         fmt = self.path.suffix.lower().lstrip(".")
         fmt = {"mkv": "matroska", "m4v": "mp4"}.get(fmt, fmt)
         try:
             self.out = av.open(str(self.tmp), "w", format=fmt)
         except (av.error.FFmpegError, ValueError) as e:
+            self.tmp.unlink(missing_ok=True)
             if getattr(e, "errno", None) in DISK_ERRNOS:
                 raise write_error(self.path, OSError(e.errno, os.strerror(e.errno))) from None
             raise FramesError(f"{self.path}: cannot write this kind of file ({e}); use .mp4, .mkv or .mov") from None
@@ -351,6 +394,8 @@ class VideoSink:
             if fmt == "avi" and encoding.codec.startswith("libx26"):
                 options["bf"] = "0"  # AVI has no presentation time stamps: no B-frame reordering
             self.stream = self.out.add_stream(encoding.codec, rate=meta.rate * factor, options=options)
+            # frame threads (FFmpeg's default for PyAV is slice threads, which x264 scales poorly over many cores)
+            self.stream.codec_context.thread_type = "AUTO"
         except (av.error.FFmpegError, ValueError) as e:
             raise FramesError(f"codec {encoding.codec!r} is not available ({e}); try libx264, libx265, libvpx-vp9 "
                               f"or ffv1") from None

@@ -14,7 +14,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 import requests
 
@@ -26,6 +26,48 @@ DEFAULT_METRICS_URL = "http://127.0.0.1:8082"
 MANAGEMENT_KEY_ENV = "EDEN_MANAGEMENT_KEY"
 MODELS = ("eden_encoder", "eden_ditdec")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Worker counts: TorchServe takes any number (min_worker=-1 answers 500 and leaves the model without workers; 1000
+# starts 1000 processes), so the client refuses what makes no sense before it reaches the server.
+MAX_WORKERS = 64  # per model version, whatever the host
+WORKERS_PER_DEVICE = 4  # per GPU of the archive (or per CPU model); --max-per-device changes it
+MEMORY_HEADROOM = 0.8  # share of the host's available memory new workers may take (same host only)
+
+
+def _local(url: str) -> bool:
+    return (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def available_memory() -> int | None:
+    """MemAvailable of this host in bytes (None where /proc/meminfo does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def worker_limit(desc: dict, per_device: int = WORKERS_PER_DEVICE, local: bool = False) -> tuple[int, str]:
+    """The most workers a model version may be given, and why: ``per_device`` per GPU of the archive (its
+    deviceIds, else the GPUs its workers are on; one device for a CPU model), at most MAX_WORKERS, and on the
+    same host no more than the available memory holds at the current workers' size (with MEMORY_HEADROOM)."""
+    workers = desc.get("workers") or []
+    gpus = desc.get("deviceIds") or sorted({g for g in map(gpu_of, workers) if g is not None})
+    devices = max(1, len(gpus))
+    limit = per_device * devices
+    reason = f"{per_device} per device x {devices} {'GPU' if gpus else 'CPU model'}{'s' * (len(gpus) > 1)}"
+    sizes = [int(w.get("memoryUsage") or 0) for w in workers]
+    available = available_memory() if local else None
+    if available and max(sizes, default=0) > 0:
+        fits = len(workers) + int(MEMORY_HEADROOM * available // max(sizes))
+        if fits < limit:
+            limit, reason = fits, (f"host memory: {available / 2**30:.1f} GiB available, "
+                                   f"{max(sizes) / 2**20:.0f} MiB per worker")
+    if limit > MAX_WORKERS:
+        limit, reason = MAX_WORKERS, f"at most {MAX_WORKERS} per model"
+    return max(limit, 1), reason
 
 
 def management_keys(key_file=None, management_url: str | None = None) -> KeySource:
@@ -137,16 +179,22 @@ class ManagementClient:
 
     # ------------------------------------------------------------------ changing
     def scale(self, model: str, workers: int | None = None, min_workers: int | None = None,
-              max_workers: int | None = None, version: str | None = None, timeout: float = 300) -> dict:
+              max_workers: int | None = None, version: str | None = None, timeout: float = 300,
+              per_device: int = WORKERS_PER_DEVICE) -> dict:
         """Set a model version's worker counts and wait until exactly ``min_workers`` workers are READY.
 
         ``workers`` sets both; otherwise the ones not given keep their current value. Returns the new description;
-        ServeError when a count makes no sense, the model is unknown, or the workers do not come up in ``timeout``
-        seconds (the message carries the worker states and where the log is).
+        ServeError when a count makes no sense (negative, over MAX_WORKERS, or over ``worker_limit``), the model is
+        unknown, or the workers do not come up in ``timeout`` seconds (the message carries the worker states and
+        where the log is).
         """
         for name, value in (("--workers", workers), ("--min", min_workers), ("--max", max_workers)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ServeError(f"{name} must be a whole number >= 0, got {value!r}")
+            if value is not None and value > MAX_WORKERS:
+                raise ServeError(f"{name} {value} is over the limit of {MAX_WORKERS} workers per model")
+        if not isinstance(per_device, int) or not 1 <= per_device <= MAX_WORKERS:
+            raise ServeError(f"--max-per-device must be between 1 and {MAX_WORKERS}, got {per_device!r}")
         if workers is not None and (min_workers is not None or max_workers is not None):
             raise ServeError("give either --workers N or --min/--max, not both")
         if workers is None and min_workers is None and max_workers is None:
@@ -157,6 +205,10 @@ class ManagementClient:
                                                    max(current["maxWorkers"], lo))
         if lo > hi:
             raise ServeError(f"--min ({lo}) is above --max ({hi})")
+        limit, reason = worker_limit(current, per_device, _local(self.url))
+        if hi > limit:
+            raise ServeError(f"{hi} workers is over the limit of {limit} for {model} {current['modelVersion']} "
+                             f"({reason}): ask for fewer, or raise --max-per-device if the devices can hold more")
         path = f"/models/{quote(model)}" + (f"/{quote(version)}" if version else "")
         self.request("PUT", path, params={"min_worker": lo, "max_worker": hi, "synchronous": "true",
                                           "timeout": int(timeout)}, timeout=timeout + 30)
@@ -189,8 +241,8 @@ class ManagementClient:
 
         Works only where the operator turned on ``enable_model_api`` and the URL matches ``allowed_urls``; the
         refusal says so."""
-        if initial_workers < 0:
-            raise ServeError(f"--workers must be >= 0, got {initial_workers}")
+        if not isinstance(initial_workers, int) or not 0 <= initial_workers <= MAX_WORKERS:
+            raise ServeError(f"--workers must be between 0 and {MAX_WORKERS}, got {initial_workers}")
         params = {"url": url, "initial_workers": initial_workers, "synchronous": "true"}
         if model_name:
             params["model_name"] = check_name(model_name)
@@ -206,9 +258,61 @@ class ManagementClient:
                                  f"(allowed_urls). {e}", e.status) from None
             raise
 
-    def unregister(self, model: str, version: str | None = None) -> dict:
-        path = f"/models/{quote(check_name(model))}" + (f"/{quote(check_name(version, 'version'))}" if version else "")
-        return self.model_request("DELETE", path, model, version)
+    def unregister(self, model: str, version: str | None = None, drain_timeout: float = 60.0, quiet_s: float = 5.0,
+                   metrics_url: str | None = None) -> dict:
+        """Remove a model version once it is idle.
+
+        TorchServe 0.12 has no drain: DELETE stops the version's workers at once, so a request being computed is
+        answered 500 and those still queued or being batched are never answered. So the default version is
+        refused while other versions exist (make another the default first: new requests then stop coming), and
+        the version is removed only after ``quiet_s`` seconds without a queued request, and, with ``metrics_url``,
+        without a request arriving or finishing (``ts_inference_requests_total`` / ``ts_inference_latency_
+        microseconds``); ServeError if it is not idle within ``drain_timeout`` seconds (nothing is removed)."""
+        check_name(model)
+        target = check_name(version, "version") if version else self.default_version(model)
+        versions = [d["modelVersion"] for d in self.describe(model)]
+        if target not in versions:
+            raise self._unknown(model, target)
+        if target == self.default_version(model) and len(versions) > 1:
+            others = ", ".join(v for v in versions if v != target)
+            raise ServeError(f"{model} {target} is the default version: make another one the default first "
+                             f"(models set-default {model} VERSION; registered: {others}), so that new requests "
+                             "stop coming to it, then unregister it")
+        self.wait_idle(model, target, drain_timeout, quiet_s, metrics_url)
+        path = f"/models/{quote(model)}/{quote(target)}"
+        return self.model_request("DELETE", path, model, target)
+
+    def wait_idle(self, model: str, version: str, timeout: float = 60.0, quiet_s: float = 5.0,
+                  metrics_url: str | None = None) -> None:
+        """Until ``model`` ``version`` has had nothing queued (and, with ``metrics_url``, no request of ``model``
+        arriving or finishing) for ``quiet_s`` seconds; ServeError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        last, quiet_since = None, time.monotonic()
+        while True:
+            queue = (self.describe(model, version)[0].get("jobQueueStatus") or {}).get("pendingRequests") or 0
+            state = (queue, self._activity(model, metrics_url))
+            now = time.monotonic()
+            if state != last or queue:
+                last, quiet_since = state, now
+            if now - quiet_since >= quiet_s:
+                return
+            if now > deadline:
+                raise ServeError(f"{model} {version} is still busy after {timeout:.0f} s ({queue} request(s) queued, "
+                                 "others arriving or finishing): nothing was removed. Stop sending requests to it "
+                                 "(set another default version) and try again, or raise --drain-timeout", 409)
+            time.sleep(0.2)
+
+    @staticmethod
+    def _activity(model: str, metrics_url: str | None) -> tuple | None:
+        """Counters that move when a request of ``model`` arrives or is answered (None without metrics)."""
+        if not metrics_url:
+            return None
+        try:
+            metrics = parse_prometheus(requests.get(f"{metrics_url.rstrip('/')}/metrics", timeout=10).text)
+        except requests.RequestException:
+            return None
+        return tuple(sum(v for labels, v in metrics.get(name, []) if labels.get("model_name") == model)
+                     for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds"))
 
     def set_default(self, model: str, version: str) -> dict:
         path = f"/models/{quote(check_name(model))}/{quote(check_name(version, 'version'))}/set-default"

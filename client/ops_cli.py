@@ -19,8 +19,8 @@ import json
 import os
 
 from .api import MANAGEMENT_URL_ENV
-from .ops import (DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, DEFAULT_METRICS_URL, Server, collect_status,
-                  format_status, gpu_of)
+from .ops import (DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, DEFAULT_METRICS_URL, MAX_WORKERS,
+                  WORKERS_PER_DEVICE, Server, collect_status, format_status, gpu_of)
 
 
 def add_server_args(p: argparse.ArgumentParser, with_status_ports: bool = False) -> None:
@@ -118,7 +118,8 @@ def cmd_status(args) -> int:
 
 def cmd_scale(args) -> int:
     client = server_for(args, args.model).management()
-    desc = client.scale(args.model, args.workers, args.min, args.max, args.version, args.timeout)
+    desc = client.scale(args.model, args.workers, args.min, args.max, args.version, args.timeout,
+                        args.max_per_device)
     workers = desc.get("workers", [])
     where = ", ".join(f"{w['id']} (pid {w['pid']}, " + ("cpu" if gpu_of(w) is None else f"cuda:{gpu_of(w)}") + ")"
                       for w in workers)
@@ -154,7 +155,9 @@ def cmd_models_register(args) -> int:
 
 
 def cmd_models_unregister(args) -> int:
-    body = server_for(args, args.model).management().unregister(args.model, args.version)
+    server = server_for(args, args.model)  # (its metrics_url: --metrics-url, or the local default)
+    body = server.management().unregister(args.model, args.version, args.drain_timeout, args.quiet,
+                                          server.metrics_url)
     print(body.get("status", body) if isinstance(body, dict) else body)
     return 0
 
@@ -184,6 +187,9 @@ def register(sub) -> None:
     p.add_argument("--max", type=int, default=None, help="maximum workers")
     p.add_argument("--version", default=None, help="model version (default: the default version)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the workers (default 300)")
+    p.add_argument("--max-per-device", type=int, default=WORKERS_PER_DEVICE,
+                   help=f"workers allowed per GPU (or per CPU model), default {WORKERS_PER_DEVICE}; never more than "
+                        f"{MAX_WORKERS} in all, nor (same host) more than the available memory holds")
     add_server_args(p)
     p.set_defaults(fn=cmd_scale)
 
@@ -201,9 +207,16 @@ def register(sub) -> None:
     q.add_argument("--timeout", type=float, default=300)
     add_server_args(q)
     q.set_defaults(fn=cmd_models_register)
-    q = msub.add_parser("unregister", help="remove one version of a model")
+    q = msub.add_parser("unregister", help="remove one version of a model once it is idle")
     q.add_argument("model")
     q.add_argument("version")
+    q.add_argument("--drain-timeout", type=float, default=60,
+                   help="seconds to wait for the version to be idle before giving up (default 60; nothing removed)")
+    q.add_argument("--quiet", type=float, default=5,
+                   help="seconds without a queued, arriving or finishing request that count as idle (default 5)")
+    q.add_argument("--metrics-url", default=None,
+                   help="metrics API, to see requests arriving and finishing (default: the local one when the "
+                        "management URL is the default; '' skips it)")
     add_server_args(q)
     q.set_defaults(fn=cmd_models_unregister)
     q = msub.add_parser("set-default", help="make VERSION the one /predictions/MODEL uses")

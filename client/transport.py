@@ -10,20 +10,17 @@
    memory-backed volume), whatever the URL says.
 
 A client on another host, behind the key-checking proxy (which refuses references), against a server with shm off,
-or whose folder belongs to another user, gets HTTP, and ``Choice.reason`` says why. Tokens stay on the GPU (the
+or whose folder is not private (``ShmStore.check_dir``: a link, another user's, writable by others) gets HTTP, and ``Choice.reason`` says why. Tokens stay on the GPU (the
 device handoff) when both models said they can take part; where it fails anyway (containers without a shared IPC
 namespace) the client falls back to host tokens by itself (client/api.py).
 """
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import stat
 from dataclasses import dataclass
-from pathlib import Path
 
-from eden_serve.shm import DEFAULT_DIR, REF_CONTENT_TYPE, ShmError, ShmStore, make_ref, probe_answer
+from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref, probe_answer
 
 TRANSPORTS = ("auto", "shm", "http")
 
@@ -39,23 +36,6 @@ class Choice:
 
 class ProbeFailed(Exception):
     """Shared memory cannot work with this server; the message says why."""
-
-
-def private_folder(path: Path) -> str | None:
-    """None if ``path`` is a folder this user owns that no other user can write to; otherwise why not."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return f"{path} does not exist here"
-    except OSError as e:
-        return f"{path}: {e.strerror}"
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{path} is not a folder"
-    if st.st_uid != os.getuid():
-        return f"{path} belongs to another user (uid {st.st_uid})"
-    if st.st_mode & 0o022:
-        return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
-    return None
 
 
 def _ask(model, probe: str | None) -> dict:
@@ -76,7 +56,7 @@ def _ask(model, probe: str | None) -> dict:
     return answer
 
 
-def probe(model, shm_dir: str | None) -> tuple[str, dict]:
+def probe(model, shm_dir: str | None, group: str | None = None) -> tuple[str, dict]:
     """Whether ``model`` shares a folder with this client -> (that folder, the server's answer); else ProbeFailed."""
     info = _ask(model, None)
     folder = shm_dir or info.get("shm_dir")
@@ -84,10 +64,11 @@ def probe(model, shm_dir: str | None) -> tuple[str, dict]:
         raise ProbeFailed(f"{model.model} has the shared-memory transport off")
     if not isinstance(folder, str):
         raise ProbeFailed(f"{model.model} answered an invalid folder")
-    problem = private_folder(Path(folder))
-    if problem:
-        raise ProbeFailed(f"cannot use {model.model}'s shared-memory folder: {problem}")
-    store = ShmStore(folder)
+    store = ShmStore(folder, group=group)
+    try:  # here, not created: a folder this client cannot see is not shared; one others can write is never used
+        store.check_dir()
+    except ShmError as e:
+        raise ProbeFailed(f"cannot use {model.model}'s shared-memory folder: {e}") from None
     nonce = secrets.token_bytes(32)
     try:
         name = store.write(nonce)
@@ -116,7 +97,8 @@ def probe(model, shm_dir: str | None) -> tuple[str, dict]:
     return folder, info
 
 
-def choose(encoder, ditdec, requested: str = "auto", handoff: str = "device", shm_dir: str | None = None) -> Choice:
+def choose(encoder, ditdec, requested: str = "auto", handoff: str = "device", shm_dir: str | None = None,
+           group: str | None = None) -> Choice:
     """The transport for an encoder and a DiT+decoder (ModelClients): ``requested`` "http" is taken as is; "shm"
     must pass the probe (else ProbeFailed); "auto" takes shared memory when both models pass it, HTTP if not."""
     if requested not in TRANSPORTS:
@@ -124,8 +106,8 @@ def choose(encoder, ditdec, requested: str = "auto", handoff: str = "device", sh
     if requested == "http":
         return Choice("http", handoff, "asked for with --transport http")
     try:
-        enc_dir, enc = probe(encoder, shm_dir)
-        dec_dir, dec = probe(ditdec, shm_dir or enc_dir)
+        enc_dir, enc = probe(encoder, shm_dir, group)
+        dec_dir, dec = probe(ditdec, shm_dir or enc_dir, group)
         if dec_dir != enc_dir:
             raise ProbeFailed(f"the two models use different shared-memory folders ({enc_dir}, {dec_dir})")
     except ProbeFailed as e:
@@ -139,4 +121,3 @@ def choose(encoder, ditdec, requested: str = "auto", handoff: str = "device", sh
     return Choice("shm", handoff, both, enc_dir)
 
 
-__all__ = ["Choice", "ProbeFailed", "TRANSPORTS", "choose", "probe", "private_folder", "DEFAULT_DIR"]

@@ -7,8 +7,11 @@ replicas no single client key works. This forwarder gives the cluster one stable
 
 It accepts only POST /predictions/<model> and GET /ping, compares the secret in constant time, forwards the body
 and the Content-Type / X-Eden-Seed / X-Eden-Token-Dtype headers unchanged (bytes only: nothing is unpickled or
-parsed; shared-memory references, a same-host transport, are refused), and answers a missing or wrong secret the
-way TorchServe does (HTTP 400, type InvalidKeyException) so the client's hint applies.
+parsed), and answers a missing or wrong secret the way TorchServe does (HTTP 400, type InvalidKeyException) so the
+client's hint applies. The secret is checked before the body is read: a request without it costs one header read.
+Shared-memory references (a same-host transport) are refused twice: a body holding the reference magic anywhere is
+answered 400 here, and every forwarded request carries ``X-Eden-Remote: 1``, on which the handlers refuse references
+and shared-memory replies however they are encoded (eden_serve/shm.py, REMOTE_HEADER).
 The pod's key comes from TorchServe's key_file.json and is renewed through the (loopback) management API when it
 expires (client.api.KeySource). TorchServe itself stays on loopback.
 
@@ -24,6 +27,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,7 +35,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client.api import KeySource  # noqa: E402
-from eden_serve.shm import REF_MAGIC  # noqa: E402
+from eden_serve.shm import DEVICE_MAGIC, REF_MAGIC, REMOTE_HEADER  # noqa: E402
 
 SECRET_ENV = "EDEN_PROXY_SECRET"
 MAX_BODY = 256 * 1024 * 1024  # config.properties max_request_size
@@ -41,8 +45,9 @@ FORWARD_HEADERS = ("content-type", "x-eden-seed", "x-eden-token-dtype")
 log = logging.getLogger("keyproxy")
 
 
-def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
+def make_handler(secret: str, target: str, keys: KeySource, timeout: float, max_concurrent: int = 16):
     session = requests.Session()
+    slots = threading.BoundedSemaphore(max_concurrent)  # bodies held at once: memory <= max_concurrent x MAX_BODY
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -56,6 +61,7 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
             self.wfile.write(body)
 
         def _error(self, status: int, type_: str, message: str):
+            self.close_connection = True  # a body left unread must not be taken for the next request
             self._answer(status, json.dumps({"code": status, "type": type_, "message": message}).encode())
 
         def _authorized(self) -> bool:
@@ -76,11 +82,12 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
                 self._error(411, "LengthRequired", "send the body with a Content-Length (no chunked encoding)")
                 return
             body = self.rfile.read(length) if length else None
-            if body and (body.startswith(REF_MAGIC) or b"\r\n\r\n" + REF_MAGIC in body):
+            if body and (REF_MAGIC in body or DEVICE_MAGIC in body):
                 self._error(400, "BadInput", "shared-memory references are for clients on the server's own host: "
                                              "send the bytes themselves")
                 return
             headers = {k: v for k, v in self.headers.items() if k.lower() in FORWARD_HEADERS}
+            headers[REMOTE_HEADER] = "1"
             for attempt in range(2):
                 key = keys.read("inference")
                 headers["Authorization"] = f"Bearer {key}"
@@ -101,8 +108,18 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float):
             if not PATHS.match(self.path.split("?")[0]):
                 self._error(404, "ResourceNotFoundException", "only POST /predictions/<model> goes through here")
                 return
-            if self._authorized():
+            if not self._authorized():
+                return
+            if not slots.acquire(blocking=False):
+                self._answer(503, json.dumps({"code": 503, "type": "ServiceUnavailable", "message": (
+                    f"this forwarder already holds {max_concurrent} requests: retry shortly")}).encode(),
+                    {"Content-Type": "application/json", "Retry-After": "1"})
+                self.close_connection = True
+                return
+            try:
                 self._forward("POST")
+            finally:
+                slots.release()
 
         def do_GET(self):  # noqa: N802
             if self.path != "/ping":
@@ -124,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--management", default="http://127.0.0.1:8081", help="its management API (key renewal)")
     ap.add_argument("--key-file", default="key_file.json", help="TorchServe's key_file.json")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--max-concurrent", type=int, default=16,
+                    help="requests forwarded at once (each body is held in memory, up to 256 MiB); past it 503")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s keyproxy %(message)s")
     secret = os.environ.get(SECRET_ENV, "")
@@ -134,7 +153,7 @@ def main(argv=None) -> int:
     host, port = args.listen.rsplit(":", 1)
     keys = KeySource(key_file=Path(args.key_file), management_url=args.management)
     server = ThreadingHTTPServer((host, int(port)), make_handler(secret, args.target.rstrip("/"), keys,
-                                                                 args.timeout))
+                                                                 args.timeout, args.max_concurrent))
     log.info("forwarding %s -> %s", args.listen, args.target)
     try:
         server.serve_forever()

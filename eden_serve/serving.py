@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -38,7 +39,10 @@ class RequestError(Exception):
         self.kind = kind
 
 
-REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 503: "Service Unavailable", 507: "Insufficient Storage"}
+REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable", 507: "Insufficient Storage"}
+FRAME_FIELD = re.compile(r"frame([0-9]{1,4})")  # ASCII digits only ("frame²" is not a frame field)
+REMOTE_HEADER = shm.REMOTE_HEADER
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class Settings:
     compute_dtype: str = "auto"  # DiT+decoder matrix precision: auto (bfloat16 on GPU, float32 on CPU), float32, ...
     shm_dir: str = shm.DEFAULT_DIR  # same-host transport (eden_serve/shm.py); "" turns it off
     shm_ttl_s: float = 600.0  # segments older than this are swept
+    shm_quota_bytes: int = 4 << 30  # what the shm folder may hold before answers through it are refused (507)
+    shm_group: str = ""  # a group that shares the shm folder with this user (folder 0770); "": this user only
     fast_socket_reads: bool = True  # eden_serve/ts_patches.py: read request bodies without repeated copies
     frame_cache: int = 16  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
     device_handoff: bool = True  # encoder on a GPU: keep tokens there for shm requests that ask (eden_serve/handoff.py)
@@ -71,16 +77,20 @@ class Settings:
 
 # ---------------------------------------------------------------------- request values
 def _as_bytes(value: Any) -> bytes | bytearray | None:
+    """A frame or body: binary only. TorchServe decodes text/* and application/json values to str or objects unless
+    told not to (BatchService.initialize tells it); those are refused, so a reference can never arrive as text."""
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray)):
         return value
-    if isinstance(value, str):
-        return value.encode()
-    raise RequestError(f"expected binary data, got a {type(value).__name__} (send it with a binary content type)")
+    what = "text" if isinstance(value, str) else f"a {type(value).__name__}"
+    raise RequestError(f"expected binary data, got {what} (send it with a binary content type, e.g. "
+                       "application/octet-stream)")
 
 
 def _text(value: Any) -> str | None:
+    if isinstance(value, str):
+        value = value.encode()
     value = _as_bytes(value)
     if value is None:
         return None
@@ -119,6 +129,18 @@ def request_header(context, idx: int, name: str) -> str | None:
     return None
 
 
+def check_binary(context, idx: int, name: str) -> None:
+    """Refuse a frame or body sent with a text or JSON content type (TorchServe keeps each part's content type in
+    the request's headers, as {name: {"content-type": ...}}): frames and token blobs are binary."""
+    entry = (context.get_all_request_header(idx) or {}).get(name) if context is not None else None
+    ctype = entry.get("content-type") if isinstance(entry, dict) else None
+    ctype = (ctype.decode(errors="replace") if isinstance(ctype, bytes) else str(ctype or "")).split(";")[0]
+    ctype = ctype.strip().lower()
+    if ctype.startswith("text/") or ctype == "application/json" or ctype.endswith("+json"):
+        raise RequestError(f"{name} was sent as {ctype[:60]}: frames and token blobs are binary (send them as "
+                           "application/octet-stream, image/png, application/x-eden-tokens, ...)")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -154,6 +176,17 @@ METRIC_TOKEN_BYTES_OUT = "eden_token_bytes_out_total"  # counter, encoder: token
 METRIC_TOKEN_BYTES_IN = "eden_token_bytes_in_total"  # counter, DiT+decoder: token blob bytes taken in
 
 
+def unexpected(e: BaseException, during: str) -> RequestError:
+    """An exception no check expected, as one request's answer: bad input if it is the kind that parsing hostile
+    values raises (400), a server fault otherwise (500, logged with its traceback)."""
+    text = str(e)[:200] or type(e).__name__
+    if isinstance(e, (ValueError, OverflowError, RecursionError, TypeError, KeyError, IndexError, UnicodeError)):
+        return RequestError(f"bad request ({type(e).__name__} while {during}): {text}")
+    log.error("unexpected %s while %s", type(e).__name__, during, exc_info=e)
+    return RequestError(f"server error while {during} ({type(e).__name__}: {text}); see the server's log", 500,
+                        "InternalError")
+
+
 # ---------------------------------------------------------------------- the handlers
 class BatchService:
     """Common frame of both handlers: initialize, then per batch parse -> group -> run -> answer."""
@@ -164,6 +197,9 @@ class BatchService:
 
     def initialize(self, context):
         self.settings = Settings.from_context(context)
+        # values reach the handler as the bytes that were sent: no JSON or text decoding by TorchServe (whose cost
+        # a request would choose, and whose str could carry a shared-memory reference past a proxy's check)
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         if self.settings.fast_socket_reads:
             ts_patches.apply()
         if self.settings.torch_threads:
@@ -174,13 +210,7 @@ class BatchService:
         self.settings = dataclasses.replace(self.settings, max_pixels=pixels)
         self.model_dir = context.system_properties["model_dir"]
         self.cfg = checkpoint.load_config(self.model_dir)
-        self.store = shm.ShmStore(self.settings.shm_dir, self.settings.shm_ttl_s) if self.settings.shm_dir else None
-        if self.store is not None:
-            try:
-                self.store.create()  # now, so that a client's probe finds it before any segment was written
-            except OSError as e:
-                log.warning("cannot create the shared-memory folder %s (%s): same-host clients will use HTTP",
-                            self.store.root, e.strerror)
+        self.store = self.open_store()
         self._last_sweep = 0.0
         self.compute_dtype = resolve_dtype(self.settings.compute_dtype, self.device)
         self.load()
@@ -190,6 +220,38 @@ class BatchService:
     def load(self):
         raise NotImplementedError
 
+    def open_store(self) -> shm.ShmStore | None:
+        """The shared-memory store, its folder created (0700, or 0770 with shm_group) or checked; a folder that is
+        not private is logged and refused (requests that need it are answered 500 ShmFolderUnsafe) until fixed."""
+        s = self.settings
+        if not s.shm_dir:
+            return None
+        store = shm.ShmStore(s.shm_dir, s.shm_ttl_s, quota_bytes=s.shm_quota_bytes, group=s.shm_group or None)
+        try:
+            store.ensure_dir()
+        except shm.ShmUnsafe as e:
+            log.error("shared-memory transport refused: %s", e)
+        except OSError as e:
+            log.error("shared-memory folder %s cannot be created: %s", s.shm_dir, e)
+        return store
+
+    def shm_store(self, context, idx: int) -> shm.ShmStore:
+        """The store for request idx, after checking it may use it (a local request, the folder still private)."""
+        if self.store is None:
+            raise RequestError("the shared-memory transport is off on this server (shm_dir is empty): send the "
+                               "bytes in the request")
+        if request_header(context, idx, REMOTE_HEADER) is not None:
+            raise RequestError("shared-memory references and replies are for clients on the server's own host: "
+                               "send the bytes themselves")
+        try:
+            self.store.ensure_dir()
+        except shm.ShmUnsafe as e:
+            raise RequestError(str(e), 500, shm.UNSAFE_FOLDER) from None
+        except OSError as e:
+            raise RequestError(f"the shared-memory folder cannot be created: {shm._reason(e)}", 500,
+                               shm.UNSAFE_FOLDER) from None
+        return self.store
+
     def parse(self, request: dict, context, idx: int) -> tuple[Any, Any]:
         """-> (group key, parsed item); raise RequestError for a bad request."""
         raise NotImplementedError
@@ -198,12 +260,13 @@ class BatchService:
         """Items of one group -> one answer each: (body bytes, content type, headers)."""
         raise NotImplementedError
 
-    def value(self, raw: Any, name: str):
+    def value(self, raw: Any, name: str, context=None, idx: int = 0):
         """A request value as bytes, following a shared-memory reference ``{"segment": NAME}`` if it is one."""
         data = _as_bytes(raw)
         if data is None or not shm.is_ref(data):
             return data
-        return self.store.read(self.segment_of(self.ref(data), name))
+        ref = self.ref(data, context, idx)
+        return self.store.read(self.segment_of(ref, name))
 
     @staticmethod
     def segment_of(ref: dict, name: str) -> str:
@@ -212,15 +275,21 @@ class BatchService:
             raise RequestError(f"{name}: a reference here must be {{'segment': NAME}}")
         return ref["segment"]
 
-    def ref(self, data) -> dict:
-        if self.store is None:
-            raise RequestError("the shared-memory transport is off on this server (shm_dir is empty): send the "
-                               "bytes in the request")
+    def ref(self, data, context=None, idx: int = 0) -> dict:
+        if context is None:
+            if self.store is None:
+                raise RequestError("the shared-memory transport is off on this server (shm_dir is empty): send "
+                                   "the bytes in the request")
+        else:
+            self.shm_store(context, idx)
         return shm.parse_ref(data)
 
     def wants_shm(self, context, idx: int) -> bool:
         """Whether request idx asked for its answer through shared memory (X-Eden-Reply: shm) and may have it."""
-        return self.store is not None and (request_header(context, idx, "X-Eden-Reply") or "").lower() == "shm"
+        if self.store is None or (request_header(context, idx, "X-Eden-Reply") or "").lower() != "shm":
+            return False
+        self.shm_store(context, idx)
+        return True
 
     def reply(self, context, idx: int, body, content_type: str, headers: dict):
         """Answer one request, in the body or, if it asked (X-Eden-Reply: shm), through a shared-memory segment
@@ -244,7 +313,11 @@ class BatchService:
         now = time.monotonic()
         if self.store is not None and now - self._last_sweep > min(10.0, self.store.ttl_s):
             self._last_sweep = now
-            removed = self.store.sweep()
+            try:
+                removed = self.store.sweep()
+            except Exception:  # noqa: BLE001 - housekeeping never costs a batch its answers
+                log.warning("sweeping %s failed", self.store.root, exc_info=True)
+                return
             if removed:
                 log.info("swept %d expired shared-memory segments", removed)
 
@@ -309,22 +382,19 @@ class BatchService:
                     groups[key].append((idx, item))
                 except RequestError as e:
                     answers[idx] = self._error(context, idx, e)
+                except shm.ShmFull as e:
+                    answers[idx] = self._error(context, idx, RequestError(str(e), 507))
                 except (wire.WireError, images.ImageError, shm.ShmError) as e:
                     answers[idx] = self._error(context, idx, RequestError(limits.explain(str(e), self.limit_note)))
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     answers[idx] = self._error(context, idx, RequestError(
                         "the GPU ran out of memory for this request's inputs: retry, or send smaller frames", 503))
+                except Exception as e:  # noqa: BLE001 - whatever one request makes fail, it fails alone
+                    answers[idx] = self._error(context, idx, unexpected(e, "reading the request"))
         for items in groups.values():
             indices = [i for i, _ in items]
-            try:
-                results = self.run([item for _, item in items])
-            except RequestError as e:
-                results = [e] * len(items)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                results = [RequestError("the GPU ran out of memory for this batch: retry, or send smaller frames",
-                                        503)] * len(items)
+            results = self.run_isolated([item for _, item in items])
             stages = ",".join(f"{k}={1000 * v:.2f}" for k, v in self._stages.items())
             for idx, result in zip(indices, results):
                 if isinstance(result, RequestError):
@@ -335,9 +405,15 @@ class BatchService:
                            "X-Eden-Batch": str(len(items))}
                 try:
                     answers[idx] = self.reply(context, idx, body, content_type, headers)
+                except shm.ShmFull as e:
+                    answers[idx] = self._error(context, idx, RequestError(str(e), 507))
                 except OSError as e:
                     answers[idx] = self._error(context, idx, RequestError(f"cannot write the reply to shared "
-                                                                          f"memory: {e.strerror}", 507))
+                                                                          f"memory: {shm._reason(e)}", 507))
+                except RequestError as e:
+                    answers[idx] = self._error(context, idx, e)
+                except Exception as e:  # noqa: BLE001
+                    answers[idx] = self._error(context, idx, unexpected(e, "answering"))
         bytes_in = sum(len(v) for r in data for v in r.values() if isinstance(v, (bytes, bytearray)))
         bytes_out = sum(len(a) for a in answers if isinstance(a, (bytes, bytearray)))
         self.record_metrics(context, self._stages, len(data), bytes_in, bytes_out)
@@ -363,24 +439,38 @@ class BatchService:
         """``{"probe": null}``: where this worker keeps shared-memory segments, its host and device.
         ``{"probe": NAME}``: the hash of segment NAME's bytes, also written to a new segment named in the answer,
         so the client knows both directions work (it removes both)."""
-        if self.store is not None:
-            self.store.create()
-        answer = {"shm_dir": str(self.store.root) if self.store else None, "host": socket.gethostname(),
-                  "device": str(self.device), "handoff": self.can_hand_off()}
+        store = self.shm_store(context, idx)  # (refused for remote clients and folders that are not private)
+        answer = {"shm_dir": str(store.root), "host": socket.gethostname(), "device": str(self.device),
+                  "handoff": self.can_hand_off()}
         name = ref["probe"]
         if name is not None:
-            if self.store is None:
-                raise RequestError("the shared-memory transport is off on this server (shm_dir is empty)")
-            data = self.store.read(name)
+            data = store.read(name)
             if len(data) > 4096:
                 raise RequestError("a probe segment holds at most 4096 bytes")
             answer["probe"] = shm.probe_answer(data)
             try:
-                answer["reply"] = self.store.write(answer["probe"].encode())
+                answer["reply"] = store.write(answer["probe"].encode())
             except OSError as e:
                 raise RequestError(f"cannot write to shared memory: {e.strerror}", 507) from None
         context.set_response_content_type(idx, "application/json")
         return json.dumps(answer).encode()
+    def run_isolated(self, items: list) -> list:
+        """``run`` on a group; if it fails in a way no request was refused for (a RequestError), each request runs
+        again alone, so that one request that breaks the run fails alone."""
+        try:
+            return self.run(items)
+        except RequestError as e:
+            return [e] * len(items)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return [RequestError("the GPU ran out of memory for this batch: retry, or send smaller frames",
+                                 503)] * len(items)
+        except Exception as e:  # noqa: BLE001
+            if len(items) == 1:
+                return [unexpected(e, "computing the answer")]
+            log.warning("a batch of %d failed (%s: %s): running its requests one by one", len(items),
+                        type(e).__name__, e)
+            return [r for item in items for r in self.run_isolated([item])]
 
     def _error(self, context, idx: int, error: RequestError) -> bytes:
         context.set_response_status(error.status, REASONS.get(error.status, "Error"), idx)
@@ -410,7 +500,11 @@ class EncoderService(BatchService):
 
     def parse(self, request, context, idx):
         s = self.settings
-        names = sorted((k for k in request if k.startswith("frame") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+        odd = [k for k in request if isinstance(k, str) and k.startswith("frame") and not FRAME_FIELD.fullmatch(k)]
+        if odd:
+            raise RequestError(f"field {odd[0][:40]!r} is not a frame field: frame0, frame1, ... (ASCII digits)")
+        names = sorted((k for k in request if isinstance(k, str) and FRAME_FIELD.fullmatch(k)),
+                       key=lambda k: int(k[5:]))
         if not names:
             raise RequestError("no frames: send the images as multipart/form-data fields frame0, frame1, ...")
         if names != [f"frame{i}" for i in range(len(names))]:
@@ -419,7 +513,10 @@ class EncoderService(BatchService):
             raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
         dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, "X-Eden-Token-Dtype"),
                                   s.token_dtype)
-        frames = [images.decode_image(self.value(request[n], n), s.max_pixels, s.min_side, n) for n in names]
+        for n in names:
+            check_binary(context, idx, n)
+        frames = [images.decode_image(self.value(request[n], n, context, idx), s.max_pixels, s.min_side, n)
+                  for n in names]
         h, w = frames[0].shape[:2]
         for name, f in zip(names[1:], frames[1:]):
             if f.shape[:2] != (h, w):
@@ -464,8 +561,10 @@ class EncoderService(BatchService):
                     if isinstance(body, shm.Segment):
                         self.store.unlink(body.name)
                         self.drop(body.name)
+                if isinstance(e, shm.ShmFull):
+                    raise RequestError(str(e), 507) from None
                 if isinstance(e, OSError):  # e.g. the shared-memory folder is full: worth a retry later
-                    raise RequestError(f"cannot write the tokens to shared memory: {e.strerror}", 507) from None
+                    raise RequestError(f"cannot write the tokens to shared memory: {shm._reason(e)}", 507) from None
                 if isinstance(e, OverflowError):
                     raise RequestError(str(e)) from None
                 raise
@@ -566,7 +665,8 @@ class DitDecService(BatchService):
     def can_hand_off(self) -> bool:
         return self.device.type == "cuda" and self.store is not None
 
-    def frame_tensor(self, segment: str, k: int, blob: wire.TokenBlob, cuda: dict | None) -> torch.Tensor:
+    def frame_tensor(self, segment: str, k: int, blob: wire.TokenBlob, cuda: dict | None,
+                     source: tuple | None = None) -> torch.Tensor:
         """Frame k of a segment's blob on the device, from the cache when a previous pair brought it (a segment's
         bytes never change: it is written once under a fresh name). A device segment comes over whole on first use
         (one mapping of the encoder's memory for all its frames: mapping costs more than copying)."""
@@ -581,6 +681,8 @@ class DitDecService(BatchService):
                 frames = self.device_frames(blob, cuda, first, count)
                 # each its own copy (device to device, fast), so the cache holds what it counts and no more
                 got = {first + i: f.clone() if count > 1 else f for i, f in enumerate(frames)}
+            elif source is not None:  # (open segment, payload offset): frame k alone, copied from the file
+                got = {k: tokens.array_tensor(shm.read_frame(source[0], blob, source[1], k), self.device)}
             else:
                 got = {k: tokens.array_tensor(blob.tokens[k], self.device)}
         if self.settings.frame_cache > 0:
@@ -591,14 +693,16 @@ class DitDecService(BatchService):
         return got[k]
 
     def parse(self, request, context, idx):
-        body = _as_bytes(request.get("body") if request.get("body") is not None else request.get("data"))
+        key = "body" if request.get("body") is not None else "data"
+        check_binary(context, idx, key)
+        body = _as_bytes(request.get(key))
         if not body:
             raise RequestError("empty body: send the encoder's token blob as the request body")
         seed = parse_seed(request_header(context, idx, "X-Eden-Seed"))
         fmt = (request_header(context, idx, "X-Eden-Format") or "png").lower()
         if fmt not in ("png", "raw"):
             raise RequestError(f"X-Eden-Format must be png or raw, got {fmt[:20]!r}")
-        blob, geo, t = self.pair_tokens(body)
+        blob, geo, t = self.pair_tokens(body, context, idx)
         return (geo, blob.dtype), (blob, t, seed, fmt)
 
     def device_frames(self, blob: wire.TokenBlob, cuda: dict, first: int, count: int) -> torch.Tensor:
@@ -621,10 +725,11 @@ class DitDecService(BatchService):
             raise RequestError("tokens contain NaN or infinite values")
         return t
 
-    def pair_tokens(self, body) -> tuple[wire.TokenBlob, pipeline.Geometry, torch.Tensor]:
+    def pair_tokens(self, body, context=None, idx: int = 0) -> tuple[wire.TokenBlob, pipeline.Geometry,
+                                                                     torch.Tensor]:
         """The pair a body names (a blob, or a reference) -> its blob (checked against the model), geometry and
         tokens on the device [2, 2, N, D]."""
-        ref = self.ref(body) if shm.is_ref(body) else None
+        ref = self.ref(body, context, idx) if shm.is_ref(body) else None
         if ref is None:  # the blob itself (device segments only come from this host's shared memory)
             blob = wire.from_bytes(body)
             geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
@@ -638,23 +743,25 @@ class DitDecService(BatchService):
 
     def segment_pair(self, ref: dict, leases: contextlib.ExitStack):
         if "segment" in ref:
-            blob, cuda = shm.read_blob(leases.enter_context(self.store.lease(self.segment_of(ref, "body"))))
+            blob, cuda = shm.read_blob(leases.enter_context(self.store.lease(self.segment_of(ref, "body"))).read())
             geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
             with self.timed("transfer"):
                 t = self.device_frames(blob, cuda, 0, 2) if cuda else tokens.tokens_tensor(blob, self.device)
             return blob, geo, t
         frames, difference = shm.pair_frames(ref)
-        read = [shm.read_blob(leases.enter_context(self.store.lease(seg))) for seg, _ in frames]
-        for (seg, k), (blob, _) in zip(frames, read):
+        files = [leases.enter_context(self.store.lease(seg)) for seg, _ in frames]
+        read = [shm.read_blob_head(f) for f in files]  # headers only: frames are read when not in the cache
+        for (seg, k), (blob, _, _) in zip(frames, read):
             if k >= blob.num_frames:
                 raise RequestError(f"frame {k} of segment {seg} does not exist (it holds {blob.num_frames})")
         (seg0, k0), (seg1, k1) = frames
-        if seg0 == seg1 and k1 == k0 + 1:  # consecutive frames of one blob: a view, no copy
+        if seg0 == seg1 and k1 == k0 + 1:  # consecutive frames of one blob
             blob = read[0][0].window(k0, difference)
         else:  # the tokens come from frame_tensor, the blob is only checked
             blob = wire.TokenBlob.pair(read[0][0].frame(k0), read[1][0].frame(k1), difference, copy=False)
         geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
-        t = torch.stack([self.frame_tensor(seg, k, b, cuda) for (seg, k), (b, cuda) in zip(frames, read)])
+        t = torch.stack([self.frame_tensor(seg, k, b, cuda, (f, start))
+                         for (seg, k), (b, cuda, start), f in zip(frames, read, files)])
         return blob, geo, t
 
     def run(self, items):

@@ -18,18 +18,27 @@ The bytes in a segment are exactly what HTTP would carry (an image or a token bl
 the same way. One exception: an encoder on a GPU asked for a device handoff (``X-Eden-Handoff: device``) keeps
 the tokens on its GPU and writes a *device segment*: ``b"EDENDEV1"`` followed by UTF-8 JSON
 ``{"blob": <the token blob's header>, "cuda": <descriptor>}`` (eden_serve/handoff.py), which readers turn into
-the same blob with its tokens left where they are. Segments are written under a temporary name and renamed (no reader sees a partial one), created
-0600 (same user only) and never followed through links; names are ``eden-`` + 32 hex digits, nothing else is
+the same blob with its tokens left where they are. Segments are written under a temporary name and renamed (no
+reader sees a partial one), created 0600 (same user only); names are ``eden-`` + 32 hex digits, nothing else is
 opened. Whoever asked for a segment unlinks it when done (the client, for the encoder's tokens and the returned
 frames); anything older than the store's TTL is swept by the handlers, so a killed client or worker leaks nothing
 for long.
+
+Neighbours on the host are not trusted (issue 17): the folder must be private (``ShmStore.check_dir``: a real
+folder of this user, mode 0700, or 0770 with a named group), segments are opened without following links and
+without blocking and must be regular files of this user, they are read by copying rather than mapped (a file
+truncated under a reader is a short read, not a SIGBUS), the sweep leaves alone what it cannot remove, and
+``quota_bytes`` bounds what the folder may hold (``ShmFull``).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import grp
 import json
+import logging
+import math
 import mmap
 import os
 import re
@@ -40,14 +49,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from . import wire
 
+log = logging.getLogger(__name__)
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (Linux): no fault per page on first touch
 REF_MAGIC = b"EDENREF1"
 DEVICE_MAGIC = b"EDENDEV1"
 HANDOFF_UNAVAILABLE = "HandoffUnavailable"  # error "type" of a DiT+decoder that cannot use handed-off tokens at all
+UNSAFE_FOLDER = "ShmFolderUnsafe"  # error "type" of a server that refuses its shared-memory folder (no retry helps)
 REF_CONTENT_TYPE = "application/x-eden-ref"
-NAME_RE = re.compile(r"^eden-[0-9a-f]{32}$")
+# Set by deploy/keyproxy.py on everything it forwards: such a request came from another host, so it may neither
+# name shared-memory segments nor ask for its answer in one (the handlers refuse it).
+REMOTE_HEADER = "X-Eden-Remote"
+NAME_RE = re.compile(r"eden-[0-9a-f]{32}")  # always with fullmatch (a "$" would let a trailing newline through)
 DEFAULT_DIR = "/dev/shm/eden"
 MAX_REF_BYTES = 4096
 
@@ -56,14 +72,115 @@ class ShmError(ValueError):
     """A reference or segment that cannot be used; the message says why."""
 
 
+class ShmUnsafe(ShmError):
+    """The shared-memory folder is not private to this user (or the named group): it is not used."""
+
+
+class ShmFull(ShmError):
+    """Writing this segment would pass the store's quota (answered 507: worth a retry once segments are released)."""
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
 @dataclass(frozen=True)
 class ShmStore:
+    """Segments in one folder. The folder is created 0700 (0770 with ``group``: that group may use it too) and
+    refused (ShmUnsafe) when it is a link, or owned by another user, or grants more than that; segments are
+    opened without following links and without blocking, must be regular files of the same owner (or group), and
+    are read by copying (a file truncated while it is read is an error, not a SIGBUS). ``quota_bytes`` (0: none)
+    bounds what the folder holds: a write past it raises ShmFull."""
     root: Path = Path(DEFAULT_DIR)
     ttl_s: float = 600.0
     max_bytes: int = 1 << 31
+    quota_bytes: int = 0
+    group: str | int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "_gid", _group_id(self.group) if self.group not in (None, "") else None)
+        object.__setattr__(self, "_warned", set())
+
+    @property
+    def dir_mode(self) -> int:
+        return 0o770 if self._gid is not None else 0o700
+
+    @property
+    def file_mode(self) -> int:
+        return 0o660 if self._gid is not None else 0o600
+
+    # ------------------------------------------------------------------ the folder
+    def ensure_dir(self) -> Path:
+        """Create the folder if it does not exist (0700, or 0770 and the group), then ``check_dir``."""
+        try:
+            os.lstat(self.root)
+        except FileNotFoundError:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(self.root, self.dir_mode)
+                if self._gid is not None:
+                    os.chown(self.root, -1, self._gid)
+                os.chmod(self.root, self.dir_mode | (stat.S_ISGID if self._gid is not None else 0))
+            except FileExistsError:  # made by someone else meanwhile: checked below like any other
+                pass
+        return self.check_dir()
+
+    def check_dir(self) -> Path:
+        """The folder if it is private: a real folder (not a link), owned by this user (or, with ``group``, of that
+        group), granting nothing to others (nor to its group, without ``group``). ShmUnsafe saying what is wrong
+        otherwise; ShmError if it does not exist."""
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            raise ShmError(f"the shared-memory folder {self.root} does not exist") from None
+        fix = (f"remove it (or run as its owner) and let the server create it (mode {self.dir_mode:04o}), or point "
+               "shm_dir / --shm-dir elsewhere")
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise ShmUnsafe(f"the shared-memory folder {self.root} is {'a link' if stat.S_ISLNK(st.st_mode) else 'not a folder'}: "
+                            f"refusing to use it; {fix}")
+        mine = st.st_uid == os.geteuid()
+        if not mine and not (self._gid is not None and st.st_gid == self._gid):
+            raise ShmUnsafe(f"the shared-memory folder {self.root} is owned by uid {st.st_uid}, not this process's "
+                            f"uid {os.geteuid()}: another user could read or replace segments; {fix}")
+        extra = st.st_mode & 0o777 & ~self.dir_mode
+        if extra or (self._gid is not None and st.st_gid != self._gid):
+            raise ShmUnsafe(f"the shared-memory folder {self.root} has mode {st.st_mode & 0o777:04o} (group "
+                            f"{st.st_gid}): it must grant nothing beyond {self.dir_mode:04o}"
+                            + (f" and belong to group {self.group}" if self._gid is not None else "")
+                            + f"; refusing to use it; {fix}")
+        return self.root
+
+    def usage(self) -> int:
+        """Bytes held in the folder (regular files only)."""
+        total = 0
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+        return total
+
+    def _reserve(self, nbytes: int) -> None:
+        if self.quota_bytes and nbytes > 0:
+            used = self.usage()
+            if used + nbytes > self.quota_bytes:
+                raise ShmFull(f"shared memory is full: {used} bytes held in {self.root} and {nbytes} more would pass "
+                              f"the quota of {self.quota_bytes} (shm_quota_bytes): release the segments you are done "
+                              f"with, or retry when they expire (shm_ttl_s {self.ttl_s:.0f} s)")
+
+    def _create(self, tmp: Path, flags: int) -> int:
+        fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, self.file_mode)
+        if self._gid is not None:
+            os.fchown(fd, -1, self._gid)
+            os.fchmod(fd, self.file_mode)
+        return fd
 
     # ------------------------------------------------------------------ writing
     def create(self) -> None:
@@ -72,13 +189,15 @@ class ShmStore:
 
     def write(self, buffers) -> str:
         """Write bytes (or a list of buffers, in order) to a new segment; returns its name."""
-        self.create()
+        self.ensure_dir()
+        buffers = list(buffers) if isinstance(buffers, (list, tuple)) else [buffers]
+        self._reserve(sum(memoryview(b).nbytes for b in buffers))
         name = f"eden-{uuid.uuid4().hex}"
         tmp = self.root / f".{name}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = self._create(tmp, os.O_WRONLY)
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                for buf in buffers if isinstance(buffers, (list, tuple)) else [buffers]:
+                for buf in buffers:
                     view = memoryview(buf).cast("B")
                     while view:
                         view = view[f.write(view):]
@@ -92,10 +211,11 @@ class ShmStore:
     def allocate(self, nbytes: int) -> Iterator[tuple[str, memoryview]]:
         """A new segment of ``nbytes`` to fill in place (e.g. a GPU copy straight into it): yields (name, writable
         view); published under its name when the block ends, removed if it raises."""
-        self.create()
+        self.ensure_dir()
+        self._reserve(nbytes)
         name = f"eden-{uuid.uuid4().hex}"
         tmp = self.root / f".{name}.part"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = self._create(tmp, os.O_RDWR)
         try:
             os.ftruncate(fd, nbytes)
             yield name, memoryview(mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | POPULATE))
@@ -108,73 +228,130 @@ class ShmStore:
 
     # ------------------------------------------------------------------ reading
     def path(self, name: str) -> Path:
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ShmError(f"invalid segment name {str(name)[:80]!r}: expected 'eden-' and 32 hex digits")
         return self.root / name
 
     def read(self, name: str) -> memoryview:
-        """A read-only view of the segment's bytes (memory-mapped, no copy)."""
-        fd = self._open(name)
-        try:
-            return self._map(fd, name)
-        finally:
-            os.close(fd)
+        """The segment's bytes, copied into private memory (writable; no mapping of the file)."""
+        with self.open(name) as seg:
+            return seg.read()
 
     @contextlib.contextmanager
-    def lease(self, name: str) -> Iterator[memoryview]:
-        """``read``, holding a shared lock on the segment until the block ends. A device segment's writer frees
-        its GPU memory only under an exclusive lock, after truncating the file: a reader sees either the whole
-        segment with the memory still there, or an empty file."""
-        lock = self._open(name)  # its own descriptor: a mapping keeps a duplicate of the one it maps, which would
-        try:                     # keep a lock taken through it for as long as the mapping lives
-            fcntl.flock(lock, fcntl.LOCK_SH)
-            yield self.read(name)
+    def open(self, name: str) -> Iterator["SegmentFile"]:
+        seg = SegmentFile(self._open(name), name)
+        try:
+            yield seg
         finally:
-            os.close(lock)  # (releases the lock)
+            seg.close()
+
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator["SegmentFile"]:
+        """The open segment, holding a shared lock on it until the block ends. A device segment's writer frees its
+        GPU memory only under an exclusive lock, after truncating the file: a reader sees either the whole segment
+        with the memory still there, or an empty file."""
+        with self.open(name) as seg:
+            fcntl.flock(seg.fd, fcntl.LOCK_SH)
+            yield seg  # (closing the descriptor releases the lock)
 
     def _open(self, name: str) -> int:
         path = self.path(name)
-        try:
-            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        self.check_dir()
+        try:  # no links, no waiting on a FIFO's writer, nothing but a regular file of ours
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ShmError(f"segment {name} does not exist in {self.root} (expired, already released, or on "
                            "another host: use the HTTP transport across hosts)") from None
         except OSError as e:
-            raise ShmError(f"segment {name} cannot be opened: {e.strerror}") from None
-
-    def _map(self, fd: int, name: str) -> memoryview:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ShmError(f"segment {name} is not a regular file")
-        if st.st_size == 0:
-            return memoryview(b"")
-        if st.st_size > self.max_bytes:
-            raise ShmError(f"segment {name} is {st.st_size} bytes, over the limit of {self.max_bytes}")
-        return memoryview(mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | POPULATE, prot=mmap.PROT_READ))
+            raise ShmError(f"segment {name} cannot be opened: {_reason(e)}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ShmError(f"segment {name} is not a regular file")
+            if st.st_uid != os.geteuid() and not (self._gid is not None and st.st_gid == self._gid):
+                raise ShmError(f"segment {name} belongs to uid {st.st_uid}, not to this user")
+            if st.st_size > self.max_bytes:
+                raise ShmError(f"segment {name} is {st.st_size} bytes, over the limit of {self.max_bytes}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def write_held(self, data: bytes) -> tuple[str, int]:
         """``write``, and an open descriptor of the new segment for its writer to lock (see ``lease``)."""
         name = self.write(data)
-        return name, os.open(self.root / name, os.O_RDWR | os.O_NOFOLLOW)
+        return name, os.open(self.root / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def unlink(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
 
     def sweep(self) -> int:
-        """Remove segments (and partial writes) older than the TTL; returns how many."""
-        if not self.root.is_dir():
+        """Remove segments (and partial writes) older than the TTL; returns how many. Anything else named like one
+        (a folder, something that cannot be removed) is left where it is and logged once."""
+        try:
+            self.check_dir()
+            entries = list(os.scandir(self.root))
+        except ShmError:
+            return 0
+        except OSError as e:
+            log.warning("cannot sweep %s: %s", self.root, _reason(e))
             return 0
         cutoff, removed = time.time() - self.ttl_s, 0
-        for entry in os.scandir(self.root):
-            name = entry.name.removeprefix(".").removesuffix(".part")
-            if NAME_RE.match(name):
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        removed += 1
-                except FileNotFoundError:
-                    pass
+        for entry in entries:
+            if not NAME_RE.fullmatch(entry.name.removeprefix(".").removesuffix(".part")):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if st.st_mtime >= cutoff:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(21, "a folder, not a segment")
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if entry.name not in self._warned:
+                    self._warned.add(entry.name)
+                    log.warning("sweep: left %s in place (%s)", entry.path, _reason(e))
         return removed
+
+
+class SegmentFile:
+    """An open segment, read by copying (``os.preadv``) into private memory: never mapped, so a file truncated
+    while it is read gives a short read (ShmError), not a SIGBUS."""
+
+    def __init__(self, fd: int, name: str):
+        self.fd, self.name = fd, name
+        self.size = os.fstat(fd).st_size
+
+    def read(self, offset: int = 0, length: int | None = None) -> memoryview:
+        length = self.size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ShmError(f"segment {self.name}: bytes {offset}..{offset + length} are outside its {self.size}")
+        view = memoryview(np.empty(length, np.uint8)).cast("B")
+        done = 0
+        while done < length:
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ShmError(f"segment {self.name} was truncated while being read ({done} of {length} bytes "
+                               "read): it was changed after it was published")
+            done += n
+        return view
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _group_id(group: str | int) -> int:
+    if isinstance(group, int) or str(group).isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(str(group)).gr_gid
+    except KeyError:
+        raise ShmError(f"shm group {group!r} does not exist") from None
 
 
 @dataclass(frozen=True)
@@ -197,10 +374,7 @@ def parse_ref(value) -> dict:
     """The JSON object of a reference; ShmError if it is malformed."""
     if len(value) > MAX_REF_BYTES:
         raise ShmError(f"reference of {len(value)} bytes is over {MAX_REF_BYTES}")
-    try:
-        ref = json.loads(bytes(value[len(REF_MAGIC):]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShmError(f"reference is not valid JSON: {e}") from None
+    ref = wire.load_json(value[len(REF_MAGIC):], "reference", ShmError)
     if not isinstance(ref, dict):
         raise ShmError("reference is not a JSON object")
     return ref
@@ -217,9 +391,9 @@ def pair_frames(ref: dict) -> tuple[list[tuple[str, int]], float]:
     frames, diff = ref.get("pair"), ref.get("difference")
     if (not isinstance(frames, list) or len(frames) != 2
             or not all(isinstance(f, dict) and isinstance(f.get("segment"), str) and type(f.get("frame")) is int
-                       and f["frame"] >= 0 for f in frames)):
+                       and 0 <= f["frame"] < wire.MAX_FRAMES for f in frames)):
         raise ShmError("a pair reference needs 'pair': [{'segment': NAME, 'frame': INDEX}, {...}] (two frames)")
-    if type(diff) not in (int, float) or diff != diff or abs(diff) == float("inf"):
+    if type(diff) not in (int, float) or not math.isfinite(diff) or abs(diff) > 1e6:
         raise ShmError("a pair reference needs a finite 'difference'")
     return [(f["segment"], f["frame"]) for f in frames], float(diff)
 
@@ -244,10 +418,28 @@ def read_blob(data) -> tuple[wire.TokenBlob, dict | None]:
         return wire.from_bytes(data), None
     if len(data) > wire.MAX_HEADER_BYTES:
         raise ShmError(f"device segment of {len(data)} bytes is over {wire.MAX_HEADER_BYTES}")
-    try:
-        body = json.loads(bytes(data[len(DEVICE_MAGIC):]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShmError(f"device segment is not valid JSON: {e}") from None
+    body = wire.load_json(data[len(DEVICE_MAGIC):], "device segment", ShmError)
     if not isinstance(body, dict) or set(body) != {"blob", "cuda"} or not isinstance(body["cuda"], dict):
         raise ShmError("a device segment needs exactly 'blob' (a token blob header) and 'cuda' (a descriptor)")
     return wire.from_header(body["blob"]), body["cuda"]
+
+
+def read_blob_head(seg: SegmentFile) -> tuple[wire.TokenBlob, dict | None, int]:
+    """``read_blob`` reading only the prefix and header of a host blob -> (blob whose tokens are only a shape, CUDA
+    descriptor or None, offset of the payload in the segment): frames are read later, one by one
+    (``read_frame``)."""
+    if seg.size == 0:
+        raise SegmentGone("the segment is empty: its tokens were freed (expired or released)")
+    head = seg.read(0, min(seg.size, wire.PREFIX.size + wire.MAX_HEADER_BYTES))
+    if bytes(head[:len(DEVICE_MAGIC)]) == DEVICE_MAGIC:
+        blob, cuda = read_blob(head if seg.size <= len(head) else seg.read())
+        return blob, cuda, 0
+    blob, start = wire.parse_head(head, seg.size)
+    return blob, None, start
+
+
+def read_frame(seg: SegmentFile, blob: wire.TokenBlob, start: int, k: int):
+    """Frame k's tokens [2, N, D] of a host blob in ``seg`` (its head read by ``read_blob_head``), copied."""
+    frame_bytes = blob.tokens[0].nbytes
+    data = seg.read(start + k * frame_bytes, frame_bytes)
+    return np.frombuffer(data, dtype=blob.tokens.dtype).reshape(blob.tokens.shape[1:])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -40,6 +41,19 @@ PREFIX = struct.Struct("<8sII")
 ALIGN = 64
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 256
+# Bounds checked before anything is built from a header: no dimension of a real frame comes near them, and every
+# product of them fits in 64 bits.
+MAX_SIDE = 1 << 20  # pixels of a frame's side (and of its padding)
+MAX_GRID = 1 << 16  # patches along a side
+MAX_PATCH = 1 << 10  # pixels of a patch's side
+MAX_TOKENS = 1 << 32  # tokens of a frame
+MAX_HIDDEN = 1 << 16  # values of a token
+MAX_STATISTIC = 1e6  # |mean|, std, |difference|: statistics of frames in [0, 1] are far below (and float32 holds it)
+# What JSON read from a request may cost before it is parsed (headers, references, device segments): nesting depth
+# (Python's parser recurses once per level) and digits of one number (int() of thousands of digits is quadratic,
+# and 10**400 does not fit a float).
+MAX_JSON_DEPTH = 8
+MAX_JSON_DIGITS = 40
 DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 CONTENT_TYPE = "application/x-eden-tokens"
 
@@ -151,10 +165,38 @@ def expected_nbytes(num_frames: int, height: int, width: int, hidden_dim: int, d
 
 
 # ---------------------------------------------------------------------- parsing
-def _int_list(h: dict, key: str, n: int, minimum: int = 0) -> list[int]:
+_JSON_STRING = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\.)*"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]")
+_DIGITS = re.compile(rb"[0-9]+")
+
+
+def load_json(data, what: str, error: type[Exception] = None):
+    """JSON from a request (bytes), refused with ``error`` (default WireError) naming ``what`` if it is not UTF-8
+    JSON, or nests deeper than MAX_JSON_DEPTH, or has a number of more than MAX_JSON_DIGITS digits: both are
+    checked on the text, before the parser sees it."""
+    error = error or WireError
+    text = bytes(data)
+    bare = _JSON_STRING.sub(b'""', text)  # strings hold neither structure nor numbers
+    brackets = np.frombuffer(_NOT_BRACKET.sub(b"", bare), np.uint8)
+    if len(brackets):
+        opens = (brackets == ord("[")) | (brackets == ord("{"))
+        depth = int(np.cumsum(opens.astype(np.int64) * 2 - 1).max())
+        if depth > MAX_JSON_DEPTH:
+            raise error(f"{what} nests {depth} levels deep: at most {MAX_JSON_DEPTH}")
+    longest = max((len(m) for m in _DIGITS.findall(bare)), default=0)
+    if longest > MAX_JSON_DIGITS:
+        raise error(f"{what} has a number of {longest} digits: at most {MAX_JSON_DIGITS}")
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{what} is not valid JSON: {e}") from None
+
+
+def _int_list(h: dict, key: str, n: int, minimum: int = 0, maximum: int = MAX_SIDE) -> list[int]:
     v = h.get(key)
-    if not isinstance(v, list) or len(v) != n or not all(type(x) is int and x >= minimum for x in v):
-        raise WireError(f"header field '{key}' must be a list of {n} integers >= {minimum}, got {v!r:.80}")
+    if not isinstance(v, list) or len(v) != n or not all(type(x) is int and minimum <= x <= maximum for x in v):
+        raise WireError(f"header field '{key}' must be a list of {n} integers >= {minimum} and <= {maximum}, "
+                        f"got {v!r:.80}")
     return v
 
 
@@ -164,6 +206,8 @@ def _float_list(h: dict, key: str, n: int, positive: bool = False) -> list[float
         raise WireError(f"header field '{key}' must be a list of {n} numbers, got {v!r:.80}")
     if not all(math.isfinite(x) and (x > 0 or not positive) for x in v):
         raise WireError(f"header field '{key}' has values that are not finite{' and positive' if positive else ''}")
+    if not all(abs(x) <= MAX_STATISTIC for x in v):
+        raise WireError(f"header field '{key}' has values beyond +-{MAX_STATISTIC:g} (statistics of frames in [0, 1])")
     return [float(x) for x in v]
 
 
@@ -174,31 +218,36 @@ def from_bytes(buf) -> TokenBlob:
     used, on the device.
     """
     buf = memoryview(buf).cast("B")
-    if len(buf) < PREFIX.size:
-        raise WireError(f"not a token blob: {len(buf)} bytes is shorter than the {PREFIX.size}-byte prefix")
+    blob, start = parse_head(buf)
+    blob.tokens = np.frombuffer(buf[start:], dtype=blob.tokens.dtype).reshape(blob.tokens.shape)
+    return blob
+
+
+def parse_head(buf, total: int | None = None) -> tuple[TokenBlob, int]:
+    """Check the prefix and header at the start of a blob of ``total`` bytes (default: ``len(buf)``; ``buf`` needs
+    to hold only the prefix and header) -> (blob whose tokens are only a shape, offset of the payload)."""
+    buf = memoryview(buf).cast("B")
+    total = len(buf) if total is None else total
+    if total < PREFIX.size or len(buf) < PREFIX.size:
+        raise WireError(f"not a token blob: {total} bytes is shorter than the {PREFIX.size}-byte prefix")
     magic, version, head_len = PREFIX.unpack_from(buf)
     if magic != MAGIC:
         raise WireError(f"not a token blob: bad magic {bytes(magic)!r} (expected {MAGIC!r})")
     if version != VERSION:
         raise WireError(f"unsupported token format version {version}: this server reads version {VERSION}")
-    if head_len > MAX_HEADER_BYTES or PREFIX.size + head_len > len(buf):
-        raise WireError(f"header length {head_len} is larger than the blob ({len(buf)} bytes) "
+    if head_len > MAX_HEADER_BYTES or PREFIX.size + head_len > min(total, len(buf)):
+        raise WireError(f"header length {head_len} is larger than the blob ({total} bytes) "
                         f"or the {MAX_HEADER_BYTES}-byte limit")
-    try:
-        h = json.loads(bytes(buf[PREFIX.size:PREFIX.size + head_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WireError(f"header is not valid JSON: {e}") from None
-    blob = from_header(h)
+    blob = from_header(load_json(buf[PREFIX.size:PREFIX.size + head_len], "header"))
     K, _, N, D = blob.tokens.shape
     start = PREFIX.size + head_len
     expected = blob.tokens.nbytes
-    got = len(buf) - start
+    got = total - start
     if got < expected:
         raise WireError(f"truncated token blob: {got} payload bytes, expected {expected} for shape {[K, 2, N, D]}")
     if got > expected:
         raise WireError(f"{got - expected} unexpected trailing bytes after the {expected}-byte token payload")
-    blob.tokens = np.frombuffer(buf[start:], dtype=blob.tokens.dtype).reshape(K, 2, N, D)
-    return blob
+    return blob, start
 
 
 def from_header(h) -> TokenBlob:
@@ -208,13 +257,13 @@ def from_header(h) -> TokenBlob:
     dtype = h.get("dtype")
     if dtype not in DTYPES:
         raise WireError(f"header field 'dtype' must be one of {sorted(DTYPES)}, got {dtype!r:.40}")
-    K, two, N, D = _int_list(h, "shape", 4, minimum=1)
-    if two != 2 or K > MAX_FRAMES:
-        raise WireError(f"shape must be [K <= {MAX_FRAMES}, 2, N, D], got {[K, two, N, D]}")
+    K, two, N, D = _int_list(h, "shape", 4, minimum=1, maximum=MAX_TOKENS)
+    if two != 2 or K > MAX_FRAMES or D > MAX_HIDDEN:
+        raise WireError(f"shape must be [K <= {MAX_FRAMES}, 2, N, D <= {MAX_HIDDEN}], got {[K, two, N, D]}")
     patch = h.get("patch_size")
-    if type(patch) is not int or patch < 1:
-        raise WireError(f"header field 'patch_size' must be a positive integer, got {patch!r:.40}")
-    gh, gw = _int_list(h, "grid", 2, minimum=1)
+    if type(patch) is not int or not 1 <= patch <= MAX_PATCH:
+        raise WireError(f"header field 'patch_size' must be an integer from 1 to {MAX_PATCH}, got {patch!r:.40}")
+    gh, gw = _int_list(h, "grid", 2, minimum=1, maximum=MAX_GRID)
     height, width = _int_list(h, "size", 2, minimum=1)
     left, right, top, bottom = _int_list(h, "padding", 4)
     if (height + top + bottom, width + left + right) != (gh * patch, gw * patch):

@@ -21,6 +21,7 @@ from PIL import Image
 from client.api import EdenClient, KeySource, ModelClient, RetryPolicy
 from client.server import TorchServe
 from eden_serve import wire
+from eden_serve.shm import REF_CONTENT_TYPE, REF_MAGIC
 
 
 # ---------------------------------------------------------------------- instances
@@ -217,3 +218,68 @@ class LogTail:
 
 def kill(pid: int) -> None:
     os.kill(pid, 9)
+
+
+# ---------------------------------------------------------------------- hostile requests (issue 17)
+SEGMENT = "eden-" + "ab" * 16  # a valid segment name that does not exist
+
+
+def raw_header(good: bytes, text: bytes) -> bytes:
+    """``good`` with its header replaced by ``text`` verbatim (padded), the payload untouched."""
+    n = struct.unpack_from("<I", good, 12)[0]
+    text += b" " * (-(16 + len(text)) % wire.ALIGN)
+    return good[:12] + struct.pack("<I", len(text)) + text + good[16 + n:]
+
+
+def header_with(good: bytes, field: str, value_text: str) -> bytes:
+    """``good`` with one header field's JSON text replaced verbatim (e.g. a number JSON cannot hold in a float)."""
+    n = struct.unpack_from("<I", good, 12)[0]
+    header = json.loads(good[16:16 + n])
+    header[field] = "@@"
+    return raw_header(good, json.dumps(header).encode().replace(b'"@@"', value_text.encode()))
+
+
+def hostile_requests(good: bytes, frame: bytes) -> dict:
+    """name -> (model, requests.post kwargs, expected status, expected words): each raised an exception the
+    handlers did not catch (the whole batch answered 503) before."""
+    tokens = {"Content-Type": wire.CONTENT_TYPE}
+    deep = b"[" * 5000 + b"]" * 5000
+    pair = '{"pair": [{"segment": "%s", "frame": 0}, {"segment": "%s", "frame": 1}], "difference": %s}'
+    return {
+        "deeply nested header": ("eden_ditdec", {"data": raw_header(good, b'{"dtype": ' + deep + b"}"),
+                                                 "headers": tokens}, 400, "header nests 5001 levels deep"),
+        "5000-digit integer in the header": ("eden_ditdec", {"data": header_with(good, "patch_size", "7" * 5000),
+                                                             "headers": tokens}, 400, "number of 5000 digits"),
+        "10**400 as a statistic": ("eden_ditdec", {"data": header_with(good, "mean", f"[{10**400}, 0.1]"),
+                                                   "headers": tokens}, 400, "number of 401 digits"),
+        "1e300 as a statistic": ("eden_ditdec", {"data": header_with(good, "std", "[1e300, 0.1]"),
+                                                 "headers": tokens}, 400, "'std' has values beyond"),
+        "1e400 as a difference": ("eden_ditdec", {"data": header_with(good, "differences", "[1e400]"),
+                                                  "headers": tokens}, 400, "'differences' has values that are not"),
+        "a grid of 2^31": ("eden_ditdec", {"data": header_with(good, "grid", f"[{2**31}, 2]"), "headers": tokens},
+                           400, "'grid' must be a list of 2 integers >= 1 and <= 65536"),
+        "deeply nested reference": ("eden_ditdec", {"data": REF_MAGIC + b"[" * 3000, "headers": {
+            "Content-Type": REF_CONTENT_TYPE}}, 400, "reference nests 3000 levels deep"),
+        "10**400 as a pair's difference": ("eden_ditdec", {
+            "data": REF_MAGIC + (pair % (SEGMENT, SEGMENT, 10**400)).encode(),
+            "headers": {"Content-Type": REF_CONTENT_TYPE}}, 400, "number of 401 digits"),
+        "5000-digit seed": ("eden_ditdec", {"data": good, "headers": {**tokens, "X-Eden-Seed": "9" * 5000}},
+                            400, "seed must be an integer"),
+        "a field named frame²": ("eden_encoder", {"files": {"frame0": frame, "frame1": frame, "frame²": frame}},
+                                 400, "field 'frame²' is not a frame field"),
+        "deeply nested reference as a frame": ("eden_encoder", {"files": {
+            "frame0": ("f", REF_MAGIC + b"{" * 3000, REF_CONTENT_TYPE)}}, 400, "reference nests 3000 levels"),
+        "segment name with a trailing newline": ("eden_ditdec", {
+            "data": REF_MAGIC + json.dumps({"segment": SEGMENT + "\n"}).encode(),
+            "headers": {"Content-Type": REF_CONTENT_TYPE}}, 400, "invalid segment name"),
+        "missing segment": ("eden_ditdec", {"data": REF_MAGIC + json.dumps({"segment": SEGMENT}).encode(),
+                                            "headers": {"Content-Type": REF_CONTENT_TYPE}}, 400, "does not exist"),
+        "a reference as a JSON string": ("eden_ditdec", {
+            "data": json.dumps((REF_MAGIC + json.dumps({"segment": SEGMENT}).encode()).decode()),
+            "headers": {"Content-Type": "application/json"}}, 400, "body was sent as application/json"),
+        "a frame sent as text/plain": ("eden_encoder", {"files": {"frame0": ("f", frame, "text/plain"),
+                                                                  "frame1": frame}}, 400,
+                                       "frame0 was sent as text/plain"),
+    }
+
+

@@ -78,8 +78,9 @@ def test_root_config_security_defaults():
         assert cfg[key].startswith("http://127.0.0.1:"), key
     assert cfg["disable_token_authorization"] == "false" and cfg["token_expiration_min"] == "60"
     assert cfg["enable_model_api"] == "false" and cfg["metrics_mode"] == "prometheus"
-    assert java_regex_matches(cfg["allowed_urls"], "file:///srv/eden/model_store/eden_encoder.mar")
-    assert not java_regex_matches(cfg["allowed_urls"], "https://example.com/model_store/eden_encoder.mar")
+    for url in ("file:///srv/eden/model_store/eden_encoder.mar", "file:///tmp/x/model_store/eden_encoder.mar",
+                "https://example.com/model_store/eden_encoder.mar", "eden_encoder.mar", ""):
+        assert not java_regex_matches(cfg["allowed_urls"], url), url  # only plain names, from the store itself
 
 
 def test_metrics_yaml_declares_every_handler_metric():

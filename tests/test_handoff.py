@@ -104,8 +104,8 @@ def test_tokens_are_not_freed_while_a_reader_holds_a_lease(tmp_path):
     svc = holding_encoder(tmp_path)
     name = hold(svc)
     reader = ShmStore(tmp_path)
-    with reader.lease(name) as data:
-        assert bytes(data) == b"device segment"
+    with reader.lease(name) as seg:
+        assert bytes(seg.read()) == b"device segment"
         svc.store.unlink(name)  # released while the copy runs
         assert svc.reap() == 0 and name in svc.held
     assert svc.reap() == 1 and svc.held == {}
@@ -114,7 +114,7 @@ def test_tokens_are_not_freed_while_a_reader_holds_a_lease(tmp_path):
     fd = os.open(tmp_path / name, os.O_RDONLY)  # opened just before it expires, not yet locked
     assert svc.reap() == 1
     with pytest.raises(shm.SegmentGone, match="freed"):
-        shm.read_blob(late._map(fd, name))  # the lock taken late finds the file emptied
+        shm.read_blob(shm.SegmentFile(fd, name).read())  # the lock taken late finds the file emptied
     os.close(fd)
 
 
