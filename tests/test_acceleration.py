@@ -1,0 +1,102 @@
+"""eden_serve/acceleration.py on a CPU: settings parse, nothing changes where the GPU kernels are not available, and
+the opt-in code paths they use (fused temporal attention, weights cast once) give the plain path's numbers."""
+import copy
+
+import pytest
+import torch
+
+from eden_serve import acceleration, pipeline, serving
+from eden_serve.acceleration import Accelerator, KernelSettings
+
+
+def pairs_and_noise(tiny_models, fixture_frames):
+    encoder, _ = tiny_models
+    encoded, diffs = pipeline.encode_frames(encoder, fixture_frames)
+    geo = pipeline.Geometry.for_size(90, 120, encoder.cfg)
+    pairs = pipeline.PairBatch(encoded.dit[None], encoded.dec[None], encoded.mean[None], encoded.std[None],
+                               diffs[0], geo)
+    return pairs, pipeline.make_noise(geo, encoder.cfg.latent_dim, 0, "cpu")
+
+
+def test_settings_parse_and_check():
+    k = KernelSettings.parse("compile_mode=default,cuda_graphs=1,attention_backend=cudnn,warmup_sizes=480x854+1080x1920,"
+                             "warmup_batches=1+4,max_graphs=4")
+    assert (k.compile_mode, k.cuda_graphs, k.attention_backend, k.max_graphs) == ("default", True, "cudnn", 4)
+    assert k.warmup_sizes == ("480x854", "1080x1920") and k.warmup_batches == (1, 4) and k.requested
+    assert KernelSettings(warmup_sizes=["720x1280"], warmup_batches=[2]).warmup_sizes == ("720x1280",)
+    assert KernelSettings(warmup_sizes="480x854,720x1280").warmup_sizes == ("480x854", "720x1280")
+    assert not KernelSettings().requested
+    for bad in ("compile_mode=fast", "attention_backend=xformers", "warmup_sizes=1080", "nope=1", "max_graphs=0"):
+        with pytest.raises(ValueError):
+            KernelSettings.parse(bad)
+    # handler settings: the same names in the model-config's eden section, off by default
+    s = serving.Settings(compile_mode="default", warmup_sizes=["480x854"], cuda_graphs=True)
+    assert KernelSettings.from_mapping(s) == KernelSettings(compile_mode="default", warmup_sizes=("480x854",),
+                                                            cuda_graphs=True)
+    assert KernelSettings.from_mapping(serving.Settings()) == KernelSettings()
+
+
+def test_build_archives_flag():
+    from build_archives import kernel_settings
+    assert kernel_settings("") == {}
+    assert kernel_settings("compile_mode=default,warmup_sizes=480x854+1080x1920") == {
+        "compile_mode": "default", "warmup_sizes": ["480x854", "1080x1920"]}
+
+
+def test_cpu_accelerator_changes_nothing(tiny_models, fixture_frames):
+    """Every setting on, on a CPU: nothing compiled, nothing cast, the same bits as the pipeline's."""
+    _, generator = tiny_models
+    gen = copy.deepcopy(generator)
+    pairs, noise = pairs_and_noise(tiny_models, fixture_frames)
+    plain = pipeline.interpolate(generator, pairs, noise)
+    accel = Accelerator(gen, KernelSettings(compile_mode="default", cuda_graphs=True, attention_backend="cudnn",
+                                            fused_ops=True, cast_weights=True), torch.device("cpu"), torch.float32)
+    assert not accel.active
+    assert accel.warm_up(["64x64"], [1]).seconds == {}
+    assert all(p.dtype == torch.float32 for p in gen.parameters())
+    assert not any(b.temp_attn.fused for b in gen.dit_blocks)
+    assert torch.equal(accel.interpolate(pairs, noise), plain)
+    latents = accel.sample_latents(pairs, noise)
+    assert torch.equal(accel.decode_frames(pairs, latents), plain)
+
+
+def test_compile_needs_a_gpu():
+    assert not acceleration.compile_supported(torch.device("cpu"))
+
+
+def test_cast_weights_same_numbers_as_autocast(tiny_models, fixture_frames):
+    """Weights stored in bfloat16 give what autocast's casts give (here on the CPU's autocast)."""
+    _, generator = tiny_models
+    gen = copy.deepcopy(generator)
+    acceleration.cast_matrix_weights(gen, torch.bfloat16)
+    assert gen.dit_blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert gen.dit_blocks[0].norm_mlp.weight.dtype == torch.float32
+    pairs, noise = pairs_and_noise(tiny_models, fixture_frames)
+    a = pipeline.interpolate(generator, pairs, noise, torch.bfloat16)
+    b = pipeline.interpolate(gen, pairs, noise, torch.bfloat16)
+    assert torch.equal(a, b)
+
+
+def test_fused_temporal_attention_matches(tiny_models, fixture_frames):
+    _, generator = tiny_models
+    gen = copy.deepcopy(generator)
+    for blk in [*gen.dit_blocks, *gen.decoder_blocks]:
+        blk.temp_attn.fused = True
+    pairs, noise = pairs_and_noise(tiny_models, fixture_frames)
+    assert (pipeline.interpolate(gen, pairs, noise) - pipeline.interpolate(generator, pairs, noise)).abs().max() < 1e-5
+
+
+def test_profile_ranges_change_nothing(tiny_models, fixture_frames):
+    from eden_serve import model
+    _, generator = tiny_models
+    pairs, noise = pairs_and_noise(tiny_models, fixture_frames)
+    plain = pipeline.interpolate(generator, pairs, noise)
+    model.PROFILE_RANGES = True
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ranged = pipeline.interpolate(generator, pairs, noise)
+    finally:
+        model.PROFILE_RANGES = False
+    assert torch.equal(ranged, plain)
+    names = {e.key for e in prof.key_averages()}
+    assert {"dit.block", "decoder.block", "self_attn", "temporal_attn", "sdpa"} <= names
