@@ -111,8 +111,9 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
             shutil.copy2(weights / CONFIG_FILE, stage / CONFIG_FILE)
             config = model_config(name, device_ids, batch_size, max_batch_delay_ms, workers)
             config["eden"].update(settings or {})
-            if name == "eden_ditdec":
-                config["eden"].update(kernels or {})
+            if name == "eden_ditdec" and kernels:
+                config["eden"].update(kernels)
+                config["startupTimeout"] = max(config["startupTimeout"], 900)  # compiling on a cold cache
             config_file = Path(tmp, "model-config.yaml")
             config_file.write_text(yaml.safe_dump(config, sort_keys=False))
             cmd = [sys.executable, "-c",
