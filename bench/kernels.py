@@ -79,7 +79,7 @@ def shape_name(h, w, b) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def prepare(work: Path, shapes, device) -> Path:
+def prepare(work: Path, shapes, device, extra_sizes=()) -> Path:
     """Random real-size weights, and per size: tokens of a moving clip (through float16, as the wire), noise per
     pair (the official recipe, seed = pair index), float32 frames of those pairs (the quality reference), and a
     token blob of pair 0 for the handler. -> the weights folder."""
@@ -97,10 +97,11 @@ def prepare(work: Path, shapes, device) -> Path:
     sizes = {}
     for h, w, b in shapes:
         sizes[(h, w)] = max(b, sizes.get((h, w), 0))
-    sizes.setdefault((720, 1280), 1)  # a size the worker is not warmed for
+    for h, w in [(720, 1280), *extra_sizes]:  # 720p: a size the worker is not warmed for
+        sizes.setdefault((h, w), 1)
     for (h, w), bmax in sizes.items():
-        path = work / f"inputs_{h}x{w}.pt"
-        if path.exists():
+        path, meta = work / f"inputs_{h}x{w}.pt", work / f"inputs_{h}x{w}.json"
+        if path.exists() and meta.exists() and json.loads(meta.read_text()).get("batch", 0) >= bmax:
             continue
         clip = moving_shapes(bmax + 1, h, w, step=h / 40)
         x = torch.from_numpy(np.stack(clip)).to(device).permute(0, 3, 1, 2).float() / 255
@@ -120,6 +121,7 @@ def prepare(work: Path, shapes, device) -> Path:
             ref = pipeline.interpolate(gen, pairs, data["noise"].to(device), torch.float32)
         data["reference_uint8"] = pipeline.to_uint8(ref)
         torch.save(data, path)
+        meta.write_text(json.dumps({"batch": bmax}))
         del pairs, ref, x, encoded
         say(f"inputs and float32 reference for {h}x{w} (batch up to {bmax})")
     del enc, gen
@@ -442,7 +444,8 @@ class FakeContext:
         self.status[idx] = code
 
 
-def worker_start(weights: Path, work: Path, kernels: str, cache_dir: str, sizes: list[str], batch: int) -> dict:
+def worker_start(weights: Path, work: Path, kernels: str, cache_dir: str, sizes: list[str], batch: int,
+                 stream=lambda result: None) -> dict:
     """DitDecService as TorchServe starts it (initialize: load + compile + warm-up), then requests: the first at a
     warmed size, again, and one at a size it was not warmed for."""
     from eden_serve import images
@@ -457,23 +460,28 @@ def worker_start(weights: Path, work: Path, kernels: str, cache_dir: str, sizes:
            "compile_mode": svc.accel.compile_mode, "settings": eden,
            "warmup": getattr(getattr(svc, "warmup", None), "seconds", None)}
     say(f"worker initialized in {out['initialize_s']} s (accelerated: {svc.accel.active})")
+    stream(out)
     for label, size in (("first_request", sizes[-1]), ("second_request", sizes[-1]),
                         ("first_request_unwarmed_720x1280", "720x1280")):
-        body = (work / f"blob_{size}.bin").read_bytes()
-        ctx.headers = [{"X-Eden-Seed": "0", "X-Eden-Format": "raw"}]
-        ctx.status = {}
-        t = time.perf_counter()
-        (answer,) = svc.handle([{"body": body}], ctx)
-        seconds = time.perf_counter() - t
-        row = {"size": size, "s": round(seconds, 4), "status": ctx.status.get(0, 200)}
-        if row["status"] == 200:
-            frame = images.decode_image(bytes(answer), 10**9)
-            ref = torch.load(work / f"inputs_{size}.pt")["reference_uint8"][0].numpy()
-            row["psnr_db_vs_float32"] = round(psnr(frame, ref), 2)
-        else:
-            row["answer"] = bytes(answer)[:300].decode(errors="replace")
+        try:
+            body = (work / f"blob_{size}.bin").read_bytes()
+            ctx.headers = [{"X-Eden-Seed": "0", "X-Eden-Format": "raw"}]
+            ctx.status = {}
+            t = time.perf_counter()
+            (answer,) = svc.handle([{"body": body}], ctx)
+            seconds = time.perf_counter() - t
+            row = {"size": size, "s": round(seconds, 4), "status": ctx.status.get(0, 200)}
+            if row["status"] == 200:
+                frame = images.decode_image(bytes(answer), 10**9)
+                ref = torch.load(work / f"inputs_{size}.pt")["reference_uint8"][0].numpy()
+                row["psnr_db_vs_float32"] = round(psnr(frame, ref), 2)
+            else:
+                row["answer"] = bytes(answer)[:300].decode(errors="replace")
+        except Exception as e:  # noqa: BLE001
+            row = {"size": size, "error": f"{type(e).__name__}: {e}"}
         out[label] = row
         say(f"worker {label} at {size}: {row}")
+        stream(out)
     return out
 
 
@@ -495,7 +503,7 @@ def child(args) -> None:
 
     if args.child == "worker":
         stream(worker_start(weights, work, args.kernels, args.cache_dir, args.worker_sizes.split(","),
-                            args.worker_batch))
+                            args.worker_batch, stream))
     else:
         shapes = [tuple(int(v) for v in s.replace("_b", "x").split("x")) for s in args.shapes.split(",")]
         run_variant(args.child, args.kernels, weights, work, shapes, device, profile=True, stream_to=stream)
@@ -542,6 +550,8 @@ def main():
     ap.add_argument("--worker-sizes", default="480x854,1080x1920", help="warm-up sizes of the worker-start runs")
     ap.add_argument("--worker-batch", type=int, default=4, help="batchSize of the worker-start runs")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--cpu-dry-run", default="", metavar="WEIGHTS_DIR",
+                    help="run the orchestration on a CPU with these (small) split weights")
     # internal: one subprocess' job
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--kernels", default="", help=argparse.SUPPRESS)
@@ -550,26 +560,33 @@ def main():
     if args.child:
         return child(args)
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py needs a CUDA GPU")
-    device = torch.device("cuda", 0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.cpu_dry_run:  # the orchestration on a CPU with small weights: nothing is accelerated there
+        device, shapes = torch.device("cpu"), [(64, 96, 1), (64, 96, 2)]
+        args.worker_sizes = "64x96"
+        if not (work / "weights").exists():
+            shutil.copytree(args.cpu_dry_run, work / "weights")
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench/kernels.py needs a CUDA GPU")
+    else:
+        device = torch.device("cuda", 0)
     if not args.keep_cache:
         shutil.rmtree(args.cache_dir, ignore_errors=True)
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
     shapes_arg = ",".join(shape_name(*s) for s in shapes)
     chosen = set(filter(None, args.variants.split(",")))
-    summary = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    summary = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__,
                "triton": acceleration.compile_supported(device), "cudnn": torch.backends.cudnn.version(),
                "c_compiler": shutil.which("gcc") or shutil.which("cc"),  # Triton builds its launchers with one
                "quick": args.quick, "shapes": [shape_name(*s) for s in shapes], "variants": {}, "skipped": {}}
 
     def save():
-        summary["elapsed_s"] = round(time.perf_counter() - T0, 1)
+        summary["elapsed_s"] = round(time.time() - T0, 1)
         out.write_text(json.dumps(summary, indent=1, default=str))
 
     def wanted(name: str, quick_set) -> bool:
@@ -578,10 +595,10 @@ def main():
         return not args.quick or name in quick_set
 
     def budget_left() -> float:
-        return args.budget_s - (time.perf_counter() - T0)
+        return args.budget_s - (time.time() - T0)
 
     say(f"{summary['device']}, torch {torch.__version__}, triton {summary['triton']}, shapes {summary['shapes']}")
-    weights = prepare(work, shapes, device)
+    weights = prepare(work, shapes, device, [acceleration.parse_size(s) for s in args.worker_sizes.split(",")])
     cfg = checkpoint.load_config(weights)
     save()
 
@@ -647,7 +664,10 @@ def main():
     if not args.quick:
         compiled("max_autotune_combined", COMPILED_VARIANTS["max_autotune_combined"], 200)
     save()
-    print_table(summary)
+    try:
+        print_table(summary)
+    except Exception:  # noqa: BLE001 - the JSON is what counts
+        traceback.print_exc()
     say("wrote", out)
 
 
@@ -659,10 +679,10 @@ def print_table(summary: dict) -> None:
             if "error" in r:
                 print(f"{name:>24} {shape:>16} error: {r['error'][:60]}")
                 continue
-            p = r.get("profile", {})
+            p = r.get("profile") or {}
             print(f"{name:>24} {shape:>16} {r['ms_per_frame']:9.2f} {p.get('kernel_ms_per_frame') or 0:9.2f} "
                   f"{p.get('gpu_busy_share') or 0:5.2f} {r['first_call_s']:8.2f} {r['psnr_db_vs_float32']:6.1f} "
-                  f"{r['peak_gpu_mem_gib']:6.1f}")
+                  f"{r.get('peak_gpu_mem_gib') or 0:6.1f}")
     for label in ("worker_start_cold_cache", "worker_start_warm_cache"):
         w = summary.get(label)
         if w:
