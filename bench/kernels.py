@@ -329,7 +329,8 @@ def one_shape(accel, cfg, work, h, w, b, device, profile, compiled, trace_name) 
            "first_call_s": round(first, 3), "psnr_db_vs_float32": round(quality, 2),
            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
            "peak_gpu_mem_gib_first_call": round(first_peak / 2**30, 2) if cuda else None,
-           "gpu_mem_allocated_gib": round(torch.cuda.memory_allocated(device) / 2**30, 2) if cuda else None}
+           "gpu_mem_allocated_gib": round(torch.cuda.memory_allocated(device) / 2**30, 2) if cuda else None,
+           "compile_mode": accel.compile_mode, "cuda_graphs": accel.graphs_on, "graph_error": accel.graph_error}
     if profile:
         row["profile"] = profile_shape(call, b, device, work / f"trace_{trace_name}.json")
     return row

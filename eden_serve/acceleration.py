@@ -194,7 +194,7 @@ class _Graphs:
     frames: torch.Tensor
     sample: torch.cuda.CUDAGraph
     decode: torch.cuda.CUDAGraph
-    source: object = None  # the PairBatch last copied in
+    source: object = None  # the PairBatch sample_latents copied in, until decode_frames has used it
 
 
 @dataclass
@@ -220,6 +220,7 @@ class Accelerator:
         self.graphs_on = settings.cuda_graphs and cuda
         self.settings = settings
         self.graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
+        self.graph_error: str | None = None
         self.active = cuda and settings.requested
         if not self.active:
             return
@@ -258,6 +259,8 @@ class Accelerator:
         if not self.graphs_on:
             return self._sample(pairs, noise)
         g = self._graphs_for(pairs, noise)
+        if g is None:
+            return self._sample(pairs, noise)
         with torch.inference_mode(), torch.cuda.device(self.device):
             _copy_pairs(g.pairs, pairs, ("dit", "dec", "mean", "std", "difference"))
             g.noise.copy_(noise)
@@ -272,6 +275,8 @@ class Accelerator:
         if not self.graphs_on:
             return self._decode(pairs, latents)
         g = self._graphs_for(pairs, latents)
+        if g is None:
+            return self._decode(pairs, latents)
         with torch.inference_mode(), torch.cuda.device(self.device):
             if g.source is not pairs:  # (sample_latents copied this batch in already)
                 _copy_pairs(g.pairs, pairs, ("dec", "mean", "std"))
@@ -279,20 +284,30 @@ class Accelerator:
             if latents is not g.latents:
                 g.latents.copy_(latents)
             g.decode.replay()
+            g.source = None  # (not holding the caller's batch)
         return g.frames
 
     def interpolate(self, pairs: PairBatch, noise: torch.Tensor) -> torch.Tensor:
         return self.decode_frames(pairs, self.sample_latents(pairs, noise))
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _graphs_for(self, pairs: PairBatch, like: torch.Tensor) -> _Graphs:
+    def _graphs_for(self, pairs: PairBatch, like: torch.Tensor) -> _Graphs | None:
+        """The graphs of this batch's (geometry, batch size), captured now if new; None if capturing failed (then
+        this worker goes on without graphs, and says why once)."""
         key = (pairs.geometry, like.shape[0])
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
         while len(self.graphs) >= self.settings.max_graphs:
             self.graphs.popitem(last=False)
-        g = self.graphs[key] = self._capture(pairs, like.shape[0])
+        try:
+            g = self.graphs[key] = self._capture(pairs, like.shape[0])
+        except Exception as e:  # noqa: BLE001 - the same work runs without graphs
+            self.graphs_on, self.graph_error = False, f"{type(e).__name__}: {e}"
+            self.graphs.clear()
+            log.exception("capturing CUDA graphs failed: going on without them")
+            torch.cuda.synchronize(self.device)
+            return None
         return g
 
     @torch.inference_mode()

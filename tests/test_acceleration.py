@@ -144,3 +144,55 @@ def test_handler_with_kernel_settings_on_cpu(tiny_weights, tiny_models, fixture_
     assert (answers[0] == answers[1]).all()
     with pytest.raises(ValueError):
         serving.DitDecService().initialize(_Context(tiny_weights, {"compile_mode": "fast", "shm_dir": ""}))
+
+
+def test_graph_bookkeeping_with_stand_in_graphs(tiny_models, fixture_frames, monkeypatch):
+    """The CUDA-graph path's logic on a CPU, with graphs that re-run the pipeline on their static tensors: inputs
+    copied in, outputs read from the graph's tensors, one capture per (size, batch), least recently used dropped,
+    and a failed capture leaving the plain path."""
+    import contextlib
+
+    _, generator = tiny_models
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    accel = Accelerator(generator, KernelSettings(cuda_graphs=True, max_graphs=2), torch.device("cpu"), torch.float32)
+    accel.active, accel.graphs_on = True, True
+    captures = []
+
+    class StandIn:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def capture(pairs, batch):
+        captures.append((pairs.geometry, batch))
+        s = acceleration.PairBatch(pairs.dit.clone(), pairs.dec.clone(), pairs.mean.clone(), pairs.std.clone(),
+                                   pairs.difference.clone(), pairs.geometry)
+        noise = torch.zeros(batch, pairs.geometry.latent_tokens, generator.cfg.latent_dim)
+        latents = pipeline.sample_latents(generator, s, noise)
+        frames = pipeline.decode_frames(generator, s, latents)
+        return acceleration._Graphs(
+            s, noise, latents, frames,
+            StandIn(lambda: latents.copy_(pipeline.sample_latents(generator, s, noise))),
+            StandIn(lambda: frames.copy_(pipeline.decode_frames(generator, s, latents))))
+
+    monkeypatch.setattr(accel, "_capture", capture)
+    pairs, noise = pairs_and_noise(tiny_models, fixture_frames)
+    other = acceleration.PairBatch(pairs.dit.flip(1), pairs.dec.flip(1), pairs.mean.flip(1), pairs.std.flip(1),
+                                   -pairs.difference, pairs.geometry)
+    for p, seed in ((pairs, 0), (other, 1), (pairs, 2)):
+        n = pipeline.make_noise(p.geometry, generator.cfg.latent_dim, seed, "cpu")
+        assert torch.equal(accel.interpolate(p, n), pipeline.interpolate(generator, p, n))
+    assert len(captures) == 1 and accel.graphs[(pairs.geometry, 1)].source is None
+    for h, w in ((64, 64), (96, 64), (64, 64)):  # a third size drops the least recently used
+        geo = pipeline.Geometry.for_size(h, w, generator.cfg)
+        p = acceleration.synthetic_pairs(geo, 1, generator.cfg.hidden_dim, "cpu")
+        n = pipeline.make_noise(geo, generator.cfg.latent_dim, 0, "cpu")
+        assert torch.equal(accel.interpolate(p, n), pipeline.interpolate(generator, p, n))
+    assert len(captures) == 3 and len(accel.graphs) == 2 and (pairs.geometry, 1) not in accel.graphs
+
+    def broken(pairs, batch):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(accel, "_capture", broken)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert torch.equal(accel.interpolate(pairs, noise), pipeline.interpolate(generator, pairs, noise))
+    assert not accel.graphs_on and "capturing" in accel.graph_error and not accel.graphs
