@@ -132,12 +132,13 @@ class TemporalAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=qkv_bias)
 
-    def context(self, tokens0: torch.Tensor, tokens1: torch.Tensor, window: int, grid: tuple[int, int]) -> TemporalContext:
-        """tokens0/1 [B, N, D] on the gh x gw grid -> keys/values grouped by query (window 1 or 4 = 2x2 patches)."""
-        D = tokens0.shape[-1]
+    def context(self, frames: torch.Tensor, window: int, grid: tuple[int, int]) -> TemporalContext:
+        """Both frames' tokens [B, 2, N, D] on the gh x gw grid -> keys/values grouped by query (window 1 or 4 = 2x2
+        patches)."""
+        D = frames.shape[-1]
         w_kv = self.qkv.weight[D:]  # [2D, D] keys then values
         b_kv = None if self.qkv.bias is None else self.qkv.bias[D:]
-        kv = F.linear(torch.stack([tokens0, tokens1], dim=1), w_kv, b_kv)  # [B, 2, N, 2D]
+        kv = F.linear(frames, w_kv, b_kv)  # [B, 2, N, 2D]
         kv = _group_windows(kv, window, grid)  # [B, n, 2, w, 2D]
         B, n = kv.shape[:2]
         kv = kv.reshape(B, n, 2 * window, 2, self.num_heads, D // self.num_heads)  # [B, n, 2w, 2, h, hd]
@@ -286,6 +287,14 @@ class DiTContext(NamedTuple):
     grid: tuple[int, int]
 
 
+def _matrix_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` once in the layout and dtype the matrix products take (contiguous; autocast's dtype when it is on), for
+    an input every block multiplies: the same numbers as autocast casting it at each product, without the copies."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type), memory_format=torch.contiguous_format)
+    return x.contiguous()
+
+
 class EdenGenerator(nn.Module):
     """DiT (velocity of the latent flow) and decoder (latent -> frame), conditioned on a pair's tokens."""
 
@@ -312,11 +321,11 @@ class EdenGenerator(nn.Module):
         return position_embedding(*grid, stride, self.cfg.hidden_dim, self.cfg.pos_embed_reference_grid, device)
 
     # ------------------------------------------------------------------ DiT
-    def dit_context(self, dit0: torch.Tensor, dit1: torch.Tensor, difference: torch.Tensor,
-                    grid: tuple[int, int]) -> DiTContext:
-        """dit0/dit1 [B, N, D] frame tokens, difference [B, 1] -> per-pair context reused by every step."""
+    def dit_context(self, frames: torch.Tensor, difference: torch.Tensor, grid: tuple[int, int]) -> DiTContext:
+        """Both frames' DiT tokens [B, 2, N, D], difference [B, 1] -> per-pair context reused by every step."""
         with profile_range("dit.context"):
-            temporal = tuple(blk.temp_attn.context(dit0, dit1, window=4, grid=grid) for blk in self.dit_blocks)
+            frames = _matrix_input(frames)
+            temporal = tuple(blk.temp_attn.context(frames, window=4, grid=grid) for blk in self.dit_blocks)
             return DiTContext(temporal, self.difference_embedder(difference), grid)
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
@@ -333,8 +342,8 @@ class EdenGenerator(nn.Module):
         return v
 
     # ------------------------------------------------------------------ decoder
-    def decode(self, latents: torch.Tensor, dec0: torch.Tensor, dec1: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """latents [B, n, L] (unscaled), decoder tokens [B, N, D] -> normalised frame [B, C, H, W]."""
+    def decode(self, latents: torch.Tensor, frames: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """latents [B, n, L] (unscaled), both frames' decoder tokens [B, 2, N, D] -> normalised frame [B, C, H, W]."""
         B, p = latents.shape[0], self.cfg.patch_size
         gh, gw = grid
         with profile_range("decoder.head"):
@@ -344,7 +353,8 @@ class EdenGenerator(nn.Module):
             y = y.flatten(2).transpose(1, 2) + self._pos(grid, 1, latents.device)  # [B, N, D]
             queries = queries + self._pos(grid, 2, latents.device)  # [B, n, D]
         with profile_range("decoder.context"):
-            ctx = [blk.temp_attn.context(dec0, dec1, window=1, grid=grid) for blk in self.decoder_blocks]
+            frames = _matrix_input(frames)
+            ctx = [blk.temp_attn.context(frames, window=1, grid=grid) for blk in self.decoder_blocks]
         with profile_range("decoder.block"):
             for blk, temporal in zip(self.decoder_blocks, ctx):
                 y = blk(y, queries, temporal)  # [B, N, D]
