@@ -262,6 +262,17 @@ def parse_trace(path: Path, frames: int) -> dict:
             "by_module_and_category": per_frame(by_mod_cat, 40), "top_kernels": per_frame(by_kernel, 15)}
 
 
+def compiler_counters() -> dict:
+    """What torch.compile did in this process: graphs compiled, graph breaks, recompilations (expected: 4 graphs, no
+    breaks: DiT and decoder block, batch 1 and batch >= 2)."""
+    try:
+        from torch._dynamo.utils import counters
+        return {"stats": dict(counters["stats"]), "graph_breaks": dict(counters["graph_break"]),
+                "recompiles": dict(counters.get("recompiles", {}))}
+    except Exception as e:  # noqa: BLE001
+        return {"error": str(e)}
+
+
 # ---------------------------------------------------------------------------------------------------- one variant
 def run_variant(name: str, kernels: str, weights: Path, work: Path, shapes, device, profile: bool = True,
                 stream_to=None) -> dict:
@@ -287,6 +298,7 @@ def run_variant(name: str, kernels: str, weights: Path, work: Path, shapes, devi
             say(f"{name} {key}: FAILED {type(e).__name__}: {e}")
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
+        out["compiler"] = compiler_counters()
         if stream_to:
             stream_to(out)
     del accel, gen
@@ -481,6 +493,7 @@ def worker_start(weights: Path, work: Path, kernels: str, cache_dir: str, sizes:
         except Exception as e:  # noqa: BLE001
             row = {"size": size, "error": f"{type(e).__name__}: {e}"}
         out[label] = row
+        out["compiler"] = compiler_counters()
         say(f"worker {label} at {size}: {row}")
         stream(out)
     return out
