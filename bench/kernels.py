@@ -136,36 +136,41 @@ def pairs_on(data: dict, geo, b: int, device) -> pipeline.PairBatch:
 
 
 # ---------------------------------------------------------------------------------------------------- profile
-def categorize(kernel: str, op: str, ranges: list[str]) -> str:
-    k, o = kernel.lower(), op.lower()
+def categorize(kernel: str, ops: list[str], ranges: list[str]) -> str:
+    """A kernel's category from its name, the aten ops it was launched under (outermost first) and the ranges."""
+    k = kernel.lower()
+    chain = " ".join(ops).lower()  # every enclosing op (autocast's casts run inside aten::linear, copy_ in _to_copy)
+    inner = ops[-1].lower() if ops else ""
     attention_kernel = any(s in k for s in ("flash", "fmha", "sdpa", "attention", "mem_eff"))
-    if attention_kernel or "sdpa" in ranges or "scaled_dot_product" in o or "attention" in o:
-        if "cudnn" in k or "cudnn" in o or "fprop" in k:
+    if attention_kernel or "sdpa" in ranges or "scaled_dot_product" in chain:
+        if "_to_copy" in chain:
+            return "cast"
+        if "cudnn" in k or "cudnn" in chain or "fprop" in k:
             return "attention:cudnn"
-        if "flash" in k or "flash" in o:
+        if "flash" in k or "flash" in chain:
             return "attention:flash"
-        if "fmha" in k or "cutlassf" in k or "efficient" in o or "mem_eff" in k:
+        if "fmha" in k or "cutlassf" in k or "efficient" in chain or "mem_eff" in k:
             return "attention:efficient"
         return "attention:math/other"
     if k.startswith("triton_"):
         if k.startswith("triton_tem"):
             return "gemm (triton)"
         return "fused pointwise (compiled)" if k.startswith("triton_poi") else "fused reduction/norm (compiled)"
-    if any(s in o for s in ("::mm", "addmm", "bmm", "matmul", "linear", "baddbmm")) or any(
+    if "_to_copy" in chain:
+        return "cast"
+    if any(s in inner for s in ("::mm", "addmm", "bmm", "matmul", "linear")) or any(
             s in k for s in ("gemm", "xmma", "nvjet", "cublas", "gemv", "splitk", "cutlass", "sm90_", "sm80_")):
         return "gemm"
-    if "layer_norm" in o or "layer_norm" in k or "layernorm" in k:
+    if "layer_norm" in chain or "layer_norm" in k or "layernorm" in k:
         return "norm"
-    if "softmax" in o or "softmax" in k:
+    if "softmax" in chain or "softmax" in k:
         return "softmax"
-    if "_to_copy" in o or o.endswith("::to"):
-        return "cast"
-    if any(s in o for s in ("copy_", "::cat", "clone", "contiguous", "stack")) or "copy" in k or "catarray" in k \
-            or "memcpy" in k:
-        return "copy/layout"
-    if "upsample" in o or "upsample" in k or "bicubic" in k:
+    if "upsample" in chain or "upsample" in k or "bicubic" in k:
         return "upsample"
-    if "reduce" in k or any(s in o for s in ("::sum", "::mean", "::std")):
+    if any(s in chain for s in ("copy_", "::cat", "clone", "contiguous", "::stack", "reshape")) or "copy" in k \
+            or "catarray" in k or "memcpy" in k:
+        return "copy/layout"
+    if "reduce" in k or any(s in inner for s in ("::sum", "::mean", "::std")):
         return "reduction"
     if "memset" in k or "fill" in k:
         return "fill"
@@ -216,7 +221,7 @@ def parse_trace(path: Path, frames: int) -> dict:
                     ops = [s["name"] for s in stack if s.get("cat") == "cpu_op"]
                     if "graphlaunch" in e.get("name", "").lower():
                         ranges.append("graph")
-                    launch_ctx[corr] = (ranges, ops[-1] if ops else "")
+                    launch_ctx[corr] = (ranges, ops)
                 continue
             if cat == "user_annotation" and e["name"] == "eden.iter":
                 iter_spans.append((ts, ts + e.get("dur", 0)))
@@ -226,9 +231,9 @@ def parse_trace(path: Path, frames: int) -> dict:
     intervals = []
     for k in kernels:
         dur = k.get("dur", 0) / 1000.0  # ms
-        ranges, op = launch_ctx.get((k.get("args") or {}).get("correlation"), ([], ""))
+        ranges, ops = launch_ctx.get((k.get("args") or {}).get("correlation"), ([], []))
         name = k.get("name", "")
-        cat = "memcpy/memset" if k.get("cat") != "kernel" else categorize(name, op, ranges)
+        cat = "memcpy/memset" if k.get("cat") != "kernel" else categorize(name, ops, ranges)
         mod = module_of(ranges)
         by_cat[cat] += dur
         by_mod[mod] += dur
