@@ -60,6 +60,7 @@ COMPILED_VARIANTS = {  # name: kernel settings (each in a subprocess)
     "compile_fused": "compile_mode=default,fused_ops=1",
     "compile_graphs": "compile_mode=default,cuda_graphs=1",
     "max_autotune_combined": "compile_mode=max-autotune-no-cudagraphs,fused_ops=1,cuda_graphs=1,cast_weights=1",
+    "compile_combined_float8": "compile_mode=default,fused_ops=1,cuda_graphs=1,cast_weights=1,float8=1",
 }
 QUICK_EAGER = ("baseline", "sdpa_cudnn", "cuda_graphs")
 QUICK_COMPILED = ("compile_combined", "compile")
@@ -680,6 +681,7 @@ def main():
     compiled("compile_fused", COMPILED_VARIANTS["compile_fused"], 120)
     eager("sdpa_efficient")
     compiled("compile_graphs", COMPILED_VARIANTS["compile_graphs"], 120)
+    compiled("compile_combined_float8", COMPILED_VARIANTS["compile_combined_float8"], 150)
     if not args.quick:
         compiled("max_autotune_combined", COMPILED_VARIANTS["max_autotune_combined"], 200)
     save()

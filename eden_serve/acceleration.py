@@ -25,6 +25,10 @@ What each setting does:
   the next call with the same size and batch: copy them out (``pipeline.to_uint8`` does) before that.
 - ``cast_weights``: the matrices' weights stored once in the compute dtype (bfloat16) instead of being cast by
   autocast at every use; gives the same numbers (autocast casts the same way).
+- ``float8`` (experimental, changes the numbers: measure its quality): the blocks' linear layers multiply in float8
+  (e4m3, ``torch._scaled_mm``) with a scale per weight row and per activation row, out in bfloat16; the frames'
+  keys/values stay bfloat16. Needs a GPU with float8 (compute capability 8.9+); meant with ``compile_mode`` (the
+  compiler fuses the activations' scaling into the kernels before).
 
 Nothing here runs on a CPU: there, or with every setting off, ``Accelerator`` calls the pipeline functions as they
 are and changes nothing. ``compile_mode`` is dropped (with a warning) where torch.compile cannot generate GPU code
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import pipeline
@@ -60,6 +65,7 @@ class KernelSettings:
     cuda_graphs: bool = False
     fused_ops: bool = False
     cast_weights: bool = False
+    float8: bool = False
     warmup_sizes: tuple[str, ...] = ()  # "HxW" frame sizes warmed at worker start
     warmup_batches: tuple[int, ...] = ()  # batch sizes warmed per size (default: 1 and the model's batchSize)
     compile_cache_dir: str = ""  # persistent compile cache ("" : PyTorch's default, under /tmp)
@@ -87,7 +93,7 @@ class KernelSettings:
     @property
     def requested(self) -> bool:
         return (self.compile_mode != "off" or self.attention_backend != "auto" or self.cuda_graphs
-                or self.cast_weights)
+                or self.cast_weights or self.float8)
 
     @classmethod
     def from_mapping(cls, values) -> "KernelSettings":
@@ -185,6 +191,52 @@ def cast_matrix_weights(generator: nn.Module, dtype: torch.dtype) -> None:
             m.to(dtype)
 
 
+FLOAT8_MAX = 448.0  # largest float8 e4m3 value
+
+
+class Float8Linear(nn.Module):
+    """A Linear multiplying in float8: weights quantised once (a scale per output row), activations at each call (a
+    scale per row, from its largest magnitude); out in bfloat16. ``weight`` and ``bias`` stay the original
+    parameters (other code reads them: the temporal context takes the keys' and values' rows of ``qkv``)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        w = linear.weight.detach().float()  # [N, K]
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX  # [N, 1]
+        self.register_buffer("weight8", (w / scale).to(torch.float8_e4m3fn), persistent=False)  # [N, K]
+        self.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)  # [1, N]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K, N = x.shape[-1], self.weight8.shape[0]
+        a = x.reshape(-1, K).float()  # [M, K]
+        M = a.shape[0]
+        a = F.pad(a, (0, 0, 0, -M % 16))  # rows to a multiple of 16
+        scale = a.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX  # [M', 1]
+        a8 = (a / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(a8, self.weight8.t(), scale_a=scale, scale_b=self.weight_scale,
+                               out_dtype=torch.bfloat16)[:M]  # [M, N]
+        if self.bias is not None:
+            out = out + self.bias.to(torch.bfloat16)
+        return out.reshape(*x.shape[:-1], N)
+
+
+def float8_blocks(generator: EdenGenerator) -> int:
+    """The blocks' linear layers as Float8Linear (the heads, embeddings and temporal contexts stay); -> how many."""
+    count = 0
+    for blk in [*generator.dit_blocks, *generator.decoder_blocks]:
+        for parent in (blk.self_attn, blk.temp_attn, blk.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Float8Linear(child))
+                    count += 1
+    return count
+
+
+def float8_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 @dataclass
 class _Graphs:
     """Static inputs and outputs of the two captured graphs of one (geometry, batch)."""
@@ -221,17 +273,23 @@ class Accelerator:
         self.settings = settings
         self.graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self.graph_error: str | None = None
+        self.float8 = False
         self.active = cuda and settings.requested
         if not self.active:
             return
         if settings.cast_weights and dtype != torch.float32:
             cast_matrix_weights(generator, dtype)
+        self.float8 = settings.float8 and float8_supported(self.device)
+        if settings.float8 and not self.float8:
+            log.warning("float8 asked for, but %s has no float8 matrix units: running without it", self.device)
+        if self.float8:
+            float8_blocks(generator)
         if self.compile_mode != "off":
             use_compile_cache(settings.compile_cache_dir)
             self._compile()
-        log.info("kernels on %s: compile=%s fused=%s attention=%s cuda_graphs=%s cast_weights=%s", self.device,
-                 self.compile_mode, settings.fused_ops and self.compile_mode != "off", settings.attention_backend,
-                 self.graphs_on, settings.cast_weights)
+        log.info("kernels on %s: compile=%s fused=%s attention=%s cuda_graphs=%s cast_weights=%s float8=%s",
+                 self.device, self.compile_mode, settings.fused_ops and self.compile_mode != "off",
+                 settings.attention_backend, self.graphs_on, settings.cast_weights, self.float8)
 
     def _compile(self) -> None:
         import torch._dynamo.config as dynamo_config

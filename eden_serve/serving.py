@@ -62,6 +62,7 @@ class Settings:
     cuda_graphs: bool = False  # the Euler steps and the decoder replayed as CUDA graphs per (size, batch)
     fused_ops: bool = False  # with compile: the temporal attention without its concatenation
     cast_weights: bool = False  # matrix weights stored in the compute dtype (same numbers as autocast's casts)
+    float8: bool = False  # experimental: the blocks' linear layers in float8 (changes the numbers: measure quality)
     warmup_sizes: tuple = ()  # "HxW" sizes compiled and captured at worker start, e.g. [480x854, 1080x1920]
     warmup_batches: tuple = ()  # batch sizes warmed per size (default: 1 and the model's batchSize)
     compile_cache_dir: str = ""  # persistent torch.compile cache, so a restarted worker starts quickly

@@ -196,3 +196,18 @@ def test_graph_bookkeeping_with_stand_in_graphs(tiny_models, fixture_frames, mon
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     assert torch.equal(accel.interpolate(pairs, noise), pipeline.interpolate(generator, pairs, noise))
     assert not accel.graphs_on and "capturing" in accel.graph_error and not accel.graphs
+
+
+def test_float8_linears_keep_the_weights_and_stay_close(tiny_models, fixture_frames):
+    """float8 (GPU-only in the accelerator; torch._scaled_mm also runs on this CPU): the blocks' linears swapped,
+    the parameters (names, tensors) unchanged, frames within a float8 distance of float32."""
+    _, generator = tiny_models
+    gen = copy.deepcopy(generator)
+    assert acceleration.float8_blocks(gen) == 6 * (len(gen.dit_blocks) + len(gen.decoder_blocks))
+    assert sorted(gen.state_dict()) == sorted(generator.state_dict())
+    assert gen.dit_blocks[0].temp_attn.qkv.weight.dtype == torch.float32  # the temporal context reads it
+    pairs, noise = pairs_and_noise(tiny_models, fixture_frames)
+    ref = pipeline.interpolate(generator, pairs, noise)
+    f8 = pipeline.interpolate(gen, pairs, noise, torch.bfloat16)
+    assert 10 * torch.log10(1 / ((f8 - ref) ** 2).mean()) > 40
+    assert not acceleration.float8_supported(torch.device("cpu"))
