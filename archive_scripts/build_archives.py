@@ -94,10 +94,12 @@ def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_de
 
 def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_batch_delay_ms: int = 10,
           workers: int | None = None, version: str = "1.0", settings: dict | None = None, profile: str = "split",
-          side: str = "both", versioned_names: bool = False, workers_per_gpu: int = WORKERS_PER_GPU) -> list[Path]:
+          side: str = "both", versioned_names: bool = False, workers_per_gpu: int = WORKERS_PER_GPU,
+          kernels: dict | None = None) -> list[Path]:
     """Build the archives of ``side`` into ``model_store``; returns their paths. ``versioned_names`` names them
     ``eden_encoder-<version>.mar`` (for rolling out a new version next to the loaded one) instead of
-    ``eden_encoder.mar``."""
+    ``eden_encoder.mar``. ``kernels``: the DiT+decoder's GPU kernel settings (eden_serve/acceleration.py), off
+    unless given."""
     needed = {"both": (ENCODER_FILE, DITDEC_FILE), "encoder": (ENCODER_FILE,), "ditdec": (DITDEC_FILE,)}.get(side, ())
     for f in (*needed, CONFIG_FILE):
         if not (weights / f).is_file():
@@ -117,6 +119,9 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
             shutil.copy2(weights / CONFIG_FILE, stage / CONFIG_FILE)
             config = model_config(name, device_ids, batch_size, max_batch_delay_ms, workers, workers_per_gpu)
             config["eden"].update(settings or {})
+            if name == "eden_ditdec" and kernels:
+                config["eden"].update(kernels)
+                config["startupTimeout"] = max(config["startupTimeout"], 900)  # compiling on a cold cache
             config_file = Path(tmp, "model-config.yaml")
             config_file.write_text(yaml.safe_dump(config, sort_keys=False))
             cmd = [sys.executable, "-c",
@@ -132,6 +137,13 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
         where = f"GPU {device_ids}" if device_ids else "CPU"
         print(f"built {built[-1]} (version {version}, {where}, {config['minWorkers']} worker(s), batch {batch_size})")
     return built
+
+
+def kernel_settings(text: str) -> dict:
+    """--kernels NAME=VALUE,... -> the model-config entries that differ from the defaults (checked)."""
+    from eden_serve.acceleration import KernelSettings
+    chosen, default = KernelSettings.parse(text).to_dict(), KernelSettings().to_dict()
+    return {k: v for k, v in chosen.items() if v != default[k]}
 
 
 def detected_gpus() -> int:
@@ -162,6 +174,10 @@ def main(argv=None):
     ap.add_argument("--profile", choices=PROFILES, default="split",
                     help="GPU placement: split (default; encoder GPU 0, DiT+decoder GPUs 1..N-1) or spread "
                          "(DiT+decoder on every GPU, for throughput)")
+    ap.add_argument("--kernels", default="",
+                    help="DiT+decoder GPU kernels (off by default), e.g. compile_mode=default,cuda_graphs=1,"
+                         "attention_backend=cudnn,cast_weights=1,warmup_sizes=480x854+1080x1920,"
+                         "compile_cache_dir=/var/cache/eden (eden_serve/acceleration.py)")
     ap.add_argument("--side", choices=SIDES, default="both",
                     help="which archives: both (one TorchServe), or encoder / ditdec alone (two hosts)")
     args = ap.parse_args(argv)
@@ -170,9 +186,13 @@ def main(argv=None):
         ap.error("--gpus must be >= 0")
     if args.workers_per_gpu < 1:
         ap.error("--workers-per-gpu must be >= 1")
+    try:
+        kernels = kernel_settings(args.kernels)
+    except ValueError as e:
+        ap.error(f"--kernels: {e}")
     build(args.weights, args.model_store, gpus, args.batch_size, args.max_batch_delay, args.workers, args.version,
           profile=args.profile, side=args.side, versioned_names=args.versioned_names,
-          workers_per_gpu=args.workers_per_gpu)
+          workers_per_gpu=args.workers_per_gpu, kernels=kernels)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 
-from build_archives import build  # noqa: E402
+from build_archives import build, kernel_settings  # noqa: E402
 from reference import load_reference, time_clip  # noqa: E402
 
 from client.api import EdenClient, KeySource  # noqa: E402
@@ -41,7 +41,7 @@ from client.frames_io import Frame  # noqa: E402
 from client.samples import moving_shapes  # noqa: E402
 from client.server import TorchServe  # noqa: E402
 from client.video import Interpolator, frame_seed  # noqa: E402
-from eden_serve import checkpoint, pipeline, tokens  # noqa: E402
+from eden_serve import acceleration, checkpoint, pipeline, tokens  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
 SEED = 0
@@ -104,13 +104,15 @@ def run_reference(sd, cfg, clip, device) -> tuple[float, list]:
     return seconds, out
 
 
-def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8) -> tuple[float, list]:
+def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8, kernels: str = "") -> tuple[float, list]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     enc = checkpoint.load_encoder(weights, device)
     gen = checkpoint.load_generator(weights, device)
     cfg = gen.cfg
     H, W = clip[0].shape[:2]
     geo = pipeline.Geometry.for_size(H, W, cfg)
+    accel = acceleration.Accelerator(gen, acceleration.KernelSettings.parse(kernels), device, dtype)
+    accel.warm_up([(H, W)], sorted({batch, (len(clip) - 1) % batch or batch}))  # as a worker does at start
 
     def go():
         dit, dec, mean, std, diffs = [], [], [], [], []
@@ -133,7 +135,7 @@ def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8) -> tuple[flo
             pairs = pipeline.PairBatch(dit[pair].float(), dec[pair].float(), mean[pair], std[pair], diffs[idx], geo)
             noise = torch.cat([pipeline.make_noise(geo, cfg.latent_dim, frame_seed(SEED, 2 * int(i) + 1), device)
                                for i in idx.tolist()])
-            frames.append(pipeline.to_uint8(pipeline.interpolate(gen, pairs, noise, dtype)))
+            frames.append(pipeline.to_uint8(accel.interpolate(pairs, noise)))
         return [f for batch_frames in frames for f in batch_frames.numpy()]
 
     go()  # warm-up (kernels, position embeddings)
@@ -258,6 +260,10 @@ def main():
     ap.add_argument("--variants", default="",
                     help="extra runs, comma list of [TRANSPORT@]CHUNK:INFLIGHT[:ENCODER_INFLIGHT], TRANSPORT one of "
                          "shm (default), shm_host, http (e.g. 8:32,http@4:16:4)")
+    ap.add_argument("--kernels", default="",
+                    help="DiT+decoder GPU kernels for the in-process run and the archives, e.g. compile_mode=default,"
+                         "cuda_graphs=1,attention_backend=cudnn,cast_weights=1 (eden_serve/acceleration.py; "
+                         "warmup_sizes defaults to the sizes measured)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,shm_host,http")
     ap.add_argument("--http-sizes", default="480x854",
                     help="sizes the inline HTTP transport runs at ('all'; at 1080p it takes about 2 s a frame)")
@@ -273,13 +279,16 @@ def main():
     cfg = checkpoint.split_checkpoint(ckpt, work / "weights")
     sd = checkpoint.read_official_checkpoint(ckpt)
     gpus = torch.cuda.device_count()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    kernels = kernel_settings(args.kernels)
+    if kernels:
+        kernels.setdefault("warmup_sizes", [f"{h}x{w}" for h, w in sizes])
     build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, max_batch_delay_ms=5,
-          workers=args.workers)
+          workers=args.workers, kernels=kernels)
     dev = torch.device("cuda", 0) if gpus else torch.device("cpu")
     summary = {"device": [torch.cuda.get_device_name(i) for i in range(gpus)] or ["cpu"], "torch": torch.__version__,
                "workers_per_model": args.workers, "batch_size": args.batch_size,
-               "checkpoint": "random real-size" if not args.checkpoint else str(ckpt), "sizes": {}}
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+               "checkpoint": "random real-size" if not args.checkpoint else str(ckpt), "kernels": kernels, "sizes": {}}
     lengths = [int(v) for v in args.frames.split(",")]
     with TorchServe(work / "serve", work / "store") as ts:
         for (H, W), n in zip(sizes, lengths):
@@ -290,7 +299,7 @@ def main():
                 row["reference_s_per_frame"] = ref_s
             print(f"{H}x{W} reference: {ref_s}", flush=True)
             if "fast" not in skip:
-                fast_s, fast_frames = run_fast(work / "weights", clip, dev)
+                fast_s, fast_frames = run_fast(work / "weights", clip, dev, kernels=args.kernels)
                 row["fast_s_per_frame"] = fast_s
                 if ref_s:
                     row["fast_speedup"] = ref_s / fast_s

@@ -13,6 +13,7 @@ half of it (n = N/4 tokens), D hidden size, L latent size.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -22,6 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EdenConfig
+
+
+# Named ranges for torch.profiler (bench/kernels.py groups kernel time by them). Off unless a profiler asks; never
+# entered inside torch.compile'd code (a compiled block is one range, named by its caller).
+PROFILE_RANGES = False
+
+
+def profile_range(name: str):
+    if torch.compiler.is_compiling() or not PROFILE_RANGES:  # (compiled code does not even read the flag)
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
 
 
 #################################################################################
@@ -90,7 +102,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, h, T, hd]
         if num_queries is not None:
             q = q[:, :, :num_queries]  # [B, h, Tq, hd]
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, h, Tq, hd]
+        with profile_range("sdpa"):
+            x = F.scaled_dot_product_attention(q, k, v)  # [B, h, Tq, hd] (laid out as [B, Tq, h, hd]: no copy below)
         return self.proj(x.transpose(1, 2).reshape(B, -1, D))  # [B, Tq, D]
 
 
@@ -106,20 +119,26 @@ class TemporalAttention(nn.Module):
     The official module runs attention over the whole (2w+1)-token window and keeps the middle output; only the
     query's row is ever used, so it is the only one computed, and the frames' keys/values, which do not depend on the
     query, are computed once per pair (``context``) and reused across the sampling steps.
+
+    ``fused`` (set by eden_serve.acceleration for torch.compile): the same attention written as products and sums
+    with one softmax over both score sets, so that no [B, n, h, 2w+1, hd] concatenation is built and the compiler
+    makes one kernel of it. Eager it would be slower, and float32 sums run in another order (about 1e-7 apart).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
+        self.fused = False
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=qkv_bias)
 
-    def context(self, tokens0: torch.Tensor, tokens1: torch.Tensor, window: int, grid: tuple[int, int]) -> TemporalContext:
-        """tokens0/1 [B, N, D] on the gh x gw grid -> keys/values grouped by query (window 1 or 4 = 2x2 patches)."""
-        D = tokens0.shape[-1]
+    def context(self, frames: torch.Tensor, window: int, grid: tuple[int, int]) -> TemporalContext:
+        """Both frames' tokens [B, 2, N, D] on the gh x gw grid -> keys/values grouped by query (window 1 or 4 = 2x2
+        patches)."""
+        D = frames.shape[-1]
         w_kv = self.qkv.weight[D:]  # [2D, D] keys then values
         b_kv = None if self.qkv.bias is None else self.qkv.bias[D:]
-        kv = F.linear(torch.stack([tokens0, tokens1], dim=1), w_kv, b_kv)  # [B, 2, N, 2D]
+        kv = F.linear(frames, w_kv, b_kv)  # [B, 2, N, 2D]
         kv = _group_windows(kv, window, grid)  # [B, n, 2, w, 2D]
         B, n = kv.shape[:2]
         kv = kv.reshape(B, n, 2 * window, 2, self.num_heads, D // self.num_heads)  # [B, n, 2w, 2, h, hd]
@@ -130,11 +149,24 @@ class TemporalAttention(nn.Module):
         B, n, D = x.shape
         h, hd = self.num_heads, D // self.num_heads
         q, k, v = self.qkv(x).view(B, n, 3, h, 1, hd).unbind(2)  # [B, n, h, 1, hd]
+        if self.fused:
+            return self.proj(_fused_window_attention(q, k, v, ctx, hd ** -0.5).reshape(B, n, D))
         k = torch.cat([ctx.k, k], dim=3)  # [B, n, h, 2w+1, hd]
         v = torch.cat([ctx.v, v], dim=3)
         attn = (q @ k.transpose(-1, -2)) * hd ** -0.5  # [B, n, h, 1, 2w+1]
         x = attn.softmax(dim=-1) @ v  # [B, n, h, 1, hd]
         return self.proj(x.reshape(B, n, D))  # [B, n, D]
+
+
+def _fused_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: TemporalContext,
+                            scale: float) -> torch.Tensor:
+    """Softmax attention of each query [B, n, h, 1, hd] over the frames' keys [B, n, h, 2w, hd] and its own key,
+    without concatenating them -> [B, n, h, hd]."""
+    w = ctx.k.shape[3]
+    q = q.float()  # products and sums in float32, as the matmul accumulates
+    scores = torch.cat([(q * ctx.k).sum(-1), (q * k).sum(-1)], dim=-1) * scale  # [B, n, h, 2w+1]
+    p = scores.softmax(dim=-1, dtype=torch.float32)
+    return (p[..., :w, None] * ctx.v).sum(3) + p[..., w:] * v.squeeze(3)  # [B, n, h, hd] float32
 
 
 def _group_windows(x: torch.Tensor, window: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -186,9 +218,12 @@ class DiTBlock(Block):
 
     def forward(self, x: torch.Tensor, ctx: TemporalContext, modulation: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, D] each
-        x = x + gate_msa.unsqueeze(1) * self.self_attn(modulate(self.norm_self_attn(x), shift_msa, scale_msa))
-        x = x + self.temp_attn(self.norm_temp_attn(x), ctx)  # [B, n, D]
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm_mlp(x), shift_mlp, scale_mlp))
+        with profile_range("self_attn"):
+            x = x + gate_msa.unsqueeze(1) * self.self_attn(modulate(self.norm_self_attn(x), shift_msa, scale_msa))
+        with profile_range("temporal_attn"):
+            x = x + self.temp_attn(self.norm_temp_attn(x), ctx)  # [B, n, D]
+        with profile_range("mlp"):
+            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm_mlp(x), shift_mlp, scale_mlp))
         return x  # [B, n, D]
 
 
@@ -197,10 +232,13 @@ class DecoderBlock(Block):
 
     def forward(self, y: torch.Tensor, queries: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
         N = y.shape[1]
-        x = torch.cat([y, queries], dim=1)  # [B, N + n, D]
-        y = y + self.self_attn(self.norm_self_attn(x), num_queries=N)  # [B, N, D]
-        y = y + self.temp_attn(self.norm_temp_attn(y), ctx)
-        y = y + self.mlp(self.norm_mlp(y))
+        with profile_range("self_attn"):
+            x = torch.cat([y, queries], dim=1)  # [B, N + n, D]
+            y = y + self.self_attn(self.norm_self_attn(x), num_queries=N)  # [B, N, D]
+        with profile_range("temporal_attn"):
+            y = y + self.temp_attn(self.norm_temp_attn(y), ctx)
+        with profile_range("mlp"):
+            y = y + self.mlp(self.norm_mlp(y))
         return y  # [B, N, D]
 
 
@@ -249,6 +287,14 @@ class DiTContext(NamedTuple):
     grid: tuple[int, int]
 
 
+def _matrix_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` once in the layout and dtype the matrix products take (contiguous; autocast's dtype when it is on), for
+    an input every block multiplies: the same numbers as autocast casting it at each product, without the copies."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type), memory_format=torch.contiguous_format)
+    return x.contiguous()
+
+
 class EdenGenerator(nn.Module):
     """DiT (velocity of the latent flow) and decoder (latent -> frame), conditioned on a pair's tokens."""
 
@@ -275,35 +321,44 @@ class EdenGenerator(nn.Module):
         return position_embedding(*grid, stride, self.cfg.hidden_dim, self.cfg.pos_embed_reference_grid, device)
 
     # ------------------------------------------------------------------ DiT
-    def dit_context(self, dit0: torch.Tensor, dit1: torch.Tensor, difference: torch.Tensor,
-                    grid: tuple[int, int]) -> DiTContext:
-        """dit0/dit1 [B, N, D] frame tokens, difference [B, 1] -> per-pair context reused by every step."""
-        temporal = tuple(blk.temp_attn.context(dit0, dit1, window=4, grid=grid) for blk in self.dit_blocks)
-        return DiTContext(temporal, self.difference_embedder(difference), grid)
+    def dit_context(self, frames: torch.Tensor, difference: torch.Tensor, grid: tuple[int, int]) -> DiTContext:
+        """Both frames' DiT tokens [B, 2, N, D], difference [B, 1] -> per-pair context reused by every step."""
+        with profile_range("dit.context"):
+            frames = _matrix_input(frames)
+            temporal = tuple(blk.temp_attn.context(frames, window=4, grid=grid) for blk in self.dit_blocks)
+            return DiTContext(temporal, self.difference_embedder(difference), grid)
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
         """latents [B, n, L] at times t [B] -> velocity [B, n, L]."""
-        cond = self.denoise_timestep_embedder(t) + ctx.difference  # [B, D]
-        modulation = self.adaLN_modulation(cond)  # [B, 6D]
-        x = self.proj_in(latents) + self._pos(ctx.grid, 2, latents.device)  # [B, n, D]
-        for blk, temporal in zip(self.dit_blocks, ctx.temporal):
-            x = blk(x, temporal, modulation)  # [B, n, D]
-        v, _ = self.proj_out(self.norm_out(x)).chunk(2, dim=-1)  # [B, n, L] (second half unused)
+        with profile_range("dit.head"):
+            cond = self.denoise_timestep_embedder(t) + ctx.difference  # [B, D]
+            modulation = self.adaLN_modulation(cond)  # [B, 6D]
+            x = self.proj_in(latents) + self._pos(ctx.grid, 2, latents.device)  # [B, n, D]
+        with profile_range("dit.block"):
+            for blk, temporal in zip(self.dit_blocks, ctx.temporal):
+                x = blk(x, temporal, modulation)  # [B, n, D]
+        with profile_range("dit.head"):
+            v, _ = self.proj_out(self.norm_out(x)).chunk(2, dim=-1)  # [B, n, L] (second half unused)
         return v
 
     # ------------------------------------------------------------------ decoder
-    def decode(self, latents: torch.Tensor, dec0: torch.Tensor, dec1: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """latents [B, n, L] (unscaled), decoder tokens [B, N, D] -> normalised frame [B, C, H, W]."""
+    def decode(self, latents: torch.Tensor, frames: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """latents [B, n, L] (unscaled), both frames' decoder tokens [B, 2, N, D] -> normalised frame [B, C, H, W]."""
         B, p = latents.shape[0], self.cfg.patch_size
         gh, gw = grid
-        queries = self.proj_token(latents)  # [B, n, D]
-        y = queries.transpose(1, 2).reshape(B, -1, gh // 2, gw // 2)  # [B, D, gh/2, gw/2]
-        y = F.interpolate(y, scale_factor=2.0, mode="bicubic", align_corners=False)  # [B, D, gh, gw]
-        y = y.flatten(2).transpose(1, 2) + self._pos(grid, 1, latents.device)  # [B, N, D]
-        queries = queries + self._pos(grid, 2, latents.device)  # [B, n, D]
-        ctx = [blk.temp_attn.context(dec0, dec1, window=1, grid=grid) for blk in self.decoder_blocks]
-        for blk, temporal in zip(self.decoder_blocks, ctx):
-            y = blk(y, queries, temporal)  # [B, N, D]
-        y = self.unpatchify(y)  # [B, N, p*p*C]
-        y = y.view(B, gh, gw, p, p, self.cfg.out_dim).permute(0, 5, 1, 3, 2, 4)  # [B, C, gh, p, gw, p]
-        return y.reshape(B, self.cfg.out_dim, gh * p, gw * p)  # [B, C, H, W]
+        with profile_range("decoder.head"):
+            queries = self.proj_token(latents)  # [B, n, D]
+            y = queries.transpose(1, 2).reshape(B, -1, gh // 2, gw // 2)  # [B, D, gh/2, gw/2]
+            y = F.interpolate(y, scale_factor=2.0, mode="bicubic", align_corners=False)  # [B, D, gh, gw]
+            y = y.flatten(2).transpose(1, 2) + self._pos(grid, 1, latents.device)  # [B, N, D]
+            queries = queries + self._pos(grid, 2, latents.device)  # [B, n, D]
+        with profile_range("decoder.context"):
+            frames = _matrix_input(frames)
+            ctx = [blk.temp_attn.context(frames, window=1, grid=grid) for blk in self.decoder_blocks]
+        with profile_range("decoder.block"):
+            for blk, temporal in zip(self.decoder_blocks, ctx):
+                y = blk(y, queries, temporal)  # [B, N, D]
+        with profile_range("decoder.head"):
+            y = self.unpatchify(y)  # [B, N, p*p*C]
+            y = y.view(B, gh, gw, p, p, self.cfg.out_dim).permute(0, 5, 1, 3, 2, 4)  # [B, C, gh, p, gw, p]
+            return y.reshape(B, self.cfg.out_dim, gh * p, gw * p)  # [B, C, H, W]

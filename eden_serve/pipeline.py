@@ -117,8 +117,7 @@ def sample_latents(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tens
     x = noise.float()
     B = x.shape[0]
     with precision(x.device, dtype):
-        ctx = generator.dit_context(pairs.dit[:, 0], pairs.dit[:, 1], pairs.difference.unsqueeze(1).float(),
-                                    pairs.geometry.grid)
+        ctx = generator.dit_context(pairs.dit, pairs.difference.unsqueeze(1).float(), pairs.geometry.grid)
         for t0, t1 in zip(cfg.time_grid[:-1], cfg.time_grid[1:]):
             t = torch.full((B,), t0, dtype=torch.float32, device=x.device)
             x = x + (t1 - t0) * generator.velocity(x, t, ctx).float()
@@ -130,7 +129,7 @@ def decode_frames(generator: EdenGenerator, pairs: PairBatch, latents: torch.Ten
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Latents [B, n, L] -> interpolated frames [B, C, H, W] in [0, 1] at the original size."""
     with precision(latents.device, dtype):
-        y = generator.decode(latents, pairs.dec[:, 0], pairs.dec[:, 1], pairs.geometry.grid).float()  # [B, C, H', W']
+        y = generator.decode(latents, pairs.dec, pairs.geometry.grid).float()  # [B, C, H', W']
     mean = pairs.mean.mean(dim=1).view(-1, 1, 1, 1)  # the pair's averaged statistics
     std = pairs.std.mean(dim=1).view(-1, 1, 1, 1)
     return pairs.geometry.unpad((y * std + mean).clamp(0.0, 1.0))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, handoff, images, limits, pipeline, shm, tokens, ts_patches, wire
+from . import acceleration, checkpoint, handoff, images, limits, pipeline, shm, tokens, ts_patches, wire
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,17 @@ class Settings:
     frame_cache: int = 16  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
     device_handoff: bool = True  # encoder on a GPU: keep tokens there for shm requests that ask (eden_serve/handoff.py)
     handoff_max_bytes: int = 8 << 30  # encoder: GPU memory held for handed-off tokens; past it, tokens go to host
+    # DiT+decoder GPU kernels (eden_serve/acceleration.py; nothing changes on a CPU), all off by default
+    compile_mode: str = "off"  # off | default | max-autotune-no-cudagraphs: torch.compile of the blocks
+    attention_backend: str = "auto"  # auto | cudnn | flash | efficient | math: SDPA backend tried first
+    cuda_graphs: bool = False  # the Euler steps and the decoder replayed as CUDA graphs per (size, batch)
+    fused_ops: bool = False  # with compile: the temporal attention without its concatenation
+    cast_weights: bool = False  # matrix weights stored in the compute dtype (same numbers as autocast's casts)
+    float8: bool = False  # experimental: the blocks' linear layers in float8 (changes the numbers: measure quality)
+    warmup_sizes: tuple = ()  # "HxW" sizes compiled and captured at worker start, e.g. [480x854, 1080x1920]
+    warmup_batches: tuple = ()  # batch sizes warmed per size (default: 1 and the model's batchSize)
+    compile_cache_dir: str = ""  # persistent torch.compile cache, so a restarted worker starts quickly
+    max_graphs: int = 8  # CUDA graph pairs kept (least recently used dropped)
 
     @classmethod
     def from_context(cls, context) -> "Settings":
@@ -209,6 +220,7 @@ class BatchService:
             self.settings.max_pixels, self.device, int(context.system_properties.get("batch_size") or 1))
         self.settings = dataclasses.replace(self.settings, max_pixels=pixels)
         self.model_dir = context.system_properties["model_dir"]
+        self.batch_size = int(context.system_properties.get("batch_size") or 1)
         self.cfg = checkpoint.load_config(self.model_dir)
         self.store = self.open_store()
         self._last_sweep = 0.0
@@ -661,6 +673,26 @@ class DitDecService(BatchService):
     def load(self):
         self.generator = checkpoint.load_generator(self.model_dir, self.device)
         self.frames: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (segment, frame) -> [2, N, D]
+        self.accel = self.accelerate()
+
+    def accelerate(self) -> acceleration.Accelerator:
+        """The GPU kernels of the settings, compiled and warmed for the configured sizes now, before any request;
+        if that fails, the worker serves without them (and says why in its log)."""
+        kernels = acceleration.KernelSettings.from_mapping(self.settings)  # (a bad value stops the worker)
+        try:
+            accel = acceleration.Accelerator(self.generator, kernels, self.device, self.compute_dtype)
+            if not accel.active:
+                return accel
+            self.warmup = accel.warm_up(kernels.warmup_sizes, kernels.warmup_batches or sorted({1, self.batch_size}))
+            log.info("kernels warmed in %.1f s: %s", self.warmup.total_s, self.warmup.seconds)
+            return accel
+        except Exception:  # noqa: BLE001 - a worker without the fast kernels beats no worker
+            log.exception("warming the GPU kernels failed: serving without them")
+            self.generator = checkpoint.load_generator(self.model_dir, self.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return acceleration.Accelerator(self.generator, acceleration.KernelSettings(), self.device,
+                                            self.compute_dtype)
 
     def can_hand_off(self) -> bool:
         return self.device.type == "cuda" and self.store is not None
@@ -771,9 +803,9 @@ class DitDecService(BatchService):
         seeds = [s if s is not None else secrets.randbelow(pipeline.MAX_SEED) for s in seeds]
         noise = torch.cat([pipeline.make_noise(geo, self.cfg.latent_dim, s, self.device) for s in seeds])
         with self.stage("denoise"):
-            latents = pipeline.sample_latents(self.generator, pairs, noise, self.compute_dtype)
+            latents = self.accel.sample_latents(pairs, noise)
         with self.stage("decode"):
-            frames = pipeline.to_uint8(pipeline.decode_frames(self.generator, pairs, latents, self.compute_dtype))
+            frames = pipeline.to_uint8(self.accel.decode_frames(pairs, latents))
         with self.stage("png"):
             out = []
             for f, seed, fmt in zip(frames.numpy(), seeds, formats):
