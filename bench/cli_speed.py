@@ -120,17 +120,23 @@ def main():
     ap.add_argument("--checkpoint", default=None, help="official checkpoint (default: random real-size weights)")
     ap.add_argument("--official-dir", default=None, help="a checkout of the official code: bench/official_loop.py")
     ap.add_argument("--workdir", default="/tmp/eden_cli")
+    ap.add_argument("--io-dir", default=None,
+                    help="where the clips and the outputs go (default: the workdir); a RAM disk such as /dev/shm "
+                         "keeps a slow disk out of the measurement")
     ap.add_argument("--out", default="build/cli_speed")
     ap.add_argument("--skip", default="", help="comma list: reference,official,raw,mp4,png")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     out, work = Path(args.out).resolve(), Path(args.workdir).resolve()
+    io_dir = Path(args.io_dir).resolve() if args.io_dir else work
+    io_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     summary: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                     "torch": torch.__version__, "cpus": os.cpu_count(), "setup_s": {}, "sizes": {}}
+                     "torch": torch.__version__, "cpus": os.cpu_count(), "io_dir": str(io_dir), "setup_s": {},
+                     "sizes": {}}
 
     def save():
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -164,7 +170,7 @@ def main():
             n = int(n)
             row: dict = summary["sizes"].setdefault(size, {"frames_in": n, "generated": n - 1})
             clip = moving_shapes(n, H, W, step=H / 40)
-            src = work / f"in_{size}.mp4"
+            src = io_dir / f"in_{size}.mp4"
             clips.write_video(src, clip, RATE)  # with an AAC track
             if "reference" not in skip:
                 m = min(args.reference_pairs + 1, n)
@@ -187,8 +193,8 @@ def main():
                 print(f"{size} official {row['official']}", flush=True)
             ref_s = row.get("reference_s_per_frame")
             for name, run in (("raw_sink", lambda: raw_sink(work, clip)),
-                              ("cli_mp4", lambda: cli(work, src, work / f"out_{size}.mp4", n)),
-                              ("cli_png", lambda: cli(work, src, work / f"out_{size}_png", n))):
+                              ("cli_mp4", lambda: cli(work, src, io_dir / f"out_{size}.mp4", n)),
+                              ("cli_png", lambda: cli(work, src, io_dir / f"out_{size}_png", n))):
                 if name.split("_")[-1] in skip:
                     continue
                 try:

@@ -548,7 +548,7 @@ def open_sink(path: Path, meta: VideoMeta, factor: int, encoding: Encoding):
 def writer_threads() -> int:
     """Threads for a sink's per-frame work: PNG encoding (about 30 ms a 1080p frame) or colour conversion, so that
     the output keeps up with a GPU making 60 frames a second; x264 has threads of its own."""
-    return max(2, min(8, (os.cpu_count() or 2) // 2))
+    return max(2, min(12, (os.cpu_count() or 2) * 3 // 4))
 
 
 class ParallelWriter:

@@ -6,7 +6,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 RAW_MAGIC = b"EDENRGB1"  # raw frames: magic, height and width as uint32 little-endian, then H*W*3 bytes of RGB
@@ -59,6 +59,11 @@ def _png_size(data) -> tuple[int, int] | None:
     if bytes(data[:8]) != b"\x89PNG\r\n\x1a\n" or bytes(data[12:16]) != b"IHDR" or len(data) < 24:
         return None
     return struct.unpack(">II", bytes(data[16:24]))
+
+
+# Pillow hands its PNG encoder 64 KB at a time, taking the interpreter lock again for each; with several threads
+# encoding frames (the client's ParallelWriter) those hand-overs queue. 8 MB: a 1080p frame in one or two calls.
+ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, 8 << 20)
 
 
 def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
