@@ -183,6 +183,27 @@ def _group_windows(x: torch.Tensor, window: int, grid: tuple[int, int]) -> torch
 #                                     Blocks                                    #
 #################################################################################
 
+@functools.lru_cache(maxsize=32)
+def _bicubic2x_matrix(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[2*size, size]: row o holds the weights of ``F.interpolate(scale_factor=2, mode="bicubic")`` for output o
+    (the interpolation of each unit impulse, so borders and the kernel are exactly PyTorch's)."""
+    impulses = torch.eye(size, dtype=torch.float64).view(size, 1, size, 1)  # [size, 1, size, 1]
+    out = F.interpolate(impulses, scale_factor=(2.0, 1.0), mode="bicubic", align_corners=False)  # [size, 1, 2s, 1]
+    return out[:, 0, :, 0].t().contiguous().to(device=device, dtype=dtype)
+
+
+def upsample2x_bicubic(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)`` of [B, C, h, w] as two small matrix
+    products (the filter is separable and linear). PyTorch's CUDA kernel gives each output pixel one thread that loops
+    over all B*C channels: with 768 channels and a small grid that took 4.3 ms a batch of 4 whatever the frame size."""
+    h, w = x.shape[-2:]
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    rows = _bicubic2x_matrix(h, x.device, dtype)  # [2h, h]
+    cols = _bicubic2x_matrix(w, x.device, dtype)  # [2w, w]
+    with torch.autocast(x.device.type, enabled=False):  # in x's precision, as the interpolation it replaces
+        return torch.matmul(torch.matmul(rows, x.to(dtype)), cols.t()).to(x.dtype)  # [B, C, 2h, 2w]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -349,7 +370,7 @@ class EdenGenerator(nn.Module):
         with profile_range("decoder.head"):
             queries = self.proj_token(latents)  # [B, n, D]
             y = queries.transpose(1, 2).reshape(B, -1, gh // 2, gw // 2)  # [B, D, gh/2, gw/2]
-            y = F.interpolate(y, scale_factor=2.0, mode="bicubic", align_corners=False)  # [B, D, gh, gw]
+            y = upsample2x_bicubic(y)  # [B, D, gh, gw]
             y = y.flatten(2).transpose(1, 2) + self._pos(grid, 1, latents.device)  # [B, N, D]
             queries = queries + self._pos(grid, 2, latents.device)  # [B, n, D]
         with profile_range("decoder.context"):

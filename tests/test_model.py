@@ -135,3 +135,12 @@ def test_uint8_frame_difference_matches(fixture_frames, expected):
     x = torch.from_numpy(np.stack([black, frames[0][:40, :50]])).permute(0, 3, 1, 2).float() / 255
     want = pipeline.frame_difference(x[:1], x[1:], EdenConfig()).item()
     assert abs(pipeline.frame_difference_uint8(black, frames[0][:40, :50], EdenConfig()) - want) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 3, 1, 1), (1, 16, 15, 27)])
+def test_bicubic_upsample_as_matrix_products(shape):
+    """The decoder's x2 bicubic upsample (two small matrix products) is F.interpolate's, borders included."""
+    from eden_serve.model import upsample2x_bicubic
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bicubic", align_corners=False)
+    assert torch.allclose(upsample2x_bicubic(x), want, atol=2e-6)
