@@ -2,6 +2,7 @@
 built by archive_scripts/build_archives.py, and one real TorchServe serving them for the whole session."""
 from __future__ import annotations
 
+import inspect
 import io
 import sys
 from pathlib import Path
@@ -82,3 +83,33 @@ def tiny_store(tiny_weights, tmp_path_factory, shm_dir) -> Path:
 def server(tiny_store, tmp_path_factory):
     with TorchServe(tmp_path_factory.mktemp("serve"), tiny_store) as ts:
         yield ts
+
+
+# ---------------------------------------------------------------------- the fast lane
+# Every test that starts a TorchServe is marked ``server`` here, so ``pytest -m "not server"`` starts none: tests
+# using a fixture that starts one (``server`` and every module fixture built on client.server.TorchServe or
+# helpers_http.start_server, found in the fixture's source, however deep in the test's fixture closure), and tests
+# whose own body starts one. A test that starts one some other way (a subprocess) carries the marker itself.
+_STARTS_TORCHSERVE = ("TorchServe(", "start_server(")
+
+
+def _starts_torchserve(func) -> bool:
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    return any(s in source for s in _STARTS_TORCHSERVE)
+
+
+def needs_torchserve(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        if any(d.argname == "server" or _starts_torchserve(d.func) for d in defs):
+            return True
+    return _starts_torchserve(getattr(item, "function", None))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_torchserve(item):
+            item.add_marker(pytest.mark.server)

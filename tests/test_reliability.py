@@ -36,8 +36,6 @@ from client.api import KeySource, ModelClient, RetryPolicy, ServeError
 from client.convert import Options, convert
 from eden_serve import images, shm, wire
 
-pytestmark = pytest.mark.server
-
 MODELS = ("eden_encoder", "eden_ditdec")
 
 
@@ -805,6 +803,7 @@ def test_overload_is_absorbed_by_backing_off(small_queue):
 
 
 # ---------------------------------------------------------------------- load, short
+@pytest.mark.server  # bench/load.py starts its own TorchServe
 def test_short_load_run_has_no_failures(tiny_store, tmp_path):
     """bench/load.py for 30 s: 8 clients, no failed request (the 10-minute run is not part of CI)."""
     out = tmp_path / "load.json"
