@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from eden_serve.checkpoint import CONFIG_FILE, DITDEC_FILE, ENCODER_FILE  # noqa: E402
+from eden_serve.protocol import MAX_BODY_BYTES  # noqa: E402  (TorchServe's body limits in config.properties)
 
 MODELS = {
     # name: (handler, weights file)
     "eden_encoder": ("handlers/encoder_handler.py", ENCODER_FILE),
     "eden_ditdec": ("handlers/ditdec_handler.py", DITDEC_FILE),
 }
-MAX_BODY_BYTES = 256 * 1024 * 1024  # keep equal to max_request_size / max_response_size in config.properties
 
 
 PROFILES = ("split", "spread")

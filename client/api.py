@@ -23,10 +23,11 @@ from typing import Callable
 import requests
 import urllib3
 
-from eden_serve import wire
+from eden_serve import protocol, wire
 from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
-from eden_serve.shm import (DEFAULT_DIR, HANDOFF_UNAVAILABLE, REF_CONTENT_TYPE, UNSAFE_FOLDER, ShmError, ShmStore,
-                             make_ref, parse_ref, read_blob)
+from eden_serve.protocol import (FORMAT, FORMAT_RAW, HANDOFF, HANDOFF_DEVICE, HANDOFF_HOST, HANDOFF_UNAVAILABLE,
+                                 REFERENCE_CONTENT_TYPE, REPLY, REPLY_SHM, SEED, TOKENS_CONTENT_TYPE)
+from eden_serve.shm import DEFAULT_DIR, ShmError, ShmStore, make_ref, parse_ref, read_blob
 from eden_serve.wire import TokenBlob
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -153,7 +154,7 @@ def expiry_time(text) -> datetime | None:
 # memory) and 507 (TorchServe's "Worker died."). Other 5xx are retried unless they are a JSON error of our handler.
 RETRY_STATUSES = frozenset({502, 503, 504, 507})
 KEY_REREAD_WAITS = (0.0, 1.0, 2.0)  # seconds before each re-read of a key file whose key was refused
-HANDLER_ERROR_TYPES = frozenset({"BadInput", UNSAFE_FOLDER})  # eden_serve.serving's error types that a retry cannot fix
+HANDLER_ERROR_TYPES = protocol.NOT_RETRIED  # the handlers' error types that a retry cannot fix
 
 
 @dataclass(frozen=True)
@@ -390,10 +391,10 @@ class EdenClient:
     """
 
     def __init__(self, encoder: ModelClient, ditdec: ModelClient, transport: str = "http",
-                 store: ShmStore | None = None, handoff: str = "device", reason: str = ""):
+                 store: ShmStore | None = None, handoff: str = HANDOFF_DEVICE, reason: str = ""):
         if transport not in ("http", "shm"):
             raise ValueError(f"transport must be http or shm, got {transport!r}")
-        if handoff not in ("device", "host"):
+        if handoff not in (HANDOFF_DEVICE, HANDOFF_HOST):
             raise ValueError(f"handoff must be device or host, got {handoff!r}")
         self.handoff = handoff
         self.encoder = encoder
@@ -422,7 +423,7 @@ class EdenClient:
     def connect(cls, encoder_url: str = DEFAULT_URL, ditdec_url: str | None = None,
                 encoder_keys: KeySource | None = None, ditdec_keys: KeySource | None = None,
                 timeout: float = 600, transport: str = "http", shm_dir: str | None = None,
-                handoff: str = "device", shm_group: str | None = None) -> "EdenClient":
+                handoff: str = HANDOFF_DEVICE, shm_group: str | None = None) -> "EdenClient":
         """``transport``: "http", "shm" (taken as said) or "auto": shared memory if both models prove, by a probe
         segment, that they share a folder with this client, else HTTP (client/transport.py; ``reason`` says why)."""
         encoder_keys = encoder_keys or KeySource.default()
@@ -452,11 +453,11 @@ class EdenClient:
             return EncodedFrames(wire.from_bytes(self.encode_arrays(frames, dtype)))
         inputs = [self.store.write(encode_raw(f)) for f in frames]
         try:
-            files = {f"frame{i}": (f"frame{i}", make_ref(segment=name), REF_CONTENT_TYPE)
+            files = {f"frame{i}": (f"frame{i}", make_ref(segment=name), REFERENCE_CONTENT_TYPE)
                      for i, name in enumerate(inputs)}
             files["dtype"] = (None, dtype)
             r = self._post("encode", self.encoder, files=files,
-                           headers={"X-Eden-Reply": "shm", "X-Eden-Handoff": self.handoff})
+                           headers={REPLY: REPLY_SHM, HANDOFF: self.handoff})
         finally:
             for name in inputs:
                 self.store.unlink(name)
@@ -477,7 +478,7 @@ class EdenClient:
             if first is not second or j != i + 1:
                 raise ValueError("the difference of frames from different encoder calls must be given")
             difference = first.blob.differences[i]
-        headers = {} if seed is None else {"X-Eden-Seed": str(seed)}
+        headers = {} if seed is None else {SEED: str(seed)}
         if self.transport == "http":
             pair = (first.blob.window(i, difference) if first is second and j == i + 1
                     else TokenBlob.pair(first.blob.frame(i), second.blob.frame(j), difference))
@@ -486,13 +487,13 @@ class EdenClient:
                        difference=float(difference))
         try:
             r = self._post("generate", self.ditdec, data=ref, headers={
-                **headers, "Content-Type": REF_CONTENT_TYPE, "X-Eden-Reply": "shm", "X-Eden-Format": "raw"})
+                **headers, "Content-Type": REFERENCE_CONTENT_TYPE, REPLY: REPLY_SHM, FORMAT: FORMAT_RAW})
         except ServeError as e:
             if e.status == 410:
                 raise TokensLost(str(e), e.status, e.kind) from None
-            if e.kind == HANDOFF_UNAVAILABLE and self.handoff == "device":
+            if e.kind == HANDOFF_UNAVAILABLE and self.handoff == HANDOFF_DEVICE:
                 log.warning("%s; asking the encoder for host tokens from now on", e)
-                self.handoff = "host"
+                self.handoff = HANDOFF_HOST
                 raise TokensLost(str(e), e.status, e.kind) from None
             raise
         segment = self._segment_of(r)
@@ -500,7 +501,7 @@ class EdenClient:
             frame = decode_raw(self.store.read(segment), max_pixels=1 << 40).copy()
         finally:
             self.store.unlink(segment)
-        return frame, int(r.headers.get("X-Eden-Seed", -1))
+        return frame, int(r.headers.get(SEED, -1))
 
     def release(self, encoded: EncodedFrames) -> None:
         if encoded.segment:
@@ -509,7 +510,7 @@ class EdenClient:
 
     @staticmethod
     def _segment_of(r: requests.Response) -> str:
-        if r.headers.get("Content-Type", "").split(";")[0] != REF_CONTENT_TYPE:
+        if r.headers.get("Content-Type", "").split(";")[0] != REFERENCE_CONTENT_TYPE:
             raise ServeError(f"{r.url}: asked for a shared-memory reply but got {r.headers.get('Content-Type')}: "
                              "is the server's shm_dir off, or on another host?")
         return parse_ref(r.content)["segment"]
@@ -522,11 +523,11 @@ class EdenClient:
 
     def generate(self, pair_blob: bytes, seed: int | None = None) -> tuple[bytes, int]:
         """A pair's token blob -> (PNG bytes of the middle frame, the seed used)."""
-        headers = {"Content-Type": "application/x-eden-tokens"}
+        headers = {"Content-Type": TOKENS_CONTENT_TYPE}
         if seed is not None:
-            headers["X-Eden-Seed"] = str(seed)
+            headers[SEED] = str(seed)
         r = self._post("generate", self.ditdec, data=pair_blob, headers=headers)
-        return r.content, int(r.headers.get("X-Eden-Seed", -1))
+        return r.content, int(r.headers.get(SEED, -1))
 
     def encode_arrays(self, frames: list, dtype: str = "float16") -> bytes:
         """[H, W, 3] uint8 arrays (one size) -> one token blob of all of them. How the pixels travel is this
@@ -536,11 +537,11 @@ class EdenClient:
     def generate_array(self, pair_blob: bytes, seed: int | None = None):
         """A pair's token blob -> (the middle frame as [H, W, 3] uint8, the seed used). The frame comes back raw:
         a PNG encode costs the worker more than the bytes cost the wire."""
-        headers = {"Content-Type": "application/x-eden-tokens", "X-Eden-Format": "raw"}
+        headers = {"Content-Type": TOKENS_CONTENT_TYPE, FORMAT: FORMAT_RAW}
         if seed is not None:
-            headers["X-Eden-Seed"] = str(seed)
+            headers[SEED] = str(seed)
         r = self._post("generate", self.ditdec, data=pair_blob, headers=headers)
-        return decode_image(r.content, max_pixels=1 << 40), int(r.headers.get("X-Eden-Seed", -1))
+        return decode_image(r.content, max_pixels=1 << 40), int(r.headers.get(SEED, -1))
 
     def interpolate(self, frame0: bytes, frame1: bytes, seed: int | None = None, dtype: str = "float16") -> bytes:
         png, _ = self.generate(self.encode([frame0, frame1], dtype), seed)

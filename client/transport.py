@@ -20,7 +20,8 @@ import json
 import secrets
 from dataclasses import dataclass
 
-from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref, probe_answer
+from eden_serve.protocol import CONTENT_TYPE, HANDOFF_DEVICE, HANDOFF_HOST, REFERENCE_CONTENT_TYPE
+from eden_serve.shm import ShmError, ShmStore, make_ref, probe_answer
 
 TRANSPORTS = ("auto", "shm", "http")
 
@@ -42,7 +43,7 @@ def _ask(model, probe: str | None) -> dict:
     """One probe request to ``model`` (a ModelClient) -> its JSON answer; ProbeFailed if refused."""
     from .api import ServeError
     try:
-        r = model.predict(data=make_ref(probe=probe), headers={"Content-Type": REF_CONTENT_TYPE})
+        r = model.predict(data=make_ref(probe=probe), headers={CONTENT_TYPE: REFERENCE_CONTENT_TYPE})
     except ServeError as e:
         if e.status == 0:  # no answer at all: the server is not there; the caller says so
             raise
@@ -97,7 +98,7 @@ def probe(model, shm_dir: str | None, group: str | None = None) -> tuple[str, di
     return folder, info
 
 
-def choose(encoder, ditdec, requested: str = "auto", handoff: str = "device", shm_dir: str | None = None,
+def choose(encoder, ditdec, requested: str = "auto", handoff: str = HANDOFF_DEVICE, shm_dir: str | None = None,
            group: str | None = None) -> Choice:
     """The transport for an encoder and a DiT+decoder (ModelClients): ``requested`` "http" is taken as is; "shm"
     must pass the probe (else ProbeFailed); "auto" takes shared memory when both models pass it, HTTP if not."""
@@ -113,11 +114,11 @@ def choose(encoder, ditdec, requested: str = "auto", handoff: str = "device", sh
     except ProbeFailed as e:
         if requested == "shm":
             raise
-        return Choice("http", "host", f"no shared memory with the servers: {e}")
+        return Choice("http", HANDOFF_HOST, f"no shared memory with the servers: {e}")
     both = "the servers read and wrote probe segments in " + enc_dir
-    if handoff == "device" and not (enc.get("handoff") and dec.get("handoff")):
+    if handoff == HANDOFF_DEVICE and not (enc.get("handoff") and dec.get("handoff")):
         name, info = ("encoder", enc) if not enc.get("handoff") else ("DiT+decoder", dec)
-        return Choice("shm", "host", f"{both}; no device handoff: the {name} runs on {info.get('device')}", enc_dir)
+        return Choice("shm", HANDOFF_HOST, f"{both}; no device handoff: the {name} runs on {info.get('device')}", enc_dir)
     return Choice("shm", handoff, both, enc_dir)
 
 

@@ -6,12 +6,13 @@ replicas no single client key works. This forwarder gives the cluster one stable
     client --(Authorization: Bearer $EDEN_PROXY_SECRET)--> keyproxy :8090 --(pod's inference key)--> 127.0.0.1:8080
 
 It accepts only POST /predictions/<model> and GET /ping, compares the secret in constant time, forwards the body
-and the Content-Type / X-Eden-Seed / X-Eden-Token-Dtype headers unchanged (bytes only: nothing is unpickled or
+and the request headers a client sends that may cross hosts (eden_serve/protocol.py, REMOTE_REQUEST_HEADERS:
+Content-Type, X-Eden-Seed, X-Eden-Format, X-Eden-Token-Dtype) unchanged (bytes only: nothing is unpickled or
 parsed), and answers a missing or wrong secret the way TorchServe does (HTTP 400, type InvalidKeyException) so the
 client's hint applies. The secret is checked before the body is read: a request without it costs one header read.
 Shared-memory references (a same-host transport) are refused twice: a body holding the reference magic anywhere is
 answered 400 here, and every forwarded request carries ``X-Eden-Remote: 1``, on which the handlers refuse references
-and shared-memory replies however they are encoded (eden_serve/shm.py, REMOTE_HEADER).
+and shared-memory replies however they are encoded (eden_serve/protocol.py, REMOTE).
 The pod's key comes from TorchServe's key_file.json and is renewed through the (loopback) management API when it
 expires (client.api.KeySource). TorchServe itself stays on loopback.
 
@@ -35,13 +36,15 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client.api import KeySource  # noqa: E402
-from eden_serve.shm import DEVICE_MAGIC, REF_MAGIC, REMOTE_HEADER  # noqa: E402
+from eden_serve import protocol  # noqa: E402
+from eden_serve.shm import DEVICE_MAGIC, REF_MAGIC  # noqa: E402
 
 SECRET_ENV = "EDEN_PROXY_SECRET"
-MAX_BODY = 256 * 1024 * 1024  # config.properties max_request_size
+MAX_BODY = protocol.MAX_BODY_BYTES  # TorchServe's max_request_size
 PATHS = re.compile(r"^/predictions/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
-# X-Eden-Reply (answers through shared memory) is not forwarded: that transport is for clients on the same host.
-FORWARD_HEADERS = ("content-type", "x-eden-seed", "x-eden-token-dtype")
+# The protocol's same-host headers (X-Eden-Reply, X-Eden-Handoff: answers through shared memory) are not
+# forwarded: that transport is for clients on the server's own host.
+FORWARD_HEADERS = tuple(h.lower() for h in protocol.REMOTE_REQUEST_HEADERS)
 log = logging.getLogger("keyproxy")
 
 
@@ -87,7 +90,7 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float, max_
                                              "send the bytes themselves")
                 return
             headers = {k: v for k, v in self.headers.items() if k.lower() in FORWARD_HEADERS}
-            headers[REMOTE_HEADER] = "1"
+            headers[protocol.REMOTE] = "1"
             for attempt in range(2):
                 key = keys.read("inference")
                 headers["Authorization"] = f"Bearer {key}"

@@ -8,10 +8,12 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile
 
+from .protocol import RAW_FRAME_CONTENT_TYPE
+
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 RAW_MAGIC = b"EDENRGB1"  # raw frames: magic, height and width as uint32 little-endian, then H*W*3 bytes of RGB
 RAW_HEADER = struct.Struct("<8sII")
-RAW_CONTENT_TYPE = "application/x-eden-rgb24"
+RAW_CONTENT_TYPE = RAW_FRAME_CONTENT_TYPE  # eden_serve/protocol.py
 
 
 class ImageError(ValueError):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import acceleration, checkpoint, handoff, images, limits, pipeline, shm, tokens, ts_patches, wire
+from . import acceleration, checkpoint, handoff, images, limits, pipeline, protocol, shm, tokens, ts_patches, wire
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class RequestError(Exception):
 REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
            503: "Service Unavailable", 507: "Insufficient Storage"}
 FRAME_FIELD = re.compile(r"frame([0-9]{1,4})")  # ASCII digits only ("frame²" is not a frame field)
-REMOTE_HEADER = shm.REMOTE_HEADER
+REMOTE_HEADER = protocol.REMOTE
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Settings:
     max_pixels: int = 0  # per frame; 0: 4K where the GPU has the memory, else 2560x1440 (eden_serve/limits.py)
     min_side: int = 32  # one latent cell: anything smaller is not a video frame
     max_frames: int = 16  # frames per encoder request
-    max_response_bytes: int = 256 * 1024 * 1024  # keep equal to config.properties' max_response_size
+    max_response_bytes: int = protocol.MAX_BODY_BYTES  # TorchServe's max_response_size
     token_dtype: str = "float16"  # default wire dtype; a request may ask for float32
     png_compress_level: int = 1
     torch_threads: int = 0  # CPU threads per worker (0: torch's default)
@@ -112,16 +112,10 @@ def _text(value: Any) -> str | None:
 
 
 def parse_seed(value: Any) -> int | None:
-    text = _text(value)
-    if text is None or text == "":
-        return None
     try:
-        seed = int(text)
-    except ValueError:
-        raise RequestError(f"seed must be an integer, got {text[:40]!r}") from None
-    if not 0 <= seed <= pipeline.MAX_SEED:
-        raise RequestError(f"seed must be between 0 and {pipeline.MAX_SEED}")
-    return seed
+        return protocol.parse_seed(_text(value))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
 
 
 def parse_token_dtype(value: Any, default: str) -> str:
@@ -195,7 +189,7 @@ def unexpected(e: BaseException, during: str) -> RequestError:
         return RequestError(f"bad request ({type(e).__name__} while {during}): {text}")
     log.error("unexpected %s while %s", type(e).__name__, during, exc_info=e)
     return RequestError(f"server error while {during} ({type(e).__name__}: {text}); see the server's log", 500,
-                        "InternalError")
+                        protocol.INTERNAL_ERROR)
 
 
 # ---------------------------------------------------------------------- the handlers
@@ -258,10 +252,10 @@ class BatchService:
         try:
             self.store.ensure_dir()
         except shm.ShmUnsafe as e:
-            raise RequestError(str(e), 500, shm.UNSAFE_FOLDER) from None
+            raise RequestError(str(e), 500, protocol.SHM_FOLDER_UNSAFE) from None
         except OSError as e:
             raise RequestError(f"the shared-memory folder cannot be created: {shm._reason(e)}", 500,
-                               shm.UNSAFE_FOLDER) from None
+                               protocol.SHM_FOLDER_UNSAFE) from None
         return self.store
 
     def parse(self, request: dict, context, idx: int) -> tuple[Any, Any]:
@@ -298,7 +292,7 @@ class BatchService:
 
     def wants_shm(self, context, idx: int) -> bool:
         """Whether request idx asked for its answer through shared memory (X-Eden-Reply: shm) and may have it."""
-        if self.store is None or (request_header(context, idx, "X-Eden-Reply") or "").lower() != "shm":
+        if self.store is None or (request_header(context, idx, protocol.REPLY) or "").lower() != protocol.REPLY_SHM:
             return False
         self.shm_store(context, idx)
         return True
@@ -307,13 +301,13 @@ class BatchService:
         """Answer one request, in the body or, if it asked (X-Eden-Reply: shm), through a shared-memory segment
         (``body`` may be one already: a ``shm.Segment``)."""
         if isinstance(body, shm.Segment):
-            headers = {**headers, "X-Eden-Content-Type": content_type}
-            body, content_type = shm.make_ref(segment=body.name, bytes=body.nbytes), shm.REF_CONTENT_TYPE
+            headers = {**headers, protocol.REPLY_CONTENT_TYPE: content_type}
+            body, content_type = shm.make_ref(segment=body.name, bytes=body.nbytes), protocol.REFERENCE_CONTENT_TYPE
         elif self.wants_shm(context, idx):
             name = self.store.write(body)
             nbytes = sum(memoryview(b).nbytes for b in body) if isinstance(body, list) else len(body)
-            headers = {**headers, "X-Eden-Content-Type": content_type}
-            body, content_type = shm.make_ref(segment=name, bytes=nbytes), shm.REF_CONTENT_TYPE
+            headers = {**headers, protocol.REPLY_CONTENT_TYPE: content_type}
+            body, content_type = shm.make_ref(segment=name, bytes=nbytes), protocol.REFERENCE_CONTENT_TYPE
         elif isinstance(body, list):
             body = b"".join(body)
         context.set_response_content_type(idx, content_type)
@@ -413,8 +407,8 @@ class BatchService:
                     answers[idx] = self._error(context, idx, result)
                     continue
                 body, content_type, headers = result
-                headers = {**headers, "X-Eden-Device": str(self.device), "X-Eden-Stages": stages,
-                           "X-Eden-Batch": str(len(items))}
+                headers = {**headers, protocol.DEVICE: str(self.device), protocol.STAGES: stages,
+                           protocol.BATCH: str(len(items))}
                 try:
                     answers[idx] = self.reply(context, idx, body, content_type, headers)
                 except shm.ShmFull as e:
@@ -488,7 +482,7 @@ class BatchService:
         context.set_response_status(error.status, REASONS.get(error.status, "Error"), idx)
         context.set_response_content_type(idx, "application/json")
         log.info("request %d refused (%d): %s", idx, error.status, error)
-        kind = error.kind or ("BadInput" if error.status < 500 else "Unavailable")
+        kind = error.kind or (protocol.BAD_INPUT if error.status < 500 else protocol.UNAVAILABLE)
         return json.dumps({"code": error.status, "type": kind, "message": str(error)}).encode()
 
 
@@ -523,7 +517,7 @@ class EncoderService(BatchService):
             raise RequestError(f"frame fields must be numbered frame0..frame{len(names) - 1} without gaps, got {names}")
         if len(names) > s.max_frames:
             raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
-        dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, "X-Eden-Token-Dtype"),
+        dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, protocol.TOKEN_DTYPE),
                                   s.token_dtype)
         for n in names:
             check_binary(context, idx, n)
@@ -540,7 +534,7 @@ class EncoderService(BatchService):
         if size > s.max_response_bytes and not to_shm:  # a shared-memory reply is a reference, not the bytes
             raise RequestError(f"the tokens of {len(frames)} frames of {w}x{h} would be {size} bytes, over the "
                                f"response limit of {s.max_response_bytes}: send fewer frames per request", 413)
-        on_device = to_shm and self.handoff and (request_header(context, idx, "X-Eden-Handoff") or "") == "device"
+        on_device = to_shm and self.handoff and (request_header(context, idx, protocol.HANDOFF) or "") == protocol.HANDOFF_DEVICE
         return (h, w, dtype), (np.stack(frames), dtype, "device" if on_device else "shm" if to_shm else "")
 
     def run(self, items):
@@ -580,7 +574,7 @@ class EncoderService(BatchService):
                 if isinstance(e, OverflowError):
                     raise RequestError(str(e)) from None
                 raise
-            return [(body, wire.CONTENT_TYPE, {}) for body in bodies]
+            return [(body, protocol.TOKENS_CONTENT_TYPE, {}) for body in bodies]
 
     def can_hand_off(self) -> bool:
         return self.handoff
@@ -730,9 +724,9 @@ class DitDecService(BatchService):
         body = _as_bytes(request.get(key))
         if not body:
             raise RequestError("empty body: send the encoder's token blob as the request body")
-        seed = parse_seed(request_header(context, idx, "X-Eden-Seed"))
-        fmt = (request_header(context, idx, "X-Eden-Format") or "png").lower()
-        if fmt not in ("png", "raw"):
+        seed = parse_seed(request_header(context, idx, protocol.SEED))
+        fmt = (request_header(context, idx, protocol.FORMAT) or protocol.FORMAT_PNG).lower()
+        if fmt not in protocol.FORMATS:
             raise RequestError(f"X-Eden-Format must be png or raw, got {fmt[:20]!r}")
         blob, geo, t = self.pair_tokens(body, context, idx)
         return (geo, blob.dtype), (blob, t, seed, fmt)
@@ -741,7 +735,7 @@ class DitDecService(BatchService):
         """Frames first..first+count-1 of a device segment's blob, copied from the encoder's GPU [count, 2, N, D]."""
         if self.device.type != "cuda":
             raise RequestError("these tokens were handed off on a GPU, which this CPU worker cannot read: ask the "
-                               "encoder for host tokens (client --handoff host)", kind=shm.HANDOFF_UNAVAILABLE)
+                               "encoder for host tokens (client --handoff host)", kind=protocol.HANDOFF_UNAVAILABLE)
         if cuda.get("nbytes") != blob.tokens.nbytes:
             raise RequestError(f"device segment: the descriptor hands off {cuda.get('nbytes')} bytes but the blob's "
                                f"tokens are {blob.tokens.nbytes}")
@@ -752,7 +746,7 @@ class DitDecService(BatchService):
         except handoff.TokensGone as e:
             raise RequestError(f"{e}: encode the frames again", 410) from None
         except handoff.HandoffError as e:
-            raise RequestError(f"cannot use the handed-off tokens: {e}", kind=shm.HANDOFF_UNAVAILABLE) from None
+            raise RequestError(f"cannot use the handed-off tokens: {e}", kind=protocol.HANDOFF_UNAVAILABLE) from None
         if not torch.isfinite(t).all():
             raise RequestError("tokens contain NaN or infinite values")
         return t
@@ -800,7 +794,7 @@ class DitDecService(BatchService):
         blobs, tensors, seeds, formats = zip(*items)
         geo = tokens.check_fits(blobs[0], self.cfg)
         pairs = tokens.pair_batch(list(blobs), list(tensors), geo)
-        seeds = [s if s is not None else secrets.randbelow(pipeline.MAX_SEED) for s in seeds]
+        seeds = [s if s is not None else secrets.randbelow(protocol.MAX_SEED) for s in seeds]
         noise = torch.cat([pipeline.make_noise(geo, self.cfg.latent_dim, s, self.device) for s in seeds])
         with self.stage("denoise"):
             latents = self.accel.sample_latents(pairs, noise)
@@ -809,9 +803,9 @@ class DitDecService(BatchService):
         with self.stage("png"):
             out = []
             for f, seed, fmt in zip(frames.numpy(), seeds, formats):
-                if fmt == "raw":
-                    out.append((images.encode_raw(f), images.RAW_CONTENT_TYPE, {"X-Eden-Seed": str(seed)}))
+                if fmt == protocol.FORMAT_RAW:
+                    out.append((images.encode_raw(f), protocol.RAW_FRAME_CONTENT_TYPE, {protocol.SEED: str(seed)}))
                 else:
-                    out.append((images.encode_png(f, self.settings.png_compress_level), "image/png",
-                                {"X-Eden-Seed": str(seed)}))
+                    out.append((images.encode_png(f, self.settings.png_compress_level), protocol.PNG_CONTENT_TYPE,
+                                {protocol.SEED: str(seed)}))
             return out

@@ -51,18 +51,17 @@ from typing import Iterator
 
 import numpy as np
 
-from . import wire
+from . import protocol, wire
 
 log = logging.getLogger(__name__)
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (Linux): no fault per page on first touch
 REF_MAGIC = b"EDENREF1"
 DEVICE_MAGIC = b"EDENDEV1"
-HANDOFF_UNAVAILABLE = "HandoffUnavailable"  # error "type" of a DiT+decoder that cannot use handed-off tokens at all
-UNSAFE_FOLDER = "ShmFolderUnsafe"  # error "type" of a server that refuses its shared-memory folder (no retry helps)
-REF_CONTENT_TYPE = "application/x-eden-ref"
-# Set by deploy/keyproxy.py on everything it forwards: such a request came from another host, so it may neither
-# name shared-memory segments nor ask for its answer in one (the handlers refuse it).
-REMOTE_HEADER = "X-Eden-Remote"
+# The protocol's names (eden_serve/protocol.py), kept here under their old names for the modules that import them.
+HANDOFF_UNAVAILABLE = protocol.HANDOFF_UNAVAILABLE
+UNSAFE_FOLDER = protocol.SHM_FOLDER_UNSAFE
+REF_CONTENT_TYPE = protocol.REFERENCE_CONTENT_TYPE
+REMOTE_HEADER = protocol.REMOTE
 NAME_RE = re.compile(r"eden-[0-9a-f]{32}")  # always with fullmatch (a "$" would let a trailing newline through)
 DEFAULT_DIR = "/dev/shm/eden"
 MAX_REF_BYTES = 4096

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .protocol import TOKENS_CONTENT_TYPE
+
 MAGIC = b"EDENTOKS"
 VERSION = 1
 PREFIX = struct.Struct("<8sII")
@@ -55,7 +57,7 @@ MAX_STATISTIC = 1e6  # |mean|, std, |difference|: statistics of frames in [0, 1]
 MAX_JSON_DEPTH = 8
 MAX_JSON_DIGITS = 40
 DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-CONTENT_TYPE = "application/x-eden-tokens"
+CONTENT_TYPE = TOKENS_CONTENT_TYPE  # eden_serve/protocol.py
 
 
 class WireError(ValueError):

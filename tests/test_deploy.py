@@ -17,7 +17,7 @@ import yaml
 from conftest import FIXTURE, ROOT, read_rgb
 
 from client.api import EdenClient, KeySource, ServeError
-from eden_serve import serving
+from eden_serve import images, protocol, serving
 
 DEPLOY = ROOT / "deploy"
 SIDES = ("encoder", "ditdec")
@@ -70,6 +70,33 @@ def test_side_config_is_safe_and_consistent(side):
                     f"file://{store}/sub/x.mar"):
         assert not java_regex_matches(cfg["allowed_urls"], outside), outside
     assert cfg["metrics_config"] == "/opt/eden/deploy/metrics.yaml"
+
+
+def test_body_limits_equal_the_protocols():
+    """config.properties files keep TorchServe's body limits as literal numbers: they must be the protocol's."""
+    for path in (ROOT / "config.properties", *(DEPLOY / side / "config.properties" for side in SIDES)):
+        cfg = properties(path)
+        for key in ("max_request_size", "max_response_size"):
+            assert int(cfg[key]) == protocol.MAX_BODY_BYTES, (path, key)
+    assert serving.Settings().max_response_bytes == protocol.MAX_BODY_BYTES
+
+
+def test_protocol_module_imports_nothing_heavy():
+    code = ("import sys; import eden_serve.protocol; "
+            "heavy = sorted(m for m in ('torch', 'numpy', 'PIL', 'requests') if m in sys.modules); print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_forwarder_passes_the_protocols_remote_headers():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("keyproxy", DEPLOY / "keyproxy.py")
+    keyproxy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keyproxy)
+    assert set(keyproxy.FORWARD_HEADERS) == {h.lower() for h in protocol.REMOTE_REQUEST_HEADERS}
+    assert protocol.FORMAT.lower() in keyproxy.FORWARD_HEADERS and protocol.SEED.lower() in keyproxy.FORWARD_HEADERS
+    assert not {h.lower() for h in protocol.SAME_HOST_HEADERS} & set(keyproxy.FORWARD_HEADERS)
+    assert keyproxy.MAX_BODY == protocol.MAX_BODY_BYTES
 
 
 def test_root_config_security_defaults():
@@ -210,6 +237,28 @@ def test_keyproxy_forwards_with_the_shared_secret_only(keyproxy):
     r = requests.post(f"{url}/predictions/eden_ditdec", data=b'EDENREF1{"segment":"eden-' + b"0" * 32 + b'"}',
                       headers={"Authorization": f"Bearer {secret}"}, timeout=30)
     assert r.status_code == 400 and "shared-memory references" in r.json()["message"]
+
+
+def test_raw_frames_through_the_forwarder(keyproxy):
+    """X-Eden-Format crosses the forwarder: a DiT+decoder asked for a raw frame answers one (not PNG), the same
+    pixels as the PNG answer for the same seed, and the client's HTTP path (generate_array) gets them."""
+    url, secret = keyproxy
+    client = EdenClient.connect(url, encoder_keys=KeySource(key=secret))
+    frames = [(FIXTURE / f"frame{i}.png").read_bytes() for i in (0, 1)]
+    blob = client.encode(frames)
+    auth = {"Authorization": f"Bearer {secret}", protocol.CONTENT_TYPE: protocol.TOKENS_CONTENT_TYPE,
+            protocol.SEED: "0"}
+    raw = requests.post(f"{url}/predictions/eden_ditdec", data=blob, timeout=60,
+                        headers={**auth, protocol.FORMAT: protocol.FORMAT_RAW})
+    assert raw.status_code == 200, raw.text[:300]
+    assert raw.headers["Content-Type"].split(";")[0] == protocol.RAW_FRAME_CONTENT_TYPE
+    assert raw.headers[protocol.SEED] == "0"
+    got = images.decode_raw(raw.content, max_pixels=1 << 30)
+    png = requests.post(f"{url}/predictions/eden_ditdec", data=blob, headers=auth, timeout=60)
+    assert png.status_code == 200 and png.headers["Content-Type"].split(";")[0] == protocol.PNG_CONTENT_TYPE
+    assert np.array_equal(got, read_rgb(png.content))
+    frame, seed = client.generate_array(blob, seed=0)
+    assert seed == 0 and np.array_equal(frame, got)
 
 
 @pytest.mark.server

@@ -17,7 +17,7 @@ from client.frames_io import Frame
 from client.scenes import SceneDetector
 from client.video import (DEFAULT_MAX_DEPTH, Interpolator, TimeGrid, dyadic_path, frame_seed, max_time_error,
                           target_count)
-from eden_serve import pipeline, wire
+from eden_serve import pipeline, protocol, wire
 from eden_serve.config import EdenConfig
 
 H, W = 32, 32
@@ -342,7 +342,7 @@ def test_4k_is_admitted_where_the_gpu_has_the_memory():
     cfg = EdenConfig()
     pair = wire.expected_nbytes(2, 2160, 4096, cfg.hidden_dim, "float16", cfg.pad_multiple, cfg.patch_size)
     four = wire.expected_nbytes(4, 2160, 3840, cfg.hidden_dim, "float16", cfg.pad_multiple, cfg.patch_size)
-    assert pair + wire.MAX_HEADER_BYTES < 256 * 2**20 < four
+    assert pair + wire.MAX_HEADER_BYTES < protocol.MAX_BODY_BYTES < four
 
 
 def test_after_a_413_chunks_formed_earlier_are_split_before_sending():
