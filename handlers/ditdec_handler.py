@@ -3,4 +3,4 @@ from eden_serve.serving import DitDecService
 
 
 class EdenDitDecHandler(DitDecService):
-    """The encoder's token blob as the raw body; ?seed=N. See README.md, "The HTTP API"."""
+    """The encoder's token blob as the raw body; headers X-Eden-Seed: N, X-Eden-Format: png|raw. See docs/http-api.md."""

@@ -3,4 +3,5 @@ from eden_serve.serving import EncoderService
 
 
 class EdenEncoderHandler(EncoderService):
-    """Frames as multipart fields frame0, frame1, ...; ?dtype=float16|float32. See README.md, "The HTTP API"."""
+    """Frames as multipart fields frame0, frame1, ...; field dtype (or header X-Eden-Token-Dtype) = float16|float32.
+    See docs/http-api.md."""

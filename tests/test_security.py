@@ -410,8 +410,9 @@ def keyproxy(server):
 
 @pytest.mark.server
 def test_keyless_large_bodies_are_refused_before_they_are_read(keyproxy):
-    """Finding 10: TorchServe reads a whole body before it checks the key (bounded by max_request_size, README);
-    the forwarder in front checks the secret first and answers 400 without reading the 250 MB it was promised."""
+    """Finding 10: TorchServe reads a whole body before it checks the key (bounded by max_request_size,
+    docs/operations.md); the forwarder in front checks the secret first and answers 400 without reading the 250 MB it
+    was promised."""
     _, _, port = keyproxy
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"POST /predictions/eden_ditdec HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-eden-tokens\r\n"

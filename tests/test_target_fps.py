@@ -179,7 +179,7 @@ def test_24_to_60_frames_times_and_one_request_per_midpoint(depth):
 
 
 def test_24_to_60_cost_at_the_default_depth():
-    """The numbers in the README: model calls per output frame for 24 -> 60 and 30 -> 60 at the default depth."""
+    """The numbers in docs/videos.md: model calls per output frame for 24 -> 60 and 30 -> 60 at the default depth."""
     _, stats, out, _ = run([Fraction(i, 24) for i in range(49)], Fraction(1, 24), target_fps=Fraction(60))
     assert len(out) == 121 and stats.ditdec_requests == 24 * 16  # 16 per two input intervals (5 output frames)
     assert stats.ditdec_requests / (len(out) - 1) == pytest.approx(3.2)
@@ -383,7 +383,7 @@ def test_a_pair_over_the_request_limit_says_what_to_do():
 @pytest.mark.server
 def test_24_to_60_through_the_server(server, tmp_path):
     """The tiny model served by TorchServe: 13 frames at 24 fps -> 31 at 60 fps, the input frames where the times
-    meet, the same frames again on a rerun (seeds from the dyadic positions), and the counts of the README."""
+    meet, the same frames again on a rerun (seeds from the dyadic positions), and the counts of docs/videos.md."""
     from conftest import read_rgb
     from client import clips
     from client.api import EdenClient, KeySource
