@@ -1,5 +1,5 @@
 """The HTTP protocol between the client and the two handlers, in one place: header names and values, content types,
-error types, the body limit and seed parsing. The handlers (eden_serve/serving.py, eden_serve/shm.py), the client
+error types, the body limit and seed parsing. The handlers (eden_serve/service.py and the two services, eden_serve/shm.py), the client
 (client/api.py, client/transport.py) and the forwarder (deploy/keyproxy.py) all take them from here.
 
 Imports nothing but the standard library (no torch, no NumPy): the client and the forwarder read it cheaply.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # ---------------------------------------------------------------------- headers
 # TorchServe does not pass query parameters to /predictions handlers, hence headers. Names are matched whatever
-# their case (eden_serve/serving.py, request_header).
+# their case (eden_serve/service.py, request_header).
 CONTENT_TYPE = "Content-Type"
 SEED = "X-Eden-Seed"  # request: the noise seed (0 <= N <= MAX_SEED); answer: the seed that made the frame
 FORMAT = "X-Eden-Format"  # DiT+decoder request: FORMAT_PNG (default) or FORMAT_RAW

@@ -4,7 +4,6 @@ tokens cross processes GPU to GPU, and a stopped encoder worker is reported as t
 import json
 import multiprocessing
 import os
-import threading
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 
 from client.api import EdenClient, EncodedFrames, KeySource, TokensLost
 from eden_serve import handoff, shm, wire
-from eden_serve.serving import EncoderService, Settings
+from eden_serve.serving import EncoderService, HeldTokens, Settings
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref
 
 DESC = {"handle": "ab" * 64, "offset": 0, "nbytes": 1 << 20, "device": "0000:1b:00.0", "pid": 1}
@@ -79,13 +78,13 @@ def holding_encoder(tmp_path, ttl_s=60.0, max_bytes=1 << 30) -> EncoderService:
     svc = EncoderService.__new__(EncoderService)
     svc.store = ShmStore(tmp_path, ttl_s=ttl_s)
     svc.settings = Settings(handoff_max_bytes=max_bytes)
-    svc.held, svc.held_lock, svc.handoff = {}, threading.Lock(), True
+    svc.held, svc.handoff = HeldTokens(svc.store, max_bytes), True
     return svc
 
 
 def hold(svc, age_s=0.0) -> str:
     name, fd = svc.store.write_held(b"device segment")
-    svc.held[name] = (torch.zeros(4), 16, time.monotonic() - age_s, fd)
+    svc.held.add(name, torch.zeros(4), 16, fd, held_since=time.monotonic() - age_s)
     return name
 
 
@@ -93,8 +92,8 @@ def test_held_tokens_are_freed_when_released_or_expired(tmp_path):
     svc = holding_encoder(tmp_path)
     released, kept, expired = hold(svc), hold(svc), hold(svc, age_s=120)
     svc.store.unlink(released)  # the client released it
-    assert svc.reap() == 2
-    assert list(svc.held) == [kept] and svc.held_bytes() == 16
+    assert svc.held.reap() == 2
+    assert list(svc.held) == [kept] and svc.held.nbytes() == 16
     assert sorted(os.listdir(tmp_path)) == [kept]  # the expired one's segment is removed with its tokens
 
 
@@ -107,12 +106,12 @@ def test_tokens_are_not_freed_while_a_reader_holds_a_lease(tmp_path):
     with reader.lease(name) as seg:
         assert bytes(seg.read()) == b"device segment"
         svc.store.unlink(name)  # released while the copy runs
-        assert svc.reap() == 0 and name in svc.held
-    assert svc.reap() == 1 and svc.held == {}
+        assert svc.held.reap() == 0 and name in svc.held
+    assert svc.held.reap() == 1 and len(svc.held) == 0
     late = ShmStore(tmp_path, ttl_s=60)
     name = hold(svc, age_s=120)
     fd = os.open(tmp_path / name, os.O_RDONLY)  # opened just before it expires, not yet locked
-    assert svc.reap() == 1
+    assert svc.held.reap() == 1
     with pytest.raises(shm.SegmentGone, match="freed"):
         shm.read_blob(shm.SegmentFile(fd, name).read())  # the lock taken late finds the file emptied
     os.close(fd)
@@ -121,12 +120,12 @@ def test_tokens_are_not_freed_while_a_reader_holds_a_lease(tmp_path):
 def test_tokens_past_the_held_limit_go_to_host_memory(tmp_path):
     svc = holding_encoder(tmp_path, max_bytes=100)
     name, fd = svc.store.write_held(b"device segment")
-    svc.held = {name: (torch.zeros(20), 80, time.monotonic(), fd)}
+    svc.held.add(name, torch.zeros(20), 80, fd)
     meta = blob(1)
     assert svc.hand_off(meta, torch.zeros(16)) is None  # 80 + 32 > 100 and nothing to free: host path
     svc.store.unlink(name)
     # once released there is room; on a CPU tensor the export itself refuses, so the worker stops handing off
-    assert svc.hand_off(meta, torch.zeros(16)) is None and not svc.handoff and svc.held == {}
+    assert svc.hand_off(meta, torch.zeros(16)) is None and not svc.handoff and len(svc.held) == 0
 
 
 # ---------------------------------------------------------------------- a CPU deployment (real TorchServe)

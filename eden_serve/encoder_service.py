@@ -1,0 +1,140 @@
+"""The encoder's TorchServe service: frames in, token blobs out (over HTTP, through shared memory, or kept on its
+GPU for the DiT+decoder to copy: the device handoff)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from . import checkpoint, handoff, images, pipeline, protocol, shm, tokens, wire
+from .held_tokens import HeldTokens
+from .service import (FRAME_FIELD, METRIC_TOKEN_BYTES_OUT, BatchService, RequestError, check_binary,
+                      parse_token_dtype, request_header)
+
+log = logging.getLogger(__name__)
+
+
+class EncoderService(BatchService):
+    """Frames (multipart fields frame0, frame1, ... as PNG/JPEG/raw, or shared-memory references to them) -> a token
+    blob (application/x-eden-tokens) of all of them.
+
+    Form field ``dtype`` (or header X-Eden-Token-Dtype): float16 (default) or float32 tokens.
+    """
+
+    def load(self):
+        self.encoder = checkpoint.load_encoder(self.model_dir, self.device)
+        # handed-off tokens, kept on this GPU until their segment is released or expires (eden_serve/held_tokens.py)
+        self.held = HeldTokens(self.store, self.settings.handoff_max_bytes)
+        self.handoff = (self.settings.device_handoff and self.store is not None
+                        and handoff.available(self.device))
+        if self.handoff:
+            self.held.start_reaper()
+
+    def parse(self, request, context, idx):
+        s = self.settings
+        odd = [k for k in request if isinstance(k, str) and k.startswith("frame") and not FRAME_FIELD.fullmatch(k)]
+        if odd:
+            raise RequestError(f"field {odd[0][:40]!r} is not a frame field: frame0, frame1, ... (ASCII digits)")
+        names = sorted((k for k in request if isinstance(k, str) and FRAME_FIELD.fullmatch(k)),
+                       key=lambda k: int(k[5:]))
+        if not names:
+            raise RequestError("no frames: send the images as multipart/form-data fields frame0, frame1, ...")
+        if names != [f"frame{i}" for i in range(len(names))]:
+            raise RequestError(f"frame fields must be numbered frame0..frame{len(names) - 1} without gaps, got {names}")
+        if len(names) > s.max_frames:
+            raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
+        dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, protocol.TOKEN_DTYPE),
+                                  s.token_dtype)
+        for n in names:
+            check_binary(context, idx, n)
+        frames = [images.decode_image(self.value(request[n], n, context, idx), s.max_pixels, s.min_side, n)
+                  for n in names]
+        h, w = frames[0].shape[:2]
+        for name, f in zip(names[1:], frames[1:]):
+            if f.shape[:2] != (h, w):
+                raise RequestError(f"{name} is {f.shape[1]}x{f.shape[0]} but frame0 is {w}x{h}: "
+                                   "all frames of a request must have one size")
+        size = wire.expected_nbytes(len(frames), h, w, self.cfg.hidden_dim, dtype, self.cfg.pad_multiple,
+                                    self.cfg.patch_size) + wire.MAX_HEADER_BYTES
+        to_shm = self.wants_shm(context, idx)
+        if size > s.max_response_bytes and not to_shm:  # a shared-memory reply is a reference, not the bytes
+            raise RequestError(f"the tokens of {len(frames)} frames of {w}x{h} would be {size} bytes, over the "
+                               f"response limit of {s.max_response_bytes}: send fewer frames per request", 413)
+        on_device = to_shm and self.handoff and (request_header(context, idx, protocol.HANDOFF) or "") == protocol.HANDOFF_DEVICE
+        return (h, w, dtype), (np.stack(frames), dtype, "device" if on_device else "shm" if to_shm else "")
+
+    def run(self, items):
+        with self.stage("encode"):
+            frames = np.concatenate([f for f, _, _ in items])  # [K, H, W, C] uint8
+            x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float().div_(255)  # [K, C, H, W]
+            encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _, _ in items])
+        with self.stage("serialize"):
+            geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
+            dtype = items[0][1]
+            gpu = tokens.wire_tensor(encoded, dtype)  # [K, 2, N, D]
+            finite = torch.isfinite(gpu).all()
+            metas = tokens.blob_metas(encoded, differences, geo, dtype, self.cfg.encoder_fingerprint)
+            bodies, start = [], 0
+            try:
+                with self.timed("transfer"):
+                    for meta, (_, _, reply) in zip(metas, items):
+                        part = gpu[start:start + meta.num_frames]
+                        start += meta.num_frames
+                        if reply == "device" and (segment := self.hand_off(  # held: its own memory, not the batch's
+                                meta, part if len(items) == 1 else part.clone())):
+                            bodies.append(segment)
+                        elif reply:
+                            bodies.append(self.write_tokens(meta, part))
+                        else:
+                            bodies.append([meta.header_bytes(), memoryview(part.cpu().numpy()).cast("B")])
+                tokens.check_finite(gpu, bool(finite))  # (a synchronisation: the handed-off tokens are final)
+            except BaseException as e:  # nothing written for this batch outlives it
+                for body in bodies:
+                    if isinstance(body, shm.Segment):
+                        self.store.unlink(body.name)
+                        self.held.drop(body.name)
+                if isinstance(e, shm.ShmFull):
+                    raise RequestError(str(e), 507) from None
+                if isinstance(e, OSError):  # e.g. the shared-memory folder is full: worth a retry later
+                    raise RequestError(f"cannot write the tokens to shared memory: {shm._reason(e)}", 507) from None
+                if isinstance(e, OverflowError):
+                    raise RequestError(str(e)) from None
+                raise
+            return [(body, protocol.TOKENS_CONTENT_TYPE, {}) for body in bodies]
+
+    def can_hand_off(self) -> bool:
+        return self.handoff
+
+    def token_metrics(self, bytes_in: int, bytes_out: int) -> dict[str, int]:
+        return {METRIC_TOKEN_BYTES_OUT: bytes_out}  # the encoder's answers are token blobs
+
+    def hand_off(self, meta: wire.TokenBlob, part: torch.Tensor) -> shm.Segment | None:
+        """Keep ``part`` on the GPU and write a device segment naming it; None if it must go to the host instead
+        (the held memory is at its limit, or this GPU memory cannot be exported)."""
+        nbytes = part.numel() * part.element_size()
+        if not self.held.has_room(nbytes):
+            log.info("handed-off tokens at the %d-byte limit: these go through host memory", self.held.max_bytes)
+            return None
+        try:
+            desc = handoff.export(part)
+        except handoff.HandoffError as e:
+            log.warning("device handoff off for this worker, tokens go through host memory: %s", e)
+            self.handoff = False
+            return None
+        body = shm.device_segment(meta, desc)
+        name, fd = self.store.write_held(body)
+        self.held.add(name, part, nbytes, fd)
+        return shm.Segment(name, len(body))
+
+    def write_tokens(self, meta: wire.TokenBlob, part: torch.Tensor) -> shm.Segment:
+        """A blob straight into a new shared-memory segment: the device copies the tokens into it (no host
+        buffer in between)."""
+        head = meta.header_bytes()
+        nbytes = len(head) + part.numel() * part.element_size()
+        with self.store.allocate(nbytes) as (name, view):
+            view[:len(head)] = head
+            dst = np.frombuffer(view, dtype=wire.DTYPES[meta.dtype], offset=len(head)).reshape(meta.tokens.shape)
+            torch.from_numpy(dst).copy_(part)
+            del dst
+        return shm.Segment(name, nbytes)

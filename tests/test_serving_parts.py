@@ -1,0 +1,44 @@
+"""The parts eden_serve/serving.py gathers, alone: the DiT+decoder's device token cache and each service's own
+token-byte metrics (no isinstance dispatch in BatchService.record_metrics)."""
+from __future__ import annotations
+
+from eden_serve import serving
+from eden_serve.frame_cache import DeviceFrameCache
+
+
+def test_frame_cache_keeps_the_most_recently_used():
+    cache = DeviceFrameCache(3)
+    cache.put("a", {0: "a0", 1: "a1", 2: "a2"}, last=1)  # frame 1 asked for: it is the most recently used
+    assert len(cache) == 3 and cache.get("a", 0) == "a0"  # 0 now the most recent, 2 the least
+    cache.put("b", {0: "b0"}, last=0)
+    assert cache.get("a", 2) is None and cache.get("a", 1) == "a1" and cache.get("b", 0) == "b0"
+    assert cache.get("c", 0) is None
+    empty = DeviceFrameCache(0)
+    empty.put("a", {0: "a0"}, last=0)
+    assert len(empty) == 0 and empty.get("a", 0) is None
+
+
+class _Metrics:
+    def __init__(self):
+        self.sent = {}
+
+    def add_metric(self, name, value, unit, dimensions, metric_type):
+        self.sent[name] = value
+
+
+class _Context:
+    def __init__(self):
+        self.metrics = _Metrics()
+
+
+def test_each_service_reports_its_own_token_bytes():
+    for cls, name, value in ((serving.EncoderService, serving.METRIC_TOKEN_BYTES_OUT, 300),
+                             (serving.DitDecService, serving.METRIC_TOKEN_BYTES_IN, 200)):
+        ctx = _Context()
+        cls.__new__(cls).record_metrics(ctx, {"parse": 0.001}, 2, bytes_in=200, bytes_out=300)
+        other = {serving.METRIC_TOKEN_BYTES_OUT, serving.METRIC_TOKEN_BYTES_IN} - {name}
+        assert ctx.metrics.sent[name] == value and not other & set(ctx.metrics.sent), ctx.metrics.sent
+        assert ctx.metrics.sent[serving.METRIC_BATCHES] == 1 and ctx.metrics.sent[serving.METRIC_REQUEST_BYTES] == 200
+    ctx = _Context()
+    serving.BatchService().record_metrics(ctx, {}, 1, 10, 20)
+    assert not {serving.METRIC_TOKEN_BYTES_OUT, serving.METRIC_TOKEN_BYTES_IN} & set(ctx.metrics.sent)
