@@ -88,9 +88,27 @@ def _expected_frames(job: Job, factor: int) -> int:
         source.close()
 
 
+def process(job: Job, client, options: Options, on_progress) -> None:
+    """Convert one input; sets ``job.status`` and ``job.detail`` (never raises for a failing input). Also what each
+    task of a Ray cluster runs on its node (client/cluster.py)."""
+    try:
+        stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
+        job.status = "done"
+        job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "
+                      f"{stats.cuts} scene cut{'s' * (stats.cuts != 1)}, encoder {stats.encoded_frames} frames "
+                      f"in {stats.encoder_requests} requests ({stats.token_bytes / 1e6:.1f} MB of tokens)")
+    except Cancelled:
+        job.status, job.detail = "interrupted", "stopped, partial output removed"
+    except FramesError as e:
+        job.status, job.detail = "failed", str(e).splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - one failing input must not stop the batch
+        job.status, job.detail = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+
+
 def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: int = 1,
-              quiet: bool = False) -> tuple[list[Job], int]:
-    """Process what is not done yet; returns the jobs (with status and detail) and the exit code."""
+              quiet: bool = False, runner=None) -> tuple[list[Job], int]:
+    """Process what is not done yet; returns the jobs (with status and detail) and the exit code. ``runner``
+    (pending jobs, progress) -> interrupted, if given, runs the pending jobs instead of this process's threads."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise FramesError(f"{in_dir} is not a folder")
@@ -102,7 +120,8 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
         if job.dst.exists():
             job.status, job.detail = "skipped", "already done"
         else:
-            job.frames = _expected_frames(job, options.factor)
+            if runner is None:  # (a cluster's tasks count on their node: opening 10,000 inputs here takes minutes)
+                job.frames = _expected_frames(job, options.factor)
             pending.append(job)
     progress = Progress(sum(j.frames for j in pending), len(pending), quiet=quiet)
     cancel = threading.Event()
@@ -118,19 +137,13 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
             progress.update(key, done)
 
         progress.start(key, job.name, job.frames)
-        try:
-            stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
-            job.status = "done"
-            job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "
-                          f"{stats.cuts} scene cut{'s' * (stats.cuts != 1)}, encoder {stats.encoded_frames} frames "
-                          f"in {stats.encoder_requests} requests ({stats.token_bytes / 1e6:.1f} MB of tokens)")
-        except Cancelled:
-            job.status, job.detail = "interrupted", "stopped, partial output removed"
-        except FramesError as e:
-            job.status, job.detail = "failed", str(e).splitlines()[0]
-        except Exception as e:  # noqa: BLE001 - one failing input must not stop the batch
-            job.status, job.detail = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+        process(job, client, options, on_progress)
         progress.finish(key, f"{job.status} {job.name}: {job.detail}")
+
+    if runner is not None:  # somewhere else runs the pending inputs (client/cluster.py: a Ray cluster)
+        interrupted = runner(pending, progress)
+        progress.close()
+        return jobs, 130 if interrupted else (1 if any(j.status == "failed" for j in jobs) else 0)
 
     interrupted = False
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="eden-batch")
