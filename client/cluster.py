@@ -37,7 +37,7 @@ TRANSPORT_ENV = "EDEN_TRANSPORT"
 SHM_DIR_ENV = "EDEN_SHM_DIR"
 NODE_NAME_ENV = "EDEN_NODE_NAME"
 INSTALL_HINT = ("--ray needs Ray on this machine and on every node: pip install 'eden-serve[cluster]' "
-                "(or pip install 'ray>=2.50')")
+                "(or pip install 'ray>=2.60')")
 NO_NODE_GRACE_S = float(os.environ.get("EDEN_RAY_NO_NODE_GRACE_S", "120"))  # no EDEN node left: fail after this
 POLL_S = 0.5
 
