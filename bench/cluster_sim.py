@@ -4,7 +4,7 @@ and which part stops the scaling: the nodes themselves, the driver, Ray's schedu
     python bench/cluster_sim.py                       # 10,000 videos, 1..128 nodes, the scenarios below
     python bench/cluster_sim.py --nodes 1,8,64 --videos 2000 --json
 
-A fluid discrete-event model, pure Python, a few seconds. Between two events (an input dispatched, started or
+A fluid discrete-event model, pure Python, under 20 s for the defaults (10,000 inputs, 5 scenarios, 6 sizes). Between two events (an input dispatched, started or
 finished) every running input advances at a constant rate, the slowest of what it shares:
 
 * its node's GPUs: each node is a whole deployment (encoder on GPU 0, the DiT+decoder on the other GPUs); a
@@ -105,92 +105,140 @@ class Result:
     throughput_fps: float  # output frames per second, whole batch including the prescan
     speedup: float = 0.0
     efficiency: float = 0.0
-    util: dict = field(default_factory=dict)
+    occupancy: float = 0.0  # share of the nodes' input slots busy over the makespan (low: idle nodes at the end)
+    util: dict = field(default_factory=dict)  # busy share of each shared part over the makespan
+    bound: dict = field(default_factory=dict)  # share of input-seconds limited by the node GPUs, CPUs or storage
     bottleneck: str = ""
 
 
-def simulate(videos: list[Video], nodes: int, p: Params, scenario: str = "") -> Result:
+def simulate(videos: list[Video], nodes: int, p: Params, scenario: str = "", order: str = "largest",
+             prescan: bool = False) -> Result:
+    """``order``: "largest" (what batch --ray submits first: the biggest inputs) or "tree" (the tree's order);
+    ``prescan``: the driver opens every input before dispatching (what the plain batch does)."""
     dit_gpus = max(1, p.gpus_per_node - 1)
-    prescan = len(videos) * p.probe_ms / 1000
-    queue = list(reversed(range(len(videos))))  # the driver submits in the tree's order
-    free = {n: p.per_node for n in range(nodes)}
-    t, sched_free_at = prescan, prescan
-    starting: list[tuple[float, int, int]] = []  # (ready at, video, node)
-    running: dict[int, tuple[int, float]] = {}  # video -> (node, fraction left)
-    busy = {"gpu": 0.0, "cpu": 0.0, "storage": 0.0, "sched": 0.0, "driver": prescan, "tracker": 0.0}
-    total_out = sum((v.frames - 1) * 2 + 1 for v in videos)
-
-    def rates():
-        per_node: dict[int, int] = {}
-        for n, _ in running.values():
-            per_node[n] = per_node.get(n, 0) + 1
-        k = max(1, len(running))
-        storage_share = p.storage_gbs * 1e9 / k
-        out, use = {}, {"gpu": 0.0, "cpu": 0.0, "storage": 0.0}
-        for vid, (n, left) in running.items():
-            v, kn = videos[vid], per_node[n]
-            io = min(storage_share, p.nic_gbs * 1e9 / kn)
-            r = min(dit_gpus / kn / v.gpu_s if v.gpu_s else math.inf, p.cpu_mpx_s / kn / v.cpu_mpx,
-                    io / (v.in_bytes + v.out_bytes))
-            out[vid] = r
-            use["gpu"] += r * v.gpu_s / dit_gpus
-            use["cpu"] += r * v.cpu_mpx / p.cpu_mpx_s
-            use["storage"] += r * (v.in_bytes + v.out_bytes) / (p.storage_gbs * 1e9)
-        return out, use
-
-    while queue or starting or running:
-        # dispatch into free slots (the scheduler, one task at a time)
-        while queue and any(free.values()) and sched_free_at <= t:
-            n = max(free, key=lambda x: free[x])
-            free[n] -= 1
+    storage, nic = p.storage_gbs * 1e9, p.nic_gbs * 1e9
+    n_vid = len(videos)
+    gpu_s = [v.gpu_s for v in videos]
+    cpu = [v.cpu_mpx for v in videos]
+    io = [v.in_bytes + v.out_bytes for v in videos]
+    ids = sorted(range(n_vid), key=lambda i: videos[i].in_bytes) if order == "largest" \
+        else list(reversed(range(n_vid)))
+    queue = ids  # pop() takes from the end: the largest, or the first of the tree
+    t0 = n_vid * p.probe_ms / 1000 if prescan else 0.0
+    t = sched_free_at = t0
+    free_nodes = [(n, t0) for n in range(nodes) for _ in range(p.per_node)]  # (node, free since) per slot
+    starting: list[tuple[float, int, int]] = []
+    run_ids: list[int] = []
+    run_node: list[int] = []
+    run_left: list[float] = []
+    per_node = [0] * nodes
+    busy = {"sched": 0.0, "driver": t0, "tracker": 0.0, "storage": 0.0}
+    bound = {"gpu": 0.0, "cpu": 0.0, "storage": 0.0}
+    slot_s = 0.0
+    sched_s, overhead, result_s = p.sched_ms / 1000, p.task_overhead_s, p.driver_result_ms / 1000
+    min_step = 0.05  # s: finishing up to this late changes nothing at the scale of inputs of seconds to hours
+    while queue or starting or run_ids:
+        while queue and free_nodes and sched_free_at <= t:  # what the scheduler could dispatch by now
+            n, since = free_nodes.pop()
             vid = queue.pop()
-            sched_free_at = max(sched_free_at, t) + p.sched_ms / 1000
-            busy["sched"] += p.sched_ms / 1000
-            heapq.heappush(starting, (sched_free_at + p.task_overhead_s, vid, n))
-        r, use = rates()
-        nxt = [starting[0][0]] if starting else []
-        if queue and any(free.values()):
-            nxt.append(sched_free_at)
-        for vid, rate in r.items():
-            nxt.append(t + running[vid][1] / rate)
-        t_next = max(t, min(nxt))
-        dt = t_next - t
-        for k in use:
-            busy[k] += use[k] * dt / nodes if k in ("gpu", "cpu") else use[k] * dt
-        busy["tracker"] += len(running) * 2 * p.tracker_msg_us / 1e6 * dt
-        busy["driver"] += len(running) * 20e-6 * 2 * dt  # polling: a few µs per running input, twice a second
-        for vid in list(running):
-            n, left = running[vid]
-            left -= r[vid] * dt
-            if left <= 1e-9:
-                del running[vid]
-                free[n] += 1
-                busy["driver"] += p.driver_result_ms / 1000
+            sched_free_at = max(sched_free_at, since) + sched_s
+            busy["sched"] += sched_s
+            heapq.heappush(starting, (sched_free_at + overhead, vid, n))
+        k = len(run_ids)
+        share = storage / k if k else 0.0
+        rates = []
+        io_use = 0.0
+        nxt = starting[0][0] if starting else math.inf
+        if queue and free_nodes:
+            nxt = min(nxt, sched_free_at)
+        cpu_rate, nic_share = p.cpu_mpx_s, {}
+        n_gpu = n_cpu = n_io = 0
+        for j in range(k):
+            vid, kn = run_ids[j], per_node[run_node[j]]
+            rg = dit_gpus / kn / gpu_s[vid]
+            rc = cpu_rate / kn / cpu[vid]
+            ri = (share if share < nic / kn else nic / kn) / io[vid]
+            if rg <= rc and rg <= ri:
+                r = rg
+                n_gpu += 1
+            elif rc <= ri:
+                r = rc
+                n_cpu += 1
             else:
-                running[vid] = (n, left)
-        t = t_next
+                r = ri
+                n_io += 1
+            rates.append(r)
+            io_use += r * io[vid]
+            end = t + run_left[j] / r
+            if end < nxt:
+                nxt = end
+        nxt = max(nxt, t + min_step) if k else nxt  # events closer than min_step are handled together
+        dt = max(0.0, nxt - t)
+        busy["storage"] += io_use / storage * dt
+        busy["tracker"] += k * 2 * p.tracker_msg_us / 1e6 * dt
+        busy["driver"] += k * 2 * 20e-6 * dt  # polling the progress actor: a few µs per running input
+        slot_s += (k + len(starting)) * dt
+        bound["gpu"] += n_gpu * dt
+        bound["cpu"] += n_cpu * dt
+        bound["storage"] += n_io * dt
+        t = nxt
+        j = 0
+        while j < len(run_ids):
+            left = run_left[j] - rates[j] * dt
+            if left <= 1e-9:
+                n = run_node[j]
+                per_node[n] -= 1
+                free_nodes.append((n, t - max(0.0, -left / rates[j])))
+                busy["driver"] += result_s
+                for lst in (run_ids, run_node, run_left, rates):
+                    lst[j] = lst[-1]
+                    lst.pop()
+            else:
+                run_left[j] = left
+                j += 1
         while starting and starting[0][0] <= t + 1e-12:
             _, vid, n = heapq.heappop(starting)
-            running[vid] = (n, 1.0)
+            run_ids.append(vid)
+            run_node.append(n)
+            run_left.append(1.0)
+            per_node[n] += 1
     makespan = t
+    total_out = sum((v.frames - 1) * 2 + 1 for v in videos)
     util = {k: round(v / makespan, 3) for k, v in busy.items()}
-    return Result(scenario, nodes, len(videos), round(makespan, 1), round(prescan, 1),
-                  round(total_out / makespan, 1), util=util,
-                  bottleneck=max(util, key=lambda k: util[k]))
+    total_bound = sum(bound.values()) or 1.0
+    bound = {k: round(v / total_bound, 3) for k, v in bound.items()}
+    occupancy = slot_s / (nodes * p.per_node * makespan)
+    if util["driver"] >= 0.5:
+        what = "driver" + (" (its prescan)" if prescan and t0 / makespan > 0.25 else "")
+    elif util["sched"] >= 0.5 or util["tracker"] >= 0.5:
+        what = "Ray scheduler" if util["sched"] >= util["tracker"] else "progress actor"
+    elif bound["storage"] >= 0.5:
+        what = "shared storage"
+    elif occupancy < 0.85:
+        what = "tail: nodes idle while the last long inputs finish" if t0 / makespan < 0.1 else "driver prescan"
+    else:
+        what = f"nodes ({max(('gpu', 'cpu'), key=lambda x: bound[x]).upper()})"
+    return Result(scenario, nodes, n_vid, round(makespan, 1), round(t0, 1), round(total_out / makespan, 1),
+                  occupancy=round(occupancy, 3), util=util, bound=bound, bottleneck=what)
 
 
-SCENARIOS = {
-    "baseline": ({}, False, "10k videos (median 90 s, long tail to 2 h), NFS 2 GB/s"),
-    "fast-storage": ({"storage_gbs": 20.0}, False, "the same on a parallel file system (20 GB/s)"),
-    "short-clips": ({}, True, "10k clips of 2-10 s: per-input overheads weigh"),
-    "no-prescan": ({"probe_ms": 0.0}, False, "baseline without the driver's frame count before dispatch"),
+SCENARIOS = {  # name: (Params overrides, short clips, order, driver prescan, description)
+    "baseline": ({}, False, "largest", False,
+                 "batch --ray as built: mixed videos (median 90 s, tail to 2 h), largest first, NFS 2 GB/s"),
+    "tree-order+prescan": ({}, False, "tree", True,
+                           "the plain batch's way: the driver opens every input first, then the tree's order"),
+    "hw-encoder": ({"cpu_mpx_s": 4000.0}, False, "largest", False,
+                   "baseline with the video encoding off the CPUs (a hardware encoder): GPU-bound nodes"),
+    "hw-encoder+fast-storage": ({"cpu_mpx_s": 4000.0, "storage_gbs": 20.0}, False, "largest", False,
+                                "the same on a parallel file system (20 GB/s)"),
+    "short-clips": ({}, True, "largest", False, "clips of 2-10 s: per-input overheads weigh"),
 }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--videos", type=int, default=10000)
-    ap.add_argument("--nodes", default="1,2,4,8,16,32,64,128")
+    ap.add_argument("--nodes", default="1,8,32,64,128,256")
     ap.add_argument("--factor", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -203,12 +251,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     runs = []
     for name in args.scenarios.split(","):
-        overrides, short, _ = SCENARIOS[name]
+        overrides, short, order, prescan, _ = SCENARIOS[name]
         params = Params(**{**asdict(base), **overrides})
         videos = make_videos(args.videos, args.factor, args.seed, short)
         one = None
         for n in node_counts:
-            res = simulate(videos, n, params, name)
+            res = simulate(videos, n, params, name, order, prescan)
             one = one or res.throughput_fps / n
             res.speedup = round(res.throughput_fps / one, 2)
             res.efficiency = round(res.throughput_fps / one / n, 3)
@@ -219,14 +267,15 @@ def main(argv=None) -> int:
     print(f"assumptions: {asdict(base)}; DiT+decoder s/frame = {T480} * (px/480p)^{ALPHA:.3f} per GPU "
           f"({dit_seconds(PX1080):.4f} s at 1080p); {args.videos} inputs, x{args.factor}")
     for name in args.scenarios.split(","):
-        print(f"\n{name}: {SCENARIOS[name][2]}")
-        print(f"  {'nodes':>5} {'makespan':>10} {'prescan':>8} {'out fps':>9} {'speedup':>8} {'eff':>5}  "
-              f"{'gpu':>5} {'cpu':>5} {'storage':>7} {'sched':>5} {'driver':>6} {'tracker':>7}  bottleneck")
+        print(f"\n{name}: {SCENARIOS[name][-1]}")
+        print(f"  {'nodes':>5} {'makespan':>9} {'out fps':>8} {'speedup':>7} {'eff':>5} {'busy':>5}  "
+              f"{'bound by gpu/cpu/storage':>24}  {'storage':>7} {'sched':>6} {'driver':>6} {'actor':>6}  bottleneck")
         for r in (r for r in runs if r.scenario == name):
-            u = r.util
-            print(f"  {r.nodes:>5} {r.makespan_s / 3600:>9.2f}h {r.prescan_s:>7.0f}s {r.throughput_fps:>9.0f} "
-                  f"{r.speedup:>8.1f} {r.efficiency:>5.2f}  {u['gpu']:>5.2f} {u['cpu']:>5.2f} {u['storage']:>7.2f} "
-                  f"{u['sched']:>5.3f} {u['driver']:>6.2f} {u['tracker']:>7.3f}  {r.bottleneck}")
+            u, b = r.util, r.bound
+            print(f"  {r.nodes:>5} {r.makespan_s / 3600:>8.2f}h {r.throughput_fps:>8.0f} {r.speedup:>7.1f} "
+                  f"{r.efficiency:>5.2f} {r.occupancy:>5.2f}  {b['gpu']:>8.2f}/{b['cpu']:.2f}/{b['storage']:.2f}"
+                  f"{'':>5}  {u['storage']:>7.2f} {u['sched']:>6.3f} {u['driver']:>6.3f} {u['tracker']:>6.3f}  "
+                  f"{r.bottleneck}")
     print(f"\n({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
