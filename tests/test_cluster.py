@@ -244,7 +244,7 @@ class Node:
 
 
 @pytest.fixture
-def ray_cluster(solo_store, shm_dir):
+def ray_cluster(solo_store, shm_dir, tmp_path):
     """The head (this process, ray.cluster_utils, loopback only, quick node-death detection) and two EDEN nodes."""
     from ray.cluster_utils import Cluster
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
@@ -253,7 +253,7 @@ def ray_cluster(solo_store, shm_dir):
         object_store_memory=100 * 1024 * 1024,
         _system_config={"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
                         "health_check_failure_threshold": 3}))
-    work = Path(tempfile.mkdtemp(prefix="eden-ray-nodes-"))
+    work = tmp_path / "nodes"  # the nodes' run folders and logs (kept by pytest for a look after a failure)
     lock = Path(tempfile.gettempdir(), f"ray-start-loopback-{cluster.address.replace(':', '_')}.lock")
     nodes = []
     try:
@@ -267,7 +267,6 @@ def ray_cluster(solo_store, shm_dir):
             node.stop()
         cluster.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
         lock.unlink(missing_ok=True)
 
 

@@ -44,8 +44,10 @@ prop() { sed -n "s/^$1=//p" "$CONFIG" | tail -n 1; }
 INFERENCE_URL=$(prop inference_address) MANAGEMENT_URL=$(prop management_address)
 mkdir -p "$RUN_DIR/logs" "$RUN_DIR/tmp"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
-ts() { (cd "$RUN_DIR" && TMPDIR="$RUN_DIR/tmp" LOG_LOCATION="$RUN_DIR/logs" METRICS_LOCATION="$RUN_DIR/logs" \
-        exec "$TORCHSERVE" "$@"); }
+# TEMP: TorchServe's Java side puts its worker sockets there (-Djava.io.tmpdir), TMPDIR: its pid file; both in the
+# run folder, so that several TorchServe instances on one machine never share a socket name.
+ts() { (cd "$RUN_DIR" && TMPDIR="$RUN_DIR/tmp" TEMP="$RUN_DIR/tmp" LOG_LOCATION="$RUN_DIR/logs" \
+        METRICS_LOCATION="$RUN_DIR/logs" exec "$TORCHSERVE" "$@"); }
 
 TS_PID= RAY_PID=
 stop() {
