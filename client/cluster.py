@@ -293,14 +293,19 @@ class RayBatch:
             return
         if res["status"] == "unavailable":
             item.notes.append(f"{res['node']}: {res['detail']}")
-            if len(item.started) <= self.retries:
-                item.excluded.append(res["node_id"])
+            item.excluded.append(res["node_id"])
+            others = set(self.eden_nodes()) - set(item.excluded)
+            if len(item.started) <= self.retries and others:
                 running.pop(key, None)
                 self.submit(key, item)
                 return
             self._end(key, item, "failed", f"no node could serve it ({res['detail']})", progress, running)
             return
         self._end(key, item, res["status"], res["detail"], progress, running)
+
+    def eden_nodes(self) -> list[str]:
+        """Ids of the live nodes that advertise EDEN."""
+        return [n["NodeID"] for n in self.ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(RESOURCE)]
 
     def _end(self, key: int, item: _Item, status: str, detail: str, progress, running: dict) -> None:
         job = item.job

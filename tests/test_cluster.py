@@ -342,3 +342,29 @@ def test_batch_over_two_nodes_survives_a_lost_node(ray_cluster, tmp_path):
     r = subprocess.run(_driver(cluster.address, src, out, "--factor", "2"), capture_output=True, text=True,
                        cwd=ROOT, env=env_for_client(**DRIVER_ENV), timeout=120)
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == f"0 done, {len(names)} skipped, 0 failed", r.stdout
+
+
+@needs_ray
+def test_a_node_whose_torchserve_does_not_answer_gets_no_input(tmp_path):
+    """A node that advertises EDEN but whose TorchServe is down gives the input back; with no other node the input
+    fails with the reason (instead of waiting forever), exit code 1."""
+    from ray.cluster_utils import Cluster
+
+    from client.server import free_port
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False, temp_dir=temp, resources={"eden": 1},
+        object_store_memory=100 * 1024 * 1024,
+        env_vars={"EDEN_NODE_URL": f"http://127.0.0.1:{free_port()}", "EDEN_INFERENCE_KEY": "k",
+                  "EDEN_NODE_NAME": "broken", "PYTHONPATH": str(ROOT)}))
+    try:
+        clips.write_frame_folder(tmp_path / "in" / "shot", clips.clip_frames(3))
+        r = subprocess.run(_driver(cluster.address, tmp_path / "in", tmp_path / "out"), capture_output=True,
+                           text=True, cwd=ROOT, env=env_for_client(**DRIVER_ENV), timeout=180)
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("failed"))
+    assert "no node could serve it" in row and "does not answer" in row and "[on broken]" in row, r.stdout
+    assert r.stdout.splitlines()[-1] == "0 done, 0 skipped, 1 failed" and not (tmp_path / "out" / "shot").exists()

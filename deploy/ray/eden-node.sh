@@ -15,7 +15,8 @@
 #   --name         the node's name in progress lines and the batch table (default: the host name)
 #   --shm-dir      the archives' shm_dir, if not /dev/shm/eden
 #   --attach       TorchServe is started by something else (another container of the pod, with its run dir
-#                  shared as --run-dir): only wait until it serves both models, then join
+#                  shared as --run-dir): only wait until it serves both models, then join; leave when it stops
+#                  answering for 30 s
 #
 # The node joins only once both models have all their workers READY. When Ray stops, TorchServe is stopped and
 # the other way round (a node without one of them is no node); SIGTERM / SIGINT stop both.
@@ -83,10 +84,22 @@ export EDEN_NODE_URL=$INFERENCE_URL EDEN_MANAGEMENT_URL=$MANAGEMENT_URL EDEN_KEY
 [ -z "$SHM_DIR" ] || export EDEN_SHM_DIR=$SHM_DIR
 "$RAY" start --address "$ADDRESS" --resources '{"eden": 1}' --block "$@" &
 RAY_PID=$!
-# Whichever stops first takes the node down (a supervisor, systemd or Kubernetes, starts it again).
+# Whichever stops first takes the node down (a supervisor, systemd or Kubernetes, starts it again). With --attach
+# TorchServe is not our child: it is checked every 10 s, and 3 misses in a row take the node out of the cluster
+# (its container restarting, say), so that no input is sent to a node that cannot serve it.
 set +e
-wait -n $RAY_PID ${TS_PID:+$TS_PID}
-rc=$?
+if [ "$ATTACH" = 1 ]; then
+  misses=0
+  while kill -0 "$RAY_PID" 2>/dev/null && [ $misses -lt 3 ]; do
+    sleep 10 & wait $!
+    if ready; then misses=0; else misses=$((misses + 1)); fi
+  done
+  [ $misses -lt 3 ] || echo "eden-node: TorchServe at $INFERENCE_URL has not answered for 30 s: leaving" >&2
+  kill -0 "$RAY_PID" 2>/dev/null && rc=1 || { wait "$RAY_PID"; rc=$?; }
+else
+  wait -n $RAY_PID ${TS_PID:+$TS_PID}
+  rc=$?
+fi
 echo "eden-node: $([ -n "$TS_PID" ] && ! kill -0 "$TS_PID" 2>/dev/null && echo TorchServe || echo Ray) stopped \
 (exit code $rc): stopping the node" >&2
 stop
