@@ -227,9 +227,10 @@ class RayBatch:
 
     def run(self, pending, progress) -> bool:
         ray = self.ray
-        self.connect()
         items = {k: _Item(job) for k, job in enumerate(pending)}
+        self.tracker = None
         try:
+            self.connect()
             # largest inputs first (bytes on disk as the measure of work: a stat, not an open), so that a long
             # video does not start last and leave the other nodes idle at the end (bench/cluster_sim.py)
             for key in sorted(items, key=lambda k: -input_bytes(items[k].job.src)):
@@ -240,7 +241,8 @@ class RayBatch:
             self._cancel(items, progress)
             return True
         finally:
-            ray.shutdown()
+            if ray.is_initialized():
+                ray.shutdown()
 
     def _wait(self, items: dict[int, _Item], progress) -> None:
         ray = self.ray
@@ -325,30 +327,33 @@ class RayBatch:
     def _cancel(self, items: dict[int, _Item], progress) -> None:
         """Ctrl-C: running tasks stop at their next progress report and remove their partial output."""
         ray = self.ray
+        if self.tracker is None:  # interrupted while connecting: nothing was submitted
+            for item in items.values():
+                item.job.status, item.job.detail = "interrupted", "not started"
+            return
         try:
-            ray.get(self.tracker.cancel.remote(), timeout=10)
+            ray.get(self.tracker.cancel.remote(), timeout=10)  # running tasks: Cancelled at their next report
+            started = {e[0] for e in ray.get(self.tracker.poll.remote(0), timeout=10)[0]}
         except Exception:  # noqa: BLE001 - stopping anyway
-            pass
+            started = set()
         refs = {i.ref: k for k, i in items.items() if i.ref is not None}
-        for ref in refs:
-            ray.cancel(ref)  # not started: dropped; running: KeyboardInterrupt in the task (the sink cleans up)
+        for ref, key in refs.items():
+            if key not in started:
+                ray.cancel(ref)  # queued: dropped
         deadline = time.monotonic() + 30
         while refs and time.monotonic() < deadline:
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1)
             for ref in ready:
-                item = items[refs.pop(ref)]
-                item.ref = None
+                key = refs.pop(ref)
+                items[key].ref = None
                 try:
                     res = ray.get(ref)
-                    item.job.status, item.job.detail = res["status"], res["detail"]
-                except Exception:  # noqa: BLE001 - cancelled before or while running
+                    items[key].job.status, items[key].job.detail = res["status"], res["detail"]
+                except Exception:  # noqa: BLE001 - cancelled before it ran
                     pass
-        try:
-            started = {e[0] for e in ray.get(self.tracker.poll.remote(0), timeout=10)[0]}
-        except Exception:  # noqa: BLE001
-            started = set()
+        for ref in refs:  # still running after 30 s: stopped the hard way (a rerun removes the partial output)
+            ray.cancel(ref, force=True)
         for key, item in items.items():
             if item.job.status == "pending":
-                item.started = item.started or ([("?", "?")] if key in started else [])
                 item.job.status = "interrupted"
-                item.job.detail = "stopped, partial output removed" if item.started else "not started"
+                item.job.detail = "stopped" if item.started or key in started else "not started"

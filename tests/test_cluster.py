@@ -343,6 +343,27 @@ def test_batch_over_two_nodes_survives_a_lost_node(ray_cluster, tmp_path):
                        cwd=ROOT, env=env_for_client(**DRIVER_ENV), timeout=120)
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == f"0 done, {len(names)} skipped, 0 failed", r.stdout
 
+    # Ctrl-C of the driver mid-batch: exit 130, the running inputs stop and remove their partial output
+    out2 = tmp_path / "out2"
+    proc = subprocess.Popen(_driver(cluster.address, src, out2, "--factor", "2"), cwd=ROOT,
+                            env=env_for_client(**DRIVER_ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("start ") for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    reader.join(10)
+    assert proc.returncode == 130, stdout + "".join(lines)
+    assert "interrupted" in stdout.splitlines()[-1] and not _partials(out2), stdout
+    print("Ctrl-C:", stdout.splitlines()[-1], "|", "; ".join(
+        " ".join(line.split()[:2]) for line in stdout.splitlines()[1:-1] if not line.startswith("done")))
+
 
 @needs_ray
 def test_a_node_whose_torchserve_does_not_answer_gets_no_input(tmp_path):
