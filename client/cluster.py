@@ -46,9 +46,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """The batch command's cluster flags."""
     g = p.add_argument_group("Ray cluster (README: Many machines)")
     g.add_argument("--ray", metavar="ADDRESS", default=None,
-                   help="spread the inputs over this Ray cluster ('auto': the one running here; host:port of its "
-                        "head; ray://host:10001 for Ray Client), one task per input on the nodes that serve EDEN; "
-                        "IN_DIR and OUT_DIR must be on storage every node sees")
+                   help="spread the inputs over this Ray cluster ('auto': the one this machine belongs to, or "
+                        "host:port of its head), one task per input on the nodes that serve EDEN, "
+                        "each using its own node's TorchServe (the connection flags do not apply); IN_DIR and "
+                        "OUT_DIR must be on storage every node sees")
     g.add_argument("--per-node", type=int, default=2,
                    help="with --ray: inputs at a time on each node (default 2: one's decoding and writing overlap "
                         "the other's requests)")
@@ -141,8 +142,9 @@ class Tracker:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def poll(self, since: int) -> tuple[list[tuple], dict[int, int]]:
-        return self.events[since:], dict(self.done)
+    def poll(self, since: int, keys: list[int] = ()) -> tuple[list[tuple], dict[int, int]]:
+        """Starts since event number ``since``, and the frames done of the inputs ``keys``."""
+        return self.events[since:], {k: self.done[k] for k in keys if k in self.done}
 
 
 # ---------------------------------------------------------------------- on the driver
@@ -251,7 +253,7 @@ class RayBatch:
         while any(i.ref is not None for i in items.values()):
             refs = {i.ref: k for k, i in items.items() if i.ref is not None}
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=POLL_S)
-            events, done = ray.get(self.tracker.poll.remote(seen))
+            events, done = ray.get(self.tracker.poll.remote(seen, list(running)))
             seen += len(events)
             for key, node, node_id, attempt, frames in events:
                 item = items[key]
