@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import yaml
 from conftest import ROOT, TEST_SETTINGS
 from test_deploy import DEPLOY, dockerfile, java_regex_matches, properties
@@ -315,6 +316,8 @@ def test_batch_over_two_nodes_survives_a_lost_node(ray_cluster, tmp_path):
     log = stdout + "".join(lines)
     took = time.monotonic() - t0
     assert killed_on_n1, f"the batch ended before n1 could be killed mid-input\n{log}"
+    with pytest.raises(requests.ConnectionError):  # the lost node's TorchServe went with it
+        requests.get(f"{n1.ts.inference_url}/ping", timeout=5)
     assert proc.returncode == 0, log
     table = stdout.splitlines()
     assert table[-1] == f"{len(names)} done, 0 skipped, 0 failed", log
