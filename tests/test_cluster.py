@@ -249,6 +249,9 @@ def ray_cluster(solo_store, shm_dir, tmp_path):
     """The head (this process, ray.cluster_utils, loopback only, quick node-death detection) and two EDEN nodes."""
     from ray.cluster_utils import Cluster
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    # Ray records the cluster's address in its default folder even when given another one; on a fresh machine that
+    # folder does not exist yet
+    os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=0, node_ip_address="127.0.0.1", include_dashboard=False, temp_dir=temp,
         object_store_memory=100 * 1024 * 1024,
