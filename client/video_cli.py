@@ -129,8 +129,12 @@ def cmd_batch(args) -> int:
     from .cli import connect
     try:
         options = options_from(args)
-        client = connect(args)
-        jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), client, options, args.jobs, args.quiet)
+        runner = None
+        if args.ray:  # the inputs spread over a Ray cluster, each on a node's own deployment (client/cluster.py)
+            from .cluster import runner as ray_runner
+            runner = ray_runner(args, options)
+        jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), None if runner else connect(args), options,
+                               args.jobs, args.quiet, runner=runner)
     except FramesError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2
@@ -166,4 +170,6 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, help="inputs processed at the same time (default 1)")
     add_interpolation_args(p)
     add_connection_args(p)
+    from .cluster import add_args as add_cluster_args
+    add_cluster_args(p)
     p.set_defaults(fn=cmd_batch)
