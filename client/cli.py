@@ -133,7 +133,8 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m client", description="Client of the split EDEN deployment.")
+    prog = "python -m client" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name  # or eden-client
+    ap = argparse.ArgumentParser(prog=prog, description="Client of the split EDEN deployment.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pair", help="interpolate the middle frame of two images")
