@@ -89,7 +89,7 @@ def test_ray_image():
         args.setdefault(k, []).append(a)
     assert args["FROM"] == ["${BASE_IMAGE}"] and args["USER"][-1].split(":")[0] not in ("0", "root")
     assert any("EDEN_SIDE=ray" in a for a in args["ENV"])
-    assert any(".[cluster]" in a for a in args["RUN"])  # Ray in the image, the version the driver has
+    assert any("cluster]" in a for a in args["RUN"])  # Ray in the image, the version the driver has
     for mar in ("eden_encoder.mar", "eden_ditdec.mar"):
         assert any(f"model_store/{mar} /home/model-server/model-store/" in a for a in args["COPY"]), mar
     ignore = (RAY_DIR / "Dockerfile.dockerignore").read_text().split()
