@@ -108,7 +108,12 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
         raise SystemExit(f"build_archives: version {version!r} cannot go in a file name (letters, digits, _ and .)")
     model_store.mkdir(parents=True, exist_ok=True)
     built = []
-    for name, device_ids in placement(gpus, profile, side).items():
+    placed = placement(gpus, profile, side)
+    # workers of both models on the most shared GPU: each may run a batch at once (the default frame-size limit
+    # admits 4K only where the GPU holds all of them, eden_serve/limits.py)
+    per_gpu = {name: (-(-workers // len(ids)) if workers else workers_per_gpu) for name, ids in placed.items() if ids}
+    workers_on_gpu = max((sum(per_gpu[n] for n, ids in placed.items() if g in ids) for g in range(gpus)), default=1)
+    for name, device_ids in placed.items():
         handler, weights_file = MODELS[name]
         with tempfile.TemporaryDirectory() as tmp:
             stage = Path(tmp, "extra")
@@ -118,6 +123,8 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
             shutil.copy2(weights / weights_file, stage / weights_file)
             shutil.copy2(weights / CONFIG_FILE, stage / CONFIG_FILE)
             config = model_config(name, device_ids, batch_size, max_batch_delay_ms, workers, workers_per_gpu)
+            if device_ids:
+                config["eden"]["workers_on_gpu"] = workers_on_gpu
             config["eden"].update(settings or {})
             if name == "eden_ditdec" and kernels:
                 config["eden"].update(kernels)

@@ -17,9 +17,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,7 +112,9 @@ def wanted_settings(job: Job, options: Options) -> dict:
 def recorded_settings(dst: Path) -> dict | None:
     """The settings recorded with ``dst`` (None: no record, or one this version cannot read)."""
     try:
-        data = json.loads(settings_path(dst).read_text())
+        fd = os.open(settings_path(dst), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # never through a link
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("version") != SETTINGS_VERSION or not isinstance(
@@ -120,10 +124,18 @@ def recorded_settings(dst: Path) -> dict | None:
 
 
 def record_settings(dst: Path, settings: dict) -> None:
+    """Write the record beside ``dst`` through a fresh temporary file (O_EXCL: a link planted under a temporary
+    name is never written through), renamed over the record (a link there is replaced, not followed)."""
     path = settings_path(dst)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps({"version": SETTINGS_VERSION, "settings": settings}, indent=1))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"version": SETTINGS_VERSION, "settings": settings}, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def settings_change(old: dict, new: dict) -> str:
@@ -140,6 +152,7 @@ def process(job: Job, client, options: Options, on_progress) -> None:
     try:
         if job.out_dir is not None:  # a link planted inside OUT_DIR is never written through
             check_no_links(Path(job.out_dir).resolve(), job.dst)
+            check_no_links(Path(job.out_dir).resolve(), settings_path(job.dst))
         settings = wanted_settings(job, options)
         if job.redo and job.dst.is_dir():
             # other settings than the output's: a video is replaced when the new one is complete, but a folder

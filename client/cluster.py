@@ -6,8 +6,8 @@ deployment (TorchServe with both halves on its own GPUs; README "Many machines (
   at most ``--per-node`` inputs at a time on a node and never one on a node without EDEN (the head, CPU nodes).
 * A task finds its node's TorchServe in the environment the node's raylet was started with, which its worker
   processes inherit: ``$EDEN_NODE_URL`` (inference URL, default http://127.0.0.1:8080), ``$EDEN_KEY_FILE`` (or
-  ``$EDEN_INFERENCE_KEY``), ``$EDEN_MANAGEMENT_URL`` (key renewal), ``$EDEN_TRANSPORT`` (default shm: the fast
-  same-host transport), ``$EDEN_SHM_DIR``, ``$EDEN_NODE_NAME`` (how tables and progress name the node). It runs
+  ``$EDEN_INFERENCE_KEY``), ``$EDEN_MANAGEMENT_URL`` (key renewal), ``$EDEN_TRANSPORT`` (default auto: the
+  probe finds the fast same-host transport), ``$EDEN_SHM_DIR``, ``$EDEN_NODE_NAME`` (how tables and progress name the node). It runs
   client.batch.process (client.convert), exactly what a plain batch runs for one input, so outputs are written
   under a temporary name and renamed when complete.
 * Inputs and outputs must be on storage every node sees, under the same path.
@@ -113,7 +113,11 @@ def run_input(key: int, src: str, dst: str, name: str, options, tracker, timeout
             if ray.get(tracker.progress.remote(key, done)):
                 raise Cancelled()
 
-    process(job, node_client(timeout), options, on_progress)
+    try:
+        client = node_client(timeout)  # (the transport probe asks this node's TorchServe)
+    except Exception as e:  # noqa: BLE001 - this node cannot serve it now: another may
+        return {**out, "status": "unavailable", "detail": f"cannot connect to this node's TorchServe: {e}"}
+    process(job, client, options, on_progress)
     if job.status == "failed":
         problem = node_serves()
         if problem:  # it failed because TorchServe went away: another node may do it

@@ -17,8 +17,11 @@ namespace) the client falls back to host tokens by itself (client/api.py).
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from eden_serve.protocol import CONTENT_TYPE, HANDOFF_DEVICE, HANDOFF_HOST, REFERENCE_CONTENT_TYPE
 from eden_serve.shm import ShmError, ShmStore, make_ref, probe_answer
@@ -37,6 +40,13 @@ class Choice:
 
 class ProbeFailed(Exception):
     """Shared memory cannot work with this server; the message says why."""
+
+
+def memory_folder(path: Path) -> bool:
+    """Whether ``path`` is where shared-memory folders live (under /dev/shm or the temporary folder): the only places
+    a server's answer may make this client write its probe."""
+    where = Path(os.path.abspath(path))
+    return any(where.is_relative_to(root) for root in (Path("/dev/shm"), Path(tempfile.gettempdir()).resolve()))
 
 
 def _ask(model, probe: str | None) -> dict:
@@ -65,6 +75,9 @@ def probe(model, shm_dir: str | None, group: str | None = None) -> tuple[str, di
         raise ProbeFailed(f"{model.model} has the shared-memory transport off")
     if not isinstance(folder, str):
         raise ProbeFailed(f"{model.model} answered an invalid folder")
+    if not shm_dir and not memory_folder(Path(folder)):  # a server never makes the client write elsewhere
+        raise ProbeFailed(f"{model.model}'s shared-memory folder {folder} is not under /dev/shm or the temporary "
+                          f"folder: pass --shm-dir {folder} to use it")
     store = ShmStore(folder, group=group)
     try:  # here, not created: a folder this client cannot see is not shared; one others can write is never used
         store.check_dir()

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import pipeline
+from . import model, pipeline
 from .model import EdenGenerator
 from .pipeline import Geometry, PairBatch
 
@@ -247,6 +247,9 @@ class _Graphs:
     sample: torch.cuda.CUDAGraph
     decode: torch.cuda.CUDAGraph
     source: object = None  # the PairBatch sample_latents copied in, until decode_frames has used it
+    # cached constants the graphs read (positions, upsample matrices): a replay holds raw pointers to them, so they
+    # must outlive the caches' eviction
+    constants: tuple = ()
 
 
 @dataclass
@@ -393,7 +396,14 @@ class Accelerator:
             frames = self._decode(static, latents)
         log.info("captured CUDA graphs for %dx%d, batch %d, in %.2f s", geo.height, geo.width, batch,
                  time.perf_counter() - t)
-        return _Graphs(static, noise, latents, frames, sample, decode)
+        return _Graphs(static, noise, latents, frames, sample, decode, constants=self._constants(geo))
+
+    def _constants(self, geo) -> tuple:
+        """The cached device tensors a (size) graph reads: they are the cache's values, so holding them here keeps
+        their memory from being reused when the caches evict them."""
+        gh, gw = geo.grid
+        matrices = tuple(model._bicubic2x_matrix(n // 2, self.device, torch.float32) for n in (gh, gw))
+        return matrices + tuple(self.generator._pos(geo.grid, stride, self.device) for stride in (1, 2))
 
     # ------------------------------------------------------------------ warm-up
     @torch.inference_mode()

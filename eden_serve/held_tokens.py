@@ -25,6 +25,9 @@ class HeldTokens:
         self.max_bytes = max_bytes
         self.entries: dict[str, tuple[Any, int, float, int]] = {}
         self.lock = threading.Lock()
+        # one reap or drop at a time (the reaper thread; has_room and error paths on the handler's): a descriptor
+        # is never closed under a reap that is about to lock or truncate it
+        self.reaping = threading.RLock()
 
     def __contains__(self, name: str) -> bool:
         with self.lock:
@@ -55,31 +58,39 @@ class HeldTokens:
 
     def drop(self, name: str) -> None:
         """Free a handed-off segment's tokens now (no reader can be using them)."""
-        with self.lock:
-            entry = self.entries.pop(name, None)
-        if entry is not None:
-            os.close(entry[3])
+        with self.reaping:
+            with self.lock:
+                entry = self.entries.pop(name, None)
+            if entry is not None:
+                os.close(entry[3])
 
     def reap(self) -> int:
         """Free the tokens whose segment was released (unlinked) or is older than the TTL (then removed); returns
         how many."""
-        cutoff = time.monotonic() - self.store.ttl_s
-        with self.lock:
-            entries = list(self.entries.items())
-        freed = 0
-        for name, (_, _, created, fd) in entries:
-            if created < cutoff:
-                self.store.unlink(name)
-            elif (self.store.root / name).exists():
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a DiT+decoder is copying from it: next round
-            os.ftruncate(fd, 0)
-            self.drop(name)
-            freed += 1
-        return freed
+        with self.reaping:
+            cutoff = time.monotonic() - self.store.ttl_s
+            with self.lock:
+                entries = list(self.entries.items())
+            freed = 0
+            for name, (_, _, created, fd) in entries:
+                with self.lock:
+                    if self.entries.get(name, (None,) * 4)[3] != fd:  # dropped meanwhile (released by an error)
+                        continue
+                if created < cutoff:
+                    self.store.unlink(name)
+                elif (self.store.root / name).exists():
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a DiT+decoder is copying from it: next round
+                except OSError as e:
+                    log.warning("handoff: cannot lock segment %s (%s): freeing its tokens", name, e)
+                else:
+                    os.ftruncate(fd, 0)
+                self.drop(name)
+                freed += 1
+            return freed
 
     def start_reaper(self, period_s: float = 0.5) -> threading.Thread:
         """A daemon thread that reaps every ``period_s``."""

@@ -29,14 +29,15 @@ def needed_bytes(pixels: int, batch_size: int) -> float:
     return max(1, batch_size) * pixels * BYTES_PER_PIXEL + RESERVE_BYTES
 
 
-def resolve_max_pixels(configured: int, device, batch_size: int = 1, total_memory: int | None = None
-                       ) -> tuple[int, str]:
+def resolve_max_pixels(configured: int, device, batch_size: int = 1, total_memory: int | None = None,
+                       workers_on_gpu: int = 1) -> tuple[int, str]:
     """(the limit in pixels, what to say when a frame is over it). ``configured`` > 0 is the archive's own
-    setting; 0 means: 4K where the GPU has the memory (``total_memory``: its bytes, read from torch if None)."""
+    setting; 0 means: 4K where the GPU has the memory (``total_memory``: its bytes, read from torch if None) for
+    every worker placed on it (``workers_on_gpu``, of both models: each may run a 4K batch at the same time)."""
     how = "set max_pixels in the eden: section of the archive's model-config.yaml"
     if configured > 0:
-        return configured, f"this worker's max_pixels setting (the eden: section of the archive's model-config.yaml)"
-    need = needed_bytes(UHD_PIXELS, batch_size)
+        return configured, "this worker's max_pixels setting (the eden: section of the archive's model-config.yaml)"
+    need = needed_bytes(UHD_PIXELS, batch_size) * max(1, workers_on_gpu)
     if getattr(device, "type", str(device)) != "cuda":
         return DEFAULT_PIXELS, (f"the default limit of a CPU worker: 4K (4096x2160) is admitted by default on a GPU "
                                 f"with about {gib(need / USABLE)} at batch size {batch_size}; {how} to admit more")
@@ -47,8 +48,9 @@ def resolve_max_pixels(configured: int, device, batch_size: int = 1, total_memor
         return UHD_PIXELS, (f"the default limit of this worker: 4K (4096x2160) on {device} with "
                             f"{gib(total_memory)}; {how} to admit more")
     return DEFAULT_PIXELS, (f"the default limit of this worker: its GPU {device} has {gib(total_memory)}, and 4K "
-                            f"(4096x2160) at batch size {batch_size} needs about {gib(need / USABLE)}; {how}, or "
-                            f"build the archives with a smaller --batch-size")
+                            f"(4096x2160) at batch size {batch_size} for its {max(1, workers_on_gpu)} worker(s) needs "
+                            f"about {gib(need / USABLE)}; {how}, or build the archives with a smaller --batch-size or "
+                            f"fewer --workers-per-gpu")
 
 
 def explain(message: str, note: str) -> str:

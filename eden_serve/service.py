@@ -47,6 +47,7 @@ REMOTE_HEADER = protocol.REMOTE
 class Settings:
     """Handler settings: the ``eden`` section of the archive's model-config.yaml."""
     max_pixels: int = 0  # per frame; 0: 4K where the GPU has the memory, else 2560x1440 (eden_serve/limits.py)
+    workers_on_gpu: int = 1  # workers of both models sharing this worker's GPU (build_archives.py writes it)
     min_side: int = 32  # one latent cell: anything smaller is not a video frame
     max_frames: int = 16  # frames per encoder request
     max_response_bytes: int = protocol.MAX_BODY_BYTES  # TorchServe's max_response_size
@@ -209,7 +210,8 @@ class BatchService:
             torch.set_num_threads(self.settings.torch_threads)
         self.device = select_device(context)
         pixels, self.limit_note = limits.resolve_max_pixels(
-            self.settings.max_pixels, self.device, int(context.system_properties.get("batch_size") or 1))
+            self.settings.max_pixels, self.device, int(context.system_properties.get("batch_size") or 1),
+            workers_on_gpu=self.settings.workers_on_gpu)
         self.settings = dataclasses.replace(self.settings, max_pixels=pixels)
         self.model_dir = context.system_properties["model_dir"]
         self.batch_size = int(context.system_properties.get("batch_size") or 1)
@@ -450,9 +452,10 @@ class BatchService:
                   "handoff": self.can_hand_off()}
         name = ref["probe"]
         if name is not None:
-            data = store.read(name)
-            if len(data) > 4096:
-                raise RequestError("a probe segment holds at most 4096 bytes")
+            with store.open(name) as segment:
+                if segment.size > 4096:  # (checked before anything is copied)
+                    raise RequestError("a probe segment holds at most 4096 bytes")
+                data = segment.read()
             answer["probe"] = shm.probe_answer(data)
             try:
                 answer["reply"] = store.write(answer["probe"].encode())

@@ -182,10 +182,6 @@ class ShmStore:
         return fd
 
     # ------------------------------------------------------------------ writing
-    def create(self) -> None:
-        """The folder, private to this user (0700), if it does not exist yet."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-
     def write(self, buffers) -> str:
         """Write bytes (or a list of buffers, in order) to a new segment; returns its name."""
         self.ensure_dir()

@@ -2,11 +2,15 @@
 with the inference key, test frames, token blobs with one thing wrong, and the memory of the processes."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
 import os
+import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -283,3 +287,27 @@ def hostile_requests(good: bytes, frame: bytes) -> dict:
     }
 
 
+@contextlib.contextmanager
+def keyproxy_running(target: str, key_file, secret: str, *args: str):
+    """deploy/keyproxy.py for real on a free loopback port, forwarding to ``target``; yields its URL."""
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(root / "deploy" / "keyproxy.py"), "--listen", f"127.0.0.1:{port}",
+                             "--target", target, "--key-file", str(key_file), *args],
+                            env={**os.environ, "EDEN_PROXY_SECRET": secret, "PYTHONPATH": str(root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{url}/ping", timeout=2)
+                break
+            except requests.RequestException:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import requests
 import yaml
 from conftest import FIXTURE, ROOT, read_rgb
+from helpers_http import keyproxy_running
 
 from client.api import EdenClient, KeySource, ServeError
 from eden_serve import images, protocol, serving
@@ -196,31 +195,11 @@ def test_kubernetes_manifests():
 
 
 # ---------------------------------------------------------------------- the forwarder and health check, for real
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def keyproxy(server):
-    port, secret = free_port(), "s3cret-" + "x" * 20
-    env = {**os.environ, "EDEN_PROXY_SECRET": secret, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(DEPLOY / "keyproxy.py"), "--listen", f"127.0.0.1:{port}",
-                             "--target", server.inference_url, "--management", server.management_url,
-                             "--key-file", str(server.key_file)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            requests.get(f"{url}/ping", timeout=2)
-            break
-        except requests.RequestException:
-            time.sleep(0.2)
-    yield url, secret
-    proc.terminate()
-    proc.wait(10)
+    secret = "s3cret-" + "x" * 20
+    with keyproxy_running(server.inference_url, server.key_file, secret, "--management", server.management_url) as url:
+        yield url, secret
 
 
 @pytest.mark.server

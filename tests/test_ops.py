@@ -152,6 +152,8 @@ def test_archives_for_four_gpus_are_one_flag(tiny_weights, tmp_path, profile, di
     assert configs["eden_encoder"]["deviceIds"] == [0] and configs["eden_encoder"]["minWorkers"] == 2
     assert configs["eden_ditdec"]["deviceIds"] == ditdec_gpus
     assert configs["eden_ditdec"]["minWorkers"] == configs["eden_ditdec"]["maxWorkers"] == 2 * len(ditdec_gpus)
+    # the most shared GPU: GPU 0 with both models' workers in the spread profile (the 4K memory rule counts them)
+    assert {c["eden"]["workers_on_gpu"] for c in configs.values()} == {2 if profile == "split" else 4}
     assert {c["deviceType"] for c in configs.values()} == {"gpu"}
 
 

@@ -34,7 +34,7 @@ from client.ops import MAX_WORKERS, ManagementClient
 from client.server import TorchServe
 from eden_serve import shm, wire
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, ShmUnsafe, make_ref
-from helpers_http import LogTail, hostile_requests, noise_frame, png, post
+from helpers_http import LogTail, hostile_requests, keyproxy_running, noise_frame, png, post
 
 DEPLOY = ROOT / "deploy"
 SEG = "eden-" + "ab" * 16
@@ -386,26 +386,9 @@ def test_shared_memory_answers_have_a_quota(sec_server, sec_shm):
 # ---------------------------------------------------------------------- 10, 11. the forwarder
 @pytest.fixture(scope="module")
 def keyproxy(server):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     secret = "s3cret-" + "y" * 20
-    env = {**os.environ, "EDEN_PROXY_SECRET": secret, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(DEPLOY / "keyproxy.py"), "--listen", f"127.0.0.1:{port}",
-                             "--target", server.inference_url, "--management", server.management_url,
-                             "--key-file", str(server.key_file)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            requests.get(f"{url}/ping", timeout=2)
-            break
-        except requests.RequestException:
-            time.sleep(0.2)
-    yield url, secret, port
-    proc.terminate()
-    proc.wait(10)
+    with keyproxy_running(server.inference_url, server.key_file, secret, "--management", server.management_url) as url:
+        yield url, secret, int(url.rsplit(":", 1)[1])
 
 
 @pytest.mark.server
@@ -444,35 +427,19 @@ def test_forwarder_holds_a_bounded_number_of_bodies(tmp_path):
     threading.Thread(target=target.serve_forever, daemon=True).start()
     keys = tmp_path / "key_file.json"
     keys.write_text(json.dumps({"inference": {"key": "k"}, "management": {"key": "m"}}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     secret = "s3cret-" + "z" * 20
-    proc = subprocess.Popen([sys.executable, str(DEPLOY / "keyproxy.py"), "--listen", f"127.0.0.1:{port}",
-                             "--target", f"http://127.0.0.1:{target.server_port}", "--key-file", str(keys),
-                             "--max-concurrent", "1"], env={**os.environ, "EDEN_PROXY_SECRET": secret,
-                                                            "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/predictions/eden_ditdec"
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except requests.RequestException:
-                time.sleep(0.2)
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(requests.post, url, data=b"x" * 1000, headers={"Authorization": f"Bearer {secret}"},
-                                timeout=30)
-            time.sleep(0.5)
-            second = requests.post(url, data=b"y", headers={"Authorization": f"Bearer {secret}"}, timeout=30)
-            assert second.status_code == 503 and second.headers.get("Retry-After") == "1", second.text
-            assert "already holds 1 requests" in message(second)
-            assert first.result().status_code == 200
+        with keyproxy_running(f"http://127.0.0.1:{target.server_port}", keys, secret, "--max-concurrent", "1") as base:
+            url = f"{base}/predictions/eden_ditdec"
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(requests.post, url, data=b"x" * 1000,
+                                    headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+                time.sleep(0.5)
+                second = requests.post(url, data=b"y", headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+                assert second.status_code == 503 and second.headers.get("Retry-After") == "1", second.text
+                assert "already holds 1 requests" in message(second)
+                assert first.result().status_code == 200
     finally:
-        proc.terminate()
-        proc.wait(10)
         target.shutdown()
 
 

@@ -331,6 +331,10 @@ def test_4k_is_admitted_where_the_gpu_has_the_memory():
     pixels, note = limits.resolve_max_pixels(0, gpu, batch_size=4, total_memory=16 * 2**30)
     assert pixels == 2560 * 1440 and "has 16.0 GiB" in note and "smaller --batch-size" in note
     assert limits.resolve_max_pixels(0, gpu, batch_size=1, total_memory=16 * 2**30)[0] == 4096 * 2160
+    # every worker on the GPU may run a 4K batch at once: four of them (two per model, one GPU) need 4x the memory
+    assert limits.resolve_max_pixels(0, gpu, 4, 141 * 2**30, workers_on_gpu=4)[0] == 4096 * 2160
+    pixels, note = limits.resolve_max_pixels(0, gpu, 4, 48 * 2**30, workers_on_gpu=4)
+    assert pixels == 2560 * 1440 and "for its 4 worker(s)" in note and "fewer --workers-per-gpu" in note
     pixels, own = limits.resolve_max_pixels(640 * 480, gpu, 4, 141 * 2**30)  # the archive's own setting wins
     assert pixels == 640 * 480 and "max_pixels setting" in own
     pixels, note = limits.resolve_max_pixels(0, torch.device("cpu"), batch_size=4)
