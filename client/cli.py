@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("frame1")
     p.add_argument("-o", "--output", required=True, help="output PNG")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
-    p.add_argument("--token-dtype", choices=["float16", "float32"], default="float16",
+    p.add_argument("--token-dtype", choices=["float16", "float32", "int8"], default="float16",
                    help="precision of the tokens between the two models (default: %(default)s)")
     add_connection_args(p)
     p.set_defaults(fn=cmd_pair)

@@ -52,7 +52,7 @@ class Settings:
     min_side: int = 32  # one latent cell: anything smaller is not a video frame
     max_frames: int = 16  # frames per encoder request
     max_response_bytes: int = 256 * 1024 * 1024  # keep equal to config.properties' max_response_size
-    token_dtype: str = "float16"  # default wire dtype; a request may ask for float32
+    token_dtype: str = "float16"  # default wire dtype; a request may ask for float32 or int8
     png_compress_level: int = 1
     torch_threads: int = 0  # CPU threads per worker (0: torch's default)
     compute_dtype: str = "auto"  # DiT+decoder matrix precision: auto (bfloat16 on GPU, float32 on CPU), float32, ...
@@ -496,7 +496,8 @@ class EncoderService(BatchService):
     """Frames (multipart fields frame0, frame1, ... as PNG/JPEG/raw, or shared-memory references to them) -> a token
     blob (application/x-eden-tokens) of all of them.
 
-    Form field ``dtype`` (or header X-Eden-Token-Dtype): float16 (default) or float32 tokens.
+    Form field ``dtype`` (or header X-Eden-Token-Dtype): float16 (default), float32 or int8 tokens (8-bit with a
+    scale per token, wire format version 2).
     """
 
     def load(self):
@@ -551,8 +552,8 @@ class EncoderService(BatchService):
         with self.stage("serialize"):
             geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
             dtype = items[0][1]
-            gpu = tokens.wire_tensor(encoded, dtype)  # [K, 2, N, D]
-            finite = torch.isfinite(gpu).all()
+            gpu = tokens.wire_tensor(encoded, dtype)  # [K, 2, N, D] (int8: [K, 2, N, D + 4])
+            finite = tokens.finite(gpu)
             metas = tokens.blob_metas(encoded, differences, geo, dtype, self.cfg.encoder_fingerprint)
             bodies, start = [], 0
             try:
@@ -753,8 +754,8 @@ class DitDecService(BatchService):
             raise RequestError(f"{e}: encode the frames again", 410) from None
         except handoff.HandoffError as e:
             raise RequestError(f"cannot use the handed-off tokens: {e}", kind=shm.HANDOFF_UNAVAILABLE) from None
-        if not torch.isfinite(t).all():
-            raise RequestError("tokens contain NaN or infinite values")
+        if not tokens.finite(t):
+            raise RequestError("tokens contain NaN or infinite values (or int8 scales out of range)")
         return t
 
     def pair_tokens(self, body, context=None, idx: int = 0) -> tuple[wire.TokenBlob, pipeline.Geometry,
