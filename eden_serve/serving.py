@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import acceleration, checkpoint, handoff, images, limits, pipeline, shm, tokens, ts_patches, wire
+from . import acceleration, checkpoint, framerefs, handoff, images, limits, pipeline, shm, tokens, ts_patches, wire
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class RequestError(Exception):
         self.kind = kind
 
 
-REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
+REASONS = {400: "Bad Request", 409: "Conflict", 410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
            503: "Service Unavailable", 507: "Insufficient Storage"}
 FRAME_FIELD = re.compile(r"frame([0-9]{1,4})")  # ASCII digits only ("frame²" is not a frame field)
 REMOTE_HEADER = shm.REMOTE_HEADER
@@ -62,6 +62,7 @@ class Settings:
     shm_group: str = ""  # a group that shares the shm folder with this user (folder 0770); "": this user only
     fast_socket_reads: bool = True  # eden_serve/ts_patches.py: read request bodies without repeated copies
     frame_cache: int = 16  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
+    http_frame_cache_bytes: int = 1 << 30  # DiT+decoder: frames received over HTTP kept for pairs that name them
     device_handoff: bool = True  # encoder on a GPU: keep tokens there for shm requests that ask (eden_serve/handoff.py)
     handoff_max_bytes: int = 8 << 30  # encoder: GPU memory held for handed-off tokens; past it, tokens go to host
     # DiT+decoder GPU kernels (eden_serve/acceleration.py; nothing changes on a CPU), all off by default
@@ -674,6 +675,10 @@ class DitDecService(BatchService):
     def load(self):
         self.generator = checkpoint.load_generator(self.model_dir, self.device)
         self.frames: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # (segment, frame) -> [2, N, D]
+        # frames received in pair bodies (eden_serve/framerefs.py), by hash: (one-frame blob whose tokens are only a
+        # shape, tokens on the device [2, N, D]); least recently used first, at most http_frame_cache_bytes
+        self.http_frames: OrderedDict[str, tuple[wire.TokenBlob, torch.Tensor]] = OrderedDict()
+        self.http_frames_bytes = 0
         self.accel = self.accelerate()
 
     def accelerate(self) -> acceleration.Accelerator:
@@ -762,6 +767,8 @@ class DitDecService(BatchService):
                                                                      torch.Tensor]:
         """The pair a body names (a blob, or a reference) -> its blob (checked against the model), geometry and
         tokens on the device [2, 2, N, D]."""
+        if framerefs.is_pair_body(body):  # frames inline or named by hash (over HTTP, across hosts)
+            return self.http_pair(body)
         ref = self.ref(body, context, idx) if shm.is_ref(body) else None
         if ref is None:  # the blob itself (device segments only come from this host's shared memory)
             blob = wire.from_bytes(body)
@@ -773,6 +780,55 @@ class DitDecService(BatchService):
                 return self.segment_pair(ref, leases)
             except shm.SegmentGone as e:
                 raise RequestError(f"{e}: encode the frames again", 410) from None
+
+    def http_pair(self, body) -> tuple[wire.TokenBlob, pipeline.Geometry, torch.Tensor]:
+        """A pair body (eden_serve/framerefs.py) -> the pair's blob, geometry and tokens on the device. Inline frames
+        are checked and kept (``http_frame``); a frame named by hash that this worker does not hold answers 409
+        FrameNotCached, after the inline frames are kept."""
+        frames, difference = framerefs.parse(body)
+        got = []
+        for f in frames:
+            if f.blob is not None:
+                meta = f.blob.frame(0)
+                tokens.check_fits(wire.TokenBlob.pair(meta, meta, difference, copy=False), self.cfg,
+                                  self.settings.max_pixels)  # (the frame alone, as half of a pair)
+                with self.timed("transfer"):
+                    t = tokens.array_tensor(f.blob.tokens[0], self.device)
+                meta.tokens = wire.shape_only(meta.tokens.shape, meta.dtype)  # (keeps no view of the body)
+                self.http_frame(f.hash, meta, t)
+                got.append((meta, t))
+            else:
+                got.append(self.http_frame(f.hash))
+        missing = [f.hash for f, g in zip(frames, got) if g is None]
+        if missing:
+            raise RequestError(f"frame(s) {', '.join(missing)} are not in this worker's frame cache: send the pair "
+                               "again with both frames inline", 409, framerefs.FRAME_NOT_CACHED)
+        (m0, t0), (m1, t1) = got
+        blob = wire.TokenBlob.pair(m0, m1, difference, copy=False)
+        geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
+        return blob, geo, torch.stack([t0, t1])
+
+    def http_frame(self, key: str, meta: wire.TokenBlob | None = None, t: torch.Tensor | None = None):
+        """With ``meta`` and ``t``: keep a frame received over HTTP under its hash (least recently used frames
+        dropped past http_frame_cache_bytes; a frame larger than that is not kept). Without: the frame kept under
+        ``key`` as (meta, tokens), or None."""
+        if meta is None:
+            entry = self.http_frames.get(key)
+            if entry is not None:
+                self.http_frames.move_to_end(key)
+            return entry
+        nbytes = t.numel() * t.element_size()
+        if key in self.http_frames:
+            self.http_frames.move_to_end(key)
+            return None
+        if nbytes > self.settings.http_frame_cache_bytes:
+            return None
+        self.http_frames[key] = (meta, t)
+        self.http_frames_bytes += nbytes
+        while self.http_frames_bytes > self.settings.http_frame_cache_bytes:
+            _, (_, old) = self.http_frames.popitem(last=False)
+            self.http_frames_bytes -= old.numel() * old.element_size()
+        return None
 
     def segment_pair(self, ref: dict, leases: contextlib.ExitStack):
         if "segment" in ref:

@@ -60,6 +60,7 @@ def blob_metas(encoded: EncodedFrames, differences: list[torch.Tensor], geometry
     that are only a shape (``wire.shape_only``): headers to write before the tokens themselves."""
     mean, std = encoded.mean.tolist(), encoded.std.tolist()
     N, D = encoded.dit.shape[1:]
+    D += SCALE_BYTES if dtype == INT8 else 0  # int8 rows: the values, then the token's scale
     blobs, start = [], 0
     for diff in differences:
         k = diff.shape[0] + 1
