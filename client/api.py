@@ -522,10 +522,19 @@ class EdenClient:
         that took the request does not hold the frame: 409 FrameNotCached) sends the pair again, both inline."""
         items = []
         for enc, k in frames:
-            h = enc.hashes.get(k)
+            # each frame inline in exactly one request (the first to claim it), named by hash in every other, also
+            # in those sent while that one is still on its way: the DiT+decoder keeps a batch's inline frames
+            # before it looks up the names (DitDecService.handle), and a miss costs one resend
+            data = None if k in enc.hashes else self._frame_bytes(enc, k)
             with self._wire_lock:
-                known = h is not None and h in self._sent
-            items.append(h if known else self._inline(enc, k))
+                h = enc.hashes[k]
+                named = h in self._sent
+                if not named:
+                    self._sent[h] = None
+                    while len(self._sent) > self.SENT_HASHES:
+                        self._sent.popitem(last=False)
+                self._sent.move_to_end(h)
+            items.append(h if named else data if data is not None else self._frame_bytes(enc, k))
         body = framerefs.build(items, difference)
         headers = {"Content-Type": framerefs.CONTENT_TYPE, "X-Eden-Format": "raw"}
         if seed is not None:
@@ -536,7 +545,7 @@ class EdenClient:
         except ServeError as e:
             if e.kind == framerefs.FRAME_NOT_CACHED:
                 self._count_refs(0, refs)
-                body = framerefs.build([x if not isinstance(x, str) else self._inline(enc, k)
+                body = framerefs.build([x if not isinstance(x, str) else self._frame_bytes(enc, k)
                                         for x, (enc, k) in zip(items, frames)], difference)
                 r = self._post("generate", self.ditdec, data=body, headers=headers)
             elif e.status == 400 and "EDENPAIR" in str(e):  # a server from before pair bodies
@@ -553,15 +562,11 @@ class EdenClient:
     SENT_HASHES = 4096  # frames remembered as sent (their hashes): far more than a video's window of open pairs
     REF_SAMPLE = 16  # frames named by hash before judging whether naming pays
 
-    def _inline(self, enc: EncodedFrames, k: int) -> bytes:
-        """Frame k of ``enc`` as a one-frame blob, its hash noted and remembered as sent."""
+    @staticmethod
+    def _frame_bytes(enc: EncodedFrames, k: int) -> bytes:
+        """Frame k of ``enc`` as a one-frame blob (its hash noted in ``enc.hashes``)."""
         data = enc.blob.frame(k).to_bytes()
-        h = enc.hashes[k] = framerefs.frame_hash(data)
-        with self._wire_lock:
-            self._sent[h] = None
-            self._sent.move_to_end(h)
-            while len(self._sent) > self.SENT_HASHES:
-                self._sent.popitem(last=False)
+        enc.hashes[k] = framerefs.frame_hash(data)
         return data
 
     def _count_refs(self, hits: int, misses: int) -> None:

@@ -781,25 +781,47 @@ class DitDecService(BatchService):
             except shm.SegmentGone as e:
                 raise RequestError(f"{e}: encode the frames again", 410) from None
 
-    def http_pair(self, body) -> tuple[wire.TokenBlob, pipeline.Geometry, torch.Tensor]:
-        """A pair body (eden_serve/framerefs.py) -> the pair's blob, geometry and tokens on the device. Inline frames
-        are checked and kept (``http_frame``); a frame named by hash that this worker does not hold answers 409
-        FrameNotCached, after the inline frames are kept."""
+    def handle(self, data: list[dict], context) -> list:
+        """As BatchService.handle, after keeping the inline frames of every pair body of the batch: a pair sent at
+        the same time as the one carrying a frame it names finds that frame whatever their order in the batch."""
+        self._inline_frames = {}
+        for request in data:
+            body = request.get("body") if request.get("body") is not None else request.get("data")
+            if isinstance(body, (bytes, bytearray)) and framerefs.is_pair_body(body):
+                try:
+                    self._inline_frames[id(body)] = self.inline_frames(body)
+                except Exception:  # noqa: BLE001 - refused with its reason when its turn comes (parse)
+                    pass
+        try:
+            return super().handle(data, context)
+        finally:
+            self._inline_frames = {}
+
+    def inline_frames(self, body) -> tuple[list, float]:
+        """Parse a pair body and keep its inline frames (checked) -> ([(hash, (meta, tokens) or None)], difference)."""
         frames, difference = framerefs.parse(body)
         got = []
         for f in frames:
-            if f.blob is not None:
-                meta = f.blob.frame(0)
-                tokens.check_fits(wire.TokenBlob.pair(meta, meta, difference, copy=False), self.cfg,
-                                  self.settings.max_pixels)  # (the frame alone, as half of a pair)
-                with self.timed("transfer"):
-                    t = tokens.array_tensor(f.blob.tokens[0], self.device)
-                meta.tokens = wire.shape_only(meta.tokens.shape, meta.dtype)  # (keeps no view of the body)
-                self.http_frame(f.hash, meta, t)
-                got.append((meta, t))
-            else:
-                got.append(self.http_frame(f.hash))
-        missing = [f.hash for f, g in zip(frames, got) if g is None]
+            if f.blob is None:
+                got.append((f.hash, None))
+                continue
+            meta = f.blob.frame(0)
+            tokens.check_fits(wire.TokenBlob.pair(meta, meta, difference, copy=False), self.cfg,
+                              self.settings.max_pixels)  # (the frame alone, as half of a pair)
+            t = tokens.array_tensor(f.blob.tokens[0], self.device)  # (before the batch's stages are timed)
+            meta.tokens = wire.shape_only(meta.tokens.shape, meta.dtype)  # (keeps no view of the body)
+            self.http_frame(f.hash, meta, t)
+            got.append((f.hash, (meta, t)))
+        return got, difference
+
+    def http_pair(self, body) -> tuple[wire.TokenBlob, pipeline.Geometry, torch.Tensor]:
+        """A pair body (eden_serve/framerefs.py) -> the pair's blob, geometry and tokens on the device. Inline frames
+        are checked and kept (``http_frame``; ``handle`` has kept those of the whole batch first); a frame named by
+        hash that this worker does not hold answers 409 FrameNotCached."""
+        pre = getattr(self, "_inline_frames", {}).pop(id(body), None)
+        parsed, difference = pre if pre is not None else self.inline_frames(body)
+        got = [entry if entry is not None else self.http_frame(h) for h, entry in parsed]
+        missing = [h for (h, _), g in zip(parsed, got) if g is None]
         if missing:
             raise RequestError(f"frame(s) {', '.join(missing)} are not in this worker's frame cache: send the pair "
                                "again with both frames inline", 409, framerefs.FRAME_NOT_CACHED)

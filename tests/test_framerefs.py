@@ -158,7 +158,7 @@ def test_malformed_pair_bodies_are_refused(tiny_weights, pair):
 def video(client, n=7, chunk=4, factor=2):
     frames = clips.clip_frames(n, 48, 64)
     out = []
-    stats = Interpolator(client, factor, seed=3, chunk=chunk, max_inflight=4).run(
+    stats = Interpolator(client, factor, seed=3, chunk=chunk, max_inflight=1).run(  # (requests in order)
         (Frame(f, pts=i, duration=1) for i, f in enumerate(frames)), lambda image, pts, d: out.append(image))
     return out, stats
 
@@ -220,3 +220,89 @@ def test_int8_tokens_through_the_handlers(tiny_weights, encoder_service, fixture
     assert via_body == outs["int8"]
     a, b = (np.frombuffer(outs[k][1], np.uint8).astype(float) for k in ("int8", "float32"))
     assert 10 * np.log10(255 ** 2 / max(np.mean((a - b) ** 2), 1e-9)) > 35
+
+
+# ---------------------------------------------------------------------- two hosts, through TorchServe
+@pytest.fixture(scope="module")
+def cross_hosts(tiny_weights, tmp_path_factory):
+    """The encoder and the DiT+decoder on two TorchServe instances with shared memory off (as on two hosts: the
+    client cannot use it with either), one DiT+decoder worker."""
+    from build_archives import build
+    from conftest import TEST_SETTINGS
+    from test_ops import grpc_ports
+
+    from client.server import TorchServe
+    servers = []
+    try:
+        for side in ("encoder", "ditdec"):
+            store = tmp_path_factory.mktemp(f"hosts_store_{side}")
+            build(tiny_weights, store, gpus=0, max_batch_delay_ms=20, settings={**TEST_SETTINGS, "shm_dir": ""},
+                  side=side)
+            servers.append(TorchServe(tmp_path_factory.mktemp(f"hosts_serve_{side}"), store,
+                                      models=[f"eden_{side}.mar"], extra_config=grpc_ports()).start())
+        yield servers
+    finally:
+        for ts in servers:
+            ts.stop()
+
+
+def run_cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+@pytest.mark.server
+def test_video_across_hosts_sends_each_frame_once(cross_hosts, server, shm_dir, tmp_path):
+    """A video through two servers the client shares no memory with: --transport auto takes HTTP and says why, the
+    frames are those of the same-host (shared memory) path, and with the frame cache about half the bytes go to
+    the DiT+decoder (chunk 4, x2: each frame is in two pairs); with two DiT+decoder workers (each its own cache) a
+    miss costs a resend and the frames stay the same."""
+    from conftest import read_rgb
+    from test_ops import raw
+    enc, dec = cross_hosts
+    folder = tmp_path / "in"
+    clips.write_frame_folder(folder, clips.clip_frames(9, 48, 64))
+    both = ["--encoder-url", enc.inference_url, "--ditdec-url", dec.inference_url, "--key-file", enc.key_file,
+            "--ditdec-key-file", dec.key_file]
+    common = ["--factor", "2", "--fps", "25", "--encoder-chunk", "4", "--seed", "5", "--quiet"]
+
+    def same(frames):  # at most 1 level off, rarely: requests batch differently on another server (CPU rounding)
+        return len(frames) == len(same_host) and all(
+            np.abs(a.astype(int) - b).max() <= 1 and (a != b).mean() < 1e-3 for a, b in zip(frames, same_host))
+
+    def video(name, *extra, conn=both):
+        out, stats = tmp_path / name, tmp_path / f"{name}.json"
+        r = run_cli("video", folder, "-o", out, *common, *conn, "--stats-json", stats, *extra)
+        assert r.returncode == 0, r.stderr
+        return [read_rgb(p) for p in sorted(out.iterdir())], json.loads(stats.read_text())
+
+    same_host, local = video("shm", "--transport", "shm", "--shm-dir", shm_dir,
+                             conn=["--encoder-url", server.inference_url, "--key-file", server.key_file])
+    assert local["transport"].startswith("shm")
+    cached, stats = video("cached")
+    assert stats["transport"].startswith("http (no shared memory with the servers")
+    assert "the shared-memory transport is off on this server" in stats["transport"]
+    assert len(same_host) == 17 and same(cached)
+    # 8 pairs of 9 frames: each frame inline once, named by hash in its second pair (pairs sent together land in
+    # one batch, whose inline frames are kept first); a pair that reached the worker in an earlier batch than the
+    # one carrying its frame would miss and be sent again (2 frames more), hence the allowance
+    misses = stats["frame_ref_misses"]
+    assert stats["ditdec_requests"] == 8 and stats["frame_ref_hits"] + misses == 7 and misses <= 1
+
+    whole, plain = video("whole", "--no-frame-cache")
+    assert same(whole)
+    assert plain["frame_ref_hits"] == plain["frame_ref_misses"] == 0
+    ratio = stats["wire_bytes"] / plain["wire_bytes"]
+    assert 0.5 < ratio < 0.6 + misses / 8, ratio  # 9 frames sent instead of 16
+    assert stats["wire_bytes_per_generated_frame"] < (0.6 + misses / 8) * plain["wire_bytes_per_generated_frame"]
+
+    r = raw(dec, "/models/eden_ditdec?min_worker=2&max_worker=2&synchronous=true", method="PUT")
+    assert r.ok, r.text
+    two, stats2 = video("two_workers")
+    assert same(two)
+    assert stats2["frame_ref_hits"] + stats2["frame_ref_misses"] == 7
