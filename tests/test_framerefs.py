@@ -306,3 +306,26 @@ def test_video_across_hosts_sends_each_frame_once(cross_hosts, server, shm_dir, 
     two, stats2 = video("two_workers")
     assert same(two)
     assert stats2["frame_ref_hits"] + stats2["frame_ref_misses"] == 7
+
+
+def test_int8_tokens_through_shared_memory(tiny_weights, fixture_frames, tmp_path):
+    """int8 segments on one host: frames read one by one from the segment (shm.read_frame) and kept in the
+    segment frame cache give the same frame as the int8 blob over HTTP."""
+    from conftest import png_bytes
+    from eden_serve import shm
+    folder = str(tmp_path / "shm")
+    enc = service(serving.EncoderService, tiny_weights, shm_dir=folder)
+    dec = service(serving.DitDecService, tiny_weights, shm_dir=folder)
+    frames = [png_bytes((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for f in fixture_frames]
+    ctx = Ctx(tiny_weights, {}, {"X-Eden-Reply": "shm"})
+    (answer,) = enc.handle([{"frame0": frames[0], "frame1": frames[1], "dtype": b"int8"}], ctx)
+    assert not ctx.status, answer
+    segment = shm.parse_ref(bytes(answer))["segment"]
+    blob, _ = shm.read_blob(enc.store.read(segment))
+    assert blob.dtype == "int8"
+    over_http = call(dec, tiny_weights, blob.to_bytes())
+    ref = shm.make_ref(pair=[{"segment": segment, "frame": 0}, {"segment": segment, "frame": 1}],
+                       difference=blob.differences[0])
+    assert call(dec, tiny_weights, ref) == over_http
+    assert call(dec, tiny_weights, shm.make_ref(segment=segment)) == over_http
+    enc.store.unlink(segment)
