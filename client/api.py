@@ -14,7 +14,7 @@ import random
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Callable
 import requests
 import urllib3
 
-from eden_serve import protocol, wire
+from eden_serve import framerefs, protocol, wire
 from eden_serve.images import decode_image, decode_raw, encode_png, encode_raw
 from eden_serve.protocol import (FORMAT, FORMAT_RAW, HANDOFF, HANDOFF_DEVICE, HANDOFF_HOST, HANDOFF_UNAVAILABLE,
                                  REFERENCE_CONTENT_TYPE, REPLY, REPLY_SHM, SEED, TOKENS_CONTENT_TYPE)
@@ -374,6 +374,7 @@ class EncodedFrames:
     """What one encoder call returned: the tokens of its frames, parsed, and where they live."""
     blob: TokenBlob  # for the shm transport, views of the segment (no copy)
     segment: str | None = None  # the shared-memory segment holding them; released by EdenClient.release
+    hashes: dict = field(default_factory=dict)  # frame index -> its hash once sent inline over HTTP (framerefs)
 
     @property
     def num_frames(self) -> int:
@@ -408,9 +409,21 @@ class EdenClient:
             except (ShmError, OSError) as e:
                 raise ServeError(f"cannot use the shared-memory transport: {e}") from None
         self.observe: Callable[[str, float, requests.Response], None] | None = None  # (kind, seconds, response)
+        # over HTTP, a frame's tokens go to the DiT+decoder once and are named by hash afterwards (eden_serve/
+        # framerefs.py); off by itself when the references mostly miss (several workers or replicas, each with its
+        # own cache) or the server does not know them
+        self.frame_refs = transport == "http"
+        self.wire = Counter()  # request body bytes sent: "encode", "generate"; "ref_hits", "ref_misses" (frames)
+        self._sent: OrderedDict[str, None] = OrderedDict()  # hashes of frames sent inline, most recent last
+        self._wire_lock = threading.Lock()
 
     def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
         start = time.perf_counter()
+        data, files = kw.get("data"), kw.get("files") or {}
+        nbytes = len(data) if data is not None else sum(  # (multipart framing not counted: ~150 bytes a part)
+            len(v[1]) if isinstance(v, tuple) and isinstance(v[1], (bytes, str)) else 0 for v in files.values())
+        with self._wire_lock:
+            self.wire[kind] += nbytes
         r = model.predict(**kw)
         for other in (self.encoder, self.ditdec):  # the same TorchServe is up for the other model too
             if other.url == model.url:
@@ -480,6 +493,8 @@ class EdenClient:
             difference = first.blob.differences[i]
         headers = {} if seed is None else {SEED: str(seed)}
         if self.transport == "http":
+            if self.frame_refs:
+                return self._generate_by_refs([(first, i), (second, j)], difference, seed)
             pair = (first.blob.window(i, difference) if first is second and j == i + 1
                     else TokenBlob.pair(first.blob.frame(i), second.blob.frame(j), difference))
             return self.generate_array(pair.to_bytes(), seed)
@@ -502,6 +517,71 @@ class EdenClient:
         finally:
             self.store.unlink(segment)
         return frame, int(r.headers.get(SEED, -1))
+
+    def _generate_by_refs(self, frames: list[tuple[EncodedFrames, int]], difference: float, seed: int | None):
+        """A pair over HTTP as a pair body: each frame inline the first time, by hash after; a miss (the worker
+        that took the request does not hold the frame: 409 FrameNotCached) sends the pair again, both inline."""
+        items = []
+        for enc, k in frames:
+            # each frame inline in exactly one request (the first to claim it), named by hash in every other, also
+            # in those sent while that one is still on its way: the DiT+decoder keeps a batch's inline frames
+            # before it looks up the names (DitDecService.handle), and a miss costs one resend
+            data = None if k in enc.hashes else self._frame_bytes(enc, k)
+            with self._wire_lock:
+                h = enc.hashes[k]
+                named = h in self._sent
+                if not named:
+                    self._sent[h] = None
+                    while len(self._sent) > self.SENT_HASHES:
+                        self._sent.popitem(last=False)
+                self._sent.move_to_end(h)
+            items.append(h if named else data if data is not None else self._frame_bytes(enc, k))
+        body = framerefs.build(items, difference)
+        headers = {"Content-Type": framerefs.CONTENT_TYPE, "X-Eden-Format": "raw"}
+        if seed is not None:
+            headers["X-Eden-Seed"] = str(seed)
+        refs = sum(isinstance(x, str) for x in items)
+        try:
+            r = self._post("generate", self.ditdec, data=body, headers=headers)
+        except ServeError as e:
+            if e.kind == framerefs.FRAME_NOT_CACHED:
+                self._count_refs(0, refs)
+                body = framerefs.build([x if not isinstance(x, str) else self._frame_bytes(enc, k)
+                                        for x, (enc, k) in zip(items, frames)], difference)
+                r = self._post("generate", self.ditdec, data=body, headers=headers)
+            elif e.status == 400 and "EDENPAIR" in str(e):  # a server from before pair bodies
+                log.warning("the DiT+decoder does not read pair bodies (an older server): sending whole pairs")
+                self.frame_refs = False
+                (a, i), (b, j) = frames
+                return self.generate_pair(a, i, b, j, difference, seed)
+            else:
+                raise
+        else:
+            self._count_refs(refs, 0)
+        return decode_image(r.content, max_pixels=1 << 40), int(r.headers.get("X-Eden-Seed", -1))
+
+    SENT_HASHES = 4096  # frames remembered as sent (their hashes): far more than a video's window of open pairs
+    REF_SAMPLE = 16  # frames named by hash before judging whether naming pays
+
+    @staticmethod
+    def _frame_bytes(enc: EncodedFrames, k: int) -> bytes:
+        """Frame k of ``enc`` as a one-frame blob (its hash noted in ``enc.hashes``)."""
+        data = enc.blob.frame(k).to_bytes()
+        enc.hashes[k] = framerefs.frame_hash(data)
+        return data
+
+    def _count_refs(self, hits: int, misses: int) -> None:
+        """Count frames named by hash that the worker held (hits) or not; when most miss (each of several workers
+        or replicas has its own cache, and a miss costs a resend), stop naming frames: whole pairs cost less."""
+        with self._wire_lock:
+            self.wire["ref_hits"] += hits
+            self.wire["ref_misses"] += misses
+            tried = self.wire["ref_hits"] + self.wire["ref_misses"]
+            if self.frame_refs and tried >= self.REF_SAMPLE and self.wire["ref_misses"] > self.wire["ref_hits"]:
+                self.frame_refs = False
+                log.warning("the DiT+decoder's frame cache missed %d of %d frames named by hash (several workers "
+                            "or replicas: each has its own cache): sending whole pairs from now on",
+                            self.wire["ref_misses"], tried)
 
     def release(self, encoded: EncodedFrames) -> None:
         if encoded.segment:

@@ -40,6 +40,9 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shm-group", default=None,
                     help="the servers' shm_group, when client and servers run as different users of one group "
                          "(the folder is then 0770; otherwise it must be 0700 and this user's)")
+    ap.add_argument("--no-frame-cache", action="store_true",
+                    help="over HTTP: send both frames' tokens with every pair, instead of each frame once and by "
+                         "hash after (the DiT+decoder's frame cache; docs/tokens-across-hosts.md)")
 
 
 def check_keys(*sources: KeySource) -> None:
@@ -57,9 +60,12 @@ def connect(args) -> EdenClient:
     enc_keys = KeySource.default(args.key_file)
     dec_keys = KeySource.default(args.ditdec_key_file) if args.ditdec_key_file else enc_keys
     check_keys(enc_keys, dec_keys)
-    return EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout,
-                              transport=args.transport, shm_dir=args.shm_dir, handoff=args.handoff,
-                              shm_group=args.shm_group)
+    client = EdenClient.connect(args.encoder_url, args.ditdec_url, enc_keys, dec_keys, args.timeout,
+                                transport=args.transport, shm_dir=args.shm_dir, handoff=args.handoff,
+                                shm_group=args.shm_group)
+    if getattr(args, "no_frame_cache", False):
+        client.frame_refs = False
+    return client
 
 
 def cmd_pair(args) -> int:
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("frame1")
     p.add_argument("-o", "--output", required=True, help="output PNG")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
-    p.add_argument("--token-dtype", choices=["float16", "float32"], default="float16",
+    p.add_argument("--token-dtype", choices=["float16", "float32", "int8"], default="float16",
                    help="precision of the tokens between the two models (default: %(default)s)")
     add_connection_args(p)
     p.set_defaults(fn=cmd_pair)

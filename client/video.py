@@ -159,6 +159,12 @@ class Stats:
     token_bytes: int = 0
     ditdec_requests: int = 0
     reencoded: int = 0
+    # request body bytes the client sent (client/api.py EdenClient.wire): to the DiT+decoder (over HTTP the tokens,
+    # each frame once per worker with the frame cache; over shm the references) and to the encoder (the frames)
+    wire_bytes: int = 0
+    encoder_wire_bytes: int = 0
+    frame_ref_hits: int = 0  # frames named by hash that the DiT+decoder held
+    frame_ref_misses: int = 0  # ... that it did not (each miss resends that pair with both frames inline)
     seconds: float = 0.0
     max_time_error_ms: float = 0.0  # target-rate runs: the largest |time shown - time asked| of an output frame
     transport: str = ""  # which transport and handoff the client used, and why (client/transport.py)
@@ -168,14 +174,21 @@ class Stats:
     def fps(self) -> float:
         return self.output_frames / self.seconds if self.seconds else 0.0
 
+    @property
+    def wire_bytes_per_generated_frame(self) -> float:
+        return self.wire_bytes / self.ditdec_requests if self.ditdec_requests else 0.0
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "output_fps": round(self.fps, 3)}
+        return {**asdict(self), "output_fps": round(self.fps, 3),
+                "wire_bytes_per_generated_frame": round(self.wire_bytes_per_generated_frame)}
 
     def summary(self) -> str:
         return (f"{self.input_frames} -> {self.output_frames} frames in {self.seconds:.1f} s "
                 f"({self.fps:.1f} frames/s); {self.cuts} scene cut{'s' * (self.cuts != 1)}; encoder: "
                 f"{self.encoded_frames} frames in {self.encoder_requests} requests, "
                 f"{self.token_bytes / 1e6:.1f} MB of tokens; DiT+decoder: {self.ditdec_requests} requests"
+                + (f", {self.wire_bytes_per_generated_frame / 1e6:.2f} MB sent per generated frame"
+                   if self.wire_bytes else "")
                 + (f"; time error <= {self.max_time_error_ms:.2f} ms" if self.max_time_error_ms else "")
                 + (f"; transport: {self.transport}" if self.transport else ""))
 
@@ -405,6 +418,7 @@ class Interpolator:
         target rate's ``TimeGrid.time_base``)."""
         describe = getattr(self.client, "describe_transport", None)
         stats = Stats(transport=describe() if describe else "")
+        wire_before = dict(getattr(self.client, "wire", None) or {})
         t0 = time.perf_counter()
         m = self.span
         self.grid = None
@@ -535,6 +549,10 @@ class Interpolator:
         pool.shutdown()
         stats.seconds = time.perf_counter() - t0
         stats.reencoded = self.reencoded
+        sent = dict(getattr(self.client, "wire", None) or {})  # (a client shared by runs counts them all)
+        delta = {k: sent.get(k, 0) - wire_before.get(k, 0) for k in sent}
+        stats.wire_bytes, stats.encoder_wire_bytes = delta.get("generate", 0), delta.get("encode", 0)
+        stats.frame_ref_hits, stats.frame_ref_misses = delta.get("ref_hits", 0), delta.get("ref_misses", 0)
         return stats
 
     def _take_tokens(self, enc: EncodedFrames, nodes: list[_Node], stats: Stats) -> None:

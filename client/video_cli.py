@@ -60,9 +60,10 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder-chunk", type=int, default=4,
                    help="frames per encoder request, 1..16 (default 4: the first pairs start sooner than with 8; "
                         "each frame is encoded once either way)")
-    g.add_argument("--token-dtype", choices=["float16", "float32"], default="float16",
+    g.add_argument("--token-dtype", choices=["float16", "float32", "int8"], default="float16",
                    help="precision of the tokens sent from the encoder to the DiT+decoder (default %(default)s: "
-                        "half the bytes of float32)")
+                        "half the bytes of float32; int8: 8 bits and a scale per token, about half of float16, "
+                        "docs/tokens-across-hosts.md)")
     g = p.add_argument_group("output video")
     g.add_argument("--codec", default="libx264", help="FFmpeg encoder (default libx264, i.e. H.264)")
     g.add_argument("--crf", type=int, default=None,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+from collections import OrderedDict
 
 import torch
 
-from . import acceleration, checkpoint, handoff, images, pipeline, protocol, shm, tokens, wire
+from . import acceleration, checkpoint, framerefs, handoff, images, pipeline, protocol, shm, tokens, wire
 from .frame_cache import DeviceFrameCache
 from .service import (METRIC_TOKEN_BYTES_IN, BatchService, RequestError, _as_bytes, check_binary, parse_seed,
                       request_header)
@@ -27,6 +28,10 @@ class DitDecService(BatchService):
     def load(self):
         self.generator = checkpoint.load_generator(self.model_dir, self.device)
         self.frames = DeviceFrameCache(self.settings.frame_cache)  # eden_serve/frame_cache.py
+        # frames received in pair bodies (eden_serve/framerefs.py), by hash: (one-frame blob whose tokens are only a
+        # shape, tokens on the device [2, N, D]); least recently used first, at most http_frame_cache_bytes
+        self.http_frames: OrderedDict[str, tuple[wire.TokenBlob, torch.Tensor]] = OrderedDict()
+        self.http_frames_bytes = 0
         self.accel = self.accelerate()
 
     def accelerate(self) -> acceleration.Accelerator:
@@ -105,14 +110,16 @@ class DitDecService(BatchService):
             raise RequestError(f"{e}: encode the frames again", 410) from None
         except handoff.HandoffError as e:
             raise RequestError(f"cannot use the handed-off tokens: {e}", kind=protocol.HANDOFF_UNAVAILABLE) from None
-        if not torch.isfinite(t).all():
-            raise RequestError("tokens contain NaN or infinite values")
+        if not tokens.finite(t):
+            raise RequestError("tokens contain NaN or infinite values (or int8 scales out of range)")
         return t
 
     def pair_tokens(self, body, context=None, idx: int = 0) -> tuple[wire.TokenBlob, pipeline.Geometry,
                                                                      torch.Tensor]:
         """The pair a body names (a blob, or a reference) -> its blob (checked against the model), geometry and
         tokens on the device [2, 2, N, D]."""
+        if framerefs.is_pair_body(body):  # frames inline or named by hash (over HTTP, across hosts)
+            return self.http_pair(body)
         ref = self.ref(body, context, idx) if shm.is_ref(body) else None
         if ref is None:  # the blob itself (device segments only come from this host's shared memory)
             blob = wire.from_bytes(body)
@@ -124,6 +131,77 @@ class DitDecService(BatchService):
                 return self.segment_pair(ref, leases)
             except shm.SegmentGone as e:
                 raise RequestError(f"{e}: encode the frames again", 410) from None
+
+    def handle(self, data: list[dict], context) -> list:
+        """As BatchService.handle, after keeping the inline frames of every pair body of the batch: a pair sent at
+        the same time as the one carrying a frame it names finds that frame whatever their order in the batch."""
+        self._inline_frames = {}
+        for request in data:
+            body = request.get("body") if request.get("body") is not None else request.get("data")
+            if isinstance(body, (bytes, bytearray)) and framerefs.is_pair_body(body):
+                try:
+                    self._inline_frames[id(body)] = self.inline_frames(body)
+                except Exception:  # noqa: BLE001 - refused with its reason when its turn comes (parse)
+                    pass
+        try:
+            return super().handle(data, context)
+        finally:
+            self._inline_frames = {}
+
+    def inline_frames(self, body) -> tuple[list, float]:
+        """Parse a pair body and keep its inline frames (checked) -> ([(hash, (meta, tokens) or None)], difference)."""
+        frames, difference = framerefs.parse(body)
+        got = []
+        for f in frames:
+            if f.blob is None:
+                got.append((f.hash, None))
+                continue
+            meta = f.blob.frame(0)
+            tokens.check_fits(wire.TokenBlob.pair(meta, meta, difference, copy=False), self.cfg,
+                              self.settings.max_pixels)  # (the frame alone, as half of a pair)
+            t = tokens.array_tensor(f.blob.tokens[0], self.device)  # (before the batch's stages are timed)
+            meta.tokens = wire.shape_only(meta.tokens.shape, meta.dtype)  # (keeps no view of the body)
+            self.http_frame(f.hash, meta, t)
+            got.append((f.hash, (meta, t)))
+        return got, difference
+
+    def http_pair(self, body) -> tuple[wire.TokenBlob, pipeline.Geometry, torch.Tensor]:
+        """A pair body (eden_serve/framerefs.py) -> the pair's blob, geometry and tokens on the device. Inline frames
+        are checked and kept (``http_frame``; ``handle`` has kept those of the whole batch first); a frame named by
+        hash that this worker does not hold answers 409 FrameNotCached."""
+        pre = getattr(self, "_inline_frames", {}).pop(id(body), None)
+        parsed, difference = pre if pre is not None else self.inline_frames(body)
+        got = [entry if entry is not None else self.http_frame(h) for h, entry in parsed]
+        missing = [h for (h, _), g in zip(parsed, got) if g is None]
+        if missing:
+            raise RequestError(f"frame(s) {', '.join(missing)} are not in this worker's frame cache: send the pair "
+                               "again with both frames inline", 409, framerefs.FRAME_NOT_CACHED)
+        (m0, t0), (m1, t1) = got
+        blob = wire.TokenBlob.pair(m0, m1, difference, copy=False)
+        geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
+        return blob, geo, torch.stack([t0, t1])
+
+    def http_frame(self, key: str, meta: wire.TokenBlob | None = None, t: torch.Tensor | None = None):
+        """With ``meta`` and ``t``: keep a frame received over HTTP under its hash (least recently used frames
+        dropped past http_frame_cache_bytes; a frame larger than that is not kept). Without: the frame kept under
+        ``key`` as (meta, tokens), or None."""
+        if meta is None:
+            entry = self.http_frames.get(key)
+            if entry is not None:
+                self.http_frames.move_to_end(key)
+            return entry
+        nbytes = t.numel() * t.element_size()
+        if key in self.http_frames:
+            self.http_frames.move_to_end(key)
+            return None
+        if nbytes > self.settings.http_frame_cache_bytes:
+            return None
+        self.http_frames[key] = (meta, t)
+        self.http_frames_bytes += nbytes
+        while self.http_frames_bytes > self.settings.http_frame_cache_bytes:
+            _, (_, old) = self.http_frames.popitem(last=False)
+            self.http_frames_bytes -= old.numel() * old.element_size()
+        return None
 
     def segment_pair(self, ref: dict, leases: contextlib.ExitStack):
         if "segment" in ref:

@@ -19,7 +19,8 @@ class EncoderService(BatchService):
     """Frames (multipart fields frame0, frame1, ... as PNG/JPEG/raw, or shared-memory references to them) -> a token
     blob (application/x-eden-tokens) of all of them.
 
-    Form field ``dtype`` (or header X-Eden-Token-Dtype): float16 (default) or float32 tokens.
+    Form field ``dtype`` (or header X-Eden-Token-Dtype): float16 (default), float32 or int8 tokens (8-bit with a
+    scale per token, wire format version 2).
     """
 
     def load(self):
@@ -72,8 +73,8 @@ class EncoderService(BatchService):
         with self.stage("serialize"):
             geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
             dtype = items[0][1]
-            gpu = tokens.wire_tensor(encoded, dtype)  # [K, 2, N, D]
-            finite = torch.isfinite(gpu).all()
+            gpu = tokens.wire_tensor(encoded, dtype)  # [K, 2, N, D] (int8: [K, 2, N, D + 4])
+            finite = tokens.finite(gpu)
             metas = tokens.blob_metas(encoded, differences, geo, dtype, self.cfg.encoder_fingerprint)
             bodies, start = [], 0
             try:

@@ -39,6 +39,7 @@ HANDOFF_DEVICE, HANDOFF_HOST = "device", "host"
 TOKENS_CONTENT_TYPE = "application/x-eden-tokens"  # a token blob (eden_serve/wire.py)
 RAW_FRAME_CONTENT_TYPE = "application/x-eden-rgb24"  # a raw RGB frame (eden_serve/images.py, encode_raw)
 REFERENCE_CONTENT_TYPE = "application/x-eden-ref"  # a shared-memory reference (eden_serve/shm.py, make_ref)
+PAIR_CONTENT_TYPE = "application/x-eden-pair"  # a pair's frames inline or named by hash (eden_serve/framerefs.py)
 PNG_CONTENT_TYPE = "image/png"
 
 # ---------------------------------------------------------------------- errors
@@ -46,6 +47,7 @@ PNG_CONTENT_TYPE = "image/png"
 BAD_INPUT = "BadInput"  # the default under 500: the request itself is wrong
 UNAVAILABLE = "Unavailable"  # the default from 500
 HANDOFF_UNAVAILABLE = "HandoffUnavailable"  # a DiT+decoder that cannot use handed-off tokens at all (400)
+FRAME_NOT_CACHED = "FrameNotCached"  # a frame named by hash is not in this worker's cache (409: send it inline)
 SHM_FOLDER_UNSAFE = "ShmFolderUnsafe"  # a server that refuses its shared-memory folder (500, no retry helps)
 INTERNAL_ERROR = "InternalError"  # a fault of the server (500), logged with its traceback
 NOT_RETRIED = frozenset({BAD_INPUT, SHM_FOLDER_UNSAFE})  # handler error types a retry cannot fix, even as a 5xx

@@ -37,7 +37,7 @@ class RequestError(Exception):
         self.kind = kind
 
 
-REASONS = {400: "Bad Request", 410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
+REASONS = {400: "Bad Request", 409: "Conflict", 410: "Gone", 413: "Payload Too Large", 500: "Internal Server Error",
            503: "Service Unavailable", 507: "Insufficient Storage"}
 FRAME_FIELD = re.compile(r"frame([0-9]{1,4})")  # ASCII digits only ("frame²" is not a frame field)
 REMOTE_HEADER = protocol.REMOTE
@@ -51,7 +51,7 @@ class Settings:
     min_side: int = 32  # one latent cell: anything smaller is not a video frame
     max_frames: int = 16  # frames per encoder request
     max_response_bytes: int = protocol.MAX_BODY_BYTES  # TorchServe's max_response_size
-    token_dtype: str = "float16"  # default wire dtype; a request may ask for float32
+    token_dtype: str = "float16"  # default wire dtype; a request may ask for float32 or int8
     png_compress_level: int = 1
     torch_threads: int = 0  # CPU threads per worker (0: torch's default)
     compute_dtype: str = "auto"  # DiT+decoder matrix precision: auto (bfloat16 on GPU, float32 on CPU), float32, ...
@@ -61,6 +61,7 @@ class Settings:
     shm_group: str = ""  # a group that shares the shm folder with this user (folder 0770); "": this user only
     fast_socket_reads: bool = True  # eden_serve/ts_patches.py: read request bodies without repeated copies
     frame_cache: int = 16  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
+    http_frame_cache_bytes: int = 1 << 30  # DiT+decoder: frames received over HTTP kept for pairs that name them
     device_handoff: bool = True  # encoder on a GPU: keep tokens there for shm requests that ask (eden_serve/handoff.py)
     handoff_max_bytes: int = 8 << 30  # encoder: GPU memory held for handed-off tokens; past it, tokens go to host
     # DiT+decoder GPU kernels (eden_serve/acceleration.py; nothing changes on a CPU), all off by default

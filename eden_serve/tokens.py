@@ -9,12 +9,43 @@ import torch
 from .config import EdenConfig
 from .model import EncodedFrames
 from .pipeline import Geometry, PairBatch
-from .wire import TokenBlob, WireError, shape_only
+from .wire import INT8, MAX_SCALE, SCALE_BYTES, TokenBlob, WireError, shape_only
 
 
 def wire_tensor(encoded: EncodedFrames, dtype: str = "float16") -> torch.Tensor:
-    """The frames' tokens as the wire lays them out, on their device: [K, 2, N, D] in ``dtype``."""
-    return torch.stack([encoded.dit, encoded.dec], dim=1).to(getattr(torch, dtype))
+    """The frames' tokens as the wire lays them out, on their device: [K, 2, N, D] in ``dtype``, or for int8 the
+    rows [K, 2, N, D + 4] of values and scale (``quantize``)."""
+    stacked = torch.stack([encoded.dit, encoded.dec], dim=1)
+    return quantize(stacked) if dtype == INT8 else stacked.to(getattr(torch, dtype))
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Float tokens [..., D] -> int8 rows [..., D + 4] (wire format version 2): round(x / scale) in [-127, 127],
+    then scale = absmax / 127 of the token as float32 bytes. A token with a NaN or infinite value gets a
+    non-finite scale (``finite`` sees it)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127  # [..., 1]; NaN/inf propagate
+    q = torch.where(scale > 0, x / scale, torch.zeros_like(x)).round_().clamp_(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.contiguous().view(torch.int8)], dim=-1)
+
+
+def scales_of(rows: torch.Tensor) -> torch.Tensor:
+    """The float32 scales [...] of int8 rows [..., D + 4]."""
+    return rows[..., -SCALE_BYTES:].contiguous().view(torch.float32)[..., 0]
+
+
+def dequantize(rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 rows [..., D + 4] -> tokens [..., D] in ``dtype``."""
+    return (rows[..., :-SCALE_BYTES].to(dtype) * scales_of(rows).to(dtype).unsqueeze(-1))
+
+
+def finite(tokens: torch.Tensor) -> torch.Tensor:
+    """Whether wire tokens are usable (a 0-d bool tensor, no host synchronisation): float values finite, or int8
+    scales finite, >= 0 and at most wire.MAX_SCALE."""
+    if tokens.dtype == torch.int8:
+        s = scales_of(tokens)
+        return (torch.isfinite(s) & (s >= 0) & (s <= MAX_SCALE)).all()
+    return torch.isfinite(tokens).all()
 
 
 def check_finite(tokens: torch.Tensor, finite: torch.Tensor | bool) -> None:
@@ -29,6 +60,7 @@ def blob_metas(encoded: EncodedFrames, differences: list[torch.Tensor], geometry
     that are only a shape (``wire.shape_only``): headers to write before the tokens themselves."""
     mean, std = encoded.mean.tolist(), encoded.std.tolist()
     N, D = encoded.dit.shape[1:]
+    D += SCALE_BYTES if dtype == INT8 else 0  # int8 rows: the values, then the token's scale
     blobs, start = [], 0
     for diff in differences:
         k = diff.shape[0] + 1
@@ -43,9 +75,9 @@ def to_blobs(encoded: EncodedFrames, differences: list[torch.Tensor], geometry: 
     """Encoded frames (all of one size, grouped as ``differences`` is: K_i frames -> K_i-1 differences) -> blobs
     with their tokens on the CPU."""
     tokens = wire_tensor(encoded, dtype)
-    finite = torch.isfinite(tokens).all()
+    ok = finite(tokens)
     host = tokens.cpu().numpy()  # one host synchronisation for both
-    check_finite(tokens, finite)
+    check_finite(tokens, ok)
     blobs, start = blob_metas(encoded, differences, geometry, dtype, encoder), 0
     for blob in blobs:
         blob.tokens, start = host[start:start + blob.num_frames], start + blob.num_frames
@@ -84,15 +116,17 @@ def array_tensor(arr: np.ndarray, device: torch.device) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(arr) if arr.flags.writeable or device.type != "cpu" else torch.from_numpy(np.array(arr))
     t = t.to(device, non_blocking=True)
-    if not torch.isfinite(t).all():
-        raise WireError("tokens contain NaN or infinite values")
+    if not finite(t):
+        raise WireError("tokens contain NaN or infinite values" if t.dtype != torch.int8
+                        else f"int8 tokens have scales that are not finite or outside [0, {MAX_SCALE:g}]")
     return t
 
 
 def pair_batch(blobs: list[TokenBlob], tensors: list[torch.Tensor], geometry: Geometry,
                dtype: torch.dtype = torch.float32) -> PairBatch:
     """Pairs of one geometry -> a PairBatch on the tensors' device."""
-    t = torch.stack(tensors).to(dtype)  # [B, 2, 2, N, D]
+    t = torch.stack(tensors)  # [B, 2, 2, N, D] (int8: [B, 2, 2, N, D + 4], values and scale per token)
+    t = dequantize(t, dtype) if t.dtype == torch.int8 else t.to(dtype)
     device = t.device
 
     def vec(values):

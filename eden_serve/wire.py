@@ -3,11 +3,18 @@
 A blob holds K frames of one size (K >= 1) with everything the DiT+decoder needs besides the noise::
 
     offset 0   magic  b"EDENTOKS"                       8 bytes
-           8   version                                 uint32 little-endian (this module writes and reads 1)
+           8   version                                 uint32 little-endian: 1, or 2 for int8 tokens (below)
           12   header length in bytes                  uint32 little-endian (at most 64 KiB)
           16   header: UTF-8 JSON object, padded with spaces so the payload starts at a multiple of 64
         then   payload: tokens [K, 2, N, D] in C order, little-endian float16 or float32;
                [k, 0] are frame k's DiT tokens, [k, 1] its decoder tokens, N = grid_h * grid_w
+
+Version 2 adds dtype "int8" (8-bit tokens, docs/tokens-across-hosts.md): each token is a row of D + 4 bytes, its D
+values as int8 then its scale as a little-endian float32, and value = int8 x scale (absmax per token: the largest
+|value| of the token is 127 x scale). The payload is then [K, 2, N, D + 4] bytes; ``shape`` still says D. A scale
+belongs to its token, so frames and pairs are sliced out of a blob exactly as with float tokens. Scales must be
+finite, >= 0 and at most MAX_SCALE (refused otherwise). A writer writes version 1 for float blobs (readers of
+version 1 read them) and version 2 for int8 ones; this module reads both.
 
 Header fields (all required)::
 
@@ -38,7 +45,10 @@ import numpy as np
 from .protocol import TOKENS_CONTENT_TYPE
 
 MAGIC = b"EDENTOKS"
-VERSION = 1
+VERSION = 2  # the newest this module reads and writes (a float blob is still written as version 1)
+VERSIONS = (1, 2)
+INT8 = "int8"
+SCALE_BYTES = 4  # an int8 token's float32 scale, after its D values
 PREFIX = struct.Struct("<8sII")
 ALIGN = 64
 MAX_HEADER_BYTES = 64 * 1024
@@ -56,7 +66,8 @@ MAX_STATISTIC = 1e6  # |mean|, std, |difference|: statistics of frames in [0, 1]
 # and 10**400 does not fit a float).
 MAX_JSON_DEPTH = 8
 MAX_JSON_DIGITS = 40
-DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), INT8: np.dtype("i1")}
+MAX_SCALE = MAX_STATISTIC / 127  # an int8 token's scale: its values stay within +-MAX_STATISTIC
 CONTENT_TYPE = TOKENS_CONTENT_TYPE  # eden_serve/protocol.py
 
 
@@ -66,7 +77,7 @@ class WireError(ValueError):
 
 @dataclass
 class TokenBlob:
-    tokens: np.ndarray  # [K, 2, N, D] float16 or float32
+    tokens: np.ndarray  # [K, 2, N, D] float16 or float32, or int8 [K, 2, N, D + 4] (values and scale per token)
     size: tuple[int, int]  # original (height, width)
     padding: tuple[int, int, int, int]  # left, right, top, bottom
     patch_size: int
@@ -82,7 +93,16 @@ class TokenBlob:
 
     @property
     def hidden_dim(self) -> int:
-        return self.tokens.shape[3]
+        return self.tokens.shape[3] - (SCALE_BYTES if self.dtype == INT8 else 0)
+
+    @property
+    def shape(self) -> list[int]:
+        """[K, 2, N, D] (the header's): the int8 rows' scale bytes are not values."""
+        return [*self.tokens.shape[:3], self.hidden_dim]
+
+    @property
+    def version(self) -> int:
+        return 2 if self.dtype == INT8 else 1
 
     @property
     def dtype(self) -> str:
@@ -98,7 +118,7 @@ class TokenBlob:
         return self.padded_size[0] // self.patch_size, self.padded_size[1] // self.patch_size
 
     def header(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.tokens.shape), "patch_size": self.patch_size,
+        return {"dtype": self.dtype, "shape": self.shape, "patch_size": self.patch_size,
                 "grid": list(self.grid), "size": list(self.size), "padding": list(self.padding),
                 "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
                 "differences": [float(d) for d in self.differences], "encoder": self.encoder}
@@ -141,7 +161,7 @@ class TokenBlob:
         """Prefix and padded header: the payload follows at ``len(header_bytes())`` (a multiple of 64)."""
         head = json.dumps(self.header(), separators=(",", ":")).encode()
         head += b" " * (-(PREFIX.size + len(head)) % ALIGN)
-        return PREFIX.pack(MAGIC, VERSION, len(head)) + head
+        return PREFIX.pack(MAGIC, self.version, len(head)) + head
 
     def to_buffers(self) -> list:
         """The blob as [prefix+header bytes, payload memoryview]: write them in order, no copy of the tokens."""
@@ -163,7 +183,36 @@ def expected_nbytes(num_frames: int, height: int, width: int, hidden_dim: int, d
                     pad_multiple: int = 32, patch_size: int = 16) -> int:
     """Payload size of a blob of ``num_frames`` frames of height x width (the header is at most 64 KiB more)."""
     ph, pw = math.ceil(height / pad_multiple) * pad_multiple, math.ceil(width / pad_multiple) * pad_multiple
-    return num_frames * 2 * (ph // patch_size) * (pw // patch_size) * hidden_dim * DTYPES[dtype].itemsize
+    row = hidden_dim + SCALE_BYTES if dtype == INT8 else hidden_dim * DTYPES[dtype].itemsize
+    return num_frames * 2 * (ph // patch_size) * (pw // patch_size) * row
+
+
+# ---------------------------------------------------------------------- 8-bit tokens (version 2)
+def quantize(tokens: np.ndarray) -> np.ndarray:
+    """Float tokens [..., D] -> int8 rows [..., D + 4]: round(value / scale) then the float32 scale, with scale =
+    absmax / 127 per token (0 for a token of zeros). NumPy twin of ``eden_serve.tokens.quantize``."""
+    x = np.asarray(tokens, np.float32)
+    scale = np.abs(x).max(axis=-1, keepdims=True) / 127
+    q = np.rint(np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)).clip(-127, 127).astype(np.int8)
+    return np.concatenate([q, scale.astype("<f4").view(np.int8)], axis=-1)
+
+
+def scales(rows: np.ndarray) -> np.ndarray:
+    """The float32 scales [...] of int8 rows [..., D + 4] (a copy)."""
+    return np.ascontiguousarray(rows[..., -SCALE_BYTES:]).view("<f4")[..., 0]
+
+
+def dequantize(rows: np.ndarray) -> np.ndarray:
+    """int8 rows [..., D + 4] -> float32 tokens [..., D]."""
+    return rows[..., :-SCALE_BYTES].astype(np.float32) * scales(rows)[..., None]
+
+
+def check_scales(values: np.ndarray) -> None:
+    """Refuse scales that are not finite, negative or over MAX_SCALE (WireError)."""
+    if not np.isfinite(values).all():
+        raise WireError("int8 tokens have scales that are not finite")
+    if values.size and (values.min() < 0 or values.max() > MAX_SCALE):
+        raise WireError(f"int8 tokens have scales outside [0, {MAX_SCALE:g}]")
 
 
 # ---------------------------------------------------------------------- parsing
@@ -222,6 +271,8 @@ def from_bytes(buf) -> TokenBlob:
     buf = memoryview(buf).cast("B")
     blob, start = parse_head(buf)
     blob.tokens = np.frombuffer(buf[start:], dtype=blob.tokens.dtype).reshape(blob.tokens.shape)
+    if blob.dtype == INT8:
+        check_scales(scales(blob.tokens))
     return blob
 
 
@@ -235,13 +286,14 @@ def parse_head(buf, total: int | None = None) -> tuple[TokenBlob, int]:
     magic, version, head_len = PREFIX.unpack_from(buf)
     if magic != MAGIC:
         raise WireError(f"not a token blob: bad magic {bytes(magic)!r} (expected {MAGIC!r})")
-    if version != VERSION:
-        raise WireError(f"unsupported token format version {version}: this server reads version {VERSION}")
+    if version not in VERSIONS:
+        raise WireError(f"unsupported token format version {version}: this server reads versions "
+                        f"{', '.join(map(str, VERSIONS))}")
     if head_len > MAX_HEADER_BYTES or PREFIX.size + head_len > min(total, len(buf)):
         raise WireError(f"header length {head_len} is larger than the blob ({total} bytes) "
                         f"or the {MAX_HEADER_BYTES}-byte limit")
-    blob = from_header(load_json(buf[PREFIX.size:PREFIX.size + head_len], "header"))
-    K, _, N, D = blob.tokens.shape
+    blob = from_header(load_json(buf[PREFIX.size:PREFIX.size + head_len], "header"), version)
+    K, _, N, D = blob.shape
     start = PREFIX.size + head_len
     expected = blob.tokens.nbytes
     got = total - start
@@ -252,13 +304,16 @@ def parse_head(buf, total: int | None = None) -> tuple[TokenBlob, int]:
     return blob, start
 
 
-def from_header(h) -> TokenBlob:
-    """Check a decoded header (every field) -> a blob whose tokens are only a shape (``shape_only``)."""
+def from_header(h, version: int = VERSION) -> TokenBlob:
+    """Check a decoded header (every field) of a blob of format ``version`` -> a blob whose tokens are only a shape
+    (``shape_only``)."""
     if not isinstance(h, dict):
         raise WireError("header is not a JSON object")
     dtype = h.get("dtype")
-    if dtype not in DTYPES:
-        raise WireError(f"header field 'dtype' must be one of {sorted(DTYPES)}, got {dtype!r:.40}")
+    known = sorted(d for d in DTYPES if version >= 2 or d != INT8)
+    if dtype not in known:
+        raise WireError(f"header field 'dtype' must be one of {known} in format version {version}, "
+                        f"got {dtype!r:.40}")
     K, two, N, D = _int_list(h, "shape", 4, minimum=1, maximum=MAX_TOKENS)
     if two != 2 or K > MAX_FRAMES or D > MAX_HIDDEN:
         raise WireError(f"shape must be [K <= {MAX_FRAMES}, 2, N, D <= {MAX_HIDDEN}], got {[K, two, N, D]}")
@@ -279,5 +334,6 @@ def from_header(h) -> TokenBlob:
     encoder = h.get("encoder")
     if not isinstance(encoder, str) or len(encoder) > 128:
         raise WireError("header field 'encoder' must be a string")
-    return TokenBlob(shape_only((K, 2, N, D), dtype), (height, width), (left, right, top, bottom), patch, mean, std,
+    row = D + SCALE_BYTES if dtype == INT8 else D
+    return TokenBlob(shape_only((K, 2, N, row), dtype), (height, width), (left, right, top, bottom), patch, mean, std,
                      differences, encoder)

@@ -34,7 +34,7 @@ from helpers_http import (LogTail, RawAnswer, eden_client, image_bytes, kill, mo
 from client import clips
 from client.api import KeySource, ModelClient, RetryPolicy, ServeError
 from client.convert import Options, convert
-from eden_serve import images, shm, wire
+from eden_serve import framerefs, images, shm, wire
 
 MODELS = ("eden_encoder", "eden_ditdec")
 
@@ -217,6 +217,18 @@ def body(data: bytes, **headers) -> dict:
     return {"data": data, "headers": {"Content-Type": wire.CONTENT_TYPE, **headers}}
 
 
+def one_frame(blob: bytes, k: int) -> bytes:
+    return wire.from_bytes(blob).frame(k).to_bytes()
+
+
+def nan_scale(blob: bytes) -> bytes:
+    """The pair's tokens as int8 (format version 2), one token's scale NaN."""
+    b = wire.from_bytes(blob)
+    b.tokens = wire.quantize(b.tokens)
+    b.tokens[1, 0, 2, -4:] = np.array([np.nan], "<f4").view(np.int8)
+    return b.to_bytes()
+
+
 def ref(**fields) -> bytes:
     return shm.make_ref(**fields)
 
@@ -286,11 +298,11 @@ CORPUS: dict[str, Case] = {
                                       "without gaps"),
     "enc: 17 frames": Case("eden_encoder", lambda c: frames(*[c.frame] * 17), "17 frames in one request: at most 16",
                            413),
-    "enc: bad dtype field": Case("eden_encoder", lambda c: frames(c.frame, dtype=(None, "int8")),
-                                 "dtype must be one of ['float16', 'float32'], got 'int8'"),
+    "enc: bad dtype field": Case("eden_encoder", lambda c: frames(c.frame, dtype=(None, "int4")),
+                                 "dtype must be one of ['float16', 'float32', 'int8'], got 'int4'"),
     "enc: bad dtype header": Case("eden_encoder",
                                   lambda c: {**frames(c.frame), "headers": {"X-Eden-Token-Dtype": "bfloat16"}},
-                                  "dtype must be one of ['float16', 'float32'], got 'bfloat16'"),
+                                  "dtype must be one of ['float16', 'float32', 'int8'], got 'bfloat16'"),
     "enc: dtype not UTF-8": Case("eden_encoder", lambda c: frames(c.frame, dtype=("d", b"\xff\xfe")),
                                  "not UTF-8 text"),
     "enc: raw frame, truncated": Case("eden_encoder", lambda c: frames(raw_frame(64, 80, 1000)),
@@ -309,8 +321,8 @@ CORPUS: dict[str, Case] = {
     "dit: random bytes": Case("eden_ditdec", lambda c: body(noise_frame(40, 40).tobytes()), "not a token blob: bad magic"),
     "dit: a PNG": Case("eden_ditdec", lambda c: body(c.frame), "not a token blob: bad magic"),
     "dit: shorter than the prefix": Case("eden_ditdec", lambda c: body(b"EDENTOKS\x01"), "shorter than the 16-byte prefix"),
-    "dit: wrong version": Case("eden_ditdec", lambda c: body(with_prefix(c.blob, version=2)),
-                               "unsupported token format version 2"),
+    "dit: wrong version": Case("eden_ditdec", lambda c: body(with_prefix(c.blob, version=3)),
+                               "unsupported token format version 3"),
     "dit: truncated": Case("eden_ditdec", lambda c: body(c.blob[:len(c.blob) - 1000]), "truncated token blob"),
     "dit: truncated in the header": Case("eden_ditdec", lambda c: body(c.blob[:40]), "header length"),
     "dit: trailing bytes": Case("eden_ditdec", lambda c: body(c.blob + b"extra"), "5 unexpected trailing bytes"),
@@ -329,8 +341,23 @@ CORPUS: dict[str, Case] = {
     "dit: infinite difference": Case("eden_ditdec",
                                      lambda c: body(with_header(c.blob, differences=[float("inf")])),
                                      "'differences' has values that are not finite"),
-    "dit: token dtype int8": Case("eden_ditdec", lambda c: body(with_header(c.blob, dtype="int8")),
-                                  "header field 'dtype' must be one of"),
+    "dit: pair body naming an unknown frame": Case(
+        "eden_ditdec", lambda c: body(framerefs.build(["0" * 32, one_frame(c.blob, 1)], 0.1),
+                                      **{"Content-Type": framerefs.CONTENT_TYPE}),
+        "are not in this worker's frame cache", 409),
+    "dit: pair body with trailing bytes": Case(
+        "eden_ditdec", lambda c: body(framerefs.build([one_frame(c.blob, 0), one_frame(c.blob, 1)], 0.1) + b"x",
+                                      **{"Content-Type": framerefs.CONTENT_TYPE}),
+        "1 unexpected trailing bytes after the pair body's frames"),
+    "dit: pair body of a two-frame blob": Case(
+        "eden_ditdec", lambda c: body(framerefs.build([c.blob, one_frame(c.blob, 1)], 0.1),
+                                      **{"Content-Type": framerefs.CONTENT_TYPE}),
+        "must be a blob of one frame, got 2"),
+    "dit: int8 token with a NaN scale": Case("eden_ditdec", lambda c: body(nan_scale(c.blob)),
+                                             "int8 tokens have scales that are not finite"),
+    "dit: token dtype int8 in version 1": Case("eden_ditdec", lambda c: body(with_header(c.blob, dtype="int8")),
+                                               "header field 'dtype' must be one of ['float16', 'float32'] in "
+                                               "format version 1"),
     "dit: size not the grid": Case("eden_ditdec", lambda c: body(with_header(c.blob, size=[64, 70])),
                                    "is not the 4x6 grid of 16-pixel patches"),
     "dit: three frames": Case("eden_ditdec", lambda c: body(repeated_frames(c.blob, 3)),

@@ -125,7 +125,7 @@ ENCODER_CASES = {
     "different sizes": (dict(files={"frame0": FRAME, "frame1": png_bytes(np.zeros((64, 96, 3), np.uint8))}),
                         "frame1 is 96x64 but frame0 is 80x64"),
     "gap in numbering": (dict(files={"frame0": FRAME, "frame2": FRAME}), "without gaps"),
-    "bad dtype": (dict(files={"frame0": FRAME, "dtype": (None, "int8")}), "dtype must be one of"),
+    "bad dtype": (dict(files={"frame0": FRAME, "dtype": (None, "int4")}), "dtype must be one of"),
     "too many frames": (dict(files={f"frame{i}": FRAME for i in range(17)}), "at most 16"),
 }
 

@@ -62,12 +62,12 @@ GOOD = make_blob().to_bytes()
 @pytest.mark.parametrize("data, message", [
     (b"", "shorter than the 16-byte prefix"),
     (b"\x89PNG\r\n\x1a\n" + bytes(100), "bad magic"),
-    (GOOD[:8] + struct.pack("<I", 2) + GOOD[12:], "unsupported token format version 2"),
+    (GOOD[:8] + struct.pack("<I", 3) + GOOD[12:], "unsupported token format version 3"),
     (GOOD[:12] + struct.pack("<I", 2**31) + GOOD[16:], "header length 2147483648"),
     (GOOD[:16] + b"{not json" + GOOD[25:], "not valid JSON"),
     (GOOD[:-10], "truncated token blob"),
     (GOOD + b"\0" * 7, "7 unexpected trailing bytes"),
-    (with_header(GOOD, dtype="int8"), "'dtype' must be one of"),
+    (with_header(GOOD, dtype="int8"), "'dtype' must be one of .* in format version 1"),
     (with_header(GOOD, shape=[2, 3, 24, 8]), "shape must be"),
     (with_header(GOOD, shape=[1000, 2, 24, 8]), "shape must be"),
     (with_header(GOOD, size=[41, 70]), "is not the 4x6 grid"),
@@ -105,3 +105,67 @@ def test_non_finite_tokens_are_refused():
     blob.tokens[1, 0, 3, 2] = np.inf
     with pytest.raises(WireError, match="NaN or infinite"):
         tokens.tokens_tensor(wire.from_bytes(blob.to_bytes()), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------- 8-bit tokens (format version 2)
+def int8_blob(k=2, seed=0):
+    blob = make_blob(k, dtype="float32", seed=seed)
+    blob.tokens = wire.quantize(blob.tokens)
+    return blob
+
+
+def test_int8_round_trip_version_and_pairs():
+    import torch
+    f32 = make_blob(3, dtype="float32")
+    blob = int8_blob(3)
+    data = blob.to_bytes()
+    assert struct.unpack_from("<8sI", data)[1] == 2 and struct.unpack_from("<8sI", GOOD)[1] == 1
+    assert blob.header()["shape"] == [3, 2, 24, 8] and blob.hidden_dim == 8 and blob.dtype == "int8"
+    assert len(data) == blob.nbytes and blob.tokens.nbytes == 3 * 2 * 24 * (8 + 4)
+    assert wire.expected_nbytes(3, 40, 70, 8, "int8") == blob.tokens.nbytes
+    back = wire.from_bytes(data)
+    assert back.header() == blob.header() and np.array_equal(back.tokens, blob.tokens)
+    # error <= half a step of each token's own scale
+    step = np.abs(f32.tokens).max(axis=-1, keepdims=True) / 127
+    assert (np.abs(wire.dequantize(back.tokens) - f32.tokens) <= step / 2 + 1e-7).all()
+    # frames and pairs slice the rows as with float tokens; torch and NumPy agree
+    pair = wire.from_bytes(TokenBlob.pair(back.frame(2), back.frame(0), 0.5).to_bytes())
+    assert np.array_equal(pair.tokens[0], blob.tokens[2])
+    assert np.array_equal(tokens.quantize(torch.from_numpy(f32.tokens)).numpy(), blob.tokens)
+    t = tokens.tokens_tensor(pair, torch.device("cpu"))
+    assert torch.equal(tokens.dequantize(t), torch.from_numpy(wire.dequantize(pair.tokens)))
+    assert tokens.check_fits(pair, CFG).grid == (4, 6)
+    zero = wire.quantize(np.zeros((1, 2, 3, 8), np.float32))
+    assert not wire.dequantize(zero).any() and not wire.scales(zero).any()
+
+
+def with_scale(blob, value):
+    bad = TokenBlob(blob.tokens.copy(), blob.size, blob.padding, blob.patch_size, blob.mean, blob.std,
+                    blob.differences, blob.encoder)
+    bad.tokens[1, 1, 5, -4:] = np.array([value], "<f4").view(np.int8)
+    return bad.to_bytes()
+
+
+@pytest.mark.parametrize("value, message", [(np.nan, "not finite"), (np.inf, "not finite"),
+                                            (-0.5, "outside"), (1e7, "outside")])
+def test_int8_malformed_scales_are_refused(value, message):
+    import torch
+    blob = int8_blob()
+    with pytest.raises(WireError, match=message):
+        wire.from_bytes(with_scale(blob, value))
+    # what skips the reader (a shared-memory frame read alone) is checked where it is used
+    rows = torch.from_numpy(np.frombuffer(with_scale(blob, value), np.int8)[-blob.tokens.nbytes:].copy()
+                            .reshape(blob.tokens.shape))
+    assert not tokens.finite(rows) and tokens.finite(torch.from_numpy(blob.tokens.copy()))
+    with pytest.raises(WireError, match="scales"):
+        tokens.array_tensor(rows.numpy(), torch.device("cpu"))
+
+
+def test_int8_header_and_truncation():
+    data = int8_blob().to_bytes()
+    with pytest.raises(WireError, match="truncated"):
+        wire.from_bytes(data[:-4])
+    with pytest.raises(WireError, match="unexpected trailing"):  # a float16 reading of int8 rows
+        wire.from_bytes(with_header(data, dtype="float16", shape=[2, 2, 24, 2]))
+    with pytest.raises(WireError, match="in format version 1"):  # int8 needs version 2
+        wire.from_bytes(data[:8] + struct.pack("<I", 1) + data[12:])

@@ -1,0 +1,141 @@
+"""What TorchServe's HTTP path (netty frontend -> Java -> worker socket -> Python) costs for large bodies, alone:
+round trips of 10-100 MB bodies to an echo model, for issue 13's JVM/netty part (run it on the GPU host; the numbers
+say whether token bodies across hosts are bounded by the frontend rather than the network).
+
+A model ``eden_echo`` (a handler of a few lines, archived here with torch-model-archiver, no weights) answers each
+request with ``X-Echo-Bytes`` and either the body itself (``--mode echo``: the body crosses the frontend twice, as
+the encoder's tokens do going out) or 8 bytes (``--mode sink``: the DiT+decoder's direction, tokens in, small frame
+out). For each size, over loopback:
+
+* cold: the first request of that size after TorchServe started (JVM not warmed for it: buffer pools grow);
+* warm: ``--repeat`` more requests, sequential, then ``--concurrency`` at once; median and p90 seconds, MB/s.
+
+Bounded by design: sizes default to 10, 25, 50 and 100 MB, 5 warm repeats each; one TorchServe, one worker; it is
+stopped at the end. The frontend's own limits (max_request_size, max_response_size) are set to fit the largest size.
+
+    python bench/large_bodies.py --out bench/results/large_bodies_<host>.json
+    python bench/large_bodies.py --sizes 10 100 --repeat 3 --mode sink --netty-threads 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+from client.api import KeySource  # noqa: E402
+from client.server import TorchServe  # noqa: E402
+
+HANDLER = '''
+def handle(data, context):
+    """Echo (X-Echo: body) or count the raw body of each request."""
+    if data is None:
+        return None
+    out = []
+    for idx, request in enumerate(data):
+        body = request.get("body") if request.get("body") is not None else request.get("data")
+        body = body if isinstance(body, (bytes, bytearray)) else b""
+        context.set_response_header(idx, "X-Echo-Bytes", str(len(body)))
+        headers = context.get_all_request_header(idx) or {}
+        echo = any(str(k).lower() == "x-echo" and v == "body" for k, v in headers.items())
+        out.append(bytes(body) if echo else b"received")
+    return out
+'''
+
+
+def build_echo(store: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        handler = Path(tmp, "echo_handler.py")
+        handler.write_text(HANDLER)
+        config = Path(tmp, "model-config.yaml")
+        config.write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 1\nmaxBatchDelay: 1\nresponseTimeout: 600\n")
+        subprocess.run([sys.executable, "-c", "from model_archiver.model_packaging import generate_model_archive "
+                        "as g; g()", "--model-name", "eden_echo", "--version", "1.0", "--handler", str(handler),
+                        "--config-file", str(config), "--export-path", str(store), "--force"],
+                       check=True, env={**os.environ, "TMPDIR": tmp})
+
+
+def one(session, url, key, body: bytes, echo: bool) -> float:
+    t = time.perf_counter()
+    r = session.post(url, data=body, headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/octet-stream",
+                                              **({"X-Echo": "body"} if echo else {})}, timeout=600)
+    r.raise_for_status()
+    got = len(r.content)
+    if int(r.headers["X-Echo-Bytes"]) != len(body) or (echo and got != len(body)):
+        raise RuntimeError(f"body of {len(body)} bytes came back as {r.headers['X-Echo-Bytes']} / {got}")
+    return time.perf_counter() - t
+
+
+def summary(seconds: list[float], nbytes: int, factor: int) -> dict:
+    s = sorted(seconds)
+    med = statistics.median(s)
+    return {"n": len(s), "median_s": round(med, 4), "p90_s": round(s[min(len(s) - 1, int(0.9 * len(s)))], 4),
+            "MB_per_s": round(factor * nbytes / 1e6 / med, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50, 100], help="body sizes in MB (max 200)")
+    p.add_argument("--repeat", type=int, default=5, help="warm requests per size (max 20)")
+    p.add_argument("--concurrency", type=int, default=4, help="warm requests at once, after the sequential ones")
+    p.add_argument("--mode", choices=["echo", "sink"], default="echo")
+    p.add_argument("--netty-threads", type=int, default=0, help="TorchServe number_of_netty_threads (0: default)")
+    p.add_argument("--work", default=None, help="folder for the archive and TorchServe (default: a temporary one)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if max(args.sizes) > 200 or args.repeat > 20 or args.concurrency > 8:
+        p.error("bounded on purpose: sizes <= 200 MB, --repeat <= 20, --concurrency <= 8")
+    work = Path(args.work or tempfile.mkdtemp(prefix="eden_large_bodies_"))
+    store = work / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    build_echo(store)
+    limit = (max(args.sizes) + 1) << 20
+    extra = {"max_request_size": limit, "max_response_size": limit}
+    if args.netty_threads:
+        extra["number_of_netty_threads"] = args.netty_threads
+    echo = args.mode == "echo"
+    results = []
+    with TorchServe(work / "serve", store, models=["eden_echo.mar"], extra_config=extra) as ts:
+        key = KeySource(key_file=ts.key_file).read("inference")
+        url = f"{ts.inference_url}/predictions/eden_echo"
+        session = requests.Session()
+        for mb in args.sizes:
+            body = os.urandom(mb << 20)
+            cold = one(session, url, key, body, echo)
+            warm = [one(session, url, key, body, echo) for _ in range(args.repeat)]
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                t = time.perf_counter()
+                each = list(pool.map(lambda _: one(requests.Session(), url, key, body, echo),
+                                     range(args.concurrency)))
+                together = time.perf_counter() - t
+            factor = 2 if echo else 1
+            row = {"MB": mb, "bytes": len(body), "cold_s": round(cold, 4), "warm": summary(warm, len(body), factor),
+                   "concurrent": {"n": args.concurrency, "wall_s": round(together, 4),
+                                  "MB_per_s": round(factor * args.concurrency * len(body) / 1e6 / together, 1),
+                                  "max_s": round(max(each), 4)}}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    record = {"mode": args.mode, "netty_threads": args.netty_threads or "default", "host": os.uname().nodename,
+              "results": results}
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
