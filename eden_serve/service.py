@@ -401,9 +401,14 @@ class BatchService:
                         "the GPU ran out of memory for this request's inputs: retry, or send smaller frames", 503))
                 except Exception as e:  # noqa: BLE001 - whatever one request makes fail, it fails alone
                     answers[idx] = self._error(context, idx, unexpected(e, "reading the request"))
+        parsed = dict(self._stages)  # the parse stage, shared by every group of the batch
+        totals: dict[str, float] = {}  # every group's stages, for the metrics
         for items in groups.values():
             indices = [i for i, _ in items]
+            self._stages = dict(parsed)  # each group reports its own stages (not those of the groups before it)
             results = self.run_isolated([item for _, item in items])
+            for k, v in self._stages.items():
+                totals[k] = totals.get(k, 0.0) + (v - parsed.get(k, 0.0))
             stages = ",".join(f"{k}={1000 * v:.2f}" for k, v in self._stages.items())
             for idx, result in zip(indices, results):
                 if isinstance(result, RequestError):
@@ -425,6 +430,7 @@ class BatchService:
                     answers[idx] = self._error(context, idx, unexpected(e, "answering"))
         bytes_in = sum(len(v) for r in data for v in r.values() if isinstance(v, (bytes, bytearray)))
         bytes_out = sum(len(a) for a in answers if isinstance(a, (bytes, bytearray)))
+        self._stages = {k: parsed.get(k, 0.0) + totals.get(k, 0.0) for k in {*parsed, *totals}}
         self.record_metrics(context, self._stages, len(data), bytes_in, bytes_out)
         return answers
 

@@ -2,7 +2,9 @@
 token-byte metrics (no isinstance dispatch in BatchService.record_metrics)."""
 from __future__ import annotations
 
-from eden_serve import serving
+import time
+
+from eden_serve import protocol, serving
 from eden_serve.frame_cache import DeviceFrameCache
 
 
@@ -42,3 +44,46 @@ def test_each_service_reports_its_own_token_bytes():
     ctx = _Context()
     serving.BatchService().record_metrics(ctx, {}, 1, 10, 20)
     assert not {serving.METRIC_TOKEN_BYTES_OUT, serving.METRIC_TOKEN_BYTES_IN} & set(ctx.metrics.sent)
+
+
+class _Answers:
+    """The part of TorchServe's context a batch answer touches: headers and statuses by request."""
+
+    def __init__(self):
+        self.headers, self.metrics = {}, None
+
+    def set_response_header(self, idx, name, value):
+        self.headers.setdefault(idx, {})[name] = value
+
+    def set_response_content_type(self, idx, value):
+        pass
+
+    def set_response_status(self, status, reason, idx):
+        pass
+
+    def get_request_header(self, idx, name):
+        return None
+
+
+class _TwoSizes(serving.BatchService):
+    """Requests of two sizes: each group's run takes a known time in its own stage."""
+
+    def parse(self, request, context, idx):
+        return request["size"], request["size"]
+
+    def run(self, items):
+        with self.timed("work"):
+            time.sleep(0.05 if items[0] == "big" else 0.01)
+        return [(b"x", "text/plain", {}) for _ in items]
+
+
+def test_each_size_group_reports_its_own_stages():
+    """X-Eden-Stages of a mixed batch: each group's own time (a later group does not carry an earlier one's)."""
+    import torch
+    service = _TwoSizes()
+    service.device, service.store, service._last_sweep = torch.device("cpu"), None, 0.0
+    context = _Answers()
+    service.handle([{"size": "big"}, {"size": "small"}], context)
+    work = {idx: float(dict(kv.split("=") for kv in h[protocol.STAGES].split(","))["work"])
+            for idx, h in context.headers.items()}
+    assert work[0] >= 45 and work[1] < 40, work  # milliseconds: small's 10 ms alone, not big's 50 + 10
