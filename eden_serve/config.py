@@ -67,10 +67,6 @@ class EdenConfig:
             raise CheckpointError(f"pad multiple {self.pad_multiple} must be a multiple of 2 x patch {self.patch_size}")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_dim // self.num_heads
-
-    @property
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_dim * self.mlp_ratio)
 

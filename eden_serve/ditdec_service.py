@@ -110,6 +110,8 @@ class DitDecService(BatchService):
             raise RequestError(f"{e}: encode the frames again", 410) from None
         except handoff.HandoffError as e:
             raise RequestError(f"cannot use the handed-off tokens: {e}", kind=protocol.HANDOFF_UNAVAILABLE) from None
+        except handoff.CopyFailed as e:  # this worker's fault, not the request's: a retry may land on a sound one
+            raise RequestError(str(e), 503) from None
         if not tokens.finite(t):
             raise RequestError("tokens contain NaN or infinite values (or int8 scales out of range)")
         return t

@@ -73,7 +73,8 @@ def blob_metas(encoded: EncodedFrames, differences: list[torch.Tensor], geometry
 def to_blobs(encoded: EncodedFrames, differences: list[torch.Tensor], geometry: Geometry, dtype: str = "float16",
              encoder: str = "") -> list[TokenBlob]:
     """Encoded frames (all of one size, grouped as ``differences`` is: K_i frames -> K_i-1 differences) -> blobs
-    with their tokens on the CPU."""
+    with their tokens on the CPU: the encoder's answer in process (tests, benchmarks); the encoder service itself
+    writes ``wire_tensor`` + ``blob_metas`` straight into its answers or segments."""
     tokens = wire_tensor(encoded, dtype)
     ok = finite(tokens)
     host = tokens.cpu().numpy()  # one host synchronisation for both
