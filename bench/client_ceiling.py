@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client import clips  # noqa: E402
-from client.api import EncodedFrames  # noqa: E402
+from client.api import EncoderAnswer  # noqa: E402
 from client.convert import Options, convert  # noqa: E402
 from client.samples import moving_shapes  # noqa: E402
 from eden_serve import wire  # noqa: E402
@@ -46,7 +46,7 @@ class InstantDeployment:
         tokens = np.zeros((n, 2, gh * gw, 4), np.float16)
         blob = wire.TokenBlob(tokens, (h, w), (0, gw * 16 - w, 0, gh * 16 - h), 16, [0.5] * n, [0.2] * n,
                               [0.0] * (n - 1), "")
-        return EncodedFrames(blob, None)
+        return EncoderAnswer(blob, None)
 
     def generate_pair(self, first, i, second, j, difference=None, seed=None):
         return self.frame.copy(), seed  # (the real client copies the answer out of shared memory too)

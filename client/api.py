@@ -370,7 +370,7 @@ def _error_of(r: requests.Response) -> dict:
 
 # ---------------------------------------------------------------------- the two models
 @dataclass
-class EncodedFrames:
+class EncoderAnswer:
     """What one encoder call returned: the tokens of its frames, parsed, and where they live."""
     blob: TokenBlob  # for the shm transport, views of the segment (no copy)
     segment: str | None = None  # the shared-memory segment holding them; released by EdenClient.release
@@ -459,11 +459,11 @@ class EdenClient:
         return f"{how} ({self.reason})"
 
     # ------------------------------------------------------------------ frames -> tokens -> frames
-    def encode_frames(self, frames: list, dtype: str = "float16") -> EncodedFrames:
+    def encode_frames(self, frames: list, dtype: str = "float16") -> EncoderAnswer:
         """[H, W, 3] uint8 frames of one size (at most the server's max_frames) -> their tokens, each frame encoded
         once. Release the result (``release``) when no pair needs its frames any more."""
         if self.transport == "http":
-            return EncodedFrames(wire.from_bytes(self.encode_arrays(frames, dtype)))
+            return EncoderAnswer(wire.from_bytes(self.encode_arrays(frames, dtype)))
         inputs = [self.store.write(encode_raw(f)) for f in frames]
         try:
             files = {f"frame{i}": (f"frame{i}", make_ref(segment=name), REFERENCE_CONTENT_TYPE)
@@ -476,12 +476,12 @@ class EdenClient:
                 self.store.unlink(name)
         segment = self._segment_of(r)
         try:
-            return EncodedFrames(read_blob(self.store.read(segment))[0], segment)  # (tokens maybe on the GPU)
+            return EncoderAnswer(read_blob(self.store.read(segment))[0], segment)  # (tokens maybe on the GPU)
         except Exception:
             self.store.unlink(segment)
             raise
 
-    def generate_pair(self, first: EncodedFrames, i: int, second: EncodedFrames, j: int,
+    def generate_pair(self, first: EncoderAnswer, i: int, second: EncoderAnswer, j: int,
                       difference: float | None = None, seed: int | None = None):
         """The middle frame between frame i of ``first`` and frame j of ``second`` -> ([H, W, 3] uint8, seed).
 
@@ -518,7 +518,7 @@ class EdenClient:
             self.store.unlink(segment)
         return frame, int(r.headers.get(SEED, -1))
 
-    def _generate_by_refs(self, frames: list[tuple[EncodedFrames, int]], difference: float, seed: int | None):
+    def _generate_by_refs(self, frames: list[tuple[EncoderAnswer, int]], difference: float, seed: int | None):
         """A pair over HTTP as a pair body: each frame inline the first time, by hash after; a miss (the worker
         that took the request does not hold the frame: 409 FrameNotCached) sends the pair again, both inline."""
         items = []
@@ -564,7 +564,7 @@ class EdenClient:
     REF_SAMPLE = 16  # frames named by hash before judging whether naming pays
 
     @staticmethod
-    def _frame_bytes(enc: EncodedFrames, k: int) -> bytes:
+    def _frame_bytes(enc: EncoderAnswer, k: int) -> bytes:
         """Frame k of ``enc`` as a one-frame blob (its hash noted in ``enc.hashes``)."""
         data = enc.blob.frame(k).to_bytes()
         enc.hashes[k] = framerefs.frame_hash(data)
@@ -583,7 +583,7 @@ class EdenClient:
                             "or replicas: each has its own cache): sending whole pairs from now on",
                             self.wire["ref_misses"], tried)
 
-    def release(self, encoded: EncodedFrames) -> None:
+    def release(self, encoded: EncoderAnswer) -> None:
         if encoded.segment:
             self.store.unlink(encoded.segment)
             encoded.segment = None

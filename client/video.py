@@ -60,7 +60,7 @@ from eden_serve.config import EdenConfig
 from eden_serve.difference import frame_difference_uint8
 from eden_serve.protocol import MAX_SEED
 
-from .api import EncodedFrames, ServeError, TokensLost
+from .api import EncoderAnswer, ServeError, TokensLost
 from .frames_io import Frame
 from .scenes import SceneDetector, thumbnail
 
@@ -200,13 +200,13 @@ class _Node:
 
     def __init__(self, image: np.ndarray, pts: int = 0, duration: int = 0, thumb=None, last_use: int = 0):
         self.image, self.pts, self.duration, self.thumb = image, pts, duration, thumb
-        self.token: tuple[EncodedFrames, int] | None = None  # (the encoder answer holding it, its index there)
+        self.token: tuple[EncoderAnswer, int] | None = None  # (the encoder answer holding it, its index there)
         self.last_use = last_use  # the last segment that needs its tokens
         self.next: _Node | None = None
         self.next_difference = 0.0
 
 
-class _Segment:
+class _PairSpan:
     """Input pair i on a grid of ``span`` + 1 positions (0 and span are the input frames): ``plan`` lists its output
     frames (position shown, pts, duration), ``wanted`` the positions to generate (those shown and their
     ancestors), ``todo`` the intervals whose middle is still to make, ``running`` the generations in flight."""
@@ -324,7 +324,7 @@ class Interpolator:
         self._count_lock = threading.Lock()
 
     # ------------------------------------------------------------------ requests (run in the pool)
-    def _encode(self, nodes: list[_Node]) -> list[tuple[EncodedFrames, list[_Node]]]:
+    def _encode(self, nodes: list[_Node]) -> list[tuple[EncoderAnswer, list[_Node]]]:
         """Encode ``nodes`` in one request; if the answer would pass the server's response limit (413), in halves
         (and use smaller chunks from then on). Returns the blobs with the frames each holds."""
         if len(nodes) > self.chunk:  # formed before a 413 made the chunks smaller: do not send it to hear 413 again
@@ -424,7 +424,7 @@ class Interpolator:
         self.grid = None
         self._next_output = 0  # target rate: the next output frame to place
         frames = iter(frames)
-        segments: deque[_Segment] = deque()
+        segments: deque[_PairSpan] = deque()
         filling: list[_Node] = []  # input frames read but not yet sent to the encoder
         input_chunks: deque[list[_Node]] = deque()
         new_frames: deque[_Node] = deque()  # generated frames that must be encoded for the next level
@@ -434,7 +434,7 @@ class Interpolator:
         exhausted = False
         writer = _Writer(write)
         pool = ThreadPoolExecutor(self.max_inflight + self.encoder_inflight, thread_name_prefix="eden-request")
-        self._live: list[tuple[int, EncodedFrames]] = []  # (last segment needing them, encoder answer)
+        self._live: list[tuple[int, EncoderAnswer]] = []  # (last segment needing them, encoder answer)
         self.reencoded = 0
         self._written = -1  # the last segment written out
         try:
@@ -458,7 +458,7 @@ class Interpolator:
                     if last is not None:
                         cut = self.detector.is_cut(last.thumb, node.thumb) if self.detector.enabled else False
                         stats.cuts += cut
-                        segments.append(_Segment(stats.input_frames - 1, last, node, m,
+                        segments.append(_PairSpan(stats.input_frames - 1, last, node, m,
                                                  self._plan(last, node, stats), cut))
                     stats.input_frames += 1
                     last = node
@@ -555,7 +555,7 @@ class Interpolator:
         stats.frame_ref_hits, stats.frame_ref_misses = delta.get("ref_hits", 0), delta.get("ref_misses", 0)
         return stats
 
-    def _take_tokens(self, enc: EncodedFrames, nodes: list[_Node], stats: Stats) -> None:
+    def _take_tokens(self, enc: EncoderAnswer, nodes: list[_Node], stats: Stats) -> None:
         blob = enc.blob
         if blob.num_frames != len(nodes):
             self.client.release(enc)

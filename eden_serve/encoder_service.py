@@ -27,9 +27,9 @@ class EncoderService(BatchService):
         self.encoder = checkpoint.load_encoder(self.model_dir, self.device)
         # handed-off tokens, kept on this GPU until their segment is released or expires (eden_serve/held_tokens.py)
         self.held = HeldTokens(self.store, self.settings.handoff_max_bytes)
-        self.handoff = (self.settings.device_handoff and self.store is not None
-                        and handoff.available(self.device))
-        if self.handoff:
+        self.hands_off = (self.settings.device_handoff and self.store is not None  # (the device handoff is on)
+                          and handoff.available(self.device))
+        if self.hands_off:
             self.held.start_reaper()
 
     def parse(self, request, context, idx):
@@ -62,7 +62,8 @@ class EncoderService(BatchService):
         if size > s.max_response_bytes and not to_shm:  # a shared-memory reply is a reference, not the bytes
             raise RequestError(f"the tokens of {len(frames)} frames of {w}x{h} would be {size} bytes, over the "
                                f"response limit of {s.max_response_bytes}: send fewer frames per request", 413)
-        on_device = to_shm and self.handoff and (request_header(context, idx, protocol.HANDOFF) or "") == protocol.HANDOFF_DEVICE
+        on_device = (to_shm and self.hands_off
+                     and (request_header(context, idx, protocol.HANDOFF) or "") == protocol.HANDOFF_DEVICE)
         return (h, w, dtype), (np.stack(frames), dtype, "device" if on_device else "shm" if to_shm else "")
 
     def run(self, items):
@@ -105,7 +106,7 @@ class EncoderService(BatchService):
             return [(body, protocol.TOKENS_CONTENT_TYPE, {}) for body in bodies]
 
     def can_hand_off(self) -> bool:
-        return self.handoff
+        return self.hands_off
 
     def token_metrics(self, bytes_in: int, bytes_out: int) -> dict[str, int]:
         return {METRIC_TOKEN_BYTES_OUT: bytes_out}  # the encoder's answers are token blobs
@@ -121,7 +122,7 @@ class EncoderService(BatchService):
             desc = handoff.export(part)
         except handoff.HandoffError as e:
             log.warning("device handoff off for this worker, tokens go through host memory: %s", e)
-            self.handoff = False
+            self.hands_off = False
             return None
         body = shm.device_segment(meta, desc)
         name, fd = self.store.write_held(body)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from client import clips
-from client.api import EdenClient, EncodedFrames, ServeError
+from client.api import EdenClient, EncoderAnswer, ServeError
 from client.frames_io import Frame
 from client.video import Interpolator
 from eden_serve import framerefs, pipeline, serving, tokens, wire

@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from client.api import EdenClient, EncodedFrames, KeySource, TokensLost
+from client.api import EdenClient, EncoderAnswer, KeySource, TokensLost
 from eden_serve import handoff, shm, wire
 from eden_serve.serving import EncoderService, HeldTokens, Settings
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref
@@ -78,7 +78,7 @@ def holding_encoder(tmp_path, ttl_s=60.0, max_bytes=1 << 30) -> EncoderService:
     svc = EncoderService.__new__(EncoderService)
     svc.store = ShmStore(tmp_path, ttl_s=ttl_s)
     svc.settings = Settings(handoff_max_bytes=max_bytes)
-    svc.held, svc.handoff = HeldTokens(svc.store, max_bytes), True
+    svc.held, svc.hands_off = HeldTokens(svc.store, max_bytes), True
     return svc
 
 
@@ -125,7 +125,7 @@ def test_tokens_past_the_held_limit_go_to_host_memory(tmp_path):
     assert svc.hand_off(meta, torch.zeros(16)) is None  # 80 + 32 > 100 and nothing to free: host path
     svc.store.unlink(name)
     # once released there is room; on a CPU tensor the export itself refuses, so the worker stops handing off
-    assert svc.hand_off(meta, torch.zeros(16)) is None and not svc.handoff and len(svc.held) == 0
+    assert svc.hand_off(meta, torch.zeros(16)) is None and not svc.hands_off and len(svc.held) == 0
 
 
 # ---------------------------------------------------------------------- a CPU deployment (real TorchServe)
@@ -164,7 +164,7 @@ def test_cpu_deployment_ignores_the_handoff_request_and_refuses_device_segments(
         assert frame.shape == (64, 96, 3)
         # a deployment that cannot use handed-off tokens: the client switches itself to host tokens, and says the
         # frames must be encoded again (the video client does that)
-        on_device = EncodedFrames(real, device_seg)
+        on_device = EncoderAnswer(real, device_seg)
         with pytest.raises(TokensLost, match="this CPU worker cannot read"):
             client.generate_pair(on_device, 0, on_device, 1, seed=0)
         assert client.handoff == "host"

@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from client.api import EncodedFrames
+from client.api import EncoderAnswer
 from client.convert import Options, convert, expected_outputs
 from client.frames_io import Frame
 from client.scenes import SceneDetector
@@ -60,7 +60,7 @@ class TimedFake:
         with self.lock:
             self.encoded += [id_of(f) for f in frames]
             self.answers += 1
-            enc = EncodedFrames(wire.from_bytes(blob.to_bytes()), segment=f"answer-{self.answers}")
+            enc = EncoderAnswer(wire.from_bytes(blob.to_bytes()), segment=f"answer-{self.answers}")
             self.live.add(enc.segment)
         return enc
 

@@ -21,7 +21,7 @@ from client.api import EdenClient, KeySource
 from client.convert import Options, convert
 from client.frames_io import Frame, natural_key
 from client.scenes import SceneDetector, ssim, thumbnail
-from client.api import EncodedFrames, TokensLost
+from client.api import EncoderAnswer, TokensLost
 from client.video import Interpolator, frame_seed, output_count
 from client.video_cli import parse_rate
 from eden_serve import pipeline, wire
@@ -72,7 +72,7 @@ class FakeEden:
         diffs = pipeline.frame_difference(x[:-1], x[1:], self.cfg)[:, 0].tolist() if len(frames) > 1 else []
         blob = wire.TokenBlob(tokens, (h, w), geo.padding, 16, [0.5] * len(frames), [0.2] * len(frames), diffs, "")
         self._leave("encode")
-        enc = EncodedFrames(wire.from_bytes(blob.to_bytes()), segment=f"answer-{len(self.answers)}")
+        enc = EncoderAnswer(wire.from_bytes(blob.to_bytes()), segment=f"answer-{len(self.answers)}")
         self.answers.append(enc.segment)
         return enc
 
