@@ -94,7 +94,7 @@ def options_from(args):
 
 
 def cmd_video(args) -> int:
-    from .cli import connect
+    from .connection import connect
     from .convert import convert
     from .progress import Progress
     src, dst = Path(args.input), Path(args.output)
@@ -127,7 +127,7 @@ def cmd_video(args) -> int:
 
 def cmd_batch(args) -> int:
     from .batch import run_batch, summary_table
-    from .cli import connect
+    from .connection import connect
     try:
         options = options_from(args)
         runner = None
@@ -149,7 +149,7 @@ def cmd_batch(args) -> int:
 
 def register(sub) -> None:
     """Add this module's sub-commands to the argparse sub-parsers ``sub`` (called by client.cli.main)."""
-    from .cli import add_connection_args
+    from .connection import add_connection_args
 
     p = sub.add_parser("video", help="interpolate a video file or a folder of frames",
                        description="Interpolate a video file (mp4, mkv, mov, webm, avi) or a folder of PNG/JPEG "
