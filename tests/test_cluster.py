@@ -327,8 +327,9 @@ def test_batch_over_two_nodes_survives_a_lost_node(ray_cluster, tmp_path):
     rows = {line.split()[1]: line for line in table[1:-1]}
     served = {name: re.search(r"\[on (n\d)", rows[name]).group(1) for name in names}
     assert set(served.values()) == {"n1", "n2"}, log  # both nodes served inputs
-    for name in killed_on_n1:  # what n1 was doing is redone on n2, and the table says so
-        assert served[name] == "n2" and "retried after n1 was lost" in rows[name], log
+    for name in killed_on_n1:  # what n1 was doing is redone on n2, and the table says so: the node lost, or (a task
+        # that reached n1 just after its TorchServe died) n1 not serving it
+        assert served[name] == "n2" and re.search(r"retried after n1 (was lost|did not serve)", rows[name]), log
     print(f"\ncluster batch: {took:.1f} s; served by " + ", ".join(f"{n}: {served[n]}" for n in names)
           + f"; n1 killed while converting {killed_on_n1}")
 
