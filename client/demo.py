@@ -18,7 +18,7 @@ from .api import EdenClient, KeySource
 from .clips import write_video
 from .convert import Options, convert
 from .samples import moving_shapes
-from .server import ROOT, TorchServe
+from .server import TorchServe
 
 DEMO_CONFIG = EdenConfig(hidden_dim=128, num_heads=2, dit_depth=2, decoder_depth=1)
 
@@ -29,8 +29,7 @@ def step(text: str) -> float:
 
 
 def run_demo(args) -> int:
-    sys.path.insert(0, str(ROOT / "archive_scripts"))
-    from build_archives import build
+    from eden_serve.archives import build
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

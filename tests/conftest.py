@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,6 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "eden_tiny"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "archive_scripts"))
 
 from client.server import TorchServe  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402
@@ -72,7 +69,7 @@ def shm_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_store(tiny_weights, tmp_path_factory, shm_dir) -> Path:
-    from build_archives import build
+    from eden_serve.archives import build
     store = tmp_path_factory.mktemp("model_store")
     build(tiny_weights, store, gpus=0, batch_size=4, max_batch_delay_ms=100,
           settings={**TEST_SETTINGS, "shm_dir": str(shm_dir), "shm_ttl_s": SHM_TTL_S})

@@ -37,7 +37,7 @@ def test_settings_parse_and_check():
 
 
 def test_build_archives_flag():
-    from build_archives import kernel_settings
+    from eden_serve.archives import kernel_settings
     assert kernel_settings("") == {}
     assert kernel_settings("compile_mode=default,warmup_sizes=480x854+1080x1920") == {
         "compile_mode": "default", "warmup_sizes": ["480x854", "1080x1920"]}

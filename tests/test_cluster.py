@@ -145,7 +145,7 @@ def test_cluster_simulation_runs_fast():
 def solo_store(tiny_weights, tmp_path_factory, shm_dir):
     """Archives with batches of one: a frame then never depends on which requests shared its batch, so outputs
     from any node and any concurrency are byte-identical (tests/test_reliability.py says why)."""
-    from build_archives import build
+    from eden_serve.archives import build
     store = tmp_path_factory.mktemp("ray_store")
     build(tiny_weights, store, gpus=0, batch_size=1, max_batch_delay_ms=1,
           settings={**TEST_SETTINGS, "shm_dir": str(shm_dir), "shm_ttl_s": 60})

@@ -227,7 +227,7 @@ def test_int8_tokens_through_the_handlers(tiny_weights, encoder_service, fixture
 def cross_hosts(tiny_weights, tmp_path_factory):
     """The encoder and the DiT+decoder on two TorchServe instances with shared memory off (as on two hosts: the
     client cannot use it with either), one DiT+decoder worker."""
-    from build_archives import build
+    from eden_serve.archives import build
     from conftest import TEST_SETTINGS
     from test_ops import grpc_ports
 

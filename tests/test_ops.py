@@ -19,7 +19,7 @@ import pytest
 import requests
 from conftest import FIXTURE, ROOT, TEST_SETTINGS, read_rgb
 
-from build_archives import build, placement
+from eden_serve.archives import build, placement
 from client.api import EdenClient, KeySource, ServeError, expiry_time
 from client.ops import ManagementClient, Server, collect_status, format_status, gpu_of, parse_prometheus
 from client.server import TorchServe, free_port

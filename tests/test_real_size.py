@@ -18,7 +18,7 @@ pytestmark = pytest.mark.server
 
 
 def test_real_size_serves_a_256_pair(tmp_path):
-    from build_archives import build
+    from eden_serve.archives import build
     ckpt = tmp_path / "eden_random.pt"
     checkpoint.make_random_checkpoint(ckpt, EdenConfig(), seed=1)
     r = subprocess.run([sys.executable, str(ROOT / "split_weights.py"), str(ckpt), "--out-dir", str(tmp_path / "w")],

@@ -25,7 +25,7 @@ import pytest
 import requests
 from conftest import FIXTURE, ROOT, TEST_SETTINGS
 
-from build_archives import build
+from eden_serve.archives import build
 from client import cli
 from client.api import EdenClient, KeySource, ServeError
 from client.batch import run_batch
