@@ -368,6 +368,16 @@ def _error_of(r: requests.Response) -> dict:
         return {"message": r.text[:500]}
 
 
+def _generate_headers(content_type: str, seed: int | None, raw: bool = False) -> dict:
+    """The headers of a DiT+decoder request: its body's type, the seed if given, raw frames back if asked."""
+    headers = {"Content-Type": content_type}
+    if seed is not None:
+        headers[SEED] = str(seed)
+    if raw:
+        headers[FORMAT] = FORMAT_RAW
+    return headers
+
+
 # ---------------------------------------------------------------------- the two models
 @dataclass
 class EncoderAnswer:
@@ -491,7 +501,6 @@ class EdenClient:
             if first is not second or j != i + 1:
                 raise ValueError("the difference of frames from different encoder calls must be given")
             difference = first.blob.differences[i]
-        headers = {} if seed is None else {SEED: str(seed)}
         if self.transport == "http":
             if self.frame_refs:
                 return self._generate_by_refs([(first, i), (second, j)], difference, seed)
@@ -501,8 +510,8 @@ class EdenClient:
         ref = make_ref(pair=[{"segment": first.segment, "frame": i}, {"segment": second.segment, "frame": j}],
                        difference=float(difference))
         try:
-            r = self._post("generate", self.ditdec, data=ref, headers={
-                **headers, "Content-Type": REFERENCE_CONTENT_TYPE, REPLY: REPLY_SHM, FORMAT: FORMAT_RAW})
+            r = self._post("generate", self.ditdec, data=ref,
+                           headers={**_generate_headers(REFERENCE_CONTENT_TYPE, seed, raw=True), REPLY: REPLY_SHM})
         except ServeError as e:
             if e.status == 410:
                 raise TokensLost(str(e), e.status, e.kind) from None
@@ -537,9 +546,7 @@ class EdenClient:
                 self._sent.move_to_end(h)
             items.append(h if named else data if data is not None else self._frame_bytes(enc, k))
         body = framerefs.build(items, difference)
-        headers = {"Content-Type": framerefs.CONTENT_TYPE, "X-Eden-Format": "raw"}
-        if seed is not None:
-            headers["X-Eden-Seed"] = str(seed)
+        headers = _generate_headers(framerefs.CONTENT_TYPE, seed, raw=True)
         refs = sum(isinstance(x, str) for x in items)
         try:
             r = self._post("generate", self.ditdec, data=body, headers=headers)
@@ -558,7 +565,7 @@ class EdenClient:
                 raise
         else:
             self._count_refs(refs, 0)
-        return decode_image(r.content, max_pixels=1 << 40), int(r.headers.get("X-Eden-Seed", -1))
+        return decode_image(r.content, max_pixels=1 << 40), int(r.headers.get(SEED, -1))
 
     SENT_HASHES = 4096  # frames remembered as sent (their hashes): far more than a video's window of open pairs
     REF_SAMPLE = 16  # frames named by hash before judging whether naming pays
@@ -603,10 +610,7 @@ class EdenClient:
 
     def generate(self, pair_blob: bytes, seed: int | None = None) -> tuple[bytes, int]:
         """A pair's token blob -> (PNG bytes of the middle frame, the seed used)."""
-        headers = {"Content-Type": TOKENS_CONTENT_TYPE}
-        if seed is not None:
-            headers[SEED] = str(seed)
-        r = self._post("generate", self.ditdec, data=pair_blob, headers=headers)
+        r = self._post("generate", self.ditdec, data=pair_blob, headers=_generate_headers(TOKENS_CONTENT_TYPE, seed))
         return r.content, int(r.headers.get(SEED, -1))
 
     def encode_arrays(self, frames: list, dtype: str = "float16") -> bytes:
@@ -617,10 +621,8 @@ class EdenClient:
     def generate_array(self, pair_blob: bytes, seed: int | None = None):
         """A pair's token blob -> (the middle frame as [H, W, 3] uint8, the seed used). The frame comes back raw:
         a PNG encode costs the worker more than the bytes cost the wire."""
-        headers = {"Content-Type": TOKENS_CONTENT_TYPE, FORMAT: FORMAT_RAW}
-        if seed is not None:
-            headers[SEED] = str(seed)
-        r = self._post("generate", self.ditdec, data=pair_blob, headers=headers)
+        r = self._post("generate", self.ditdec, data=pair_blob,
+                       headers=_generate_headers(TOKENS_CONTENT_TYPE, seed, raw=True))
         return decode_image(r.content, max_pixels=1 << 40), int(r.headers.get(SEED, -1))
 
     def interpolate(self, frame0: bytes, frame1: bytes, seed: int | None = None, dtype: str = "float16") -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .api import DEFAULT_URL, KEY_ENV, KEY_FILE_ENV, EdenClient, KeySource, ServeError
+from .transport import TRANSPORTS
 
 
 def add_connection_args(ap: argparse.ArgumentParser) -> None:
@@ -15,7 +16,7 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ditdec-key-file", default=None, help="key file of the DiT+decoder's TorchServe, if another")
     ap.add_argument("--timeout", type=float, default=600,
                     help="seconds to wait for each request before trying again (default: %(default)s)")
-    ap.add_argument("--transport", choices=["auto", "shm", "http"], default="auto",
+    ap.add_argument("--transport", choices=TRANSPORTS, default="auto",
                     help="auto (default): shared memory when both servers prove, by a probe segment, that they share "
                          "a folder with this client (same host), HTTP otherwise; shm: shared memory without the "
                          "check; http: frames and tokens in the requests (works across hosts)")

@@ -131,7 +131,8 @@ def choose(encoder, ditdec, requested: str = "auto", handoff: str = HANDOFF_DEVI
     both = "the servers read and wrote probe segments in " + enc_dir
     if handoff == HANDOFF_DEVICE and not (enc.get("handoff") and dec.get("handoff")):
         name, info = ("encoder", enc) if not enc.get("handoff") else ("DiT+decoder", dec)
-        return Choice("shm", HANDOFF_HOST, f"{both}; no device handoff: the {name} runs on {info.get('device')}", enc_dir)
+        return Choice("shm", HANDOFF_HOST, f"{both}; no device handoff: the {name} runs on {info.get('device')}",
+                      enc_dir)
     return Choice("shm", handoff, both, enc_dir)
 
 
