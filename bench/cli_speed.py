@@ -84,10 +84,35 @@ def wait_ready(work: Path, timeout: float = 600) -> float:
     raise TimeoutError(f"TorchServe not ready after {timeout} s: see {work}/logs")
 
 
-def raw_sink(work: Path, clip: list, warm: int = 17) -> dict:
+def start_readme_deployment(work: Path, ckpt: Path, made: bool = True, build_args: str = "") -> dict:
+    """The README's deployment in ``work``: (a random real-size checkpoint when ``made``), split_weights.py,
+    build_archives.py with its defaults (+ ``build_args``), ``torchserve --start --ncs --ts-config config.properties``
+    (a copy of the repository's), until both models are READY. Seconds per step. Stop it with stop_deployment(work)."""
+    if made:
+        checkpoint.make_random_checkpoint(ckpt, EdenConfig(), seed=0)
+    shutil.copy(ROOT / "config.properties", work / "config.properties")
+    setup: dict = {}
+    setup["split_weights"] = sh([sys.executable, ROOT / "split_weights.py", ckpt, "--out-dir", "weights/"], work)
+    setup["build_archives"] = sh([sys.executable, ROOT / "archive_scripts" / "build_archives.py", "--weights",
+                                  "weights/", "--model-store", "model_store/", *shlex.split(build_args)], work)
+    setup["cli_help"] = sh([sys.executable, "-m", "client", "video", "--help"], work, env=user_env())
+    t = time.perf_counter()
+    with open(work / "torchserve.out", "wb") as log:  # (its Java child keeps the output open: not a pipe)
+        subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", "config.properties"], cwd=work, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
+    wait_ready(work)
+    setup["torchserve_ready"] = time.perf_counter() - t
+    return setup
+
+
+def stop_deployment(work: Path) -> None:
+    subprocess.run(["torchserve", "--stop"], cwd=work, capture_output=True)
+
+
+def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto") -> dict:
     """The deployment at the client's defaults with frames in memory and answers dropped."""
     client = EdenClient.connect("http://127.0.0.1:8080", encoder_keys=KeySource(key_file=work / "key_file.json"),
-                                transport="auto")
+                                transport=transport)
     o = Options()
     interp = Interpolator(client, o.factor, o.seed, o.max_inflight, o.encoder_chunk)
     frames = [Frame(image, pts=i, duration=1) for i, image in enumerate(clip)]
@@ -102,12 +127,13 @@ def raw_sink(work: Path, clip: list, warm: int = 17) -> dict:
             "gpu_util_percent": gpu.mean(), "transport": stats.transport}
 
 
-def cli(work: Path, src: Path, dst: Path, n: int) -> dict:
-    """`python -m client video SRC -o DST` as a user runs it (no tuning flags), wall clock and its stats."""
+def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
+    """`python -m client video SRC -o DST` as a user runs it (no tuning flags unless ``extra``), wall clock and its
+    stats."""
     stats_file = work / f"{dst.name}.stats.json"
     with GpuSampler() as gpu:
-        wall = sh([sys.executable, "-m", "client", "video", src, "-o", dst, "--quiet", "--stats-json", stats_file],
-                  cwd=work, env=user_env())
+        wall = sh([sys.executable, "-m", "client", "video", src, "-o", dst, "--quiet", "--stats-json", stats_file,
+                   *extra], cwd=work, env=user_env())
     stats = json.loads(stats_file.read_text())
     return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),
             "phases_s": stats.get("phases"), "transport": stats.get("transport"),
@@ -129,7 +155,11 @@ def main():
     ap.add_argument("--build-args", default="",
                     help="extra build_archives.py flags, e.g. \"--kernels compile_mode=default,fused_ops=1\" "
                          "(default: none, the README's deployment)")
+    ap.add_argument("--transport", default="auto", choices=["auto", "shm", "http"],
+                    help="the client's transport for the raw sink and the CLI (default auto, the CLI's default; "
+                         "http forces the network path of issue 13: two hosts)")
     args = ap.parse_args()
+    cli_extra = () if args.transport == "auto" else ("--transport", args.transport)
     skip = set(filter(None, args.skip.split(",")))
     out, work = Path(args.out).resolve(), Path(args.workdir).resolve()
     io_dir = Path(args.io_dir).resolve() if args.io_dir else work
@@ -147,23 +177,9 @@ def main():
 
     # ---- the README's deployment, its commands and defaults
     ckpt = Path(args.checkpoint).resolve() if args.checkpoint else work / "eden.pt"
-    if not args.checkpoint:
-        checkpoint.make_random_checkpoint(ckpt, EdenConfig(), seed=0)
-    shutil.copy(ROOT / "config.properties", work / "config.properties")
-    setup = summary["setup_s"]
-    setup["split_weights"] = sh([sys.executable, ROOT / "split_weights.py", ckpt, "--out-dir", "weights/"], work)
-    setup["build_archives"] = sh([sys.executable, ROOT / "archive_scripts" / "build_archives.py", "--weights",
-                                  "weights/", "--model-store", "model_store/", *shlex.split(args.build_args)], work)
-    summary["build_args"] = args.build_args
-    setup["cli_help"] = sh([sys.executable, "-m", "client", "video", "--help"], work,
-                           env=user_env())
-    t = time.perf_counter()
-    with open(work / "torchserve.out", "wb") as log:  # (its Java child keeps the output open: not a pipe)
-        subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", "config.properties"], cwd=work, check=True,
-                       stdout=log, stderr=subprocess.STDOUT)
-    wait_ready(work)
-    setup["torchserve_ready"] = time.perf_counter() - t
-    print(f"deployment ready: {setup}", flush=True)
+    summary["build_args"], summary["transport"] = args.build_args, args.transport
+    summary["setup_s"] = start_readme_deployment(work, ckpt, made=not args.checkpoint, build_args=args.build_args)
+    print(f"deployment ready: {summary['setup_s']}", flush=True)
     save()
     sd = checkpoint.read_official_checkpoint(ckpt)
     cfg = EdenConfig.from_state_dict(sd)
@@ -197,9 +213,9 @@ def main():
                     row["official"] = {"error": repr(e)}
                 print(f"{size} official {row['official']}", flush=True)
             ref_s = row.get("reference_s_per_frame")
-            for name, run in (("raw_sink", lambda: raw_sink(work, clip)),
-                              ("cli_mp4", lambda: cli(work, src, io_dir / f"out_{size}.mp4", n)),
-                              ("cli_png", lambda: cli(work, src, io_dir / f"out_{size}_png", n))):
+            for name, run in (("raw_sink", lambda: raw_sink(work, clip, transport=args.transport)),
+                              ("cli_mp4", lambda: cli(work, src, io_dir / f"out_{size}.mp4", n, cli_extra)),
+                              ("cli_png", lambda: cli(work, src, io_dir / f"out_{size}_png", n, cli_extra))):
                 if name.split("_")[-1] in skip:
                     continue
                 try:
@@ -219,7 +235,7 @@ def main():
                 row["cli_png_vs_mp4"] = mp4 / png
             save()
     finally:
-        subprocess.run(["torchserve", "--stop"], cwd=work, capture_output=True)
+        stop_deployment(work)
     print(json.dumps(summary, indent=1, default=float))
 
 
