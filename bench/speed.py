@@ -260,10 +260,10 @@ def main():
     ap.add_argument("--variants", default="",
                     help="extra runs, comma list of [TRANSPORT@]CHUNK:INFLIGHT[:ENCODER_INFLIGHT], TRANSPORT one of "
                          "shm (default), shm_host, http (e.g. 8:32,http@4:16:4)")
-    ap.add_argument("--kernels", default="",
-                    help="DiT+decoder GPU kernels for the in-process run and the archives, e.g. compile_mode=default,"
-                         "cuda_graphs=1,attention_backend=cudnn,cast_weights=1 (eden_serve/acceleration.py; "
-                         "warmup_sizes defaults to the sizes measured)")
+    ap.add_argument("--kernels", default="auto",
+                    help="DiT+decoder GPU kernels for the in-process run and the archives: auto (default, as "
+                         "build_archives.py), off, or e.g. compile_mode=default,cuda_graphs=1,attention_backend=cudnn,"
+                         "cast_weights=1 (eden_serve/acceleration.py; warmup_sizes defaults to the sizes measured)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,shm_host,http")
     ap.add_argument("--http-sizes", default="480x854",
                     help="sizes the inline HTTP transport runs at ('all'; at 1080p it takes about 2 s a frame)")
@@ -280,8 +280,8 @@ def main():
     sd = checkpoint.read_official_checkpoint(ckpt)
     gpus = torch.cuda.device_count()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    kernels = kernel_settings(args.kernels)
-    if kernels:
+    kernels = kernel_settings(args.kernels, gpus)
+    if kernels and args.kernels != "auto":
         kernels.setdefault("warmup_sizes", [f"{h}x{w}" for h, w in sizes])
     build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, max_batch_delay_ms=5,
           workers=args.workers, kernels=kernels)

@@ -327,11 +327,13 @@ class PngFolderSink:
 class Encoding:
     """Output codec settings. Defaults: H.264 (plays everywhere), yuv420p (what players and browsers expect;
     yuv420p10le for 10/12-bit input, against banding), CRF 18 (the usual "visually lossless" point of x264), preset
-    medium. Other CRF encoders get a high-quality default of their own scale (``DEFAULT_CRF``)."""
+    veryfast: at a constant CRF the preset trades file size for speed, not quality, and medium encodes 1080p about
+    3x slower (docs/videos.md has the figures): it could not keep up with one GPU. Other CRF encoders get a
+    high-quality default of their own scale (``DEFAULT_CRF``)."""
     codec: str = "libx264"
     crf: int | None = None  # None: DEFAULT_CRF of the codec (encoders without CRF: their own default)
     pix_fmt: str | None = None  # None: yuv420p, or yuv420p10le when the input has more than 8 bits
-    preset: str | None = "medium"
+    preset: str | None = "veryfast"
 
     DEFAULT_CRF = {"libx264": 18, "libx264rgb": 18, "libx265": 20, "libvpx-vp9": 24, "libvpx": 10,
                    "libaom-av1": 24, "libsvtav1": 24}

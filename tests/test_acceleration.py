@@ -41,6 +41,10 @@ def test_build_archives_flag():
     assert kernel_settings("") == {}
     assert kernel_settings("compile_mode=default,warmup_sizes=480x854+1080x1920") == {
         "compile_mode": "default", "warmup_sizes": ["480x854", "1080x1920"]}
+    # the default: the measured set on a GPU deployment, nothing on a CPU one; "off" turns them off
+    assert kernel_settings("auto", gpus=0) == {} and kernel_settings("off", gpus=1) == {}
+    assert kernel_settings("auto", gpus=1) == {"compile_mode": "default", "cuda_graphs": True, "fused_ops": True,
+                                               "cast_weights": True, "warmup_sizes": ["480x854", "1080x1920"]}
 
 
 def test_cpu_accelerator_changes_nothing(tiny_models, fixture_frames):
