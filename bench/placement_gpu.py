@@ -67,7 +67,9 @@ def run_profile(profile: str, weights: Path, work: Path, gpus: int, requests: in
     for m in status["servers"][0]["models"]:
         observed_api[m["model"]] = sorted(w["gpuId"] for w in m["workers"] if w["gpuId"] is not None)
         observed_smi[m["model"]] = sorted(smi[w["pid"]] for w in m["workers"] if w["pid"] in smi)
-    ok = all(observed_api.get(name) == ids or observed_smi.get(name) == ids for name, ids in intended.items())
+    # each model's workers (several per GPU) on exactly its intended GPUs, in all three views
+    ok = all(set(observed_api.get(name, ())) == set(ids) and set(observed_smi.get(name, ())) == set(ids)
+             and set(header_devices[name]) == {f"cuda:{i}" for i in ids} for name, ids in intended.items())
     return {"profile": profile, "gpus": gpus, "intended": intended, "management_api_gpu_ids": observed_api,
             "nvidia_smi_gpu_ids": observed_smi, "handler_devices": header_devices, "placement_ok": ok,
             "status": status, "table": table, "cli_stdout": cli.stdout, "cli_stderr": cli.stderr[-2000:]}
