@@ -46,6 +46,7 @@ from eden_serve import checkpoint  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
 RATE = Fraction(30000, 1001)
+LAST_STDERR = ""
 
 
 def user_env() -> dict:
@@ -55,9 +56,12 @@ def user_env() -> dict:
 
 
 def sh(cmd: list, cwd: Path, **kw) -> float:
-    """Run a command as a user would; its wall clock in seconds (raises with its output if it fails)."""
+    """Run a command as a user would; its wall clock in seconds (raises with its output if it fails). What it
+    wrote to stderr (warnings) is kept in LAST_STDERR."""
+    global LAST_STDERR
     t = time.perf_counter()
     r = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, **kw)
+    LAST_STDERR = r.stderr[-3000:]
     if r.returncode:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n"
                            f"{r.stderr[-3000:]}")
@@ -109,12 +113,13 @@ def stop_deployment(work: Path) -> None:
     subprocess.run(["torchserve", "--stop"], cwd=work, capture_output=True)
 
 
-def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto") -> dict:
+def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", token_dtype: str = "") -> dict:
     """The deployment at the client's defaults with frames in memory and answers dropped."""
     client = EdenClient.connect("http://127.0.0.1:8080", encoder_keys=KeySource(key_file=work / "key_file.json"),
                                 transport=transport)
     o = Options()
-    interp = Interpolator(client, o.factor, o.seed, o.max_inflight, o.encoder_chunk)
+    interp = Interpolator(client, o.factor, o.seed, o.max_inflight, o.encoder_chunk,
+                          token_dtype=token_dtype or o.token_dtype)
     frames = [Frame(image, pts=i, duration=1) for i, image in enumerate(clip)]
     t = time.perf_counter()
     interp.run(frames[:warm], lambda *a: None)  # every worker sees the size (the first request at a new size)
@@ -137,7 +142,7 @@ def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
     stats = json.loads(stats_file.read_text())
     return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),
             "phases_s": stats.get("phases"), "transport": stats.get("transport"),
-            "output_frames": stats.get("output_frames")}
+            "output_frames": stats.get("output_frames"), "stats": stats, "stderr_tail": LAST_STDERR[-1500:]}
 
 
 def main():
@@ -158,8 +163,11 @@ def main():
     ap.add_argument("--transport", default="auto", choices=["auto", "shm", "http"],
                     help="the client's transport for the raw sink and the CLI (default auto, the CLI's default; "
                          "http forces the network path of issue 13: two hosts)")
+    ap.add_argument("--token-dtype", default="", choices=["", "float16", "float32", "int8"],
+                    help="tokens on the wire for the raw sink and the CLI (default: the CLI's)")
     args = ap.parse_args()
-    cli_extra = () if args.transport == "auto" else ("--transport", args.transport)
+    cli_extra = (() if args.transport == "auto" else ("--transport", args.transport)) + \
+        (("--token-dtype", args.token_dtype) if args.token_dtype else ())
     skip = set(filter(None, args.skip.split(",")))
     out, work = Path(args.out).resolve(), Path(args.workdir).resolve()
     io_dir = Path(args.io_dir).resolve() if args.io_dir else work
@@ -177,7 +185,8 @@ def main():
 
     # ---- the README's deployment, its commands and defaults
     ckpt = Path(args.checkpoint).resolve() if args.checkpoint else work / "eden.pt"
-    summary["build_args"], summary["transport"] = args.build_args, args.transport
+    summary["build_args"], summary["transport"], summary["token_dtype"] = \
+        args.build_args, args.transport, args.token_dtype or "default"
     summary["setup_s"] = start_readme_deployment(work, ckpt, made=not args.checkpoint, build_args=args.build_args)
     print(f"deployment ready: {summary['setup_s']}", flush=True)
     save()
@@ -213,10 +222,11 @@ def main():
                     row["official"] = {"error": repr(e)}
                 print(f"{size} official {row['official']}", flush=True)
             ref_s = row.get("reference_s_per_frame")
-            for name, run in (("raw_sink", lambda: raw_sink(work, clip, transport=args.transport)),
+            for name, run in (("raw_sink", lambda: raw_sink(work, clip, transport=args.transport,
+                                                                 token_dtype=args.token_dtype)),
                               ("cli_mp4", lambda: cli(work, src, io_dir / f"out_{size}.mp4", n, cli_extra)),
                               ("cli_png", lambda: cli(work, src, io_dir / f"out_{size}_png", n, cli_extra))):
-                if name.split("_")[-1] in skip:
+                if {"raw_sink": "raw", "cli_mp4": "mp4", "cli_png": "png"}[name] in skip:
                     continue
                 try:
                     r = run()

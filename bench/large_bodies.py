@@ -39,6 +39,13 @@ from client.api import KeySource  # noqa: E402
 from client.server import TorchServe  # noqa: E402
 
 HANDLER = '''
+try:  # the worker's socket read as the EDEN handlers run it (eden_serve/ts_patches.py, shipped beside this file)
+    import ts_patches
+    PATCHED = ts_patches.apply() if __import__("os").environ.get("EDEN_ECHO_PATCH", "1") == "1" else False
+except ImportError:
+    PATCHED = False
+
+
 def handle(data, context):
     """Echo (X-Echo: body) or count the raw body of each request."""
     if data is None:
@@ -55,15 +62,17 @@ def handle(data, context):
 '''
 
 
-def build_echo(store: Path) -> None:
+def build_echo(store: Path, patched: bool = True) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         handler = Path(tmp, "echo_handler.py")
-        handler.write_text(HANDLER)
+        handler.write_text(HANDLER.replace('"EDEN_ECHO_PATCH", "1"', f'"EDEN_ECHO_PATCH", "{int(patched)}"'))
+        shutil.copy(ROOT / "eden_serve" / "ts_patches.py", Path(tmp, "ts_patches.py"))
         config = Path(tmp, "model-config.yaml")
         config.write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 1\nmaxBatchDelay: 1\nresponseTimeout: 600\n")
         subprocess.run([sys.executable, "-c", "from model_archiver.model_packaging import generate_model_archive "
                         "as g; g()", "--model-name", "eden_echo", "--version", "1.0", "--handler", str(handler),
-                        "--config-file", str(config), "--export-path", str(store), "--force"],
+                        "--config-file", str(config), "--extra-files", str(Path(tmp, "ts_patches.py")),
+                        "--export-path", str(store), "--force"],
                        check=True, env={**os.environ, "TMPDIR": tmp})
 
 
@@ -93,6 +102,11 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=4, help="warm requests at once, after the sequential ones")
     p.add_argument("--mode", choices=["echo", "sink"], default="echo")
     p.add_argument("--netty-threads", type=int, default=0, help="TorchServe number_of_netty_threads (0: default)")
+    p.add_argument("--vmargs", default="", help="the frontend JVM's options (TorchServe vmargs), e.g. "
+                   "\"-XX:+UseParallelGC -Xms8g\" (default: TorchServe's)")
+    p.add_argument("--unpatched", action="store_true",
+                   help="the worker reads bodies with TorchServe's own socket loop (default: as the EDEN handlers "
+                        "do, eden_serve/ts_patches.py)")
     p.add_argument("--work", default=None, help="folder for the archive and TorchServe (default: a temporary one)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -101,11 +115,13 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="eden_large_bodies_"))
     store = work / "store"
     store.mkdir(parents=True, exist_ok=True)
-    build_echo(store)
+    build_echo(store, patched=not args.unpatched)
     limit = (max(args.sizes) + 1) << 20
     extra = {"max_request_size": limit, "max_response_size": limit}
     if args.netty_threads:
         extra["number_of_netty_threads"] = args.netty_threads
+    if args.vmargs:
+        extra["vmargs"] = args.vmargs
     echo = args.mode == "echo"
     results = []
     with TorchServe(work / "serve", store, models=["eden_echo.mar"], extra_config=extra) as ts:
@@ -129,6 +145,7 @@ def main() -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
     record = {"mode": args.mode, "netty_threads": args.netty_threads or "default", "host": os.uname().nodename,
+              "vmargs": args.vmargs or "default", "worker_socket_read": "TorchServe's" if args.unpatched else "patched",
               "results": results}
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

@@ -47,7 +47,7 @@ import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -168,6 +168,7 @@ class Stats:
     seconds: float = 0.0
     max_time_error_ms: float = 0.0  # target-rate runs: the largest |time shown - time asked| of an output frame
     transport: str = ""  # which transport and handoff the client used, and why (client/transport.py)
+    retries: dict = field(default_factory=dict)  # requests tried again, "model: reason" -> count (client/api.py)
     phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
 
     @property
@@ -190,6 +191,8 @@ class Stats:
                 + (f", {self.wire_bytes_per_generated_frame / 1e6:.2f} MB sent per generated frame"
                    if self.wire_bytes else "")
                 + (f"; time error <= {self.max_time_error_ms:.2f} ms" if self.max_time_error_ms else "")
+                + (f"; retried: {', '.join(f'{k} x{n}' for k, n in sorted(self.retries.items()))}"
+                   if self.retries else "")
                 + (f"; transport: {self.transport}" if self.transport else ""))
 
 
@@ -419,6 +422,7 @@ class Interpolator:
         describe = getattr(self.client, "describe_transport", None)
         stats = Stats(transport=describe() if describe else "")
         wire_before = dict(getattr(self.client, "wire", None) or {})
+        retries_before = self._retries()
         t0 = time.perf_counter()
         m = self.span
         self.grid = None
@@ -553,7 +557,16 @@ class Interpolator:
         delta = {k: sent.get(k, 0) - wire_before.get(k, 0) for k in sent}
         stats.wire_bytes, stats.encoder_wire_bytes = delta.get("generate", 0), delta.get("encode", 0)
         stats.frame_ref_hits, stats.frame_ref_misses = delta.get("ref_hits", 0), delta.get("ref_misses", 0)
+        stats.retries = {k: n for k, n in (self._retries() - retries_before).items() if n}
         return stats
+
+    def _retries(self) -> Counter:
+        """Retries the client's two model clients made so far, "model: reason" -> count."""
+        out: Counter = Counter()
+        for name in ("encoder", "ditdec"):
+            for reason, n in dict(getattr(getattr(self.client, name, None), "retries", None) or {}).items():
+                out[f"{name}: {reason}"] += n
+        return out
 
     def _take_tokens(self, enc: EncoderAnswer, nodes: list[_Node], stats: Stats) -> None:
         blob = enc.blob
