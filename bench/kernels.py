@@ -564,6 +564,8 @@ def main():
                     help="persistent compile cache; emptied at the start unless --keep-cache (cold start measured)")
     ap.add_argument("--keep-cache", action="store_true")
     ap.add_argument("--quick", action="store_true", help="480p and 1080p only, fewer variants")
+    ap.add_argument("--shapes-only", default="", metavar="HxW_bB,...",
+                    help="measure these shapes only, e.g. 2160x3840_b1,2160x3840_b2 (default: all, or --quick's)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="no new variant starts after this many seconds")
     ap.add_argument("--variants", default="", help="comma list of variant names to run (default: all, by priority)")
     ap.add_argument("--worker-kernels", default=WORKER_KERNELS, help="kernel settings of the worker-start runs")
@@ -585,6 +587,8 @@ def main():
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes_only:
+        shapes = [tuple(int(v) for v in t.strip().replace("_b", "x").split("x")) for t in args.shapes_only.split(",")]
     if args.cpu_dry_run:  # the orchestration on a CPU with small weights: nothing is accelerated there
         device, shapes = torch.device("cpu"), [(64, 96, 1), (64, 96, 2)]
         args.worker_sizes = "64x96"

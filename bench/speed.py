@@ -41,7 +41,7 @@ from client.frames_io import Frame  # noqa: E402
 from client.samples import moving_shapes  # noqa: E402
 from client.server import TorchServe  # noqa: E402
 from client.video import Interpolator, frame_seed  # noqa: E402
-from eden_serve import acceleration, checkpoint, pipeline, tokens  # noqa: E402
+from eden_serve import acceleration, checkpoint, pipeline  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
 SEED = 0
@@ -252,8 +252,11 @@ def main():
     ap.add_argument("--out", default="build/speed")
     ap.add_argument("--workdir", default="/tmp/eden_speed")
     ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of the DiT+decoder")
-    ap.add_argument("--workers", type=int, default=2,
-                    help="workers per model and GPU: a second one overlaps its host work with the first's GPU work")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="workers per model in all (default: build_archives.py's, two per model and GPU: a second one "
+                         "overlaps its host work with the first's GPU work)")
+    ap.add_argument("--profile", default="split", choices=["split", "spread"],
+                    help="GPU placement on 2+ GPUs (build_archives.py --profile)")
     ap.add_argument("--max-inflight", type=int, default=16, help="DiT+decoder requests the client keeps in flight")
     ap.add_argument("--chunk", type=int, default=4, help="frames per encoder request")
     ap.add_argument("--encoder-inflight", type=int, default=2, help="encoder requests the client keeps in flight")
@@ -284,10 +287,11 @@ def main():
     if kernels and args.kernels != "auto":
         kernels.setdefault("warmup_sizes", [f"{h}x{w}" for h, w in sizes])
     build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, max_batch_delay_ms=5,
-          workers=args.workers, kernels=kernels)
+          workers=args.workers, kernels=kernels, profile=args.profile)
     dev = torch.device("cuda", 0) if gpus else torch.device("cpu")
     summary = {"device": [torch.cuda.get_device_name(i) for i in range(gpus)] or ["cpu"], "torch": torch.__version__,
-               "workers_per_model": args.workers, "batch_size": args.batch_size,
+               "workers_per_model": args.workers or "build_archives.py default (2 per GPU)", "profile": args.profile,
+               "batch_size": args.batch_size,
                "checkpoint": "random real-size" if not args.checkpoint else str(ckpt), "kernels": kernels, "sizes": {}}
     lengths = [int(v) for v in args.frames.split(",")]
     with TorchServe(work / "serve", work / "store") as ts:
