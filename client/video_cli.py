@@ -170,7 +170,9 @@ def register(sub) -> None:
                                    "crash or Ctrl-C resumes; exit code 1 if any input failed.")
     p.add_argument("in_dir")
     p.add_argument("out_dir")
-    p.add_argument("--jobs", type=int, default=1, help="inputs processed at the same time (default 1)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="inputs processed at the same time (default 2: the next input fills the deployment's pipeline "
+                        "while one drains)")
     add_interpolation_args(p)
     add_connection_args(p)
     from .cluster import add_args as add_cluster_args
