@@ -151,29 +151,35 @@ class DitDecService(BatchService):
             self._inline_frames = {}
 
     def inline_frames(self, body) -> tuple[list, float]:
-        """Parse a pair body and keep its inline frames (checked) -> ([(hash, (meta, tokens) or None)], difference)."""
+        """Parse a pair body and keep its inline frames (checked; shared with this host's other workers) ->
+        ([(hash, (meta, tokens) or None)], difference)."""
         frames, difference = framerefs.parse(body)
         got = []
         for f in frames:
             if f.blob is None:
                 got.append((f.hash, None))
                 continue
-            meta = f.blob.frame(0)
-            tokens.check_fits(wire.TokenBlob.pair(meta, meta, difference, copy=False), self.cfg,
-                              self.settings.max_pixels)  # (the frame alone, as half of a pair)
-            t = tokens.array_tensor(f.blob.tokens[0], self.device)  # (before the batch's stages are timed)
-            meta.tokens = wire.shape_only(meta.tokens.shape, meta.dtype)  # (keeps no view of the body)
-            self.http_frame(f.hash, meta, t)
-            got.append((f.hash, (meta, t)))
+            got.append((f.hash, self.keep_frame(f.hash, f.blob)))
+            self.share_frame(f.hash, f.data)
         return got, difference
+
+    def keep_frame(self, key: str, blob: wire.TokenBlob) -> tuple[wire.TokenBlob, torch.Tensor]:
+        """A one-frame blob received over HTTP -> (meta, tokens on the device), checked and kept under ``key``."""
+        meta = blob.frame(0)
+        tokens.check_fits(wire.TokenBlob.pair(meta, meta, 0.0, copy=False), self.cfg,
+                          self.settings.max_pixels)  # (the frame alone, as half of a pair)
+        t = tokens.array_tensor(blob.tokens[0], self.device)  # (before the batch's stages are timed)
+        meta.tokens = wire.shape_only(meta.tokens.shape, meta.dtype)  # (keeps no view of the body)
+        self.http_frame(key, meta, t)
+        return meta, t
 
     def http_pair(self, body) -> tuple[wire.TokenBlob, pipeline.Geometry, torch.Tensor]:
         """A pair body (eden_serve/framerefs.py) -> the pair's blob, geometry and tokens on the device. Inline frames
         are checked and kept (``http_frame``; ``handle`` has kept those of the whole batch first); a frame named by
-        hash that this worker does not hold answers 409 FrameNotCached."""
+        hash that neither this worker nor another of its host (``shared_frame``) holds answers 409 FrameNotCached."""
         pre = getattr(self, "_inline_frames", {}).pop(id(body), None)
         parsed, difference = pre if pre is not None else self.inline_frames(body)
-        got = [entry if entry is not None else self.http_frame(h) for h, entry in parsed]
+        got = [entry if entry is not None else self.http_frame(h) or self.shared_frame(h) for h, entry in parsed]
         missing = [h for (h, _), g in zip(parsed, got) if g is None]
         if missing:
             raise RequestError(f"frame(s) {', '.join(missing)} are not in this worker's frame cache: send the pair "
@@ -182,6 +188,46 @@ class DitDecService(BatchService):
         blob = wire.TokenBlob.pair(m0, m1, difference, copy=False)
         geo = tokens.check_fits(blob, self.cfg, self.settings.max_pixels)
         return blob, geo, torch.stack([t0, t1])
+
+    # ------------------------------------------------------------------ frames shared by this host's workers
+    # Each worker has its own frame cache, and TorchServe gives a request to whichever worker is free: with W workers
+    # a frame named by hash would be where the pair lands about 1/W of the time. So a frame received inline is also
+    # written to the shm folder under its hash (a tmpfs write, ~5 ms for a 1080p frame, against ~0.3 s to send it
+    # through TorchServe's frontend again), and a worker that does not hold a named frame reads it from there.
+    def sharing(self) -> bool:
+        return self.store is not None and self.settings.http_frame_share
+
+    def share_frame(self, key: str, data) -> None:
+        if not self.sharing() or data is None:
+            return
+        try:
+            self.store.write(data, name=framerefs.segment_name(key))
+        except shm.ShmError as e:  # full (shm_quota_bytes) or unusable: this worker's own cache still has it
+            log.debug("frame %s not shared with the other workers: %s", key, e)
+
+    def shared_frame(self, key: str) -> tuple[wire.TokenBlob, torch.Tensor] | None:
+        """A frame another worker of this host received (``share_frame``), checked and kept here; None if none."""
+        if not self.sharing():
+            return None
+        try:
+            data = self.store.read(framerefs.segment_name(key))
+        except shm.ShmError:
+            return None
+        if framerefs.frame_hash(data) != key:  # whoever can write to the folder could have put anything there
+            log.warning("shared frame %s does not have that hash: ignored", key)
+            return None
+        try:
+            blob = wire.from_bytes(data)
+            if blob.num_frames != 1:
+                raise wire.WireError(f"{blob.num_frames} frames")
+            return self.keep_frame(key, blob)
+        except (wire.WireError, RequestError) as e:
+            log.warning("shared frame %s refused: %s", key, e)
+            return None
+
+    def unshare_frame(self, key: str) -> None:
+        if self.sharing():
+            self.store.unlink(framerefs.segment_name(key))
 
     def http_frame(self, key: str, meta: wire.TokenBlob | None = None, t: torch.Tensor | None = None):
         """With ``meta`` and ``t``: keep a frame received over HTTP under its hash (least recently used frames
@@ -201,8 +247,9 @@ class DitDecService(BatchService):
         self.http_frames[key] = (meta, t)
         self.http_frames_bytes += nbytes
         while self.http_frames_bytes > self.settings.http_frame_cache_bytes:
-            _, (_, old) = self.http_frames.popitem(last=False)
+            old_key, (_, old) = self.http_frames.popitem(last=False)
             self.http_frames_bytes -= old.numel() * old.element_size()
+            self.unshare_frame(old_key)  # (the host's copies are bounded by the workers' caches)
         return None
 
     def segment_pair(self, ref: dict, leases: contextlib.ExitStack):

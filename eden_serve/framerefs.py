@@ -48,15 +48,26 @@ def frame_hash(data) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()[:32]
 
 
+def segment_name(key: str) -> str:
+    """The shared-memory segment a DiT+decoder worker keeps a frame received inline under, for the other workers of
+    its host (``DitDecService.share_frame``): named by the frame's hash, so any of them finds it. A reader hashes what
+    it read again (whoever can write to the folder could have put anything under that name)."""
+    if not HASH_RE.fullmatch(key):
+        raise ValueError(f"not a frame hash: {key[:40]!r}")
+    return f"eden-{key}"
+
+
 def is_pair_body(body) -> bool:
     return isinstance(body, (bytes, bytearray, memoryview)) and bytes(body[:len(MAGIC)]) == MAGIC
 
 
 @dataclass
 class Frame:
-    """One frame of a pair body: inline (``blob`` parsed, ``hash`` computed here) or named (``blob`` None)."""
+    """One frame of a pair body: inline (``blob`` parsed from ``data``, ``hash`` computed here) or named (``blob``
+    None)."""
     hash: str
     blob: wire.TokenBlob | None = None
+    data: memoryview | None = None  # the one-frame blob's bytes, a view of the body
 
 
 def build(frames: list, difference: float) -> bytes:
@@ -112,7 +123,7 @@ def parse(buf) -> tuple[list[Frame], float]:
         blob = wire.from_bytes(data)
         if blob.num_frames != 1:
             raise wire.WireError(f"pair body frame {i} must be a blob of one frame, got {blob.num_frames}")
-        frames.append(Frame(frame_hash(data), blob))
+        frames.append(Frame(frame_hash(data), blob, data))
     if offset != len(buf):
         raise wire.WireError(f"{len(buf) - offset} unexpected trailing bytes after the pair body's frames")
     return frames, float(d)

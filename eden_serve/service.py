@@ -62,6 +62,7 @@ class Settings:
     fast_socket_reads: bool = True  # eden_serve/ts_patches.py: read request bodies without repeated copies
     frame_cache: int = 16  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
     http_frame_cache_bytes: int = 1 << 30  # DiT+decoder: frames received over HTTP kept for pairs that name them
+    http_frame_share: bool = True  # ... and also kept in the shm folder under their hash for this host's other workers
     device_handoff: bool = True  # encoder on a GPU: keep tokens there for shm requests that ask (eden_serve/handoff.py)
     handoff_max_bytes: int = 8 << 30  # encoder: GPU memory held for handed-off tokens; past it, tokens go to host
     # DiT+decoder GPU kernels (eden_serve/acceleration.py; nothing changes on a CPU), all off by default

@@ -182,14 +182,28 @@ class ShmStore:
         return fd
 
     # ------------------------------------------------------------------ writing
-    def write(self, buffers) -> str:
-        """Write bytes (or a list of buffers, in order) to a new segment; returns its name."""
+    def write(self, buffers, name: str | None = None) -> str:
+        """Write bytes (or a list of buffers, in order) to a new segment; returns its name. ``name`` (content-named
+        segments, whose bytes are the same whoever writes them): that name, kept as it is when it exists already
+        (its time refreshed against the sweep) or while another process is writing it."""
         self.ensure_dir()
         buffers = list(buffers) if isinstance(buffers, (list, tuple)) else [buffers]
+        if name is not None:
+            path = self.path(name)
+            try:
+                os.utime(path, follow_symlinks=False)
+                return name
+            except FileNotFoundError:
+                pass
         self._reserve(sum(memoryview(b).nbytes for b in buffers))
-        name = f"eden-{uuid.uuid4().hex}"
+        named, name = name is not None, name or f"eden-{uuid.uuid4().hex}"
         tmp = self.root / f".{name}.part"
-        fd = self._create(tmp, os.O_WRONLY)
+        try:
+            fd = self._create(tmp, os.O_WRONLY)
+        except FileExistsError:
+            if named:  # another process is writing the same bytes under this name now
+                return name
+            raise
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
                 for buf in buffers:

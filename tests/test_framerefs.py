@@ -128,6 +128,42 @@ def test_cache_is_bounded_in_bytes(tiny_weights, pair):
     assert call(off, tiny_weights, framerefs.build([h0, f1], d))[0] == 409
 
 
+def test_workers_of_one_host_share_the_frames_they_receive(tiny_weights, pair, tmp_path):
+    """A frame received inline by one worker is found by another worker of the same host (shm folder, by hash), so
+    a pair naming it does not miss wherever TorchServe sends it; what is read from the folder is hashed again (a
+    segment planted under a frame's name is ignored), and a frame dropped from a worker's cache leaves the folder."""
+    from eden_serve import shm
+    folder = tmp_path / "shm"
+    frame_bytes = pair.frame(0).tokens.nbytes
+    a = service(serving.DitDecService, tiny_weights, shm_dir=str(folder))
+    b = service(serving.DitDecService, tiny_weights, shm_dir=str(folder))
+    f0, f1 = pair.frame(0).to_bytes(), pair.frame(1).to_bytes()
+    h0, h1 = framerefs.frame_hash(f0), framerefs.frame_hash(f1)
+    d = pair.differences[0]
+    status, whole = call(a, tiny_weights, framerefs.build([f0, f1], d))
+    assert status == 200 and {framerefs.segment_name(h) for h in (h0, h1)} <= {p.name for p in folder.iterdir()}
+    assert call(b, tiny_weights, framerefs.build([h0, h1], d)) == (200, whole)  # read from the folder, kept
+    assert list(b.http_frames) == [h0, h1]
+
+    # a segment under a frame's name whose bytes are not that frame: a miss, not someone else's tokens
+    c = service(serving.DitDecService, tiny_weights, shm_dir=str(folder))
+    store = shm.ShmStore(folder)
+    store.unlink(framerefs.segment_name(h1))
+    store.write(f0, name=framerefs.segment_name(h1))
+    status, answer = call(c, tiny_weights, framerefs.build([h0, h1], d))
+    assert status == 409 and h1 in json.loads(answer)["message"] and h0 in c.http_frames
+
+    # sharing off: each worker on its own again
+    own = service(serving.DitDecService, tiny_weights, shm_dir=str(folder), http_frame_share=False)
+    assert call(own, tiny_weights, framerefs.build([h0, f1], d))[0] == 409
+
+    # a worker dropping a frame from its cache removes the host's copy (the copies stay within the caches' bounds)
+    small = service(serving.DitDecService, tiny_weights, shm_dir=str(folder), http_frame_cache_bytes=frame_bytes + 10)
+    assert (folder / framerefs.segment_name(h0)).exists()
+    assert call(small, tiny_weights, framerefs.build([f0, f1], d))[0] == 200
+    assert list(small.http_frames) == [h1] and not (folder / framerefs.segment_name(h0)).exists()
+
+
 def test_malformed_pair_bodies_are_refused(tiny_weights, pair):
     svc = service(serving.DitDecService, tiny_weights)
     f0, f1 = pair.frame(0).to_bytes(), pair.frame(1).to_bytes()
