@@ -32,6 +32,9 @@ class DitDecService(BatchService):
         # shape, tokens on the device [2, N, D]); least recently used first, at most http_frame_cache_bytes
         self.http_frames: OrderedDict[str, tuple[wire.TokenBlob, torch.Tensor]] = OrderedDict()
         self.http_frames_bytes = 0
+        # ... and shared with this host's other DiT+decoder workers, in a folder of their own beside shm_dir
+        share = self.settings.http_frame_share and self.settings.shm_dir
+        self.frame_store = self.open_store(self.settings.shm_dir.rstrip("/") + "-frames") if share else None
         self.accel = self.accelerate()
 
     def accelerate(self) -> acceleration.Accelerator:
@@ -192,16 +195,20 @@ class DitDecService(BatchService):
     # ------------------------------------------------------------------ frames shared by this host's workers
     # Each worker has its own frame cache, and TorchServe gives a request to whichever worker is free: with W workers
     # a frame named by hash would be where the pair lands about 1/W of the time. So a frame received inline is also
-    # written to the shm folder under its hash (a tmpfs write, ~5 ms for a 1080p frame, against ~0.3 s to send it
-    # through TorchServe's frontend again), and a worker that does not hold a named frame reads it from there.
+    # written under its hash to a shared-memory folder of the host's DiT+decoder workers ("<shm_dir>-frames": a
+    # tmpfs write, ~5 ms for a 1080p frame, against ~0.3 s to send it through TorchServe's frontend again), and a
+    # worker that does not hold a named frame reads it from there.
+    def stores(self) -> list[shm.ShmStore]:
+        return super().stores() + ([self.frame_store] if self.frame_store is not None else [])
+
     def sharing(self) -> bool:
-        return self.store is not None and self.settings.http_frame_share
+        return self.frame_store is not None
 
     def share_frame(self, key: str, data) -> None:
         if not self.sharing() or data is None:
             return
         try:
-            self.store.write(data, name=framerefs.segment_name(key))
+            self.frame_store.write(data, name=framerefs.segment_name(key))
         except shm.ShmError as e:  # full (shm_quota_bytes) or unusable: this worker's own cache still has it
             log.debug("frame %s not shared with the other workers: %s", key, e)
 
@@ -210,7 +217,7 @@ class DitDecService(BatchService):
         if not self.sharing():
             return None
         try:
-            data = self.store.read(framerefs.segment_name(key))
+            data = self.frame_store.read(framerefs.segment_name(key))
         except shm.ShmError:
             return None
         if framerefs.frame_hash(data) != key:  # whoever can write to the folder could have put anything there
@@ -227,7 +234,7 @@ class DitDecService(BatchService):
 
     def unshare_frame(self, key: str) -> None:
         if self.sharing():
-            self.store.unlink(framerefs.segment_name(key))
+            self.frame_store.unlink(framerefs.segment_name(key))
 
     def http_frame(self, key: str, meta: wire.TokenBlob | None = None, t: torch.Tensor | None = None):
         """With ``meta`` and ``t``: keep a frame received over HTTP under its hash (least recently used frames

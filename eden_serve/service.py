@@ -62,7 +62,7 @@ class Settings:
     fast_socket_reads: bool = True  # eden_serve/ts_patches.py: read request bodies without repeated copies
     frame_cache: int = 16  # DiT+decoder: frames of shared-memory segments kept on the device (each uploaded once)
     http_frame_cache_bytes: int = 1 << 30  # DiT+decoder: frames received over HTTP kept for pairs that name them
-    http_frame_share: bool = True  # ... and also kept in the shm folder under their hash for this host's other workers
+    http_frame_share: bool = True  # ... and also kept under their hash in "<shm_dir>-frames" for this host's other workers
     device_handoff: bool = True  # encoder on a GPU: keep tokens there for shm requests that ask (eden_serve/handoff.py)
     handoff_max_bytes: int = 8 << 30  # encoder: GPU memory held for handed-off tokens; past it, tokens go to host
     # DiT+decoder GPU kernels (eden_serve/acceleration.py; nothing changes on a CPU), all off by default
@@ -228,20 +228,26 @@ class BatchService:
     def load(self):
         raise NotImplementedError
 
-    def open_store(self) -> shm.ShmStore | None:
-        """The shared-memory store, its folder created (0700, or 0770 with shm_group) or checked; a folder that is
-        not private is logged and refused (requests that need it are answered 500 ShmFolderUnsafe) until fixed."""
+    def open_store(self, folder: str | None = None) -> shm.ShmStore | None:
+        """The shared-memory store (of ``folder``, default shm_dir), its folder created (0700, or 0770 with
+        shm_group) or checked; a folder that is not private is logged and refused (requests that need it are
+        answered 500 ShmFolderUnsafe) until fixed."""
         s = self.settings
-        if not s.shm_dir:
+        folder = s.shm_dir if folder is None else folder
+        if not folder:
             return None
-        store = shm.ShmStore(s.shm_dir, s.shm_ttl_s, quota_bytes=s.shm_quota_bytes, group=s.shm_group or None)
+        store = shm.ShmStore(folder, s.shm_ttl_s, quota_bytes=s.shm_quota_bytes, group=s.shm_group or None)
         try:
             store.ensure_dir()
         except shm.ShmUnsafe as e:
-            log.error("shared-memory transport refused: %s", e)
+            log.error("shared-memory folder refused: %s", e)
         except OSError as e:
-            log.error("shared-memory folder %s cannot be created: %s", s.shm_dir, e)
+            log.error("shared-memory folder %s cannot be created: %s", folder, e)
         return store
+
+    def stores(self) -> list[shm.ShmStore]:
+        """The shared-memory stores this worker writes to (swept of expired segments)."""
+        return [self.store] if self.store is not None else []
 
     def shm_store(self, context, idx: int) -> shm.ShmStore:
         """The store for request idx, after checking it may use it (a local request, the folder still private)."""
@@ -321,13 +327,14 @@ class BatchService:
         now = time.monotonic()
         if self.store is not None and now - self._last_sweep > min(10.0, self.store.ttl_s):
             self._last_sweep = now
-            try:
-                removed = self.store.sweep()
-            except Exception:  # noqa: BLE001 - housekeeping never costs a batch its answers
-                log.warning("sweeping %s failed", self.store.root, exc_info=True)
-                return
-            if removed:
-                log.info("swept %d expired shared-memory segments", removed)
+            for store in self.stores():
+                try:
+                    removed = store.sweep()
+                except Exception:  # noqa: BLE001 - housekeeping never costs a batch its answers
+                    log.warning("sweeping %s failed", store.root, exc_info=True)
+                    continue
+                if removed:
+                    log.info("swept %d expired shared-memory segments in %s", removed, store.root)
 
     @contextlib.contextmanager
     def stage(self, name: str):

@@ -78,9 +78,10 @@ def test_tree_failures_summary_and_exit_codes(server, tmp_path):
 
 
 def _start_and_stop_midway(server, src, out, sig):
-    """Start a batch, wait until the first output is complete, then send ``sig``; returns the finished process."""
+    """Start a batch of one input at a time, wait until the first output is complete, then send ``sig``; returns
+    the finished process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(batch_cmd(server, src, out, "--factor", "4"), cwd=ROOT, env=env,
+    proc = subprocess.Popen(batch_cmd(server, src, out, "--factor", "4", "--jobs", "1"), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "v0.mp4").exists():

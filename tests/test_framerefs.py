@@ -131,22 +131,23 @@ def test_cache_is_bounded_in_bytes(tiny_weights, pair):
 def test_workers_of_one_host_share_the_frames_they_receive(tiny_weights, pair, tmp_path):
     """A frame received inline by one worker is found by another worker of the same host (shm folder, by hash), so
     a pair naming it does not miss wherever TorchServe sends it; what is read from the folder is hashed again (a
-    segment planted under a frame's name is ignored), and a frame dropped from a worker's cache leaves the folder."""
+    segment planted under a frame's name is ignored), and a frame dropped from a worker's cache leaves the folder.
+    The frames are in a folder of their own beside shm_dir ("<shm_dir>-frames"): the transport's stays clean."""
     from eden_serve import shm
-    folder = tmp_path / "shm"
+    shm_dir, folder = str(tmp_path / "shm"), tmp_path / "shm-frames"
     frame_bytes = pair.frame(0).tokens.nbytes
-    a = service(serving.DitDecService, tiny_weights, shm_dir=str(folder))
-    b = service(serving.DitDecService, tiny_weights, shm_dir=str(folder))
+    a = service(serving.DitDecService, tiny_weights, shm_dir=shm_dir)
+    b = service(serving.DitDecService, tiny_weights, shm_dir=shm_dir)
     f0, f1 = pair.frame(0).to_bytes(), pair.frame(1).to_bytes()
     h0, h1 = framerefs.frame_hash(f0), framerefs.frame_hash(f1)
     d = pair.differences[0]
     status, whole = call(a, tiny_weights, framerefs.build([f0, f1], d))
     assert status == 200 and {framerefs.segment_name(h) for h in (h0, h1)} <= {p.name for p in folder.iterdir()}
     assert call(b, tiny_weights, framerefs.build([h0, h1], d)) == (200, whole)  # read from the folder, kept
-    assert list(b.http_frames) == [h0, h1]
+    assert list(b.http_frames) == [h0, h1] and not any((tmp_path / "shm").iterdir())
 
     # a segment under a frame's name whose bytes are not that frame: a miss, not someone else's tokens
-    c = service(serving.DitDecService, tiny_weights, shm_dir=str(folder))
+    c = service(serving.DitDecService, tiny_weights, shm_dir=shm_dir)
     store = shm.ShmStore(folder)
     store.unlink(framerefs.segment_name(h1))
     store.write(f0, name=framerefs.segment_name(h1))
@@ -154,11 +155,11 @@ def test_workers_of_one_host_share_the_frames_they_receive(tiny_weights, pair, t
     assert status == 409 and h1 in json.loads(answer)["message"] and h0 in c.http_frames
 
     # sharing off: each worker on its own again
-    own = service(serving.DitDecService, tiny_weights, shm_dir=str(folder), http_frame_share=False)
+    own = service(serving.DitDecService, tiny_weights, shm_dir=shm_dir, http_frame_share=False)
     assert call(own, tiny_weights, framerefs.build([h0, f1], d))[0] == 409
 
     # a worker dropping a frame from its cache removes the host's copy (the copies stay within the caches' bounds)
-    small = service(serving.DitDecService, tiny_weights, shm_dir=str(folder), http_frame_cache_bytes=frame_bytes + 10)
+    small = service(serving.DitDecService, tiny_weights, shm_dir=shm_dir, http_frame_cache_bytes=frame_bytes + 10)
     assert (folder / framerefs.segment_name(h0)).exists()
     assert call(small, tiny_weights, framerefs.build([f0, f1], d))[0] == 200
     assert list(small.http_frames) == [h1] and not (folder / framerefs.segment_name(h0)).exists()
@@ -326,9 +327,10 @@ def test_video_across_hosts_sends_each_frame_once(cross_hosts, server, shm_dir, 
     assert len(same_host) == 17 and same(cached)
     # 8 pairs of 9 frames: each frame inline once, named by hash in its second pair (pairs sent together land in
     # one batch, whose inline frames are kept first); a pair that reached the worker in an earlier batch than the
-    # one carrying its frame would miss and be sent again (2 frames more), hence the allowance
+    # one carrying its frame misses and is sent again (2 frames more): timing, on a 2-core machine up to 2 of 7,
+    # hence the allowance (the bytes below allow for each miss)
     misses = stats["frame_ref_misses"]
-    assert stats["ditdec_requests"] == 8 and stats["frame_ref_hits"] + misses == 7 and misses <= 1
+    assert stats["ditdec_requests"] == 8 and stats["frame_ref_hits"] + misses == 7 and misses <= 2
 
     whole, plain = video("whole", "--no-frame-cache")
     assert same(whole)
