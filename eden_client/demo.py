@@ -65,7 +65,7 @@ def run_demo(args) -> int:
         print(f"    {len(blob) / 1e3:.0f} kB of float16 tokens, {time.perf_counter() - t:.2f} s -> {out}")
         clip, video = work / "sample_clip.mp4", work / "sample_clip_x2.mp4"
         write_video(clip, moving_shapes(12, 192, 256))  # 12 frames at 30000/1001 fps with an audio track
-        step(f"interpolate the generated clip {clip.name} x2 (python -m client video {clip.name} -o {video.name})")
+        step(f"interpolate the generated clip {clip.name} x2 (python -m eden_client video {clip.name} -o {video.name})")
         stats = convert(clip, video, client, Options(factor=2, seed=args.seed))
         print(f"    {stats.summary()} -> {video}")
         step("stop TorchServe")

@@ -1,9 +1,9 @@
-"""python -m client COMMAND ...
+"""python -m eden_client COMMAND ...
 
     pair FRAME0 FRAME1 -o OUT.png [--seed N]     the middle frame of two images
-    video / batch                                 videos and folders of them (client/video_cli.py)
-    status / scale / models                       operating the deployment (client/ops_cli.py)
-    demo [--checkpoint eden.pt]                   the whole deployment on CPU, end to end (see client/demo.py)
+    video / batch                                 videos and folders of them (eden_client/video_cli.py)
+    status / scale / models                       operating the deployment (eden_client/ops_cli.py)
+    demo [--checkpoint eden.pt]                   the whole deployment on CPU, end to end (see eden_client/demo.py)
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    prog = "python -m client" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name  # or eden-client
+    # python -m eden_client, or the console script's name (eden-client)
+    prog = "python -m eden_client" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name
     ap = argparse.ArgumentParser(prog=prog, description="Client of the split EDEN deployment.")
     sub = ap.add_subparsers(dest="command", required=True)
 
