@@ -1,1 +1,1 @@
-"""Client of the split EDEN deployment (python -m client --help)."""
+"""Client of the split EDEN deployment (eden-client --help, or python -m eden_client --help)."""
