@@ -36,12 +36,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from speed import GpuSampler, run_reference  # noqa: E402
 
-from eden_client import clips  # noqa: E402
 from eden_client.api import EdenClient, KeySource  # noqa: E402
 from eden_client.convert import Options  # noqa: E402
 from eden_client.frames_io import Frame  # noqa: E402
-from eden_client.samples import moving_shapes  # noqa: E402
 from eden_client.video import Interpolator  # noqa: E402
+from eden_dev import clips  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 

@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eden_client import clips  # noqa: E402
 from eden_client.api import EncoderAnswer  # noqa: E402
 from eden_client.convert import Options, convert  # noqa: E402
-from eden_client.samples import moving_shapes  # noqa: E402
+from eden_dev import clips  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import wire  # noqa: E402
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "archive_scripts"))
 from helpers_http import eden_client, png, tree_rss  # noqa: E402
 
 from eden_client.api import RetryPolicy, ServeError  # noqa: E402
-from eden_client.server import TorchServe  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_serve import images  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "eden_tiny" / "eden_tiny.pt"

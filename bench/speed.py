@@ -38,9 +38,9 @@ from reference import load_reference, time_clip  # noqa: E402
 
 from eden_client.api import EdenClient, KeySource  # noqa: E402
 from eden_client.frames_io import Frame  # noqa: E402
-from eden_client.samples import moving_shapes  # noqa: E402
-from eden_client.server import TorchServe  # noqa: E402
 from eden_client.video import Interpolator, frame_seed  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import acceleration, checkpoint, pipeline  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 

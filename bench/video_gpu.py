@@ -26,9 +26,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts")]
 
 from build_archives import build  # noqa: E402
 from eden_client.api import EdenClient, KeySource  # noqa: E402
-from eden_client.clips import long_clip, write_frame_folder  # noqa: E402
 from eden_client.convert import Options, convert  # noqa: E402
-from eden_client.server import TorchServe  # noqa: E402
+from eden_dev.clips import long_clip, write_frame_folder  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 

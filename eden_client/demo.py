@@ -15,10 +15,10 @@ from eden_serve.checkpoint import make_random_checkpoint, split_checkpoint
 from eden_serve.config import CheckpointError, EdenConfig
 
 from .api import EdenClient, KeySource
-from .clips import write_video
+from eden_dev.clips import write_video
+from eden_dev.launcher import TorchServe
+from eden_dev.samples import moving_shapes
 from .convert import Options, convert
-from .samples import moving_shapes
-from .server import TorchServe
 
 DEMO_CONFIG = EdenConfig(hidden_dim=128, num_heads=2, dit_depth=2, decoder_depth=1)
 

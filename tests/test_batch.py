@@ -12,7 +12,7 @@ from fractions import Fraction
 import pytest
 from conftest import ROOT
 
-from eden_client import clips
+from eden_dev import clips
 
 av = pytest.importorskip("av")
 pytestmark = pytest.mark.server

@@ -29,8 +29,8 @@ import yaml
 from conftest import ROOT, TEST_SETTINGS
 from test_deploy import DEPLOY, dockerfile, java_regex_matches, properties
 
-from eden_client import clips
 from eden_client.cluster import resource_share
+from eden_dev import clips
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[cluster]'; "
@@ -195,7 +195,7 @@ class Node:
     group, so that killing the group loses the whole node like a machine going away."""
 
     def __init__(self, name: str, workdir: Path, store: Path, shm_dir: Path, address: str):
-        from eden_client.server import TorchServe, java_home
+        from eden_dev.launcher import TorchServe, java_home
         self.name, self.workdir = name, workdir
         self.ts = TorchServe(workdir, store)  # only for its config (own ports) and key-file location
         workdir.mkdir(parents=True)
@@ -378,7 +378,7 @@ def test_a_node_whose_torchserve_does_not_answer_gets_no_input(tmp_path):
     fails with the reason (instead of waiting forever), exit code 1."""
     from ray.cluster_utils import Cluster
 
-    from eden_client.server import free_port
+    from eden_dev.launcher import free_port
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False, temp_dir=temp, resources={"eden": 1},

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from eden_client import clips
 from eden_client.api import EdenClient, EncoderAnswer, ServeError
 from eden_client.frames_io import Frame
 from eden_client.video import Interpolator
+from eden_dev import clips
 from eden_serve import framerefs, pipeline, serving, tokens, wire
 
 
@@ -267,7 +267,7 @@ def cross_hosts(tiny_weights, tmp_path_factory):
     from conftest import TEST_SETTINGS
     from test_ops import grpc_ports
 
-    from eden_client.server import TorchServe
+    from eden_dev.launcher import TorchServe
     servers = []
     try:
         for side in ("encoder", "ditdec"):

@@ -31,9 +31,9 @@ from helpers_http import (LogTail, RawAnswer, eden_client, image_bytes, kill, mo
                           pids_rss, png, png_declaring, post, post_raw, repeated_frames, start_server,
                           wait_for_new_workers, with_header, with_prefix, with_token, with_tokens)
 
-from eden_client import clips
 from eden_client.api import KeySource, ModelClient, RetryPolicy, ServeError
 from eden_client.convert import Options, convert
+from eden_dev import clips
 from eden_serve import framerefs, images, shm, wire
 
 MODELS = ("eden_encoder", "eden_ditdec")

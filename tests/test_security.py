@@ -31,7 +31,7 @@ from eden_client.api import EdenClient, KeySource, ServeError
 from eden_client.batch import run_batch
 from eden_client.frames_io import Encoding, PngFolderSink, VideoMeta, VideoSink, check_no_links, partial_path
 from eden_client.ops import MAX_WORKERS, ManagementClient
-from eden_client.server import TorchServe
+from eden_dev.launcher import TorchServe
 from eden_serve import shm, wire
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, ShmUnsafe, make_ref
 from helpers_http import LogTail, hostile_requests, keyproxy_running, noise_frame, png, post

@@ -245,7 +245,7 @@ def test_slower_target_drops_and_places_frames():
 
 
 def test_scene_cut_repeats_the_first_frame():
-    from eden_client import clips
+    from eden_dev import clips
     a = np.full((H, W, 3), 90, np.uint8)
     b = clips.shot_b(1, H, W)[0]
     frames = [Frame(a, 0, 1), Frame(a.copy(), 1, 1), Frame(b, 2, 1), Frame(b.copy(), 3, 1)]
@@ -265,7 +265,7 @@ def test_scene_cut_repeats_the_first_frame():
 # ---------------------------------------------------------------------- what a player reads
 def test_24_to_60_video_stamps_rate_and_audio(tmp_path):
     av = pytest.importorskip("av")
-    from eden_client import clips
+    from eden_dev import clips
     src = tmp_path / "in.mp4"
     clips.write_video(src, clips.clip_frames(13, 48, 64), Fraction(24))
     fake = TimedFake({1: Fraction(0)})
@@ -293,8 +293,8 @@ def test_a_lone_frame_is_not_encoded(chunk):
 
 # ---------------------------------------------------------------------- batch reruns with other settings
 def test_batch_rerun_with_other_settings_redoes_the_output(tmp_path):
-    from eden_client import clips
     from eden_client.batch import run_batch, settings_path
+    from eden_dev import clips
     src, out = tmp_path / "in", tmp_path / "out"
     clips.write_frame_folder(src / "shot", [stamp(i + 1) for i in range(5)])
 
@@ -389,8 +389,8 @@ def test_24_to_60_through_the_server(server, tmp_path):
     """The tiny model served by TorchServe: 13 frames at 24 fps -> 31 at 60 fps, the input frames where the times
     meet, the same frames again on a rerun (seeds from the dyadic positions), and the counts of docs/videos.md."""
     from conftest import read_rgb
-    from eden_client import clips
     from eden_client.api import EdenClient, KeySource
+    from eden_dev import clips
     frames = clips.clip_frames(13, 48, 64)
     clips.write_frame_folder(tmp_path / "in", frames)
     client = EdenClient.connect(server.inference_url, encoder_keys=KeySource(key_file=server.key_file))
@@ -431,7 +431,7 @@ def test_cli_flags():
 
 def test_batch_redo_that_fails_keeps_the_old_output_and_its_record(tmp_path, monkeypatch):
     from eden_client import batch as batch_mod
-    from eden_client import clips
+    from eden_dev import clips
     src, out = tmp_path / "in", tmp_path / "out"
     clips.write_frame_folder(src / "shot", [stamp(i + 1) for i in range(3)])
     fake = TimedFake({i + 1: Fraction(i, 24) for i in range(3)})

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, read_rgb
 
-from eden_client import clips
 from eden_client.api import EdenClient, KeySource
 from eden_client.transport import choose
+from eden_dev import clips
 
 
 # ---------------------------------------------------------------------- against the real TorchServe

@@ -16,7 +16,6 @@ import pytest
 import torch
 from conftest import ROOT, read_rgb
 
-from eden_client import clips
 from eden_client.api import EdenClient, KeySource
 from eden_client.convert import Options, convert
 from eden_client.frames_io import Frame, natural_key
@@ -24,6 +23,7 @@ from eden_client.scenes import SceneDetector, ssim, thumbnail
 from eden_client.api import EncoderAnswer, TokensLost
 from eden_client.video import Interpolator, frame_seed, output_count
 from eden_client.video_cli import parse_rate
+from eden_dev import clips
 from eden_serve import pipeline, wire
 from eden_serve.config import EdenConfig
 
