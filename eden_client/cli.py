@@ -3,7 +3,6 @@
     pair FRAME0 FRAME1 -o OUT.png [--seed N]     the middle frame of two images
     video / batch                                 videos and folders of them (eden_client/video_cli.py)
     status / scale / models                       operating the deployment (eden_client/ops_cli.py)
-    demo [--checkpoint eden.pt]                   the whole deployment on CPU, end to end (see eden_client/demo.py)
 """
 from __future__ import annotations
 
@@ -85,11 +84,6 @@ def _umask() -> int:
     return mask
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-    return run_demo(args)
-
-
 def main(argv=None) -> int:
     # python -m eden_client, or the console script's name (eden-client)
     prog = "python -m eden_client" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name
@@ -108,13 +102,6 @@ def main(argv=None) -> int:
 
     video_cli.register(sub)
     ops_cli.register(sub)
-
-    p = sub.add_parser("demo", help="split, archive, serve on CPU and interpolate a generated sample, then stop")
-    p.add_argument("--checkpoint", default=None,
-                   help="official EDEN checkpoint (default: a small random-weight one made on the spot)")
-    p.add_argument("--workdir", default="build/demo", help="where the demo writes everything")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_demo)
 
     args = ap.parse_args(argv)
     try:

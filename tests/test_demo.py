@@ -1,4 +1,4 @@
-"""The README's main command (./run.sh demo runs python -m eden_client demo) works end to end."""
+"""The README's main command (./run.sh demo runs python -m eden_dev.demo) works end to end."""
 import subprocess
 import sys
 
@@ -9,8 +9,8 @@ pytestmark = pytest.mark.server
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "eden_client", "demo", "--workdir", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "eden_dev.demo", "--workdir", str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "RANDOM-WEIGHT checkpoint" in r.stdout and "12 -> 23 frames" in r.stdout
     assert (tmp_path / "middle.png").stat().st_size > 0 and (tmp_path / "sample_clip_x2.mp4").stat().st_size > 0
