@@ -1,4 +1,5 @@
-"""The client needs no torch: it imports, prints its help and interpolates a pair with torch made unimportable."""
+"""The client needs no torch: it imports, prints its help and interpolates a pair with torch made unimportable.
+The developer tooling (eden_dev: the demo, the TorchServe launcher, generated clips) is not part of it."""
 import subprocess
 import sys
 
@@ -13,11 +14,22 @@ def run(code: str, *args):
                           cwd=ROOT, timeout=120)
 
 
+# every module of the package (a new one is covered too), then which of PyAV, Ray and eden_dev came with them
+IMPORT_ALL = ("import importlib, pkgutil, eden_client; "
+              "names = [m.name for m in pkgutil.iter_modules(eden_client.__path__, 'eden_client.') "
+              "if m.name != 'eden_client.__main__']; "
+              "[importlib.import_module(n) for n in names]; "
+              "print('modules', *names); print('loaded', [m for m in ('av', 'ray', 'eden_dev') if m in sys.modules]); ")
+
+
 def test_commands_import_and_help_without_torch():
-    r = run("import sys; from eden_client.cli import main; import eden_client.video, eden_client.convert, "
-            "eden_client.batch, eden_client.transport, eden_client.ops_cli; sys.argv[0] = 'eden-client'; "
+    r = run("import sys; " + IMPORT_ALL + "from eden_client.cli import main; sys.argv[0] = 'eden-client'; "
             "main(['video', '--help'])")
     assert r.returncode == 0, r.stderr
+    modules = set(r.stdout.split("\n")[0].split()[1:])
+    expected = ("cli", "video", "convert", "batch", "transport", "ops_cli", "cluster")
+    assert {f"eden_client.{m}" for m in expected} <= modules, modules
+    assert "loaded []" in r.stdout  # PyAV and Ray on first use only; no developer tooling
     assert "--transport {auto,shm,http}" in r.stdout and "auto (default)" in r.stdout
 
 
