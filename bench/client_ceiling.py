@@ -1,4 +1,4 @@
-"""What the client alone can sustain: `client.convert` against a deployment that answers at once.
+"""What the client alone can sustain: `eden_client.convert` against a deployment that answers at once.
 
     python bench/client_ceiling.py [--sizes 480x854:300,1080x1920:120] [--outputs mp4,png] [--content smooth,noise]
 
@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client import clips  # noqa: E402
-from client.api import EncoderAnswer  # noqa: E402
-from client.convert import Options, convert  # noqa: E402
-from client.samples import moving_shapes  # noqa: E402
+from eden_client.api import EncoderAnswer  # noqa: E402
+from eden_client.convert import Options, convert  # noqa: E402
+from eden_dev import clips  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import wire  # noqa: E402
 
 

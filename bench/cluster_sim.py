@@ -1,5 +1,5 @@
-"""Scale on paper: a batch of videos over a Ray cluster (python -m client batch --ray), throughput against node count,
-and which part stops the scaling: the nodes themselves, the driver, Ray's scheduler or the shared storage.
+"""Scale on paper: a batch of videos over a Ray cluster (python -m eden_client batch --ray), throughput against node
+count, and which part stops the scaling: the nodes themselves, the driver, Ray's scheduler or the shared storage.
 
     python bench/cluster_sim.py                       # 10,000 videos, 1..128 nodes, the scenarios below
     python bench/cluster_sim.py --nodes 1,8,64 --videos 2000 --json
@@ -17,7 +17,7 @@ finished) every running input advances at a constant rate, the slowest of what i
 * Ray: dispatching a task takes the scheduler ``--sched-ms`` (one at a time for the cluster), and an input spends
   ``--task-overhead-s`` starting (worker, connection, opening the files, first chunk) using nothing;
 * the driver: before anything runs it opens every input once to count its frames (``--probe-ms`` each, one at a
-  time: what client.batch does today), then handles each result and polls the progress actor twice a second.
+  time: what eden_client.batch does today), then handles each result and polls the progress actor twice a second.
 
 Every assumption is a flag; the defaults are printed with the results. Not modelled: the encoder GPU (a few percent
 of the work, README), network inside a node (shared memory), TorchServe start-up (nodes join warm), node failures

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from client.samples import moving_shapes  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import checkpoint, framerefs, pipeline, tokens  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 

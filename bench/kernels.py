@@ -84,7 +84,7 @@ def prepare(work: Path, shapes, device, extra_sizes=()) -> Path:
     """Random real-size weights, and per size: tokens of a moving clip (through float16, as the wire), noise per
     pair (the official recipe, seed = pair index), float32 frames of those pairs (the quality reference), and a
     token blob of pair 0 for the handler. -> the weights folder."""
-    from client.samples import moving_shapes
+    from eden_dev.samples import moving_shapes
     weights = work / "weights"
     if not (weights / checkpoint.DITDEC_FILE).exists():
         ckpt = work / "eden_random.pt"

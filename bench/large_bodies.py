@@ -35,8 +35,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from client.api import KeySource  # noqa: E402
-from client.server import TorchServe  # noqa: E402
+from eden_client.api import KeySource  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
 
 HANDLER = '''
 try:  # the worker's socket read as the EDEN handlers run it (eden_serve/ts_patches.py, shipped beside this file)

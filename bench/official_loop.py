@@ -10,7 +10,7 @@ next to the checkout). Modules the inference path imports but never uses (lpips,
 losses; scipy.integrate: torchdiffeq's SciPy solver) are stubbed only when they are absent, and so is xformers:
 ``memory_efficient_attention`` becomes ``F.scaled_dot_product_attention``. Nothing in the checkout is edited.
 
-What runs, per size, on a clip of --frames frames already in memory (``client.samples.moving_shapes``, as
+What runs, per size, on a clip of --frames frames already in memory (``eden_dev.samples.moving_shapes``, as
 bench/speed.py):
 - official: the model built as inference.py builds it (``load_model`` with configs/eval_eden.yaml's ``model_args``,
   the architecture sizes taken from the checkpoint), the checkpoint loaded with ``load_state_dict(ckpt["eden"])``;
@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from reference import load_reference, time_clip  # noqa: E402
 
-from client.samples import moving_shapes  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import checkpoint, pipeline  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 

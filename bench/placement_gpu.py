@@ -4,7 +4,7 @@
 
 For each profile: real-size weights (yours, or random in the official layout) -> split -> archives for the GPUs
 seen (build_archives.py --profile P) -> TorchServe -> a few requests to each model -> the worker table of
-``python -m client status`` (what an operator sees), checked three ways against the intended placement:
+``python -m eden_client status`` (what an operator sees), checked three ways against the intended placement:
 the management API's gpuUsage (gpuId), nvidia-smi's compute processes (by worker pid), and the X-Eden-Device header
 the handlers answer with. Prints the tables and a verdict per profile, and writes summary.json to --out.
 """
@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 
 from build_archives import build, placement  # noqa: E402
-from client.api import EdenClient, KeySource  # noqa: E402
-from client.ops import Server, collect_status, format_status  # noqa: E402
-from client.samples import moving_shapes  # noqa: E402
-from client.server import TorchServe  # noqa: E402
+from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.ops import Server, collect_status, format_status  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import checkpoint, images  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
@@ -59,7 +59,7 @@ def run_profile(profile: str, weights: Path, work: Path, gpus: int, requests: in
                           "eden_ditdec": sorted({a.headers.get("X-Eden-Device") for a in answers})}
         status = collect_status([Server(ts.management_url, ts.inference_url, ts.metrics_url, ts.key_file)])
         table = format_status(status)
-        cli = subprocess.run([sys.executable, "-m", "client", "status", "--management-url", ts.management_url,
+        cli = subprocess.run([sys.executable, "-m", "eden_client", "status", "--management-url", ts.management_url,
                               "--inference-url", ts.inference_url, "--metrics-url", ts.metrics_url,
                               "--key-file", str(ts.key_file)], capture_output=True, text=True, cwd=ROOT)
         smi = gpu_of_pids()
@@ -100,7 +100,7 @@ def main() -> int:
         result = run_profile(profile, work / "weights", work, gpus, args.requests)
         summary["profiles"].append(result)
         print(f"\n=== profile {profile} on {gpus} GPU(s): intended {result['intended']}", flush=True)
-        print(f"$ python -m client status ...\n{result['cli_stdout'] or result['table']}", flush=True)
+        print(f"$ python -m eden_client status ...\n{result['cli_stdout'] or result['table']}", flush=True)
         print(f"management API gpuId: {result['management_api_gpu_ids']}  nvidia-smi: {result['nvidia_smi_gpu_ids']}"
               f"  X-Eden-Device: {result['handler_devices']}", flush=True)
         print(f"placement {'as intended' if result['placement_ok'] else 'NOT as intended'}", flush=True)

@@ -8,8 +8,8 @@ One command on the GPU host. The deployment is the README's (bench/cli_speed.py'
 real-size checkpoint unless --checkpoint, split_weights.py, build_archives.py with its defaults plus --build-args,
 TorchServe started in the working folder, where key_file.json is). The inputs are generated clips (moving shapes,
 30000/1001 fps, an AAC track) in IN = IO_DIR/in. Then, in the order --order gives, each into a fresh output folder:
-  plain   `python -m client batch IN OUT` from the working folder, no other flags (--plain-args adds some);
-  ray     `python -m client batch IN OUT --ray auto`, no other flags (--ray-args adds some), against a one-node Ray
+  plain   `python -m eden_client batch IN OUT` from the working folder, no other flags (--plain-args adds some);
+  ray     `python -m eden_client batch IN OUT --ray auto`, no other flags (--ray-args adds some), against a one-node Ray
           cluster started once before the first ray run: `ray start --head --resources '{"eden": 1}' --block` in the
           environment deploy/ray/eden-node.sh gives a node's `ray start` (EDEN_NODE_URL, EDEN_MANAGEMENT_URL and
           EDEN_KEY_FILE of this TorchServe, EDEN_NODE_NAME, EDEN_TRANSPORT=auto), so this machine is the head and the
@@ -60,8 +60,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from cli_speed import RATE, sh, start_readme_deployment, stop_deployment, user_env  # noqa: E402
 
-from client import clips  # noqa: E402
-from client.samples import moving_shapes  # noqa: E402
+from eden_dev import clips  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -103,7 +103,7 @@ def make_inputs(folder: Path, specs, tag: str = "") -> list[dict]:
 
 # ---------------------------------------------------------------------- the commands
 def batch_command(src: Path, dst: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "client", "batch", str(src), str(dst), *extra]
+    return [sys.executable, "-m", "eden_client", "batch", str(src), str(dst), *extra]
 
 
 ROW = re.compile(r"^(done|skipped|failed|interrupted)\s+(\S+)\s+(\S+)\s+(.*)$")
@@ -348,7 +348,7 @@ def main():
             shutil.rmtree(p)
     import ray  # (only its version; the driver imports it in its own process)
     summary: dict = {
-        "what": "python -m client batch IN OUT [--ray auto], wall clock of each command on one host",
+        "what": "python -m eden_client batch IN OUT [--ray auto], wall clock of each command on one host",
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpus": torch.cuda.device_count(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "ray": ray.__version__, "host": socket.gethostname(), "io_dir": str(io_dir),

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "archive_scripts"))
 
 from helpers_http import hostile_requests, noise_frame, png, post  # noqa: E402
 
-from client.server import TorchServe  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_serve import wire  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "eden_tiny"

@@ -6,7 +6,7 @@ For each size, over one generated clip (frames already in memory), in the same r
   (a) reference  bench/reference.py: the official inference.py loop (monolithic model, float32, batch 1, cuda:0);
   (b) fast       the eden_serve core in process on cuda:0: each frame encoded once, pairs batched, bf16 autocast;
   (c) deployed   client -> TorchServe eden_encoder (GPU 0) -> TorchServe eden_ditdec (GPU 1) through the video
-                 client's scheduler (client.video.Interpolator): "shm" = shared-memory transport with the tokens
+                 client's scheduler (eden_client.video.Interpolator): "shm" = shared-memory transport with the tokens
                  handed off GPU to GPU (the default), "shm_host" = the same with the token bytes through tmpfs,
                  "http" = the inline HTTP transport (at --http-sizes only); the sink writes raw RGB frames to a file.
 Reports seconds per generated frame (wall clock / frames the model made), the ratio to (a), PSNR of (b) and (c)
@@ -36,11 +36,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 from build_archives import build, kernel_settings  # noqa: E402
 from reference import load_reference, time_clip  # noqa: E402
 
-from client.api import EdenClient, KeySource  # noqa: E402
-from client.frames_io import Frame  # noqa: E402
-from client.samples import moving_shapes  # noqa: E402
-from client.server import TorchServe  # noqa: E402
-from client.video import Interpolator, frame_seed  # noqa: E402
+from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.frames_io import Frame  # noqa: E402
+from eden_client.video import Interpolator, frame_seed  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
+from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import acceleration, checkpoint, pipeline  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 

@@ -5,7 +5,7 @@
 1. generates a 30 s 480p clip at 30000/1001 fps as a folder of PNG frames (three shots: two hard cuts);
 2. real-size weights (yours, or random in the official layout) -> split -> archives for the GPUs seen (encoder on
    GPU 0, DiT+decoder on the others) -> TorchServe;
-3. runs the video client over the folder (x2 by default) into a folder of PNG frames, as ``python -m client video``
+3. runs the video client over the folder (x2 by default) into a folder of PNG frames, as ``python -m eden_client video``
    does, and prints output frames/s with the client's counts (encoder requests and frames, token bytes, cuts).
 Writes the summary as JSON to --out.
 """
@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts")]
 
 from build_archives import build  # noqa: E402
-from client.api import EdenClient, KeySource  # noqa: E402
-from client.clips import long_clip, write_frame_folder  # noqa: E402
-from client.convert import Options, convert  # noqa: E402
-from client.server import TorchServe  # noqa: E402
+from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.convert import Options, convert  # noqa: E402
+from eden_dev.clips import long_clip, write_frame_folder  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from client.api import KeySource, ServeError  # noqa: E402
-from client.ops import ManagementClient  # noqa: E402
+from eden_client.api import KeySource, ServeError  # noqa: E402
+from eden_client.ops import ManagementClient  # noqa: E402
 
 
 def main(argv=None) -> int:

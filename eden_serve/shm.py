@@ -10,8 +10,8 @@ by default) and the request carries a *reference*: ``b"EDENREF1"`` followed by U
     {"probe": NAME or null}                                   either model: may this client use shared memory?
 
 A probe is how a client finds out, before sending any frame, whether it shares this folder with the servers
-(``client/transport.py``): ``{"probe": null}`` answers where the server keeps segments (JSON: ``shm_dir``, host, device,
-whether it hands tokens off on its GPU); ``{"probe": NAME}`` answers the hash of the segment's bytes
+(``eden_client/transport.py``): ``{"probe": null}`` answers where the server keeps segments (JSON: ``shm_dir``, host,
+device, whether it hands tokens off on its GPU); ``{"probe": NAME}`` answers the hash of the segment's bytes
 (``probe_answer``) and writes the same hash to a new segment for the client to read back.
 
 The bytes in a segment are exactly what HTTP would carry (an image or a token blob), so they are parsed and checked

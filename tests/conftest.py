@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "eden_tiny"
 
-from client.server import TorchServe  # noqa: E402
+from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402
 
 # The test deployment: small batches so that concurrent requests really batch, a low pixel limit so that the
@@ -84,7 +84,7 @@ def server(tiny_store, tmp_path_factory):
 
 # ---------------------------------------------------------------------- the fast lane
 # Every test that starts a TorchServe is marked ``server`` here, so ``pytest -m "not server"`` starts none: tests
-# using a fixture that starts one (``server`` and every module fixture built on client.server.TorchServe or
+# using a fixture that starts one (``server`` and every module fixture built on eden_dev.launcher.TorchServe or
 # helpers_http.start_server, found in the fixture's source, however deep in the test's fixture closure), and tests
 # whose own body starts one. A test that starts one some other way (a subprocess) carries the marker itself.
 _STARTS_TORCHSERVE = ("TorchServe(", "start_server(")

@@ -22,8 +22,8 @@ import psutil
 import requests
 from PIL import Image
 
-from client.api import EdenClient, KeySource, ModelClient, RetryPolicy
-from client.server import TorchServe
+from eden_client.api import EdenClient, KeySource, ModelClient, RetryPolicy
+from eden_dev.launcher import TorchServe
 from eden_serve import wire
 from eden_serve.shm import REF_CONTENT_TYPE, REF_MAGIC
 
@@ -159,7 +159,7 @@ def repeated_frames(blob: bytes, frames: int) -> bytes:
 
 # ---------------------------------------------------------------------- process memory
 def tree_rss(root_pid: int) -> dict[str, int]:
-    """Resident memory (bytes) of a TorchServe started by client.server: 'frontend' (the Java process and the Python
+    """Resident memory (bytes) of a TorchServe started by eden_dev.launcher: 'frontend' (the Java process and the Python
     launcher above it) and 'workers' (the Python model workers below the frontend)."""
     try:
         root = psutil.Process(root_pid)

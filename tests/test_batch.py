@@ -1,4 +1,4 @@
-"""python -m client batch through a real TorchServe: the mirrored tree, failures that do not stop the batch, the
+"""python -m eden_client batch through a real TorchServe: the mirrored tree, failures that do not stop the batch, the
 summary and exit codes, and resuming after the client is killed halfway."""
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from fractions import Fraction
 import pytest
 from conftest import ROOT
 
-from client import clips
+from eden_dev import clips
 
 av = pytest.importorskip("av")
 pytestmark = pytest.mark.server
 
 
 def batch_cmd(server, *args):
-    return [sys.executable, "-m", "client", "batch", *map(str, args), "--encoder-url", server.inference_url,
+    return [sys.executable, "-m", "eden_client", "batch", *map(str, args), "--encoder-url", server.inference_url,
             "--key-file", str(server.key_file)]
 
 

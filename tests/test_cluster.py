@@ -29,8 +29,8 @@ import yaml
 from conftest import ROOT, TEST_SETTINGS
 from test_deploy import DEPLOY, dockerfile, java_regex_matches, properties
 
-from client import clips
-from client.cluster import resource_share
+from eden_client.cluster import resource_share
+from eden_dev import clips
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[cluster]'; "
@@ -48,7 +48,7 @@ def test_without_ray_the_flag_says_how_to_install(tmp_path):
     hide.mkdir(parents=True)
     (hide / "__init__.py").write_text("raise ImportError('no ray here')\n")
     (tmp_path / "in").mkdir()
-    r = subprocess.run([sys.executable, "-m", "client", "batch", str(tmp_path / "in"), str(tmp_path / "out"),
+    r = subprocess.run([sys.executable, "-m", "eden_client", "batch", str(tmp_path / "in"), str(tmp_path / "out"),
                         "--ray", "auto"], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env=env_for_client(PYTHONPATH=f"{tmp_path / 'noray'}{os.pathsep}{ROOT}"))
     assert r.returncode == 2, r.stdout + r.stderr
@@ -195,7 +195,7 @@ class Node:
     group, so that killing the group loses the whole node like a machine going away."""
 
     def __init__(self, name: str, workdir: Path, store: Path, shm_dir: Path, address: str):
-        from client.server import TorchServe, java_home
+        from eden_dev.launcher import TorchServe, java_home
         self.name, self.workdir = name, workdir
         self.ts = TorchServe(workdir, store)  # only for its config (own ports) and key-file location
         workdir.mkdir(parents=True)
@@ -275,7 +275,7 @@ def ray_cluster(solo_store, shm_dir, tmp_path):
 
 
 def _driver(address: str, *args) -> list[str]:
-    return [sys.executable, "-m", "client", "batch", *map(str, args), "--ray", address]
+    return [sys.executable, "-m", "eden_client", "batch", *map(str, args), "--ray", address]
 
 
 # Ray resolves 127.0.0.1 in an address to the host's outside address unless told this host is its own cluster.
@@ -335,7 +335,7 @@ def test_batch_over_two_nodes_survives_a_lost_node(ray_cluster, tmp_path):
 
     # nothing partial anywhere, and every output identical to a plain one-node batch through n2's TorchServe
     assert not _partials(out)
-    r = subprocess.run([sys.executable, "-m", "client", "batch", str(src), str(ref), "--factor", "2",
+    r = subprocess.run([sys.executable, "-m", "eden_client", "batch", str(src), str(ref), "--factor", "2",
                         "--encoder-url", n2.ts.inference_url, "--key-file", str(n2.ts.key_file)],
                        capture_output=True, text=True, cwd=ROOT, env=env_for_client(), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -378,7 +378,7 @@ def test_a_node_whose_torchserve_does_not_answer_gets_no_input(tmp_path):
     fails with the reason (instead of waiting forever), exit code 1."""
     from ray.cluster_utils import Cluster
 
-    from client.server import free_port
+    from eden_dev.launcher import free_port
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False, temp_dir=temp, resources={"eden": 1},

@@ -1,4 +1,4 @@
-"""The README's main command (./run.sh demo runs python -m client demo) works end to end."""
+"""The README's main command (./run.sh demo runs python -m eden_dev.demo) works end to end."""
 import subprocess
 import sys
 
@@ -9,7 +9,7 @@ pytestmark = pytest.mark.server
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "client", "demo", "--workdir", str(tmp_path)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "eden_dev.demo", "--workdir", str(tmp_path)], capture_output=True,
                        text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "RANDOM-WEIGHT checkpoint" in r.stdout and "12 -> 23 frames" in r.stdout

@@ -15,7 +15,7 @@ import yaml
 from conftest import FIXTURE, ROOT, read_rgb
 from helpers_http import keyproxy_running
 
-from client.api import EdenClient, KeySource, ServeError
+from eden_client.api import EdenClient, KeySource, ServeError
 from eden_serve import images, protocol, serving
 
 DEPLOY = ROOT / "deploy"

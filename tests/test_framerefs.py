@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from client import clips
-from client.api import EdenClient, EncoderAnswer, ServeError
-from client.frames_io import Frame
-from client.video import Interpolator
+from eden_client.api import EdenClient, EncoderAnswer, ServeError
+from eden_client.frames_io import Frame
+from eden_client.video import Interpolator
+from eden_dev import clips
 from eden_serve import framerefs, pipeline, serving, tokens, wire
 
 
@@ -268,7 +268,7 @@ def cross_hosts(tiny_weights, tmp_path_factory):
     from conftest import TEST_SETTINGS
     from test_ops import grpc_ports
 
-    from client.server import TorchServe
+    from eden_dev.launcher import TorchServe
     servers = []
     try:
         for side in ("encoder", "ditdec"):
@@ -289,7 +289,7 @@ def run_cli(*args):
     import sys
 
     from conftest import ROOT
-    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "eden_client", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
 
 

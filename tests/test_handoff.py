@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from client.api import EdenClient, EncoderAnswer, KeySource, TokensLost
+from eden_client.api import EdenClient, EncoderAnswer, KeySource, TokensLost
 from eden_serve import handoff, shm, wire
 from eden_serve.serving import EncoderService, HeldTokens, Settings
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref

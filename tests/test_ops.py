@@ -1,4 +1,5 @@
-"""Operating the deployment (client/ops.py, python -m client status|scale|models) against real TorchServe instances.
+"""Operating the deployment (eden_client/ops.py, python -m eden_client status|scale|models) against real TorchServe
+instances.
 
 The module starts its own TorchServe (``ops_server``: model registration on, 1-minute keys, the declared metrics of
 deploy/metrics.yaml) so that scaling and version changes do not disturb the session-wide ``server``; the two-host
@@ -20,9 +21,9 @@ import requests
 from conftest import FIXTURE, ROOT, TEST_SETTINGS, read_rgb
 
 from eden_serve.archives import build, placement
-from client.api import EdenClient, KeySource, ServeError, expiry_time
-from client.ops import ManagementClient, Server, collect_status, format_status, gpu_of, parse_prometheus
-from client.server import TorchServe, free_port
+from eden_client.api import EdenClient, KeySource, ServeError, expiry_time
+from eden_client.ops import ManagementClient, Server, collect_status, format_status, gpu_of, parse_prometheus
+from eden_dev.launcher import TorchServe, free_port
 
 pytestmark = pytest.mark.server
 
@@ -33,7 +34,7 @@ def run_client(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for name in ("EDEN_KEY_FILE", "EDEN_INFERENCE_KEY", "EDEN_MANAGEMENT_KEY", "EDEN_MANAGEMENT_URL"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "eden_client", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=300)
 
 
@@ -170,7 +171,7 @@ def test_key_expiry_and_status_parsing():
 def test_status_explains_an_unmeasured_memory(monkeypatch, capsys):
     """TorchServe fills a worker's memoryUsage once a minute: until then the table shows - and says why."""
     from argparse import Namespace
-    from client import ops_cli
+    from eden_client import ops_cli
     worker = {"id": "9000", "status": "READY", "pid": 1, "gpu": False, "gpuId": None, "gpuUsage": "N/A",
               "memoryUsage": 0, "startTime": "t"}
     model = {"model": "eden_encoder", "version": "1.0", "default": True, "minWorkers": 1, "maxWorkers": 1,
@@ -190,7 +191,7 @@ def test_status_explains_an_unmeasured_memory(monkeypatch, capsys):
 
 def test_status_wait_polls_until_the_workers_are_ready(monkeypatch, capsys):
     from argparse import Namespace
-    from client import ops_cli
+    from eden_client import ops_cli
     states = iter([ServeError("cannot reach TorchServe's management API"), "LOADING", "READY"])
 
     def collect(servers):

@@ -1,11 +1,11 @@
-"""client.frames_io.ParallelWriter: per-frame work on several threads, frames committed in order, errors kept."""
+"""eden_client.frames_io.ParallelWriter: per-frame work on several threads, frames committed in order, errors kept."""
 import random
 import time
 
 import numpy as np
 import pytest
 
-from client.frames_io import ParallelWriter, PngFolderSink
+from eden_client.frames_io import ParallelWriter, PngFolderSink
 from conftest import read_rgb
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import ROOT, png_bytes, read_rgb
 
-from client.api import EdenClient, KeySource
-from client.samples import moving_shapes
-from client.server import TorchServe
+from eden_client.api import EdenClient, KeySource
+from eden_dev.launcher import TorchServe
+from eden_dev.samples import moving_shapes
 from eden_serve import checkpoint, pipeline
 from eden_serve.config import EdenConfig
 

@@ -31,9 +31,9 @@ from helpers_http import (LogTail, RawAnswer, eden_client, image_bytes, kill, mo
                           pids_rss, png, png_declaring, post, post_raw, repeated_frames, start_server,
                           wait_for_new_workers, with_header, with_prefix, with_token, with_tokens)
 
-from client import clips
-from client.api import KeySource, ModelClient, RetryPolicy, ServeError
-from client.convert import Options, convert
+from eden_client.api import KeySource, ModelClient, RetryPolicy, ServeError
+from eden_client.convert import Options, convert
+from eden_dev import clips
 from eden_serve import framerefs, images, shm, wire
 
 MODELS = ("eden_encoder", "eden_ditdec")
@@ -617,7 +617,7 @@ def test_request_running_when_its_worker_dies_is_retried(ts, caplog):
 
 # ---------------------------------------------------------------------- the video client under faults
 def test_killed_worker_mid_video_gives_the_clean_run(ts, tmp_path):
-    """``python -m client video``'s engine on a folder of frames, x4 to PNG frames: the DiT+decoder's worker is
+    """``python -m eden_client video``'s engine on a folder of frames, x4 to PNG frames: the DiT+decoder's worker is
     killed twice mid-video; the output has every frame, in order, byte-identical to a clean run (one request in
     flight, so TorchServe's batches are the same as in the clean run)."""
     pytest.importorskip("av")
@@ -640,7 +640,7 @@ def test_killed_worker_mid_video_gives_the_clean_run(ts, tmp_path):
 
 
 def batch_command(ts, src, out, *args):
-    return [sys.executable, "-m", "client", "batch", str(src), str(out), "--factor", "4",
+    return [sys.executable, "-m", "eden_client", "batch", str(src), str(out), "--factor", "4",
             "--encoder-url", ts.inference_url, "--key-file", str(ts.key_file), *args]
 
 
@@ -651,7 +651,7 @@ def video_frames(path) -> int:
 
 
 def test_torchserve_restarted_mid_batch(ts, tmp_path):
-    """``python -m client batch`` over three videos; TorchServe is stopped and started again (new keys, new
+    """``python -m eden_client batch`` over three videos; TorchServe is stopped and started again (new keys, new
     workers) once the first video is done. The batch carries on (its requests are retried, the key file read
     again); if the restart took longer than the retry budget, the video in progress fails without leaving
     anything that looks done, and a second run does only what is missing. Either way: nothing finished is redone,
@@ -700,7 +700,7 @@ def test_torchserve_restarted_mid_batch(ts, tmp_path):
 # ---------------------------------------------------------------------- disk trouble
 @dataclass
 class DiskRun:
-    """One ``python -m client video`` run into a place it cannot write."""
+    """One ``python -m eden_client video`` run into a place it cannot write."""
     returncode: int
     stderr: str
     left: list[str]  # what is left in the output's folder afterwards
@@ -743,7 +743,7 @@ def disk_runs(ts, tmp_path_factory) -> dict[str, DiskRun]:
         for kind, (folder, fsize) in places.items():
             for output in ("out.mp4", "frames"):
                 limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
-                r = subprocess.run([sys.executable, "-m", "client", "video", str(clip), "-o", str(folder / output),
+                r = subprocess.run([sys.executable, "-m", "eden_client", "video", str(clip), "-o", str(folder / output),
                                     "--factor", "8", "--quiet", "--encoder-url", ts.inference_url,
                                     "--key-file", str(ts.key_file)], cwd=ROOT, env=env, capture_output=True,
                                    text=True, timeout=300, preexec_fn=limit)

@@ -26,12 +26,12 @@ import requests
 from conftest import FIXTURE, ROOT, TEST_SETTINGS
 
 from eden_serve.archives import build
-from client import cli
-from client.api import EdenClient, KeySource, ServeError
-from client.batch import run_batch
-from client.frames_io import Encoding, PngFolderSink, VideoMeta, VideoSink, check_no_links, partial_path
-from client.ops import MAX_WORKERS, ManagementClient
-from client.server import TorchServe
+from eden_client import cli
+from eden_client.api import EdenClient, KeySource, ServeError
+from eden_client.batch import run_batch
+from eden_client.frames_io import Encoding, PngFolderSink, VideoMeta, VideoSink, check_no_links, partial_path
+from eden_client.ops import MAX_WORKERS, ManagementClient
+from eden_dev.launcher import TorchServe
 from eden_serve import shm, wire
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, ShmUnsafe, make_ref
 from helpers_http import LogTail, hostile_requests, keyproxy_running, noise_frame, png, post
@@ -331,7 +331,7 @@ def test_scaling_is_bounded_before_torchserve_sees_it(sec_server, kw, words):
 
 @pytest.mark.server
 def test_scale_command_refuses_absurd_counts(sec_server):
-    r = subprocess.run([sys.executable, "-m", "client", "scale", "eden_ditdec", "--workers", "1000",
+    r = subprocess.run([sys.executable, "-m", "eden_client", "scale", "eden_ditdec", "--workers", "1000",
                         "--management-url", sec_server.management_url, "--key-file", str(sec_server.key_file)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1 and "--workers 1000 is over the limit of 64" in r.stderr, r.stderr
@@ -487,11 +487,11 @@ def test_pair_output_never_goes_through_a_planted_link(tmp_path):
 
 @pytest.mark.server
 def test_pair_command_through_a_planted_link(server, tmp_path):
-    """Finding 12 as it was seen: ``python -m client pair`` with a link planted at .NAME.partial."""
+    """Finding 12 as it was seen: ``python -m eden_client pair`` with a link planted at .NAME.partial."""
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / ".middle.png.partial").symlink_to(victim)
-    r = subprocess.run([sys.executable, "-m", "client", "pair", FIXTURE / "frame0.png", FIXTURE / "frame1.png",
+    r = subprocess.run([sys.executable, "-m", "eden_client", "pair", FIXTURE / "frame0.png", FIXTURE / "frame1.png",
                         "-o", tmp_path / "middle.png", "--seed", "0", "--encoder-url", server.inference_url,
                         "--key-file", server.key_file], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -529,7 +529,7 @@ def test_batch_refuses_symlinked_folders_inside_out_dir(tmp_path):
     elsewhere.mkdir()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a").symlink_to(elsewhere)
-    from client.convert import Options
+    from eden_client.convert import Options
     jobs, code = run_batch(tmp_path / "in", tmp_path / "out", None, Options(), quiet=True)
     assert code == 1 and jobs[0].status == "failed" and "is a symbolic link: refusing to write through it" \
         in jobs[0].detail

@@ -12,7 +12,7 @@ import requests
 import torch
 from conftest import FIXTURE, ROOT, png_bytes, read_rgb
 
-from client.api import EdenClient, KeySource, ServeError
+from eden_client.api import EdenClient, KeySource, ServeError
 from eden_serve import pipeline, tokens, wire
 
 pytestmark = pytest.mark.server
@@ -27,7 +27,7 @@ def run_client(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EDEN_KEY_FILE", None)
     env.pop("EDEN_INFERENCE_KEY", None)
-    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "eden_client", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env)
 
 

@@ -7,7 +7,7 @@ import pytest
 import requests
 from conftest import SHM_TTL_S, png_bytes
 
-from client.api import EdenClient, KeySource, ServeError
+from eden_client.api import EdenClient, KeySource, ServeError
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref
 
 

@@ -11,11 +11,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from client.api import EncoderAnswer
-from client.convert import Options, convert, expected_outputs
-from client.frames_io import Frame
-from client.scenes import SceneDetector
-from client.video import (DEFAULT_MAX_DEPTH, Interpolator, TimeGrid, dyadic_path, frame_seed, max_time_error,
+from eden_client.api import EncoderAnswer
+from eden_client.convert import Options, convert, expected_outputs
+from eden_client.frames_io import Frame
+from eden_client.scenes import SceneDetector
+from eden_client.video import (DEFAULT_MAX_DEPTH, Interpolator, TimeGrid, dyadic_path, frame_seed, max_time_error,
                           target_count)
 from eden_serve import pipeline, protocol, wire
 from eden_serve.config import EdenConfig
@@ -245,7 +245,7 @@ def test_slower_target_drops_and_places_frames():
 
 
 def test_scene_cut_repeats_the_first_frame():
-    from client import clips
+    from eden_dev import clips
     a = np.full((H, W, 3), 90, np.uint8)
     b = clips.shot_b(1, H, W)[0]
     frames = [Frame(a, 0, 1), Frame(a.copy(), 1, 1), Frame(b, 2, 1), Frame(b.copy(), 3, 1)]
@@ -265,7 +265,7 @@ def test_scene_cut_repeats_the_first_frame():
 # ---------------------------------------------------------------------- what a player reads
 def test_24_to_60_video_stamps_rate_and_audio(tmp_path):
     av = pytest.importorskip("av")
-    from client import clips
+    from eden_dev import clips
     src = tmp_path / "in.mp4"
     clips.write_video(src, clips.clip_frames(13, 48, 64), Fraction(24))
     fake = TimedFake({1: Fraction(0)})
@@ -293,8 +293,8 @@ def test_a_lone_frame_is_not_encoded(chunk):
 
 # ---------------------------------------------------------------------- batch reruns with other settings
 def test_batch_rerun_with_other_settings_redoes_the_output(tmp_path):
-    from client import clips
-    from client.batch import run_batch, settings_path
+    from eden_client.batch import run_batch, settings_path
+    from eden_dev import clips
     src, out = tmp_path / "in", tmp_path / "out"
     clips.write_frame_folder(src / "shot", [stamp(i + 1) for i in range(5)])
 
@@ -350,7 +350,7 @@ def test_4k_is_admitted_where_the_gpu_has_the_memory():
 
 
 def test_after_a_413_chunks_formed_earlier_are_split_before_sending():
-    from client.api import ServeError
+    from eden_client.api import ServeError
 
     class Limited(TimedFake):
         sent: list[int] = []
@@ -372,7 +372,7 @@ def test_after_a_413_chunks_formed_earlier_are_split_before_sending():
 
 
 def test_a_pair_over_the_request_limit_says_what_to_do():
-    from client.api import ServeError
+    from eden_client.api import ServeError
 
     class Refusing(TimedFake):
         def generate_pair(self, *a, **k):
@@ -389,8 +389,8 @@ def test_24_to_60_through_the_server(server, tmp_path):
     """The tiny model served by TorchServe: 13 frames at 24 fps -> 31 at 60 fps, the input frames where the times
     meet, the same frames again on a rerun (seeds from the dyadic positions), and the counts of docs/videos.md."""
     from conftest import read_rgb
-    from client import clips
-    from client.api import EdenClient, KeySource
+    from eden_client.api import EdenClient, KeySource
+    from eden_dev import clips
     frames = clips.clip_frames(13, 48, 64)
     clips.write_frame_folder(tmp_path / "in", frames)
     client = EdenClient.connect(server.inference_url, encoder_keys=KeySource(key_file=server.key_file))
@@ -411,8 +411,8 @@ def test_24_to_60_through_the_server(server, tmp_path):
 
 def test_cli_flags():
     import argparse
-    from client.frames_io import FramesError
-    from client.video_cli import add_interpolation_args, options_from
+    from eden_client.frames_io import FramesError
+    from eden_client.video_cli import add_interpolation_args, options_from
     p = argparse.ArgumentParser()
     add_interpolation_args(p)
     o = options_from(p.parse_args(["--target-fps", "59.94"]))
@@ -430,8 +430,8 @@ def test_cli_flags():
 
 
 def test_batch_redo_that_fails_keeps_the_old_output_and_its_record(tmp_path, monkeypatch):
-    from client import batch as batch_mod
-    from client import clips
+    from eden_client import batch as batch_mod
+    from eden_dev import clips
     src, out = tmp_path / "in", tmp_path / "out"
     clips.write_frame_folder(src / "shot", [stamp(i + 1) for i in range(3)])
     fake = TimedFake({i + 1: Fraction(i, 24) for i in range(3)})

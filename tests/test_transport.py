@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, read_rgb
 
-from client import clips
-from client.api import EdenClient, KeySource
-from client.transport import choose
+from eden_client.api import EdenClient, KeySource
+from eden_client.transport import choose
+from eden_dev import clips
 
 
 # ---------------------------------------------------------------------- against the real TorchServe
@@ -50,8 +50,8 @@ def test_auto_refuses_a_folder_of_others(server, keys, tmp_path):
 
 def run_client(*args, prefix=()):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*prefix, sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    return subprocess.run([*prefix, sys.executable, "-m", "eden_client", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
 
 
 @pytest.mark.server

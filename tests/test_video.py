@@ -16,14 +16,14 @@ import pytest
 import torch
 from conftest import ROOT, read_rgb
 
-from client import clips
-from client.api import EdenClient, KeySource
-from client.convert import Options, convert
-from client.frames_io import Frame, natural_key
-from client.scenes import SceneDetector, ssim, thumbnail
-from client.api import EncoderAnswer, TokensLost
-from client.video import Interpolator, frame_seed, output_count
-from client.video_cli import parse_rate
+from eden_client.api import EdenClient, KeySource
+from eden_client.convert import Options, convert
+from eden_client.frames_io import Frame, natural_key
+from eden_client.scenes import SceneDetector, ssim, thumbnail
+from eden_client.api import EncoderAnswer, TokensLost
+from eden_client.video import Interpolator, frame_seed, output_count
+from eden_client.video_cli import parse_rate
+from eden_dev import clips
 from eden_serve import pipeline, wire
 from eden_serve.config import EdenConfig
 
@@ -173,7 +173,7 @@ def test_pair_differences_are_the_pairs_own():
 
 def test_too_large_encoder_answers_are_split():
     """A 413 (the answer would pass the server's response limit) -> the chunk is sent in halves, then smaller."""
-    from client.api import ServeError
+    from eden_client.api import ServeError
 
     class Limited(FakeEden):
         def encode_frames(self, frames, dtype="float16"):
@@ -237,7 +237,7 @@ def test_scene_measure():
 
 def test_progress_on_a_terminal_and_in_a_log():
     import io
-    from client.progress import Progress
+    from eden_client.progress import Progress
     tty = io.StringIO()
     p = Progress(total_frames=100, total_items=2, stream=tty, tty=True)
     p.start(0, "a.mp4", 50)
@@ -274,7 +274,7 @@ def test_missing_key_file_and_dead_address_are_said_at_once(tmp_path):
     clips.write_frame_folder(tmp_path / "in", clips.clip_frames(3))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EDEN_INFERENCE_KEY", None)
-    cmd = [sys.executable, "-m", "client", "video", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "eden_client", "video", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
            "--encoder-url", "http://127.0.0.1:9"]
     r = subprocess.run(cmd + ["--key-file", str(tmp_path / "nokeys.json")], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=60)
@@ -328,7 +328,7 @@ def probe(path):
 
 def run_client(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "eden_client", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
 
 
@@ -397,7 +397,7 @@ def test_frame_folder_natural_order_png_output_and_reproducible(client, tmp_path
 def test_frame_folders_need_no_pyav(server, tmp_path):
     """As on the GPU host: PyAV missing, frame folder in, PNG folder out; a video asks for PyAV by name."""
     clips.write_frame_folder(tmp_path / "in", clips.clip_frames(3))
-    code = ("import sys; sys.modules['av'] = None; from client.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = ("import sys; sys.modules['av'] = None; from eden_client.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [*map(str, conn(server)), "--quiet"]
     r = subprocess.run([sys.executable, "-c", code, "video", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
@@ -493,7 +493,7 @@ def test_clear_errors(server, tmp_path):
 
 @pytest.mark.server
 def test_shm_transport_gives_the_same_video_and_leaves_no_segment(server, shm_dir, clip_dir, tmp_path):
-    """python -m client video --transport shm: the same frames as over HTTP, x4 (generated frames encoded too),
+    """python -m eden_client video --transport shm: the same frames as over HTTP, x4 (generated frames encoded too),
     and every shared-memory segment removed by the end."""
     folder = tmp_path / "in"
     clips.write_frame_folder(folder, clips.clip_frames(7, 48, 64))

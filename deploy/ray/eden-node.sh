@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One node of a Ray cluster that serves EDEN (README "Many machines (Ray)"): TorchServe with BOTH archives on this
-# machine's GPUs, then this machine joins the Ray cluster advertising the custom resource "eden" (client/cluster.py
-# schedules inputs only on nodes that have it) and telling its Ray tasks where TorchServe is, through the
-# environment of `ray start` (its worker processes inherit it).
+# machine's GPUs, then this machine joins the Ray cluster advertising the custom resource "eden"
+# (eden_client/cluster.py schedules inputs only on nodes that have it) and telling its Ray tasks where TorchServe
+# is, through the environment of `ray start` (its worker processes inherit it).
 #
 #   deploy/ray/eden-node.sh --address HEAD_HOST:6379 --model-store DIR [--ts-config FILE] [--run-dir DIR]
 #                           [--name NAME] [--shm-dir DIR] [--attach] [-- MORE RAY START ARGS]

@@ -148,7 +148,7 @@ def settings_change(old: dict, new: dict) -> str:
 
 def process(job: Job, client, options: Options, on_progress) -> None:
     """Convert one input and record the settings it was made with; sets ``job.status`` and ``job.detail`` (never
-    raises for a failing input). Also what each task of a Ray cluster runs on its node (client/cluster.py)."""
+    raises for a failing input). Also what each task of a Ray cluster runs on its node (eden_client/cluster.py)."""
     try:
         if job.out_dir is not None:  # a link planted inside OUT_DIR is never written through
             check_no_links(Path(job.out_dir).resolve(), job.dst)
@@ -216,7 +216,7 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
         process(job, client, options, on_progress)
         progress.finish(key, f"{job.status} {job.name}: {job.detail}")
 
-    if runner is not None:  # somewhere else runs the pending inputs (client/cluster.py: a Ray cluster)
+    if runner is not None:  # somewhere else runs the pending inputs (eden_client/cluster.py: a Ray cluster)
         interrupted = runner(pending, progress)
         progress.close()
         return jobs, 130 if interrupted else (1 if any(j.status == "failed" for j in jobs) else 0)

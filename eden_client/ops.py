@@ -1,10 +1,10 @@
 """Operating the deployment through TorchServe's management API: status, scaling, model versions.
 
 :class:`ManagementClient` talks to one TorchServe's management port with the management key (key_file.json, renewed
-when it expires, see :class:`client.api.KeySource`). :func:`collect_status` gathers what an operator looks at (every
-version of every model, each worker's state, GPU and memory, the queue, requests served, the server's health) from
-the management, inference and metrics ports of one or two servers, as plain dicts; :func:`format_status` makes the
-table ``python -m client status`` prints.
+when it expires, see :class:`eden_client.api.KeySource`). :func:`collect_status` gathers what an operator looks at
+(every version of every model, each worker's state, GPU and memory, the queue, requests served, the server's health)
+from the management, inference and metrics ports of one or two servers, as plain dicts; :func:`format_status` makes
+the table ``python -m eden_client status`` prints.
 
 Nothing here sends or accepts pickled data: JSON and Prometheus text only.
 """

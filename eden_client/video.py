@@ -159,7 +159,7 @@ class Stats:
     token_bytes: int = 0
     ditdec_requests: int = 0
     reencoded: int = 0
-    # request body bytes the client sent (client/api.py EdenClient.wire): to the DiT+decoder (over HTTP the tokens,
+    # request body bytes the client sent (eden_client/api.py EdenClient.wire): to the DiT+decoder (over HTTP the tokens,
     # each frame once per worker with the frame cache; over shm the references) and to the encoder (the frames)
     wire_bytes: int = 0
     encoder_wire_bytes: int = 0
@@ -167,8 +167,8 @@ class Stats:
     frame_ref_misses: int = 0  # ... that it did not (each miss resends that pair with both frames inline)
     seconds: float = 0.0
     max_time_error_ms: float = 0.0  # target-rate runs: the largest |time shown - time asked| of an output frame
-    transport: str = ""  # which transport and handoff the client used, and why (client/transport.py)
-    retries: dict = field(default_factory=dict)  # requests tried again, "model: reason" -> count (client/api.py)
+    transport: str = ""  # which transport and handoff the client used, and why (eden_client/transport.py)
+    retries: dict = field(default_factory=dict)  # requests tried again, "model: reason" -> count (eden_client/api.py)
     phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
 
     @property

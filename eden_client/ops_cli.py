@@ -1,4 +1,4 @@
-"""Sub-commands of python -m client for operators: status, scale, models (see client/ops.py).
+"""Sub-commands of python -m eden_client for operators: status, scale, models (see eden_client/ops.py).
 
     status [--json] [--wait S]                        both models: versions, workers, GPUs, queue, requests, health
     scale MODEL --workers N | --min N [--max N]       change a model's workers and wait until they are READY
@@ -169,7 +169,7 @@ def cmd_models_set_default(args) -> int:
 
 
 def register(sub) -> None:
-    """Add this module's sub-commands to the argparse sub-parsers ``sub`` (called by client.cli.main)."""
+    """Add this module's sub-commands to the argparse sub-parsers ``sub`` (called by eden_client.cli.main)."""
     p = sub.add_parser("status", help="workers, GPUs, queues and health of the served models",
                        description="A table of every model version: workers (state, pid, GPU, memory), queue, "
                                    "requests served, and the server's health.")

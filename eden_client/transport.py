@@ -12,7 +12,7 @@
 A client on another host, behind the key-checking proxy (which refuses references), against a server with shm off,
 or whose folder is not private (``ShmStore.check_dir``: a link, another user's, writable by others) gets HTTP, and ``Choice.reason`` says why. Tokens stay on the GPU (the
 device handoff) when both models said they can take part; where it fails anyway (containers without a shared IPC
-namespace) the client falls back to host tokens by itself (client/api.py).
+namespace) the client falls back to host tokens by itself (eden_client/api.py).
 """
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""python -m client COMMAND ...
+"""python -m eden_client COMMAND ...
 
     pair FRAME0 FRAME1 -o OUT.png [--seed N]     the middle frame of two images
-    video / batch                                 videos and folders of them (client/video_cli.py)
-    status / scale / models                       operating the deployment (client/ops_cli.py)
-    demo [--checkpoint eden.pt]                   the whole deployment on CPU, end to end (see client/demo.py)
+    video / batch                                 videos and folders of them (eden_client/video_cli.py)
+    status / scale / models                       operating the deployment (eden_client/ops_cli.py)
 """
 from __future__ import annotations
 
@@ -85,13 +84,9 @@ def _umask() -> int:
     return mask
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-    return run_demo(args)
-
-
 def main(argv=None) -> int:
-    prog = "python -m client" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name  # or eden-client
+    # python -m eden_client, or the console script's name (eden-client)
+    prog = "python -m eden_client" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name
     ap = argparse.ArgumentParser(prog=prog, description="Client of the split EDEN deployment.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -107,13 +102,6 @@ def main(argv=None) -> int:
 
     video_cli.register(sub)
     ops_cli.register(sub)
-
-    p = sub.add_parser("demo", help="split, archive, serve on CPU and interpolate a generated sample, then stop")
-    p.add_argument("--checkpoint", default=None,
-                   help="official EDEN checkpoint (default: a small random-weight one made on the spot)")
-    p.add_argument("--workdir", default="build/demo", help="where the demo writes everything")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_demo)
 
     args = ap.parse_args(argv)
     try:

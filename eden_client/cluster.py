@@ -8,7 +8,7 @@ deployment (TorchServe with both halves on its own GPUs; README "Many machines (
   processes inherit: ``$EDEN_NODE_URL`` (inference URL, default http://127.0.0.1:8080), ``$EDEN_KEY_FILE`` (or
   ``$EDEN_INFERENCE_KEY``), ``$EDEN_MANAGEMENT_URL`` (key renewal), ``$EDEN_TRANSPORT`` (default auto: the
   probe finds the fast same-host transport), ``$EDEN_SHM_DIR``, ``$EDEN_NODE_NAME`` (how tables and progress name the node). It runs
-  client.batch.process (client.convert), exactly what a plain batch runs for one input, so outputs are written
+  eden_client.batch.process (eden_client.convert), exactly what a plain batch runs for one input, so outputs are written
   under a temporary name and renamed when complete.
 * Inputs and outputs must be on storage every node sees, under the same path.
 * A node lost mid-batch (its raylet gone) takes its running tasks with it; Ray runs them again elsewhere (up to
@@ -155,7 +155,7 @@ class Tracker:
 # ---------------------------------------------------------------------- on the driver
 @dataclass
 class _Item:
-    job: object  # client.batch.Job
+    job: object  # eden_client.batch.Job
     ref: object = None
     started: list[tuple[str, str]] = field(default_factory=list)  # (node, node_id) of each attempt
     excluded: list[str] = field(default_factory=list)  # node ids whose TorchServe did not answer
@@ -188,8 +188,8 @@ def resource_share(per_node: int) -> float:
 
 
 def runner(args, options):
-    """The batch runner for ``--ray`` (see client.batch.run_batch): checks Ray is installed now, connects when there
-    is something to do."""
+    """The batch runner for ``--ray`` (see eden_client.batch.run_batch): checks Ray is installed now, connects when
+    there is something to do."""
     ray = import_ray()
     share = resource_share(args.per_node)
     if args.ray_retries < 0:

@@ -1,24 +1,26 @@
-"""The main job on an embedded default, end to end on CPU with a real TorchServe:
+"""The main job on an embedded default, end to end on CPU with a real TorchServe (./run.sh demo runs
+python -m eden_dev.demo [--checkpoint eden.pt]):
 
 checkpoint (yours, or a small random-weight one in the official layout) -> split_weights -> build the two archives
 -> start TorchServe -> interpolate a generated pair, then a generated clip x2, through both models -> stop TorchServe.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
 from PIL import Image
 
+from eden_client.api import EdenClient, KeySource, ServeError
+from eden_client.convert import Options, convert
 from eden_serve.checkpoint import make_random_checkpoint, split_checkpoint
 from eden_serve.config import CheckpointError, EdenConfig
 
-from .api import EdenClient, KeySource
 from .clips import write_video
-from .convert import Options, convert
+from .launcher import TorchServe
 from .samples import moving_shapes
-from .server import TorchServe
 
 DEMO_CONFIG = EdenConfig(hidden_dim=128, num_heads=2, dit_depth=2, decoder_depth=1)
 
@@ -65,9 +67,29 @@ def run_demo(args) -> int:
         print(f"    {len(blob) / 1e3:.0f} kB of float16 tokens, {time.perf_counter() - t:.2f} s -> {out}")
         clip, video = work / "sample_clip.mp4", work / "sample_clip_x2.mp4"
         write_video(clip, moving_shapes(12, 192, 256))  # 12 frames at 30000/1001 fps with an audio track
-        step(f"interpolate the generated clip {clip.name} x2 (python -m client video {clip.name} -o {video.name})")
+        step(f"interpolate the generated clip {clip.name} x2 (python -m eden_client video {clip.name} -o {video.name})")
         stats = convert(clip, video, client, Options(factor=2, seed=args.seed))
         print(f"    {stats.summary()} -> {video}")
         step("stop TorchServe")
     print(f"demo done: {out}, {video}")
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m eden_dev.demo",
+        description="split, archive, serve on CPU and interpolate a generated sample, then stop")
+    ap.add_argument("--checkpoint", default=None,
+                    help="official EDEN checkpoint (default: a small random-weight one made on the spot)")
+    ap.add_argument("--workdir", default="build/demo", help="where the demo writes everything")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        return run_demo(args)
+    except ServeError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -412,7 +412,7 @@ class EdenClient:
         self.ditdec = ditdec
         self.transport = transport
         self.store = store or ShmStore()
-        self.reason = reason or f"asked for with transport={transport}"  # why this transport (client/transport.py)
+        self.reason = reason or f"asked for with transport={transport}"  # why this transport (eden_client/transport.py)
         if transport == "shm":  # a folder another user owns or can write is never used (eden_serve/shm.py)
             try:
                 self.store.ensure_dir()
@@ -448,7 +448,8 @@ class EdenClient:
                 timeout: float = 600, transport: str = "http", shm_dir: str | None = None,
                 handoff: str = HANDOFF_DEVICE, shm_group: str | None = None) -> "EdenClient":
         """``transport``: "http", "shm" (taken as said) or "auto": shared memory if both models prove, by a probe
-        segment, that they share a folder with this client, else HTTP (client/transport.py; ``reason`` says why)."""
+        segment, that they share a folder with this client, else HTTP (eden_client/transport.py; ``reason`` says
+        why)."""
         encoder_keys = encoder_keys or KeySource.default()
         encoder = ModelClient(encoder_url, "eden_encoder", encoder_keys, timeout)
         ditdec = ModelClient(ditdec_url or encoder_url, "eden_ditdec", ditdec_keys or encoder_keys, timeout)

@@ -10,7 +10,7 @@ import numpy as np
 
 from eden_serve.images import encode_png
 
-from .frames_io import import_av
+from eden_client.frames_io import import_av
 from .samples import moving_shapes
 
 

@@ -44,7 +44,8 @@ def check_keys(*sources: KeySource) -> None:
 
 
 def connect(args) -> EdenClient:
-    """The client the connection flags describe; with --transport auto this asks both models (client/transport.py)."""
+    """The client the connection flags describe; with --transport auto this asks both models
+    (eden_client/transport.py)."""
     enc_keys = KeySource.default(args.key_file)
     dec_keys = KeySource.default(args.ditdec_key_file) if args.ditdec_key_file else enc_keys
     check_keys(enc_keys, dec_keys)

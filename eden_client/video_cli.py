@@ -1,4 +1,4 @@
-"""Sub-commands of python -m client: video and batch commands (issue 3).
+"""Sub-commands of python -m eden_client: video and batch commands (issue 3).
 
     video INPUT -o OUTPUT [--factor 2|4|8 | --target-fps RATE] ...   a video or frame folder -> a video or PNGs
     batch IN_DIR OUT_DIR [--factor N | --target-fps RATE] [--jobs N]  every video and frame folder, resumable
@@ -133,7 +133,7 @@ def cmd_batch(args) -> int:
     try:
         options = options_from(args)
         runner = None
-        if args.ray:  # the inputs spread over a Ray cluster, each on a node's own deployment (client/cluster.py)
+        if args.ray:  # the inputs spread over a Ray cluster, each on a node's own deployment (eden_client/cluster.py)
             from .cluster import runner as ray_runner
             runner = ray_runner(args, options)
         jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), None if runner else connect(args), options,
@@ -150,7 +150,7 @@ def cmd_batch(args) -> int:
 
 
 def register(sub) -> None:
-    """Add this module's sub-commands to the argparse sub-parsers ``sub`` (called by client.cli.main)."""
+    """Add this module's sub-commands to the argparse sub-parsers ``sub`` (called by eden_client.cli.main)."""
     from .connection import add_connection_args
 
     p = sub.add_parser("video", help="interpolate a video file or a folder of frames",

@@ -50,7 +50,7 @@ class Frame:
     image: np.ndarray  # [H, W, 3] uint8 RGB
     pts: int  # time stamp in the source's time_base
     duration: int = 0  # how long it is shown, in time_base units (0: unknown)
-    thumb: np.ndarray | None = None  # scene detection's thumbnail, made in the decoding thread (client/scenes.py)
+    thumb: np.ndarray | None = None  # scene detection's thumbnail, made in the decoding thread (eden_client/scenes.py)
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Client of the split EDEN deployment (python -m client --help)."""
