@@ -1,15 +1,9 @@
 """bench/reference.py (the speed reference, the official work pattern) gives the official frame too."""
-import sys
+from conftest import FIXTURE
+from reference import load_reference  # bench/reference.py (bench is on pytest's pythonpath)
 
-import torch
-from conftest import FIXTURE, ROOT
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-from reference import load_reference  # noqa: E402
-
-from eden_serve import checkpoint  # noqa: E402
-from eden_serve.config import EdenConfig  # noqa: E402
+from eden_serve import checkpoint
+from eden_serve.config import EdenConfig
 
 
 def test_reference_matches_official(fixture_frames, expected):

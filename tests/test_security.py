@@ -563,8 +563,7 @@ def test_small_findings_through_torchserve(server, shm_dir):
 def test_soak_good_and_bad_requests_mixed(server, tmp_path):
     """Good and hostile requests from 16 threads for 25 s against the session server: no good request fails
     (bench/soak.py runs the same for longer)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import soak
+    import soak  # bench/soak.py (bench is on pytest's pythonpath)
     result = soak.run(server, threads=16, duration=25)
     assert result["good_failed"] == 0 and result["bad_wrong"] == 0, json.dumps(result, indent=1)[:3000]
     assert result["good_ok"] > 20 and result["bad_refused"] > 20, result
