@@ -262,8 +262,8 @@ def test_int8_tokens_through_the_handlers(tiny_weights, encoder_service, fixture
 # ---------------------------------------------------------------------- two hosts, through TorchServe
 @pytest.fixture(scope="module")
 def cross_hosts(tiny_weights, tmp_path_factory):
-    """The encoder and the DiT+decoder on two TorchServe instances with shared memory off (as on two hosts: the
-    client cannot use it with either), one DiT+decoder worker."""
+    """The encoder and the DiT+decoder on two TorchServe instances the client cannot share memory with (as on two
+    hosts: the encoder's shared memory is off, the DiT+decoder's folder is its own), one DiT+decoder worker."""
     from eden_serve.archives import build
     from conftest import TEST_SETTINGS
     from test_ops import grpc_ports
@@ -273,7 +273,9 @@ def cross_hosts(tiny_weights, tmp_path_factory):
     try:
         for side in ("encoder", "ditdec"):
             store = tmp_path_factory.mktemp(f"hosts_store_{side}")
-            build(tiny_weights, store, gpus=0, max_batch_delay_ms=20, settings={**TEST_SETTINGS, "shm_dir": ""},
+            # the DiT+decoder host's own folder: where its workers share the frames they receive (http_frame_share)
+            shm_dir = str(tmp_path_factory.mktemp("hosts_shm") / "eden") if side == "ditdec" else ""
+            build(tiny_weights, store, gpus=0, max_batch_delay_ms=20, settings={**TEST_SETTINGS, "shm_dir": shm_dir},
                   side=side)
             servers.append(TorchServe(tmp_path_factory.mktemp(f"hosts_serve_{side}"), store,
                                       models=[f"eden_{side}.mar"], extra_config=grpc_ports()).start())
@@ -343,7 +345,9 @@ def test_video_across_hosts_sends_each_frame_once(cross_hosts, server, shm_dir, 
     assert r.ok, r.text
     two, stats2 = video("two_workers")
     assert same(two)
-    assert stats2["frame_ref_hits"] + stats2["frame_ref_misses"] == 7
+    # the two workers share what they receive (their host's folder): a pair naming a frame the other worker got
+    # finds it there; only the batch timing above can still miss (here 0 of 7 in every run; 2 of 7 without sharing)
+    assert stats2["frame_ref_hits"] + stats2["frame_ref_misses"] == 7 and stats2["frame_ref_misses"] <= 2
 
 
 def test_int8_tokens_through_shared_memory(tiny_weights, fixture_frames, tmp_path):
