@@ -36,9 +36,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from speed import GpuSampler, run_reference  # noqa: E402
 
-from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.api import EdenClient  # noqa: E402
 from eden_client.convert import Options  # noqa: E402
 from eden_client.frames_io import Frame  # noqa: E402
+from eden_client.keys import KeySource  # noqa: E402
 from eden_client.video import Interpolator  # noqa: E402
 from eden_dev import clips  # noqa: E402
 from eden_dev.samples import moving_shapes  # noqa: E402

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts")]
 
 from build_archives import build  # noqa: E402
-from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.api import EdenClient  # noqa: E402
+from eden_client.keys import KeySource  # noqa: E402
 from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import checkpoint, images, pipeline, tokens, wire  # noqa: E402

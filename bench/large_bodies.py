@@ -35,7 +35,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from eden_client.api import KeySource  # noqa: E402
+from eden_client.keys import KeySource  # noqa: E402
 from eden_dev.launcher import TorchServe  # noqa: E402
 
 HANDLER = '''

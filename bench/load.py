@@ -9,7 +9,7 @@ It builds the archives of the tiny official-layout checkpoint (tests/fixtures/ed
 encode a pair of frames (eden_encoder), make its middle frame with a fixed seed (eden_ditdec), check the answer
 (a PNG of the right size, the seed echoed, and within one level of the first answer for the same pair and seed),
 until ``--duration`` seconds have passed or ``--max-requests`` pairs were sent. The clients use the production
-retry policy (eden_client/api.py RetryPolicy); a pair counts as failed if it still fails after it, or is wrong.
+retry policy (eden_client/model_client.py RetryPolicy); a pair counts as failed if it still fails after it, or is wrong.
 
 Reported (stdout and --out JSON): pairs and HTTP requests done and failed, retries, latency of a pair
 (encode + generate) p50/p90/p99/max, throughput, and the resident memory of TorchServe's frontend (Java and its
@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "archive_scripts"))
 
 from helpers_http import eden_client, png, tree_rss  # noqa: E402
 
-from eden_client.api import RetryPolicy, ServeError  # noqa: E402
+from eden_client.errors import ServeError  # noqa: E402
+from eden_client.model_client import RetryPolicy  # noqa: E402
 from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_serve import images  # noqa: E402
 

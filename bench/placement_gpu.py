@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 
 from build_archives import build, placement  # noqa: E402
-from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.api import EdenClient  # noqa: E402
+from eden_client.keys import KeySource  # noqa: E402
 from eden_client.ops import Server, collect_status, format_status  # noqa: E402
 from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_dev.samples import moving_shapes  # noqa: E402

@@ -36,8 +36,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 from build_archives import build, kernel_settings  # noqa: E402
 from reference import load_reference, time_clip  # noqa: E402
 
-from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.api import EdenClient  # noqa: E402
 from eden_client.frames_io import Frame  # noqa: E402
+from eden_client.keys import KeySource  # noqa: E402
 from eden_client.video import Interpolator, frame_seed  # noqa: E402
 from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_dev.samples import moving_shapes  # noqa: E402

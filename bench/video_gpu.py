@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts")]
 
 from build_archives import build  # noqa: E402
-from eden_client.api import EdenClient, KeySource  # noqa: E402
+from eden_client.api import EdenClient  # noqa: E402
 from eden_client.convert import Options, convert  # noqa: E402
+from eden_client.keys import KeySource  # noqa: E402
 from eden_dev.clips import long_clip, write_frame_folder  # noqa: E402
 from eden_dev.launcher import TorchServe  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402

@@ -14,7 +14,8 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eden_client.api import KeySource, ServeError  # noqa: E402
+from eden_client.errors import ServeError  # noqa: E402
+from eden_client.keys import KeySource  # noqa: E402
 from eden_client.ops import ManagementClient  # noqa: E402
 
 

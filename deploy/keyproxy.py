@@ -14,7 +14,7 @@ Shared-memory references (a same-host transport) are refused twice: a body holdi
 answered 400 here, and every forwarded request carries ``X-Eden-Remote: 1``, on which the handlers refuse references
 and shared-memory replies however they are encoded (eden_serve/protocol.py, REMOTE).
 The pod's key comes from TorchServe's key_file.json and is renewed through the (loopback) management API when it
-expires (eden_client.api.KeySource). TorchServe itself stays on loopback.
+expires (eden_client.keys.KeySource). TorchServe itself stays on loopback.
 
     python deploy/keyproxy.py --listen 0.0.0.0:8090 --target http://127.0.0.1:8080 \\
         --management http://127.0.0.1:8081 --key-file key_file.json      # secret in $EDEN_PROXY_SECRET
@@ -35,7 +35,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eden_client.api import KeySource  # noqa: E402
+from eden_client.keys import KeySource  # noqa: E402
 from eden_serve import protocol  # noqa: E402
 from eden_serve.shm import DEVICE_MAGIC, REF_MAGIC  # noqa: E402
 

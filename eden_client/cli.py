@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from . import ops_cli, video_cli
-from .api import ServeError
 from .connection import add_connection_args, connect
+from .errors import ServeError
 
 
 def cmd_pair(args) -> int:

@@ -64,7 +64,9 @@ def node_name() -> str:
 
 def node_client(timeout: float):
     """This node's EdenClient (the one place that picks the transport; the node's env says where TorchServe is)."""
-    from .api import DEFAULT_URL, EdenClient, KeySource
+    from .api import EdenClient
+    from .keys import KeySource
+    from .model_client import DEFAULT_URL
     return EdenClient.connect(os.environ.get(NODE_URL_ENV, DEFAULT_URL), encoder_keys=KeySource.default(),
                               timeout=timeout, transport=os.environ.get(TRANSPORT_ENV, "auto"),
                               shm_dir=os.environ.get(SHM_DIR_ENV) or None)
@@ -74,7 +76,9 @@ def node_serves(timeout: float = 5.0) -> str | None:
     """None if this node's TorchServe answers /ping as Healthy, else why not."""
     import requests
 
-    from .api import DEFAULT_URL, KeySource, ServeError
+    from .errors import ServeError
+    from .keys import KeySource
+    from .model_client import DEFAULT_URL
     url = os.environ.get(NODE_URL_ENV, DEFAULT_URL).rstrip("/")
     try:
         key = KeySource.default().read("inference")

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from .api import DEFAULT_URL, KEY_ENV, KEY_FILE_ENV, EdenClient, KeySource, ServeError
+from .api import EdenClient
+from .errors import ServeError
+from .keys import KEY_ENV, KEY_FILE_ENV, KeySource
+from .model_client import DEFAULT_URL
 from .transport import TRANSPORTS
 
 

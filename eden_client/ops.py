@@ -1,7 +1,7 @@
 """Operating the deployment through TorchServe's management API: status, scaling, model versions.
 
 :class:`ManagementClient` talks to one TorchServe's management port with the management key (key_file.json, renewed
-when it expires, see :class:`eden_client.api.KeySource`). :func:`collect_status` gathers what an operator looks at
+when it expires, see :class:`eden_client.keys.KeySource`). :func:`collect_status` gathers what an operator looks at
 (every version of every model, each worker's state, GPU and memory, the queue, requests served, the server's health)
 from the management, inference and metrics ports of one or two servers, as plain dicts; :func:`format_status` makes
 the table ``python -m eden_client status`` prints.
@@ -18,7 +18,9 @@ from urllib.parse import quote, urlparse
 
 import requests
 
-from .api import KEY_FILE_ENV, KeySource, ServeError, _error_of
+from .errors import ServeError
+from .keys import KEY_FILE_ENV, KeySource
+from .model_client import _error_of
 
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"

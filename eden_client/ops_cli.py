@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-from .api import MANAGEMENT_URL_ENV
+from .keys import MANAGEMENT_URL_ENV
 from .ops import (DEFAULT_INFERENCE_URL, DEFAULT_MANAGEMENT_URL, DEFAULT_METRICS_URL, MAX_WORKERS,
                   WORKERS_PER_DEVICE, Server, collect_status, format_status, gpu_of)
 
@@ -89,7 +89,7 @@ def serving(status: dict) -> bool:
 def wait_until_serving(args, timeout: float, poll: float = 1.0) -> dict:
     """Poll until ``serving``: TorchServe may not answer yet, nor have written its key file, while it starts."""
     import time
-    from .api import ServeError
+    from .errors import ServeError
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -51,7 +51,7 @@ def memory_folder(path: Path) -> bool:
 
 def _ask(model, probe: str | None) -> dict:
     """One probe request to ``model`` (a ModelClient) -> its JSON answer; ProbeFailed if refused."""
-    from .api import ServeError
+    from .errors import ServeError
     try:
         r = model.predict(data=make_ref(probe=probe), headers={CONTENT_TYPE: REFERENCE_CONTENT_TYPE})
     except ServeError as e:

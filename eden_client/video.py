@@ -60,7 +60,8 @@ from eden_serve.config import EdenConfig
 from eden_serve.difference import frame_difference_uint8
 from eden_serve.protocol import MAX_SEED
 
-from .api import EncoderAnswer, ServeError, TokensLost
+from .api import EncoderAnswer, TokensLost
+from .errors import ServeError
 from .frames_io import Frame
 from .scenes import SceneDetector, thumbnail
 
@@ -168,7 +169,7 @@ class Stats:
     seconds: float = 0.0
     max_time_error_ms: float = 0.0  # target-rate runs: the largest |time shown - time asked| of an output frame
     transport: str = ""  # which transport and handoff the client used, and why (eden_client/transport.py)
-    retries: dict = field(default_factory=dict)  # requests tried again, "model: reason" -> count (eden_client/api.py)
+    retries: dict = field(default_factory=dict)  # requests tried again, "model: reason" -> count (ModelClient.retries)
     phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
 
     @property

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from eden_client.api import EdenClient, KeySource, ServeError
+from eden_client.api import EdenClient
 from eden_client.convert import Options, convert
+from eden_client.errors import ServeError
+from eden_client.keys import KeySource
 from eden_serve.checkpoint import make_random_checkpoint, split_checkpoint
 from eden_serve.config import CheckpointError, EdenConfig
 

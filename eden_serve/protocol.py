@@ -1,6 +1,6 @@
 """The HTTP protocol between the client and the two handlers, in one place: header names and values, content types,
 error types, the body limit and seed parsing. The handlers (eden_serve/service.py and the two services, eden_serve/shm.py), the client
-(eden_client/api.py, eden_client/transport.py) and the forwarder (deploy/keyproxy.py) all take them from here.
+(eden_client/api.py, eden_client/model_client.py, eden_client/transport.py) and the forwarder (deploy/keyproxy.py) all take them from here.
 
 Imports nothing but the standard library (no torch, no NumPy): the client and the forwarder read it cheaply.
 The wire format of the token blobs themselves is eden_serve/wire.py; shared-memory references are eden_serve/shm.py.

@@ -22,7 +22,9 @@ import psutil
 import requests
 from PIL import Image
 
-from eden_client.api import EdenClient, KeySource, ModelClient, RetryPolicy
+from eden_client.api import EdenClient
+from eden_client.keys import KeySource
+from eden_client.model_client import ModelClient, RetryPolicy
 from eden_dev.launcher import TorchServe
 from eden_serve import wire
 from eden_serve.shm import REF_CONTENT_TYPE, REF_MAGIC

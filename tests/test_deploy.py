@@ -15,7 +15,9 @@ import yaml
 from conftest import FIXTURE, ROOT, read_rgb
 from helpers_http import keyproxy_running
 
-from eden_client.api import EdenClient, KeySource, ServeError
+from eden_client.api import EdenClient
+from eden_client.errors import ServeError
+from eden_client.keys import KeySource
 from eden_serve import images, protocol, serving
 
 DEPLOY = ROOT / "deploy"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from eden_client.api import EdenClient, EncoderAnswer, ServeError
+from eden_client.api import EdenClient, EncoderAnswer
+from eden_client.errors import ServeError
 from eden_client.frames_io import Frame
 from eden_client.video import Interpolator
 from eden_dev import clips

@@ -11,7 +11,8 @@ import pytest
 import requests
 import torch
 
-from eden_client.api import EdenClient, EncoderAnswer, KeySource, TokensLost
+from eden_client.api import EdenClient, EncoderAnswer, TokensLost
+from eden_client.keys import KeySource
 from eden_serve import handoff, shm, wire
 from eden_serve.serving import EncoderService, HeldTokens, Settings
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref

@@ -21,7 +21,9 @@ import requests
 from conftest import FIXTURE, ROOT, TEST_SETTINGS, read_rgb
 
 from eden_serve.archives import build, placement
-from eden_client.api import EdenClient, KeySource, ServeError, expiry_time
+from eden_client.api import EdenClient
+from eden_client.errors import ServeError
+from eden_client.keys import KeySource, expiry_time
 from eden_client.ops import ManagementClient, Server, collect_status, format_status, gpu_of, parse_prometheus
 from eden_dev.launcher import TorchServe, free_port
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import ROOT, png_bytes, read_rgb
 
-from eden_client.api import EdenClient, KeySource
+from eden_client.api import EdenClient
+from eden_client.keys import KeySource
 from eden_dev.launcher import TorchServe
 from eden_dev.samples import moving_shapes
 from eden_serve import checkpoint, pipeline

@@ -31,8 +31,10 @@ from helpers_http import (LogTail, RawAnswer, eden_client, image_bytes, kill, mo
                           pids_rss, png, png_declaring, post, post_raw, repeated_frames, start_server,
                           wait_for_new_workers, with_header, with_prefix, with_token, with_tokens)
 
-from eden_client.api import KeySource, ModelClient, RetryPolicy, ServeError
 from eden_client.convert import Options, convert
+from eden_client.errors import ServeError
+from eden_client.keys import KeySource
+from eden_client.model_client import ModelClient, RetryPolicy
 from eden_dev import clips
 from eden_serve import framerefs, images, shm, wire
 

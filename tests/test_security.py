@@ -27,9 +27,11 @@ from conftest import FIXTURE, ROOT, TEST_SETTINGS
 
 from eden_serve.archives import build
 from eden_client import cli
-from eden_client.api import EdenClient, KeySource, ServeError
+from eden_client.api import EdenClient
 from eden_client.batch import run_batch
+from eden_client.errors import ServeError
 from eden_client.frames_io import Encoding, PngFolderSink, VideoMeta, VideoSink, check_no_links, partial_path
+from eden_client.keys import KeySource
 from eden_client.ops import MAX_WORKERS, ManagementClient
 from eden_dev.launcher import TorchServe
 from eden_serve import shm, wire

@@ -12,7 +12,9 @@ import requests
 import torch
 from conftest import FIXTURE, ROOT, png_bytes, read_rgb
 
-from eden_client.api import EdenClient, KeySource, ServeError
+from eden_client.api import EdenClient
+from eden_client.errors import ServeError
+from eden_client.keys import KeySource
 from eden_serve import pipeline, tokens, wire
 
 pytestmark = pytest.mark.server

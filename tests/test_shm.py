@@ -7,7 +7,9 @@ import pytest
 import requests
 from conftest import SHM_TTL_S, png_bytes
 
-from eden_client.api import EdenClient, KeySource, ServeError
+from eden_client.api import EdenClient
+from eden_client.errors import ServeError
+from eden_client.keys import KeySource
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, make_ref
 
 

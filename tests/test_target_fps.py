@@ -350,7 +350,7 @@ def test_4k_is_admitted_where_the_gpu_has_the_memory():
 
 
 def test_after_a_413_chunks_formed_earlier_are_split_before_sending():
-    from eden_client.api import ServeError
+    from eden_client.errors import ServeError
 
     class Limited(TimedFake):
         sent: list[int] = []
@@ -372,7 +372,7 @@ def test_after_a_413_chunks_formed_earlier_are_split_before_sending():
 
 
 def test_a_pair_over_the_request_limit_says_what_to_do():
-    from eden_client.api import ServeError
+    from eden_client.errors import ServeError
 
     class Refusing(TimedFake):
         def generate_pair(self, *a, **k):
@@ -389,7 +389,8 @@ def test_24_to_60_through_the_server(server, tmp_path):
     """The tiny model served by TorchServe: 13 frames at 24 fps -> 31 at 60 fps, the input frames where the times
     meet, the same frames again on a rerun (seeds from the dyadic positions), and the counts of docs/videos.md."""
     from conftest import read_rgb
-    from eden_client.api import EdenClient, KeySource
+    from eden_client.api import EdenClient
+    from eden_client.keys import KeySource
     from eden_dev import clips
     frames = clips.clip_frames(13, 48, 64)
     clips.write_frame_folder(tmp_path / "in", frames)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, read_rgb
 
-from eden_client.api import EdenClient, KeySource
+from eden_client.api import EdenClient
+from eden_client.keys import KeySource
 from eden_client.transport import choose
 from eden_dev import clips
 

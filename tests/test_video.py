@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import ROOT, read_rgb
 
-from eden_client.api import EdenClient, KeySource
+from eden_client.api import EdenClient, EncoderAnswer, TokensLost
 from eden_client.convert import Options, convert
 from eden_client.frames_io import Frame, natural_key
+from eden_client.keys import KeySource
 from eden_client.scenes import SceneDetector, ssim, thumbnail
-from eden_client.api import EncoderAnswer, TokensLost
 from eden_client.video import Interpolator, frame_seed, output_count
 from eden_client.video_cli import parse_rate
 from eden_dev import clips
@@ -173,7 +173,7 @@ def test_pair_differences_are_the_pairs_own():
 
 def test_too_large_encoder_answers_are_split():
     """A 413 (the answer would pass the server's response limit) -> the chunk is sent in halves, then smaller."""
-    from eden_client.api import ServeError
+    from eden_client.errors import ServeError
 
     class Limited(FakeEden):
         def encode_frames(self, frames, dtype="float16"):
