@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .convert import Options, convert, expected_outputs
-from .frames_io import (DEFAULT_FOLDER_FPS, FRAME_EXTENSIONS, VIDEO_EXTENSIONS, FramesError, check_no_links,
-                        frame_files, natural_key, open_source)
+from .frames_io import VIDEO_EXTENSIONS, FramesError
 from .progress import Progress
+from .sinks import check_no_links
+from .sources import DEFAULT_FOLDER_FPS, FRAME_EXTENSIONS, frame_files, natural_key, open_source
 
 MIXED_FRAMES = "_frames"
 WEBM_CODECS = ("libvpx", "libvpx-vp9", "libaom-av1", "libsvtav1", "librav1e")

@@ -10,8 +10,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-from .frames_io import Encoding, FramesError, ParallelWriter, Prefetch, open_sink, open_source
+from .frames_io import FramesError
+from .parallel_writer import ParallelWriter
 from .scenes import DEFAULT_THRESHOLD, SceneDetector, thumbnail
+from .sinks import Encoding, open_sink
+from .sources import Prefetch, open_source
 from .video import DEFAULT_MAX_DEPTH, Interpolator, Stats, TimeGrid, output_count, target_count
 
 

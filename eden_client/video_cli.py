@@ -12,8 +12,9 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from .frames_io import VIDEO_EXTENSIONS, Encoding, FramesError
+from .frames_io import VIDEO_EXTENSIONS, FramesError
 from .scenes import DEFAULT_THRESHOLD
+from .sinks import Encoding
 from .video import DEFAULT_MAX_DEPTH, MAX_DEPTH
 
 # the usual decimal shorthands of the NTSC rates mean the exact rationals

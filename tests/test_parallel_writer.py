@@ -1,11 +1,13 @@
-"""eden_client.frames_io.ParallelWriter: per-frame work on several threads, frames committed in order, errors kept."""
+"""eden_client.parallel_writer.ParallelWriter: per-frame work on several threads, frames committed in order,
+errors kept."""
 import random
 import time
 
 import numpy as np
 import pytest
 
-from eden_client.frames_io import ParallelWriter, PngFolderSink
+from eden_client.parallel_writer import ParallelWriter
+from eden_client.sinks import PngFolderSink
 from conftest import read_rgb
 
 

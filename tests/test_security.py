@@ -30,9 +30,10 @@ from eden_client import cli
 from eden_client.api import EdenClient
 from eden_client.batch import run_batch
 from eden_client.errors import ServeError
-from eden_client.frames_io import Encoding, PngFolderSink, VideoMeta, VideoSink, check_no_links, partial_path
+from eden_client.frames_io import VideoMeta
 from eden_client.keys import KeySource
 from eden_client.ops import MAX_WORKERS, ManagementClient
+from eden_client.sinks import Encoding, PngFolderSink, VideoSink, check_no_links, partial_path
 from eden_dev.launcher import TorchServe
 from eden_serve import shm, wire
 from eden_serve.shm import REF_CONTENT_TYPE, ShmError, ShmStore, ShmUnsafe, make_ref

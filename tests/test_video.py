@@ -18,9 +18,10 @@ from conftest import ROOT, read_rgb
 
 from eden_client.api import EdenClient, EncoderAnswer, TokensLost
 from eden_client.convert import Options, convert
-from eden_client.frames_io import Frame, natural_key
+from eden_client.frames_io import Frame
 from eden_client.keys import KeySource
 from eden_client.scenes import SceneDetector, ssim, thumbnail
+from eden_client.sources import natural_key
 from eden_client.video import Interpolator, frame_seed, output_count
 from eden_client.video_cli import parse_rate
 from eden_dev import clips

@@ -1,0 +1,61 @@
+"""A sink's per-frame work (PNG encoding, colour conversion) on several threads, frames committed in order
+(the sinks: eden_client/sinks.py)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+
+def writer_threads() -> int:
+    """Threads for a sink's per-frame work: PNG encoding (about 30 ms a 1080p frame) or colour conversion, so that
+    the output keeps up with a GPU making 60 frames a second; x264 has threads of its own."""
+    return max(2, min(12, (os.cpu_count() or 2) * 3 // 4))
+
+
+class ParallelWriter:
+    """A sink's ``write`` with its per-frame work spread over threads: ``prepare`` (PNG encoding, colour conversion)
+    runs on ``threads`` threads while ``commit`` (the file, the video encoder) takes the results in order on one.
+
+    ``write`` returns as soon as the frame is queued (it blocks only when ``depth`` frames are waiting, which bounds
+    memory); an error from either step is raised by the next ``write`` or by ``close``."""
+
+    _END = object()
+
+    def __init__(self, sink, threads: int | None = None, depth: int | None = None):
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+        self.sink = sink
+        threads = threads or writer_threads()
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="eden-prepare")
+        self.queue: queue.Queue = queue.Queue(depth or 2 * threads)
+        self.error: BaseException | None = None
+        self.discard = False
+        self.thread = threading.Thread(target=self._commit, name="eden-commit", daemon=True)
+        self.thread.start()
+
+    def _commit(self) -> None:
+        while (item := self.queue.get()) is not self._END:
+            if self.error is None and not self.discard:
+                future, pts, duration = item
+                try:
+                    self.sink.commit(future.result(), pts, duration)
+                except BaseException as e:  # noqa: BLE001 - raised in the caller
+                    self.error = e
+
+    def write(self, image: np.ndarray, pts: int, duration: int) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((self.pool.submit(self.sink.prepare, image), pts, duration))
+
+    def close(self, complete: bool = True) -> None:
+        """Wait for every queued frame (or drop them when not ``complete``), then close the sink: kept if complete
+        and nothing failed, discarded otherwise."""
+        self.discard = not complete
+        self.queue.put(self._END)
+        self.thread.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.sink.close(complete and self.error is None)
+        if complete and self.error is not None:
+            raise self.error
