@@ -1,5 +1,6 @@
-"""GPU kernels for the DiT+decoder, opt-in: torch.compile of the blocks, the SDPA backend, CUDA graphs, weights
-cast once, and a warm-up at worker start so that a user's first frame pays none of it.
+"""GPU kernels for the DiT+decoder: torch.compile of the blocks, the SDPA backend, CUDA graphs, weights cast once,
+and a warm-up at worker start so that a user's first frame pays none of it. Off in ``KernelSettings()``; the
+archives of a GPU deployment turn on the measured set (``eden_serve/archives.py`` GPU_KERNELS, ``--kernels auto``).
 
     kernels = KernelSettings(compile_mode="default", cuda_graphs=True, attention_backend="cudnn")
     accel = Accelerator(generator, kernels, device, torch.bfloat16)

@@ -65,7 +65,8 @@ class Settings:
     http_frame_share: bool = True  # ... and also kept under their hash in "<shm_dir>-frames" for this host's other workers
     device_handoff: bool = True  # encoder on a GPU: keep tokens there for shm requests that ask (eden_serve/handoff.py)
     handoff_max_bytes: int = 8 << 30  # encoder: GPU memory held for handed-off tokens; past it, tokens go to host
-    # DiT+decoder GPU kernels (eden_serve/acceleration.py; nothing changes on a CPU), all off by default
+    # DiT+decoder GPU kernels (eden_serve/acceleration.py; nothing changes on a CPU): off here, turned on by the
+    # archives of a GPU deployment (build_archives.py --kernels auto)
     compile_mode: str = "off"  # off | default | max-autotune-no-cudagraphs: torch.compile of the blocks
     attention_backend: str = "auto"  # auto | cudnn | flash | efficient | math: SDPA backend tried first
     cuda_graphs: bool = False  # the Euler steps and the decoder replayed as CUDA graphs per (size, batch)
