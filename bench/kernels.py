@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from eden_dev.handler_context import HandlerContext  # noqa: E402
 from eden_serve import acceleration, checkpoint, model, pipeline, tokens  # noqa: E402
 from eden_serve.acceleration import Accelerator, KernelSettings  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
@@ -440,29 +441,6 @@ def attention_shapes(shapes, cfg, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- worker start
-class FakeContext:
-    """What DitDecService uses of TorchServe's context."""
-
-    def __init__(self, model_dir: Path, gpu_id: int, eden: dict, batch_size: int):
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": gpu_id, "batch_size": batch_size}
-        self.model_yaml_config = {"eden": eden}
-        self.metrics = None
-        self.headers: list[dict] = []
-        self.status: dict = {}
-
-    def get_all_request_header(self, idx):
-        return self.headers[idx]
-
-    def set_response_content_type(self, idx, value):
-        pass
-
-    def set_response_header(self, idx, name, value):
-        pass
-
-    def set_response_status(self, code, phrase, idx=0):
-        self.status[idx] = code
-
-
 def worker_start(weights: Path, work: Path, kernels: str, cache_dir: str, sizes: list[str], batch: int,
                  stream=lambda result: None) -> dict:
     """DitDecService as TorchServe starts it (initialize: load + compile + warm-up), then requests: the first at a
@@ -471,7 +449,7 @@ def worker_start(weights: Path, work: Path, kernels: str, cache_dir: str, sizes:
     from eden_serve.serving import DitDecService
     eden = {**KernelSettings.parse(kernels).to_dict(), "warmup_sizes": sizes, "compile_cache_dir": cache_dir,
             "shm_dir": "", "fast_socket_reads": False}
-    ctx = FakeContext(weights, 0, eden, batch)
+    ctx = HandlerContext(weights, eden, gpu_id=0, batch_size=batch)
     svc = DitDecService()
     t = time.perf_counter()
     svc.initialize(ctx)

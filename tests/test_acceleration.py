@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from eden_dev.handler_context import HandlerContext
 from eden_serve import acceleration, pipeline, serving
 from eden_serve.acceleration import Accelerator, KernelSettings
 
@@ -106,28 +107,6 @@ def test_profile_ranges_change_nothing(tiny_models, fixture_frames):
     assert {"dit.block", "decoder.block", "self_attn", "temporal_attn", "sdpa"} <= names
 
 
-class _Context:
-    """What DitDecService uses of TorchServe's context."""
-
-    def __init__(self, model_dir, eden):
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 2}
-        self.model_yaml_config = {"eden": eden}
-        self.metrics = None
-        self.status = {}
-
-    def get_all_request_header(self, idx):
-        return {"X-Eden-Seed": "0", "X-Eden-Format": "raw"}
-
-    def set_response_content_type(self, idx, value):
-        pass
-
-    def set_response_header(self, idx, name, value):
-        pass
-
-    def set_response_status(self, code, phrase, idx=0):
-        self.status[idx] = code
-
-
 def test_handler_with_kernel_settings_on_cpu(tiny_weights, tiny_models, fixture_frames):
     """The DiT+decoder handler takes the kernel settings from its model-config and, on a CPU, answers as without."""
     from eden_serve import images, tokens
@@ -138,7 +117,8 @@ def test_handler_with_kernel_settings_on_cpu(tiny_weights, tiny_models, fixture_
     answers = []
     for eden in ({}, {"compile_mode": "default", "cuda_graphs": True, "cast_weights": True, "fused_ops": True,
                       "attention_backend": "cudnn", "warmup_sizes": ["90x120"], "compile_cache_dir": ""}):
-        ctx = _Context(tiny_weights, {**eden, "shm_dir": "", "fast_socket_reads": False})
+        ctx = HandlerContext(tiny_weights, {**eden, "shm_dir": "", "fast_socket_reads": False},
+                             {"X-Eden-Seed": "0", "X-Eden-Format": "raw"}, batch_size=2)
         svc = serving.DitDecService()
         svc.initialize(ctx)
         assert not svc.accel.active
@@ -147,7 +127,8 @@ def test_handler_with_kernel_settings_on_cpu(tiny_weights, tiny_models, fixture_
         answers.append(images.decode_image(bytes(answer), 10**6))
     assert (answers[0] == answers[1]).all()
     with pytest.raises(ValueError):
-        serving.DitDecService().initialize(_Context(tiny_weights, {"compile_mode": "fast", "shm_dir": ""}))
+        serving.DitDecService().initialize(HandlerContext(tiny_weights, {"compile_mode": "fast", "shm_dir": ""},
+                                                          batch_size=2))
 
 
 def test_graph_bookkeeping_with_stand_in_graphs(tiny_models, fixture_frames, monkeypatch):

@@ -9,37 +9,19 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
-from eden_client.api import EdenClient, EncoderAnswer
+from eden_client.api import EdenClient
 from eden_client.errors import ServeError
 from eden_client.frames_io import Frame
 from eden_client.video import Interpolator
 from eden_dev import clips
+from eden_dev.handler_context import HandlerContext
 from eden_serve import framerefs, pipeline, serving, tokens, wire
 
 
-class Ctx:
-    """What the handlers use of TorchServe's context, for one request."""
-
-    def __init__(self, model_dir, eden, headers=None):
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 4}
-        self.model_yaml_config = {"eden": {"shm_dir": "", "fast_socket_reads": False, **eden}}
-        self.metrics = None
-        self.headers = headers or {}
-        self.status, self.answer_headers = {}, {}
-
-    def get_all_request_header(self, idx):
-        return self.headers
-
-    def set_response_content_type(self, idx, value):
-        self.answer_headers["Content-Type"] = value
-
-    def set_response_header(self, idx, name, value):
-        self.answer_headers[name] = value
-
-    def set_response_status(self, code, phrase, idx=0):
-        self.status[idx] = code
+def Ctx(model_dir, eden, headers=None) -> HandlerContext:
+    """A handler context for one request, shared memory off unless ``eden`` says otherwise."""
+    return HandlerContext(model_dir, {"shm_dir": "", "fast_socket_reads": False, **eden}, headers)
 
 
 def service(cls, weights, **eden):
@@ -239,7 +221,7 @@ def test_client_stops_naming_frames_when_they_mostly_miss():
 def test_int8_tokens_through_the_handlers(tiny_weights, encoder_service, fixture_frames):
     """The encoder answers int8 blobs (format version 2) when asked, the DiT+decoder reads them whole or as pair
     bodies, and its frame is close to the float32 tokens' frame."""
-    from conftest import FIXTURE, png_bytes, read_rgb  # noqa: F401
+    from conftest import png_bytes
     frames = [png_bytes((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for f in fixture_frames]
     blobs = {}
     for dtype in ("float32", "int8"):
