@@ -316,12 +316,8 @@ class Accelerator:
 
     def sample_latents(self, pairs: PairBatch, noise: torch.Tensor) -> torch.Tensor:
         """= pipeline.sample_latents(generator, pairs, noise, dtype). In graph mode the result is the graph's."""
-        if not self.active:
-            return pipeline.sample_latents(self.generator, pairs, noise, self.dtype)
-        if not self.graphs_on:
-            return self._sample(pairs, noise)
-        g = self._graphs_for(pairs, noise)
-        if g is None:
+        g = self._graphs_for(pairs, noise) if self.graphs_on else None
+        if g is None:  # (inactive: no backends chosen, so _sample is the pipeline's call)
             return self._sample(pairs, noise)
         with torch.inference_mode(), torch.cuda.device(self.device):
             _copy_pairs(g.pairs, pairs, ("dit", "dec", "mean", "std", "difference"))
@@ -332,11 +328,7 @@ class Accelerator:
 
     def decode_frames(self, pairs: PairBatch, latents: torch.Tensor) -> torch.Tensor:
         """= pipeline.decode_frames(generator, pairs, latents, dtype). In graph mode the result is the graph's."""
-        if not self.active:
-            return pipeline.decode_frames(self.generator, pairs, latents, self.dtype)
-        if not self.graphs_on:
-            return self._decode(pairs, latents)
-        g = self._graphs_for(pairs, latents)
+        g = self._graphs_for(pairs, latents) if self.graphs_on else None
         if g is None:
             return self._decode(pairs, latents)
         with torch.inference_mode(), torch.cuda.device(self.device):
