@@ -79,6 +79,14 @@ def run(ts: TorchServe, threads: int = 16, duration: float = 150, bad_share: flo
     lock = threading.Lock()
     deadline = time.monotonic() + duration
 
+    def record(name: str, ok: bool, outcome: tuple[str, str], error: str) -> None:
+        """Count a request under ``outcome`` (its counts' names when right, when not) and keep the first errors."""
+        with lock:
+            counts[outcome[0] if ok else outcome[1]] += 1
+            by_case[name] += 1
+            if not ok and len(errors) < 20:
+                errors.append(error)
+
     def worker(k: int) -> None:
         rng = random.Random(seed * 1000 + k)
         while time.monotonic() < deadline:
@@ -94,11 +102,8 @@ def run(ts: TorchServe, threads: int = 16, duration: float = 150, bad_share: flo
                     right = r.status_code == status and words in text
                 except Exception as e:  # noqa: BLE001 - counted
                     right, text = False, f"{type(e).__name__}: {e}"
-                with lock:
-                    counts["bad_refused" if right else "bad_wrong"] += 1
-                    by_case[name] += 1
-                    if not right and len(errors) < 20:
-                        errors.append(f"hostile {name}: {getattr(r, 'status_code', '-')} {text}")
+                record(name, right, ("bad_refused", "bad_wrong"),
+                       f"hostile {name}: {getattr(r, 'status_code', '-')} {text}")
             else:
                 name = rng.choice(list(good))
                 model, kw = good[name]
@@ -110,11 +115,7 @@ def run(ts: TorchServe, threads: int = 16, duration: float = 150, bad_share: flo
                     text = f"{r.status_code} {r.text[:300] if r.status_code != 200 else '(not the PNG expected)'}"
                 except Exception as e:  # noqa: BLE001 - counted
                     ok, text = False, f"{type(e).__name__}: {e}"
-                with lock:
-                    counts["good_ok" if ok else "good_failed"] += 1
-                    by_case[name] += 1
-                    if not ok and len(errors) < 20:
-                        errors.append(f"good {name}: {text}")
+                record(name, ok, ("good_ok", "good_failed"), f"good {name}: {text}")
 
     start = time.monotonic()
     pool = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
