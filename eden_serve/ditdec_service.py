@@ -224,10 +224,7 @@ class DitDecService(BatchService):
             log.warning("shared frame %s does not have that hash: ignored", key)
             return None
         try:
-            blob = wire.from_bytes(data)
-            if blob.num_frames != 1:
-                raise wire.WireError(f"{blob.num_frames} frames")
-            return self.keep_frame(key, blob)
+            return self.keep_frame(key, framerefs.one_frame(data))
         except (wire.WireError, RequestError) as e:
             log.warning("shared frame %s refused: %s", key, e)
             return None

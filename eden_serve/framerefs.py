@@ -57,6 +57,14 @@ def segment_name(key: str) -> str:
     return f"eden-{key}"
 
 
+def one_frame(data, what: str = "a shared frame") -> wire.TokenBlob:
+    """A one-frame token blob's bytes -> the blob (every field checked); WireError if it is anything else."""
+    blob = wire.from_bytes(data)
+    if blob.num_frames != 1:
+        raise wire.WireError(f"{what} must be a blob of one frame, got {blob.num_frames}")
+    return blob
+
+
 def is_pair_body(body) -> bool:
     return isinstance(body, (bytes, bytearray, memoryview)) and bytes(body[:len(MAGIC)]) == MAGIC
 
@@ -120,10 +128,7 @@ def parse(buf) -> tuple[list[Frame], float]:
                                  f"bytes left in the body, got {e!r:.80}")
         data = buf[offset:offset + n]
         offset += n
-        blob = wire.from_bytes(data)
-        if blob.num_frames != 1:
-            raise wire.WireError(f"pair body frame {i} must be a blob of one frame, got {blob.num_frames}")
-        frames.append(Frame(frame_hash(data), blob, data))
+        frames.append(Frame(frame_hash(data), one_frame(data, f"pair body frame {i}"), data))
     if offset != len(buf):
         raise wire.WireError(f"{len(buf) - offset} unexpected trailing bytes after the pair body's frames")
     return frames, float(d)
