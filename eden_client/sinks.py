@@ -136,7 +136,7 @@ class Encoding:
     """Output codec settings. Defaults: H.264 (plays everywhere), yuv420p (what players and browsers expect;
     yuv420p10le for 10/12-bit input, against banding), CRF 18 (the usual "visually lossless" point of x264), preset
     veryfast: at a constant CRF the preset trades file size for speed, not quality, and medium encodes 1080p about
-    3x slower (docs/videos.md has the figures): it could not keep up with one GPU. Other CRF encoders get a
+    2.5-3.5x slower (docs/videos.md has the figures): it could not keep up with one GPU. Other CRF encoders get a
     high-quality default of their own scale (``DEFAULT_CRF``)."""
     codec: str = "libx264"
     crf: int | None = None  # None: DEFAULT_CRF of the codec (encoders without CRF: their own default)

@@ -74,7 +74,7 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                    help="pixel format (default yuv420p, which plays everywhere; yuv420p10le for 10/12-bit input)")
     g.add_argument("--preset", default="veryfast",
                    help="x264/x265 preset (default veryfast: keeps up with a GPU at 1080p; medium makes files a "
-                        "little smaller, about 3x slower)")
+                        "little smaller, 2.5-3.5x slower)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
