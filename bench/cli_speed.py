@@ -28,6 +28,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import requests
 import torch
 
@@ -114,23 +115,38 @@ def stop_deployment(work: Path) -> None:
     subprocess.run(["torchserve", "--stop"], cwd=work, capture_output=True)
 
 
-def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", token_dtype: str = "") -> dict:
-    """The deployment at the client's defaults with frames in memory and answers dropped."""
+def scheduling(client_args: str) -> dict:
+    """The scheduling flags among extra CLI flags (what the raw sink takes from them), e.g. {"max_inflight": 32}."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--max-inflight", type=int)
+    p.add_argument("--encoder-chunk", type=int)
+    p.add_argument("--encoder-inflight", type=int)
+    known, _ = p.parse_known_args(shlex.split(client_args))
+    return {k: v for k, v in vars(known).items() if v is not None}
+
+
+def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", token_dtype: str = "",
+             client_args: str = "") -> dict:
+    """The deployment at the client's defaults (or the scheduling flags in ``client_args``) with frames in memory
+    and answers dropped."""
     client = EdenClient.connect("http://127.0.0.1:8080", encoder_keys=KeySource(key_file=work / "key_file.json"),
                                 transport=transport)
-    o = Options()
-    interp = Interpolator(client, o.factor, o.seed, o.max_inflight, o.encoder_chunk,
+    o = Options(**scheduling(client_args))
+    interp = Interpolator(client, o.factor, o.seed, o.max_inflight, o.encoder_chunk, o.encoder_inflight,
                           token_dtype=token_dtype or o.token_dtype)
     frames = [Frame(image, pts=i, duration=1) for i, image in enumerate(clip)]
     t = time.perf_counter()
-    interp.run(frames[:warm], lambda *a: None)  # every worker sees the size (the first request at a new size)
+    # every worker sees the size (the first request at a new size); mirrored frames, so that over HTTP the
+    # DiT+decoder's frame cache does not already hold the measured run's first frames
+    interp.run([Frame(np.ascontiguousarray(f.image[:, ::-1]), f.pts, f.duration) for f in frames[:warm]],
+               lambda *a: None)
     warm_s = time.perf_counter() - t
     with GpuSampler() as gpu:
         t = time.perf_counter()
         stats = interp.run(frames, lambda *a: None)
         seconds = time.perf_counter() - t
     return {"seconds_per_generated_frame": seconds / (len(clip) - 1), "wall_s": seconds, "warm_up_s": warm_s,
-            "gpu_util_percent": gpu.mean(), "transport": stats.transport}
+            "gpu_util_percent": gpu.mean(), "transport": stats.transport, "stats": stats.as_dict()}
 
 
 def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
@@ -166,9 +182,15 @@ def main():
                          "http forces the network path of issue 13: two hosts)")
     ap.add_argument("--token-dtype", default="", choices=["", "float16", "float32", "int8"],
                     help="tokens on the wire for the raw sink and the CLI (default: the CLI's)")
+    ap.add_argument("--client-args", default="",
+                    help="extra eden-client video flags for every run (the raw sink takes --max-inflight and "
+                         "--encoder-chunk from them), e.g. \"--max-inflight 32\" (default: none)")
+    ap.add_argument("--mp4-variants", default="",
+                    help="more mp4 runs after the others, each with its own extra flags, separated by ';', e.g. "
+                         "\"--preset superfast;--max-inflight 32\"")
     args = ap.parse_args()
     cli_extra = (() if args.transport == "auto" else ("--transport", args.transport)) + \
-        (("--token-dtype", args.token_dtype) if args.token_dtype else ())
+        (("--token-dtype", args.token_dtype) if args.token_dtype else ()) + tuple(shlex.split(args.client_args))
     skip = set(filter(None, args.skip.split(",")))
     out, work = Path(args.out).resolve(), Path(args.workdir).resolve()
     io_dir = Path(args.io_dir).resolve() if args.io_dir else work
@@ -186,8 +208,8 @@ def main():
 
     # ---- the README's deployment, its commands and defaults
     ckpt = Path(args.checkpoint).resolve() if args.checkpoint else work / "eden.pt"
-    summary["build_args"], summary["transport"], summary["token_dtype"] = \
-        args.build_args, args.transport, args.token_dtype or "default"
+    summary["build_args"], summary["transport"], summary["token_dtype"], summary["client_args"] = \
+        args.build_args, args.transport, args.token_dtype or "default", args.client_args
     summary["setup_s"] = start_readme_deployment(work, ckpt, made=not args.checkpoint, build_args=args.build_args)
     print(f"deployment ready: {summary['setup_s']}", flush=True)
     save()
@@ -202,7 +224,17 @@ def main():
             row: dict = summary["sizes"].setdefault(size, {"frames_in": n, "generated": n - 1})
             clip = moving_shapes(n, H, W, step=H / 40)
             src = io_dir / f"in_{size}.mp4"
-            clips.write_video(src, clip, RATE)  # with an AAC track
+
+            def source(k: int) -> Path:
+                """The CLI's input for its k-th run: over HTTP each run gets its own frames (the clip shifted by k
+                pixels), so no run finds its frames in the DiT+decoder's cache from an earlier one."""
+                if args.transport != "http" or k == 0:
+                    return src
+                path = io_dir / f"in_{size}_{k}.mp4"
+                clips.write_video(path, [np.roll(f, k, axis=1) for f in clip], RATE)
+                return path
+            if not {"mp4", "png"} <= skip or args.mp4_variants:
+                clips.write_video(src, clip, RATE)  # with an AAC track (PyAV: not needed for the raw sink alone)
             if "reference" not in skip:
                 m = min(args.reference_pairs + 1, n)
                 ref_s, _ = run_reference(sd, cfg, clip[:m], dev)
@@ -223,12 +255,16 @@ def main():
                     row["official"] = {"error": repr(e)}
                 print(f"{size} official {row['official']}", flush=True)
             ref_s = row.get("reference_s_per_frame")
-            for name, run in (("raw_sink", lambda: raw_sink(work, clip, transport=args.transport,
-                                                                 token_dtype=args.token_dtype)),
-                              ("cli_mp4", lambda: cli(work, src, io_dir / f"out_{size}.mp4", n, cli_extra)),
-                              ("cli_png", lambda: cli(work, src, io_dir / f"out_{size}_png", n, cli_extra))):
-                if {"raw_sink": "raw", "cli_mp4": "mp4", "cli_png": "png"}[name] in skip:
-                    continue
+            runs = [("raw_sink", lambda: raw_sink(work, clip, transport=args.transport, token_dtype=args.token_dtype,
+                                                  client_args=args.client_args)),
+                    ("cli_mp4", lambda: cli(work, source(0), io_dir / f"out_{size}.mp4", n, cli_extra)),
+                    ("cli_png", lambda: cli(work, source(1), io_dir / f"out_{size}_png", n, cli_extra))]
+            runs = [(name, run) for name, run in runs
+                    if {"raw_sink": "raw", "cli_mp4": "mp4", "cli_png": "png"}[name] not in skip]
+            for k, flags in enumerate(filter(None, (v.strip() for v in args.mp4_variants.split(";"))), start=2):
+                runs.append((f"cli_mp4 {flags}", lambda flags=flags, k=k: cli(
+                    work, source(k), io_dir / f"out_{size}_variant.mp4", n, cli_extra + tuple(shlex.split(flags)))))
+            for name, run in runs:
                 try:
                     r = run()
                 except Exception as e:  # noqa: BLE001 - keep what was measured

@@ -172,8 +172,10 @@ def in_flight(timeline: list, start: float, end: float) -> dict:
     return out
 
 
-def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int = 16, chunk: int = 4,
-                 handoff: str = "device", encoder_inflight: int = 2) -> dict:
+def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int | None = None,
+                 chunk: int | None = None, handoff: str = "device", encoder_inflight: int | None = None,
+                 token_dtype: str = "float16") -> dict:
+    """None: the client's default for the transport (eden_client/video.py default_schedule)."""
     client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file), transport=transport,
                                 shm_dir="/dev/shm/eden", handoff=handoff)
     calls = defaultdict(list)
@@ -204,10 +206,13 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
                 first_frame[0] = first_frame[0] or time.perf_counter()
 
         interp = Interpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=chunk,
-                              encoder_inflight=encoder_inflight)
+                              encoder_inflight=encoder_inflight, token_dtype=token_dtype)
         # warm-up: enough pairs for every worker to see the size; over HTTP the whole clip, since TorchServe's
-        # frontend (Java) moves large bodies several times slower in its first minute than once warm
-        interp.run(frames if transport == "http" else frames[:4 * chunk + 1], lambda *a: None)
+        # frontend (Java) moves large bodies several times slower in its first minute than once warm. The frames
+        # are mirrored: the DiT+decoder's frame cache must not hold the measured run's frames (until session 5 it
+        # did, and every frame of the measured HTTP run was a cache hit)
+        warm = [Frame(np.ascontiguousarray(f.image[:, ::-1]), f.pts, f.duration) for f in frames]
+        interp.run(warm if transport == "http" else warm[:4 * interp.chunk + 1], lambda *a: None)
         calls.clear()
         stages.clear()
         with GpuSampler() as gpu:
@@ -258,12 +263,15 @@ def main():
                          "overlaps its host work with the first's GPU work)")
     ap.add_argument("--profile", default="split", choices=["split", "spread"],
                     help="GPU placement on 2+ GPUs (build_archives.py --profile)")
-    ap.add_argument("--max-inflight", type=int, default=16, help="DiT+decoder requests the client keeps in flight")
-    ap.add_argument("--chunk", type=int, default=4, help="frames per encoder request")
-    ap.add_argument("--encoder-inflight", type=int, default=2, help="encoder requests the client keeps in flight")
+    ap.add_argument("--max-inflight", type=int, default=None,
+                    help="DiT+decoder requests the client keeps in flight (default: the client's for the transport)")
+    ap.add_argument("--chunk", type=int, default=None, help="frames per encoder request (default: the client's)")
+    ap.add_argument("--encoder-inflight", type=int, default=None,
+                    help="encoder requests the client keeps in flight (default: the client's)")
     ap.add_argument("--variants", default="",
-                    help="extra runs, comma list of [TRANSPORT@]CHUNK:INFLIGHT[:ENCODER_INFLIGHT], TRANSPORT one of "
-                         "shm (default), shm_host, http (e.g. 8:32,http@4:16:4)")
+                    help="extra runs, comma list of [TRANSPORT@]CHUNK:INFLIGHT[:ENCODER_INFLIGHT][/DTYPE], TRANSPORT "
+                         "one of shm (default), shm_host, http, a number '-' for the client's default, DTYPE the "
+                         "tokens' (default float16) (e.g. 8:32,http@4:16:4,http@-:-:-/int8)")
     ap.add_argument("--kernels", default="auto",
                     help="DiT+decoder GPU kernels for the in-process run and the archives: auto (default, as "
                          "build_archives.py), off, or e.g. compile_mode=default,cuda_graphs=1,attention_backend=cudnn,"
@@ -314,10 +322,10 @@ def main():
             def runs_here(transport: str) -> bool:
                 return transport != "http" or args.http_sizes == "all" or f"{H}x{W}" in args.http_sizes.split(",")
 
-            def deployed(transport: str, sink: Path, chunk: int, inflight: int, enc_inflight: int) -> dict:
+            def deployed(transport: str, sink: Path, chunk, inflight, enc_inflight, dtype="float16") -> dict:
                 """transport: shm (tokens handed off GPU to GPU), shm_host (tokens via tmpfs) or http."""
                 return run_deployed(ts, clip, transport.split("_")[0], sink, inflight, chunk,
-                                    "host" if transport == "shm_host" else "device", enc_inflight)
+                                    "host" if transport == "shm_host" else "device", enc_inflight, dtype)
 
             for transport in ("shm", "shm_host", "http"):
                 if transport in skip or not runs_here(transport):
@@ -335,12 +343,15 @@ def main():
                 transport = transport or "shm"
                 if not runs_here(transport):
                     continue
-                chunk, inflight, enc_inflight = ([int(v) for v in numbers.split(":")] + [args.encoder_inflight])[:3]
-                d = deployed(transport, work / "out_variant.rgb", chunk, inflight, enc_inflight)
+                numbers, _, dtype = numbers.partition("/")
+                chunk, inflight, enc_inflight = ([None if v == "-" else int(v) for v in numbers.split(":")]
+                                                 + [args.encoder_inflight])[:3]
+                d = deployed(transport, work / "out_variant.rgb", chunk, inflight, enc_inflight, dtype or "float16")
                 d.pop("frames")
-                name = f"variant_{transport}_chunk{chunk}_inflight{inflight}_encoder{enc_inflight}"
-                row[name] = {k: d[k] for k in ("seconds_per_generated_frame", "gpu_util_percent", "requests_in_flight",
-                                               "first_frame_s", "token_transport")}
+                s = d["client_stats"]["schedule"]
+                name = (f"variant_{transport}_chunk{s['chunk']}_inflight{s['max_inflight']}_encoder"
+                        f"{s['encoder_inflight']}" + (f"_{dtype}" if dtype else ""))
+                row[name] = d  # the stage breakdown and the client's stats included
                 if ref_s:
                     row[name]["speedup"] = ref_s / d["seconds_per_generated_frame"]
                 print(f"{H}x{W} {name}: {d['seconds_per_generated_frame']}", flush=True)

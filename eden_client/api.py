@@ -87,8 +87,11 @@ class EdenClient:
         # framerefs.py); off by itself when the references mostly miss (several workers or replicas, each with its
         # own cache) or the server does not know them
         self.frame_refs = transport == "http"
-        self.wire = Counter()  # request body bytes sent: "encode", "generate"; "ref_hits", "ref_misses" (frames)
-        self._sent: OrderedDict[str, None] = OrderedDict()  # hashes of frames sent inline, most recent last
+        # request body bytes sent: "encode", "generate"; frames named by hash: "ref_hits", "ref_misses", and
+        # "ref_races" (misses of frames whose carrier was not answered yet)
+        self.wire = Counter()
+        # hashes of frames sent inline, most recent last -> whether the request that carried it was answered
+        self._sent: OrderedDict[str, bool] = OrderedDict()
         self._wire_lock = threading.Lock()
 
     def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
@@ -195,7 +198,7 @@ class EdenClient:
     def _generate_by_refs(self, frames: list[tuple[EncoderAnswer, int]], difference: float, seed: int | None):
         """A pair over HTTP as a pair body: each frame inline the first time, by hash after; a miss (the worker
         that took the request does not hold the frame: 409 FrameNotCached) sends the pair again, both inline."""
-        items = []
+        items, carried, racing = [], [], 0
         for enc, k in frames:
             # each frame inline in exactly one request (the first to claim it), named by hash in every other, also
             # in those sent while that one is still on its way: the DiT+decoder keeps a batch's inline frames
@@ -205,9 +208,12 @@ class EdenClient:
                 h = enc.hashes[k]
                 named = h in self._sent
                 if not named:
-                    self._sent[h] = None
+                    self._sent[h] = False
+                    carried.append(h)
                     while len(self._sent) > self.SENT_HASHES:
                         self._sent.popitem(last=False)
+                else:
+                    racing += not self._sent[h]  # its carrier not answered yet: it may reach another worker later
                 self._sent.move_to_end(h)
             items.append(h if named else data if data is not None else self._frame_bytes(enc, k))
         body = framerefs.build(items, difference)
@@ -217,7 +223,7 @@ class EdenClient:
             r = self._post("generate", self.ditdec, data=body, headers=headers)
         except ServeError as e:
             if e.kind == framerefs.FRAME_NOT_CACHED:
-                self._count_refs(0, refs)
+                self._count_refs(0, refs, racing=bool(racing))
                 body = framerefs.build([x if not isinstance(x, str) else self._frame_bytes(enc, k)
                                         for x, (enc, k) in zip(items, frames)], difference)
                 r = self._post("generate", self.ditdec, data=body, headers=headers)
@@ -230,6 +236,10 @@ class EdenClient:
                 raise
         else:
             self._count_refs(refs, 0)
+        with self._wire_lock:  # the frames it carried are now held by the DiT+decoder (or its host's share)
+            for h in carried:
+                if h in self._sent:
+                    self._sent[h] = True
         return decode_image(r.content, max_pixels=1 << 40), int(r.headers.get(SEED, -1))
 
     SENT_HASHES = 4096  # frames remembered as sent (their hashes): far more than a video's window of open pairs
@@ -242,18 +252,22 @@ class EdenClient:
         enc.hashes[k] = framerefs.frame_hash(data)
         return data
 
-    def _count_refs(self, hits: int, misses: int) -> None:
+    def _count_refs(self, hits: int, misses: int, racing: bool = False) -> None:
         """Count frames named by hash that the worker held (hits) or not; when most miss (each of several workers
-        or replicas has its own cache, and a miss costs a resend), stop naming frames: whole pairs cost less."""
+        or replicas has its own cache, and a miss costs a resend), stop naming frames: whole pairs cost less.
+        ``racing``: the missed request named a frame whose carrier was not answered yet (with several workers on
+        one host it may simply have been taken later, then shared): counted as a miss, not judged."""
         with self._wire_lock:
             self.wire["ref_hits"] += hits
             self.wire["ref_misses"] += misses
-            tried = self.wire["ref_hits"] + self.wire["ref_misses"]
-            if self.frame_refs and tried >= self.REF_SAMPLE and self.wire["ref_misses"] > self.wire["ref_hits"]:
+            self.wire["ref_races"] += misses if racing else 0
+            settled = self.wire["ref_misses"] - self.wire["ref_races"]
+            tried = self.wire["ref_hits"] + settled
+            if self.frame_refs and tried >= self.REF_SAMPLE and settled > self.wire["ref_hits"]:
                 self.frame_refs = False
-                log.warning("the DiT+decoder's frame cache missed %d of %d frames named by hash (several workers "
-                            "or replicas: each has its own cache): sending whole pairs from now on",
-                            self.wire["ref_misses"], tried)
+                log.warning("the DiT+decoder's frame cache missed %d of %d frames named by hash after the request "
+                            "carrying them was answered (several workers or replicas, each with its own cache): "
+                            "sending whole pairs from now on", settled, tried)
 
     def release(self, encoded: EncoderAnswer) -> None:
         if encoded.segment:

@@ -25,8 +25,10 @@ class Options:
     seed: int = 0
     fps: Fraction | None = None  # frame rate of frame-folder input (default 25, as ffmpeg's image2)
     scene_threshold: float | None = DEFAULT_THRESHOLD  # None: no scene-cut detection
-    max_inflight: int = 16
-    encoder_chunk: int = 4
+    # scheduling: None takes the transport's default (video.default_schedule)
+    max_inflight: int | None = None
+    encoder_chunk: int | None = None
+    encoder_inflight: int | None = None
     token_dtype: str = "float16"
     encoding: Encoding = field(default_factory=Encoding)
     target_fps: Fraction | None = None  # an output rate instead of a factor (then ``factor`` is not used)
@@ -74,7 +76,8 @@ def convert(src: Path, dst: Path, client, options: Options,
         if on_start:
             on_start(expected_outputs(source.count, meta.rate, options))
         interpolator = Interpolator(client, options.factor, options.seed, options.max_inflight,
-                                    options.encoder_chunk, detector=SceneDetector(options.scene_threshold),
+                                    options.encoder_chunk, options.encoder_inflight,
+                                    detector=SceneDetector(options.scene_threshold),
                                     token_dtype=options.token_dtype, target_fps=options.target_fps,
                                     time_base=meta.time_base, max_depth=options.max_depth)
         frames = Prefetch(_with_thumbnails(source) if options.scene_threshold is not None else source)

@@ -68,6 +68,29 @@ from .scenes import SceneDetector, thumbnail
 FACTORS = (2, 4, 8)
 DEFAULT_MAX_DEPTH = 5  # time error <= 1 / (64 x the input rate): 0.65 ms at 24 fps, 0.52 ms at 30 fps
 MAX_DEPTH = 10
+MAX_CHUNK = 16  # the encoder's max_frames
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How much the scheduler keeps in flight: DiT+decoder requests, encoder requests, frames per encoder request."""
+    max_inflight: int
+    encoder_inflight: int
+    chunk: int
+
+
+# Defaults per transport, measured on H200s (bench/NOTES.md, session 5). Shared memory: with 16 DiT+decoder requests
+# and 2 encoder requests of 4 frames in flight a 1080p run kept ~6 requests at the servers and two GPUs half idle
+# (the encoder did not stay far enough ahead); 32 and 4 took two GPUs from 14.5 (32 / 2) to 11.3-14.3 ms a frame at
+# 1080p and 480p from 5.3 to 3.9-4.4 ms (one GPU: 6.9 -> 5.7 ms); chunks of 8 were no better (1080p: 14.9-16.1 ms).
+# HTTP: every request carries its tokens through TorchServe's frontend, where more large bodies at once only queue:
+# 32 / 4 took 1080p from 0.11 to 0.78 s a frame; the session-4 settings stay.
+SHM_SCHEDULE = Schedule(max_inflight=32, encoder_inflight=4, chunk=4)
+HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=2, chunk=4)
+
+
+def default_schedule(transport: str) -> Schedule:
+    return SHM_SCHEDULE if transport == "shm" else HTTP_SCHEDULE
 _RELEASE = EdenConfig()  # the release constants of the difference input
 _HALF = Fraction(1, 2)
 
@@ -166,9 +189,11 @@ class Stats:
     encoder_wire_bytes: int = 0
     frame_ref_hits: int = 0  # frames named by hash that the DiT+decoder held
     frame_ref_misses: int = 0  # ... that it did not (each miss resends that pair with both frames inline)
+    frame_ref_races: int = 0  # ... of those, named while the request carrying them was still on its way
     seconds: float = 0.0
     max_time_error_ms: float = 0.0  # target-rate runs: the largest |time shown - time asked| of an output frame
     transport: str = ""  # which transport and handoff the client used, and why (eden_client/transport.py)
+    schedule: dict = field(default_factory=dict)  # what was kept in flight (Schedule's fields; the chunk as ended)
     retries: dict = field(default_factory=dict)  # requests tried again, "model: reason" -> count (ModelClient.retries)
     phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
 
@@ -293,20 +318,27 @@ class Interpolator:
     frames. The encoder answers are released (their shared-memory segments removed) as soon as the last segment
     that needs their frames has been written."""
 
-    def __init__(self, client, factor: int = 2, seed: int = 0, max_inflight: int = 16, chunk: int = 4,
-                 encoder_inflight: int = 2, window: int | None = None, detector: SceneDetector | None = None,
+    def __init__(self, client, factor: int = 2, seed: int = 0, max_inflight: int | None = None,
+                 chunk: int | None = None, encoder_inflight: int | None = None,
+                 window: int | None = None, detector: SceneDetector | None = None,
                  token_dtype: str = "float16", target_fps: Fraction | None = None,
                  time_base: Fraction = Fraction(1), max_depth: int = DEFAULT_MAX_DEPTH):
         """With ``target_fps`` (then ``factor`` is ignored) output frames are at that rate; ``time_base`` is the
-        input's (seconds per pts unit), ``max_depth`` the deepest midpoint level (see the module's docstring)."""
+        input's (seconds per pts unit), ``max_depth`` the deepest midpoint level (see the module's docstring).
+        ``max_inflight``, ``chunk`` and ``encoder_inflight`` left None take the client's transport's
+        ``default_schedule``."""
         if target_fps is None and factor not in FACTORS:
             raise ValueError(f"factor must be one of {FACTORS}, got {factor}")
         if target_fps is not None and Fraction(target_fps) <= 0:
             raise ValueError(f"the target frame rate must be positive, got {target_fps}")
         if not 1 <= max_depth <= MAX_DEPTH:
             raise ValueError(f"max_depth must be 1..{MAX_DEPTH}, got {max_depth}")
-        if not 1 <= chunk <= 16:
-            raise ValueError(f"encoder chunk must be 1..16 frames (the server's max_frames), got {chunk}")
+        schedule = default_schedule(getattr(client, "transport", "http"))
+        max_inflight = schedule.max_inflight if max_inflight is None else max_inflight
+        encoder_inflight = schedule.encoder_inflight if encoder_inflight is None else encoder_inflight
+        chunk = schedule.chunk if chunk is None else chunk
+        if not 1 <= chunk <= MAX_CHUNK:
+            raise ValueError(f"encoder chunk must be 1..{MAX_CHUNK} frames (the server's max_frames), got {chunk}")
         if max_inflight < 1 or encoder_inflight < 1:
             raise ValueError("max_inflight and encoder_inflight must be at least 1")
         self.client = client
@@ -554,10 +586,13 @@ class Interpolator:
         pool.shutdown()
         stats.seconds = time.perf_counter() - t0
         stats.reencoded = self.reencoded
+        stats.schedule = {"max_inflight": self.max_inflight, "encoder_inflight": self.encoder_inflight,
+                          "chunk": self.chunk}
         sent = dict(getattr(self.client, "wire", None) or {})  # (a client shared by runs counts them all)
         delta = {k: sent.get(k, 0) - wire_before.get(k, 0) for k in sent}
         stats.wire_bytes, stats.encoder_wire_bytes = delta.get("generate", 0), delta.get("encode", 0)
         stats.frame_ref_hits, stats.frame_ref_misses = delta.get("ref_hits", 0), delta.get("ref_misses", 0)
+        stats.frame_ref_races = delta.get("ref_races", 0)
         stats.retries = {k: n for k, n in (self._retries() - retries_before).items() if n}
         return stats
 

@@ -55,10 +55,12 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                    help=f"a pair is a scene cut when the SSIM of its 32x32 luma thumbnails is below this "
                         f"(default {DEFAULT_THRESHOLD}); cuts repeat the frame instead of morphing")
     g.add_argument("--no-scene-detect", action="store_true", help="interpolate across scene cuts too")
-    g.add_argument("--max-inflight", type=int, default=16,
-                   help="DiT+decoder requests in flight at once (default 16: two GPU workers with batches of 4 "
-                        "and one batch queued for each; the encoder gets 2 more)")
-    g.add_argument("--encoder-chunk", type=int, default=4,
+    g.add_argument("--max-inflight", type=int, default=None,
+                   help="DiT+decoder requests in flight at once (default: 32 over shared memory, 16 over HTTP; "
+                        "measured on H200s, docs/speed.md)")
+    g.add_argument("--encoder-inflight", type=int, default=None,
+                   help="encoder requests in flight at once (default: 4 over shared memory, 2 over HTTP)")
+    g.add_argument("--encoder-chunk", type=int, default=None,
                    help="frames per encoder request, 1..16 (default 4: the first pairs start sooner than with 8; "
                         "each frame is encoded once either way)")
     g.add_argument("--token-dtype", choices=["float16", "float32", "int8"], default="float16",
@@ -80,10 +82,11 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
 
 def options_from(args):
     from .convert import Options
-    if not 1 <= args.encoder_chunk <= 16:
+    if args.encoder_chunk is not None and not 1 <= args.encoder_chunk <= 16:
         raise FramesError(f"--encoder-chunk must be 1..16, got {args.encoder_chunk}")
-    if args.max_inflight < 1:
-        raise FramesError(f"--max-inflight must be at least 1, got {args.max_inflight}")
+    for flag in ("max_inflight", "encoder_inflight"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise FramesError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.max_depth is not None and args.target_fps is None:
         raise FramesError("--max-depth goes with --target-fps (a --factor sets its own depth: log2 of it)")
     max_depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
@@ -92,7 +95,8 @@ def options_from(args):
     return Options(factor=args.factor or 2, target_fps=args.target_fps, max_depth=max_depth,
                    seed=args.seed, fps=args.fps,
                    scene_threshold=None if args.no_scene_detect else args.scene_threshold,
-                   max_inflight=args.max_inflight, encoder_chunk=args.encoder_chunk, token_dtype=args.token_dtype,
+                   max_inflight=args.max_inflight, encoder_chunk=args.encoder_chunk,
+                   encoder_inflight=args.encoder_inflight, token_dtype=args.token_dtype,
                    encoding=Encoding(args.codec, args.crf, args.pix_fmt, args.preset))
 
 

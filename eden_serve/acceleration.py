@@ -68,7 +68,7 @@ class KernelSettings:
     cast_weights: bool = False
     float8: bool = False
     warmup_sizes: tuple[str, ...] = ()  # "HxW" frame sizes warmed at worker start
-    warmup_batches: tuple[int, ...] = ()  # batch sizes warmed per size (default: 1 and the model's batchSize)
+    warmup_batches: tuple[int, ...] = ()  # batch sizes warmed per size (default: 1 .. the model's batchSize)
     compile_cache_dir: str = ""  # persistent compile cache ("" : PyTorch's default, under /tmp)
     max_graphs: int = 8
 
@@ -277,6 +277,7 @@ class Accelerator:
         self.settings = settings
         self.graphs: OrderedDict[tuple, _Graphs] = OrderedDict()
         self.graph_error: str | None = None
+        self.warmed = 0  # graphs captured by warm_up: the cache keeps at least that many
         self.float8 = False
         self.active = cuda and settings.requested
         if not self.active:
@@ -352,7 +353,7 @@ class Accelerator:
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
-        while len(self.graphs) >= self.settings.max_graphs:
+        while len(self.graphs) >= max(self.settings.max_graphs, self.warmed):  # (never drop what was warmed)
             self.graphs.popitem(last=False)
         try:
             g = self.graphs[key] = self._capture(pairs, like.shape[0])
@@ -406,6 +407,8 @@ class Accelerator:
         report = WarmUp()
         if not self.active:
             return report
+        sizes, batches = list(sizes), list(batches)
+        self.warmed = len(sizes) * len(batches)
         start = time.perf_counter()
         cfg = self.generator.cfg
         for size in sizes:

@@ -45,7 +45,11 @@ class DitDecService(BatchService):
             accel = acceleration.Accelerator(self.generator, kernels, self.device, self.compute_dtype)
             if not accel.active:
                 return accel
-            self.warmup = accel.warm_up(kernels.warmup_sizes, kernels.warmup_batches or sorted({1, self.batch_size}))
+            # every batch size up to batchSize: TorchServe forms smaller batches whenever fewer pairs are waiting,
+            # and a graph captured on a user's request costs that request (measured: a first 480p run twice as
+            # slow as the next when only batches 1 and 4 were warmed; bench/NOTES.md, session 5)
+            batches = kernels.warmup_batches or range(1, self.batch_size + 1)
+            self.warmup = accel.warm_up(kernels.warmup_sizes, batches)
             log.info("kernels warmed in %.1f s: %s", self.warmup.total_s, self.warmup.seconds)
             return accel
         except Exception:  # noqa: BLE001 - a worker without the fast kernels beats no worker

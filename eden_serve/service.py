@@ -74,7 +74,7 @@ class Settings:
     cast_weights: bool = False  # matrix weights stored in the compute dtype (same numbers as autocast's casts)
     float8: bool = False  # experimental: the blocks' linear layers in float8 (changes the numbers: measure quality)
     warmup_sizes: tuple = ()  # "HxW" sizes compiled and captured at worker start, e.g. [480x854, 1080x1920]
-    warmup_batches: tuple = ()  # batch sizes warmed per size (default: 1 and the model's batchSize)
+    warmup_batches: tuple = ()  # batch sizes warmed per size (default: 1 .. the model's batchSize)
     compile_cache_dir: str = ""  # persistent torch.compile cache, so a restarted worker starts quickly
     max_graphs: int = 8  # CUDA graph pairs kept (least recently used dropped)
 

@@ -206,6 +206,8 @@ def test_video_sends_each_frame_once_and_resends_on_misses(tiny_weights, encoder
     again, stats2 = video(two)
     assert all(np.array_equal(a, b) for a, b in zip(whole, again))
     assert stats2.frame_ref_misses > 0 and stats2.ditdec_requests == 6
+    # requests in order: each frame's carrier was answered before the frame was named, so no miss was a race
+    assert stats2.frame_ref_races == 0 and two.wire["ref_races"] == 0
 
 
 def test_client_stops_naming_frames_when_they_mostly_miss():
@@ -216,6 +218,19 @@ def test_client_stops_naming_frames_when_they_mostly_miss():
     assert c.frame_refs  # 15 tried: not judged yet
     c._count_refs(0, 1)
     assert not c.frame_refs and c.wire["ref_misses"] == 13
+
+
+def test_misses_of_frames_still_on_their_way_do_not_stop_naming():
+    """With several workers on one host a frame named while the request carrying it is still on its way can reach
+    a worker before it is shared: a miss, but no sign of separate caches; only misses of frames whose carrier was
+    answered count against naming."""
+    c = EdenClient(SimpleNamespace(url="a"), SimpleNamespace(url="b"), "http")
+    c._count_refs(3, 0)
+    for _ in range(20):
+        c._count_refs(0, 1, racing=True)
+    assert c.frame_refs and c.wire["ref_misses"] == c.wire["ref_races"] == 20
+    c._count_refs(0, 14)  # 17 tried after their carriers were answered, 14 missed
+    assert not c.frame_refs
 
 
 def test_int8_tokens_through_the_handlers(tiny_weights, encoder_service, fixture_frames):
