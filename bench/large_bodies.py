@@ -10,6 +10,10 @@ out). For each size, over loopback:
 * cold: the first request of that size after TorchServe started (JVM not warmed for it: buffer pools grow);
 * warm: ``--repeat`` more requests, sequential, then ``--concurrency`` at once; median and p90 seconds, MB/s.
 
+``--api http grpc`` measures both of TorchServe's inference APIs in the same run (its gRPC ``Predictions`` call:
+the body as the request's one input, the answer as its prediction; grpcio needed, no generated stubs: the two
+messages are encoded here).
+
 Bounded by design: sizes default to 10, 25, 50 and 100 MB, 5 warm repeats each; one TorchServe, one worker; it is
 stopped at the end. The frontend's own limits (max_request_size, max_response_size) are set to fit the largest size.
 
@@ -56,7 +60,8 @@ def handle(data, context):
         body = body if isinstance(body, (bytes, bytearray)) else b""
         context.set_response_header(idx, "X-Echo-Bytes", str(len(body)))
         headers = context.get_all_request_header(idx) or {}
-        echo = any(str(k).lower() == "x-echo" and v == "body" for k, v in headers.items())
+        echo = (any(str(k).lower() == "x-echo" and v == "body" for k, v in headers.items())
+                or request.get("echo") in (b"body", "body"))  # (gRPC: a second input)
         out.append(bytes(body) if echo else b"received")
     return out
 '''
@@ -88,6 +93,74 @@ def one(session, url, key, body: bytes, echo: bool) -> float:
     return time.perf_counter() - t
 
 
+# ---- TorchServe's gRPC inference API without generated stubs: its two messages, protobuf-encoded by hand
+PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        value, pos, shift = value | (b & 0x7F) << shift, pos + 1, shift + 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def predictions_request(model: str, inputs: dict[str, bytes]) -> bytes:
+    """PredictionsRequest: model_name (field 1), input (field 3, a map<string, bytes>: entries of key 1, value 2)."""
+    return b"".join([_field(1, model.encode())] +
+                    [_field(3, _field(1, k.encode()) + _field(2, v)) for k, v in inputs.items()])
+
+
+def prediction_of(message: bytes) -> bytes:
+    """PredictionResponse.prediction (field 1) of a serialized answer."""
+    pos = 0
+    while pos < len(message):
+        key, pos = _read_varint(message, pos)
+        if key & 7 == 2:
+            n, pos = _read_varint(message, pos)
+            if key >> 3 == 1:
+                return message[pos:pos + n]
+            pos += n
+        elif key & 7 == 0:
+            _, pos = _read_varint(message, pos)
+        else:
+            raise ValueError(f"unexpected protobuf wire type {key & 7}")
+    return b""
+
+
+def grpc_caller(port: int, key: str):
+    """one(...)'s gRPC twin: a function (body, echo) -> seconds for one Predictions call."""
+    import grpc
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1),
+                                                                  ("grpc.max_receive_message_length", -1)])
+    call = channel.unary_unary(PREDICTIONS)  # (bytes in, bytes out: the messages are made here)
+
+    def one_grpc(body: bytes, echo: bool) -> float:
+        t = time.perf_counter()
+        inputs = {"data": body, **({"echo": b"body"} if echo else {})}
+        answer = prediction_of(call(predictions_request("eden_echo", inputs),
+                                    metadata=(("authorization", f"Bearer {key}"),), timeout=600))
+        if len(answer) != (len(body) if echo else len(b"received")):
+            raise RuntimeError(f"body of {len(body)} bytes came back as {len(answer)}")
+        return time.perf_counter() - t
+    return one_grpc
+
+
 def summary(seconds: list[float], nbytes: int, factor: int) -> dict:
     s = sorted(seconds)
     med = statistics.median(s)
@@ -101,6 +174,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5, help="warm requests per size (max 20)")
     p.add_argument("--concurrency", type=int, default=4, help="warm requests at once, after the sequential ones")
     p.add_argument("--mode", choices=["echo", "sink"], default="echo")
+    p.add_argument("--api", nargs="+", choices=["http", "grpc"], default=["http"],
+                   help="TorchServe inference API(s) to measure, in this order (default http)")
     p.add_argument("--netty-threads", type=int, default=0, help="TorchServe number_of_netty_threads (0: default)")
     p.add_argument("--vmargs", default="", help="the frontend JVM's options (TorchServe vmargs), e.g. "
                    "\"-XX:+UseParallelGC -Xms8g\" (default: TorchServe's)")
@@ -127,23 +202,26 @@ def main() -> int:
     with TorchServe(work / "serve", store, models=["eden_echo.mar"], extra_config=extra) as ts:
         key = KeySource(key_file=ts.key_file).read("inference")
         url = f"{ts.inference_url}/predictions/eden_echo"
-        session = requests.Session()
-        for mb in args.sizes:
-            body = os.urandom(mb << 20)
-            cold = one(session, url, key, body, echo)
-            warm = [one(session, url, key, body, echo) for _ in range(args.repeat)]
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                t = time.perf_counter()
-                each = list(pool.map(lambda _: one(requests.Session(), url, key, body, echo),
-                                     range(args.concurrency)))
-                together = time.perf_counter() - t
-            factor = 2 if echo else 1
-            row = {"MB": mb, "bytes": len(body), "cold_s": round(cold, 4), "warm": summary(warm, len(body), factor),
-                   "concurrent": {"n": args.concurrency, "wall_s": round(together, 4),
-                                  "MB_per_s": round(factor * args.concurrency * len(body) / 1e6 / together, 1),
-                                  "max_s": round(max(each), 4)}}
-            results.append(row)
-            print(json.dumps(row), flush=True)
+        callers = {"http": lambda: (lambda body, e, s=requests.Session(): one(s, url, key, body, e)),
+                   "grpc": lambda: grpc_caller(ts.grpc_ports[0], key)}
+        for api in args.api:
+            call = callers[api]()
+            for mb in args.sizes:
+                body = os.urandom(mb << 20)
+                cold = call(body, echo)
+                warm = [call(body, echo) for _ in range(args.repeat)]
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    t = time.perf_counter()
+                    each = list(pool.map(lambda _: callers[api]()(body, echo), range(args.concurrency)))
+                    together = time.perf_counter() - t
+                factor = 2 if echo else 1
+                row = {"api": api, "MB": mb, "bytes": len(body), "cold_s": round(cold, 4),
+                       "warm": summary(warm, len(body), factor),
+                       "concurrent": {"n": args.concurrency, "wall_s": round(together, 4),
+                                      "MB_per_s": round(factor * args.concurrency * len(body) / 1e6 / together, 1),
+                                      "max_s": round(max(each), 4)}}
+                results.append(row)
+                print(json.dumps(row), flush=True)
     record = {"mode": args.mode, "netty_threads": args.netty_threads or "default", "host": os.uname().nodename,
               "vmargs": args.vmargs or "default", "worker_socket_read": "TorchServe's" if args.unpatched else "patched",
               "results": results}
