@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from fractions import Fraction
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from conftest import ROOT, read_rgb
 
 from eden_client.api import EdenClient, EncoderAnswer, TokensLost
 from eden_client.convert import Options, convert
-from eden_client.frames_io import Frame
+from eden_client.frames_io import Frame, FramesError
 from eden_client.keys import KeySource
 from eden_client.scenes import SceneDetector, ssim, thumbnail
 from eden_client.sources import natural_key
@@ -127,6 +128,30 @@ def test_lost_device_tokens_are_encoded_again_with_the_same_frames():
     assert sorted(fake.released) == sorted(fake.answers)  # the extra answers released too
     assert stats.reencoded > 0 and clean.reencoded == 0
     assert [(int(i[0, 0, 0]), p, d) for i, p, d in got] == [(int(i[0, 0, 0]), p, d) for i, p, d in want]
+
+
+def test_schedule_defaults_follow_the_transport_and_flags_override_them():
+    from eden_client.video import HTTP_SCHEDULE, SHM_SCHEDULE
+    from eden_client.video_cli import options_from
+    shm, http = FakeEden(), FakeEden()
+    shm.transport, http.transport = "shm", "http"
+    for fake, want in ((shm, SHM_SCHEDULE), (http, HTTP_SCHEDULE), (FakeEden(), HTTP_SCHEDULE)):
+        i = Interpolator(fake)
+        assert (i.max_inflight, i.encoder_inflight, i.chunk) == (want.max_inflight, want.encoder_inflight,
+                                                                 want.chunk)
+        assert i.window == want.max_inflight + want.chunk
+    i = Interpolator(shm, max_inflight=5, chunk=2, encoder_inflight=1)
+    assert (i.max_inflight, i.encoder_inflight, i.chunk) == (5, 1, 2)
+    _, stats, _ = run_fake([0, 8, 16, 24, 32], 2)
+    assert stats.schedule == {"max_inflight": HTTP_SCHEDULE.max_inflight,
+                              "encoder_inflight": HTTP_SCHEDULE.encoder_inflight, "chunk": HTTP_SCHEDULE.chunk}
+    base = dict(factor=None, target_fps=None, max_depth=None, seed=0, fps=None, no_scene_detect=False,
+                scene_threshold=0.5, max_inflight=None, encoder_chunk=None, encoder_inflight=None,
+                token_dtype="float16", codec="libx264", crf=None, pix_fmt=None, preset="veryfast")
+    o = options_from(SimpleNamespace(**base))
+    assert o.max_inflight is o.encoder_chunk is o.encoder_inflight is None  # the transport decides
+    with pytest.raises(FramesError, match="--encoder-inflight must be at least 1"):
+        options_from(SimpleNamespace(**{**base, "encoder_inflight": 0}))
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8])
