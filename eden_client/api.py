@@ -93,6 +93,7 @@ class EdenClient:
         # hashes of frames sent inline, most recent last -> whether the request that carried it was answered
         self._sent: OrderedDict[str, bool] = OrderedDict()
         self._wire_lock = threading.Lock()
+        self._answered = threading.Condition(self._wire_lock)  # a carrier was answered (or failed)
 
     def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
         start = time.perf_counter()
@@ -160,18 +161,19 @@ class EdenClient:
             raise
 
     def generate_pair(self, first: EncoderAnswer, i: int, second: EncoderAnswer, j: int,
-                      difference: float | None = None, seed: int | None = None):
+                      difference: float | None = None, seed: int | None = None, carry: bool | None = None):
         """The middle frame between frame i of ``first`` and frame j of ``second`` -> ([H, W, 3] uint8, seed).
 
         ``difference`` is the DiT's frame-difference input; it may be left out only for consecutive frames of one
-        encoder call (the blob has it)."""
+        encoder call (the blob has it). ``carry`` (HTTP with frame references; see ``_generate_by_refs``): True
+        sends both frames inline, False names frames other requests carry, waiting for their answers."""
         if difference is None:
             if first is not second or j != i + 1:
                 raise ValueError("the difference of frames from different encoder calls must be given")
             difference = first.blob.differences[i]
         if self.transport == "http":
             if self.frame_refs:
-                return self._generate_by_refs([(first, i), (second, j)], difference, seed)
+                return self._generate_by_refs([(first, i), (second, j)], difference, seed, carry)
             pair = (first.blob.window(i, difference) if first is second and j == i + 1
                     else TokenBlob.pair(first.blob.frame(i), second.blob.frame(j), difference))
             return self.generate_array(pair.to_bytes(), seed)
@@ -195,24 +197,33 @@ class EdenClient:
             self.store.unlink(segment)
         return frame, int(r.headers.get(SEED, -1))
 
-    def _generate_by_refs(self, frames: list[tuple[EncoderAnswer, int]], difference: float, seed: int | None):
-        """A pair over HTTP as a pair body: each frame inline the first time, by hash after; a miss (the worker
-        that took the request does not hold the frame: 409 FrameNotCached) sends the pair again, both inline."""
+    def _generate_by_refs(self, frames: list[tuple[EncoderAnswer, int]], difference: float, seed: int | None,
+                          carry: bool | None = None):
+        """A pair over HTTP as a pair body: each frame inline once (the request that claims it carries it), by hash
+        in the others; a miss (the worker that took the request does not hold the frame: 409 FrameNotCached) sends
+        the pair again, both inline.
+
+        ``carry`` None: a frame claimed by another request is named at once, also while that request is on its way
+        (the DiT+decoder keeps a batch's inline frames before it looks names up; with several workers the frame may
+        reach another worker later: a "racing" miss). The scheduler can do better, since it knows which requests
+        come: True carries both frames (claiming them), False waits for the answers of the requests that carry
+        its frames, then names them (a frame nobody claimed, or whose carrier failed or is slower than
+        ``CARRIER_WAIT_S``, goes inline): no race, each frame inline once, and no request waits on one that
+        waits (``eden_client/video.py`` gives True to even input pairs, False to odd ones)."""
         items, carried, racing = [], [], 0
         for enc, k in frames:
-            # each frame inline in exactly one request (the first to claim it), named by hash in every other, also
-            # in those sent while that one is still on its way: the DiT+decoder keeps a batch's inline frames
-            # before it looks up the names (DitDecService.handle), and a miss costs one resend
             data = None if k in enc.hashes else self._frame_bytes(enc, k)
             with self._wire_lock:
                 h = enc.hashes[k]
-                named = h in self._sent
-                if not named:
+                if carry is False and self._sent.get(h) is False:  # its carrier is on its way: wait for it
+                    self._answered.wait_for(lambda: self._sent.get(h) is not False, timeout=self.CARRIER_WAIT_S)
+                named = h in self._sent and not carry and (carry is None or self._sent[h])
+                if h not in self._sent:
                     self._sent[h] = False
                     carried.append(h)
                     while len(self._sent) > self.SENT_HASHES:
                         self._sent.popitem(last=False)
-                else:
+                elif named:
                     racing += not self._sent[h]  # its carrier not answered yet: it may reach another worker later
                 self._sent.move_to_end(h)
             items.append(h if named else data if data is not None else self._frame_bytes(enc, k))
@@ -220,29 +231,50 @@ class EdenClient:
         headers = _generate_headers(framerefs.CONTENT_TYPE, seed, raw=True)
         refs = sum(isinstance(x, str) for x in items)
         try:
-            r = self._post("generate", self.ditdec, data=body, headers=headers)
-        except ServeError as e:
-            if e.kind == framerefs.FRAME_NOT_CACHED:
-                self._count_refs(0, refs, racing=bool(racing))
-                body = framerefs.build([x if not isinstance(x, str) else self._frame_bytes(enc, k)
-                                        for x, (enc, k) in zip(items, frames)], difference)
-                r = self._post("generate", self.ditdec, data=body, headers=headers)
-            elif e.status == 400 and "EDENPAIR" in str(e):  # a server from before pair bodies
-                log.warning("the DiT+decoder does not read pair bodies (an older server): sending whole pairs")
-                self.frame_refs = False
-                (a, i), (b, j) = frames
-                return self.generate_pair(a, i, b, j, difference, seed)
-            else:
-                raise
-        else:
-            self._count_refs(refs, 0)
-        with self._wire_lock:  # the frames it carried are now held by the DiT+decoder (or its host's share)
-            for h in carried:
-                if h in self._sent:
-                    self._sent[h] = True
+            r = self._post_pair(body, items, frames, difference, headers, refs, racing)
+        except BaseException:
+            self._settle(carried, answered=False)
+            raise
+        if r is None:  # a server from before pair bodies: whole pairs from now on
+            self._settle(carried, answered=False)
+            (a, i), (b, j) = frames
+            return self.generate_pair(a, i, b, j, difference, seed)
+        self._settle(carried, answered=True)
         return decode_image(r.content, max_pixels=1 << 40), int(r.headers.get(SEED, -1))
 
+    def _post_pair(self, body: bytes, items: list, frames: list, difference: float, headers: dict, refs: int,
+                   racing: int) -> requests.Response | None:
+        """Post a pair body; after a miss, again with both frames inline. None: the server reads no pair bodies."""
+        try:
+            r = self._post("generate", self.ditdec, data=body, headers=headers)
+        except ServeError as e:
+            if e.status == 400 and "EDENPAIR" in str(e):
+                log.warning("the DiT+decoder does not read pair bodies (an older server): sending whole pairs")
+                self.frame_refs = False
+                return None
+            if e.kind != framerefs.FRAME_NOT_CACHED:
+                raise
+            self._count_refs(0, refs, racing=bool(racing))
+            body = framerefs.build([x if not isinstance(x, str) else self._frame_bytes(enc, k)
+                                    for x, (enc, k) in zip(items, frames)], difference)
+            return self._post("generate", self.ditdec, data=body, headers=headers)
+        self._count_refs(refs, 0)
+        return r
+
+    def _settle(self, carried: list[str], answered: bool) -> None:
+        """The request that carried these frames was answered (the DiT+decoder, or its host's share, now holds
+        them) or failed (then they are forgotten: a request waiting for them sends them itself)."""
+        with self._wire_lock:
+            for h in carried:
+                if h in self._sent:
+                    if answered:
+                        self._sent[h] = True
+                    elif self._sent[h] is False:
+                        del self._sent[h]
+            self._answered.notify_all()
+
     SENT_HASHES = 4096  # frames remembered as sent (their hashes): far more than a video's window of open pairs
+    CARRIER_WAIT_S = 60.0  # the longest a request waits for the answer of one carrying its frame (then: inline)
     REF_SAMPLE = 16  # frames named by hash before judging whether naming pays
 
     @staticmethod

@@ -93,6 +93,7 @@ def default_schedule(transport: str) -> Schedule:
     return SHM_SCHEDULE if transport == "shm" else HTTP_SCHEDULE
 _RELEASE = EdenConfig()  # the release constants of the difference input
 _HALF = Fraction(1, 2)
+DEFER = "defer"  # Interpolator._carry: not yet
 
 
 def frame_seed(seed: int, index: int | str) -> int:
@@ -382,11 +383,12 @@ class Interpolator:
             return segment * self.span + position
         return f"{segment}+{Fraction(position, self.span)}"
 
-    def _generate(self, a: _Node, b: _Node, key: int | str) -> np.ndarray:
+    def _generate(self, a: _Node, b: _Node, key: int | str, carry: bool | None = None) -> np.ndarray:
         (ea, ia), (eb, ib) = a.token, b.token
         difference, seed = pair_difference(a, b), frame_seed(self.seed, key)
         try:
-            image, _ = self.client.generate_pair(ea, ia, eb, ib, difference, seed)
+            image, _ = self.client.generate_pair(ea, ia, eb, ib, difference, seed,
+                                                 **({} if carry is None else {"carry": carry}))
         except TokensLost:  # the encoder worker holding these tokens on its GPU stopped: encode the two again
             with self._count_lock:
                 self.reencoded += 2
@@ -403,6 +405,20 @@ class Interpolator:
                              f"over TorchServe's request limit (max_request_size): use --token-dtype float16 or "
                              f"--transport shm (client and servers on one host), or raise the limit", 413) from None
         return image
+
+    def _carry(self, segments, k: int, p: int, q: int, exhausted: bool):
+        """Over HTTP with frame references, which request carries each input frame (``EdenClient._generate_by_refs``):
+        an even segment's input pair carries both its frames, an odd one names them once their carriers answered,
+        so each frame goes inline once and no miss races a frame still on its way to another worker. An odd pair is
+        sent only after the next segment's, so it never waits on a request not sent yet (DEFER until then). None:
+        not an input pair, or no references."""
+        if (p, q) != (0, self.span) or not getattr(self.client, "frame_refs", False):
+            return None
+        if segments[k].index % 2 == 0:
+            return True
+        if k + 1 < len(segments):
+            return DEFER if (0, self.span) in segments[k + 1].todo else False
+        return False if exhausted else DEFER
 
     def _release_through(self, segment_index: float) -> None:
         """Release the encoder answers whose frames no segment up to ``segment_index`` (inclusive) still needs."""
@@ -521,7 +537,7 @@ class Interpolator:
 
                 # DiT+decoder requests, earliest segment first
                 generating = len(running) - encoding
-                for seg in segments:
+                for k, seg in enumerate(segments):
                     if generating >= self.max_inflight:
                         break
                     for p, q in list(seg.todo):
@@ -530,10 +546,13 @@ class Interpolator:
                         a, b = seg.points[p], seg.points[q]
                         if a.token is None or b.token is None:
                             continue
+                        carry = self._carry(segments, k, p, q, exhausted)
+                        if carry is DEFER:
+                            continue
                         seg.todo.remove((p, q))
                         seg.running += 1
                         mid = (p + q) // 2
-                        fut = pool.submit(self._generate, a, b, self._seed_key(seg.index, mid))
+                        fut = pool.submit(self._generate, a, b, self._seed_key(seg.index, mid), carry)
                         running[fut] = ("generate", seg, p, q)
                         generating += 1
 

@@ -345,6 +345,12 @@ def test_video_across_hosts_sends_each_frame_once(cross_hosts, server, shm_dir, 
     # the two workers share what they receive (their host's folder): a pair naming a frame the other worker got
     # finds it there, so none misses (each worker on its own, about half would)
     assert stats2["frame_ref_hits"] == 7 and stats2["frame_ref_misses"] == 0
+    # requests in flight together: even pairs carry their frames, odd ones wait for those answers and name them,
+    # so no name reaches a worker before its frame did (misses no longer depend on thread timing)
+    together, stats3 = video("two_workers_together", "--max-inflight", "8")
+    assert same(together)
+    assert stats3["frame_ref_hits"] == 7 and stats3["frame_ref_misses"] == stats3["frame_ref_races"] == 0
+    assert stats3["wire_bytes"] == stats["wire_bytes"]  # each frame inline once, as one request at a time
 
 
 def test_int8_tokens_through_shared_memory(tiny_weights, fixture_frames, tmp_path):
