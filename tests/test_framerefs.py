@@ -175,10 +175,10 @@ def test_malformed_pair_bodies_are_refused(tiny_weights, pair):
     assert not svc.http_frames  # nothing kept from a body that was refused whole
 
 
-def video(client, n=7, chunk=4, factor=2):
+def video(client, n=7, chunk=4, factor=2, max_inflight=1):
     frames = clips.clip_frames(n, 48, 64)
     out = []
-    stats = Interpolator(client, factor, seed=3, chunk=chunk, max_inflight=1).run(  # (requests in order)
+    stats = Interpolator(client, factor, seed=3, chunk=chunk, max_inflight=max_inflight).run(  # (1: in order)
         (Frame(f, pts=i, duration=1) for i, f in enumerate(frames)), lambda image, pts, d: out.append(image))
     return out, stats
 
@@ -208,6 +208,29 @@ def test_video_sends_each_frame_once_and_resends_on_misses(tiny_weights, encoder
     assert stats2.frame_ref_misses > 0 and stats2.ditdec_requests == 6
     # requests in order: each frame's carrier was answered before the frame was named, so no miss was a race
     assert stats2.frame_ref_races == 0 and two.wire["ref_races"] == 0
+
+
+def test_requests_in_flight_carry_each_frame_once_without_races(tiny_weights, encoder_service):
+    """Many requests at once: even input pairs carry their frames, odd ones wait for those answers and name them,
+    so nothing misses and the bytes are those of one request at a time; a carrier that fails leaves its frame to
+    the request waiting for it."""
+    def client():
+        return EdenClient(InProcess("eden_encoder", [encoder_service], tiny_weights),
+                          InProcess("eden_ditdec", [service(serving.DitDecService, tiny_weights)], tiny_weights),
+                          "http")
+    serial, stats1 = video(client())
+    together, stats8 = video(client(), max_inflight=8)
+    assert all(np.array_equal(a, b) for a, b in zip(serial, together)) and len(together) == 13
+    assert stats8.frame_ref_hits == 5 and stats8.frame_ref_misses == stats8.frame_ref_races == 0
+    assert stats8.wire_bytes == stats1.wire_bytes
+
+    c = client()
+    c._sent["a" * 32] = False  # a carrier on its way ...
+    c._settle(["a" * 32], answered=False)  # ... that failed: forgotten, so a waiter sends the frame itself
+    assert "a" * 32 not in c._sent
+    c._sent["b" * 32] = False
+    c._settle(["b" * 32], answered=True)
+    assert c._sent["b" * 32] is True
 
 
 def test_client_stops_naming_frames_when_they_mostly_miss():
