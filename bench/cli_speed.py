@@ -42,6 +42,7 @@ from eden_client.convert import Options  # noqa: E402
 from eden_client.frames_io import Frame  # noqa: E402
 from eden_client.keys import KeySource  # noqa: E402
 from eden_client.video import Interpolator  # noqa: E402
+from eden_client.video_cli import add_interpolation_args, options_from  # noqa: E402
 from eden_dev import clips  # noqa: E402
 from eden_dev.samples import moving_shapes  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402
@@ -115,23 +116,21 @@ def stop_deployment(work: Path) -> None:
     subprocess.run(["torchserve", "--stop"], cwd=work, capture_output=True)
 
 
-def scheduling(client_args: str) -> dict:
-    """The scheduling flags among extra CLI flags (what the raw sink takes from them), e.g. {"max_inflight": 32}."""
+def client_options(client_args: str) -> Options:
+    """The options the CLI's interpolation flags among ``client_args`` give (the raw sink runs at them)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--max-inflight", type=int)
-    p.add_argument("--encoder-chunk", type=int)
-    p.add_argument("--encoder-inflight", type=int)
+    add_interpolation_args(p)
     known, _ = p.parse_known_args(shlex.split(client_args))
-    return {k: v for k, v in vars(known).items() if v is not None}
+    return options_from(known)
 
 
 def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", token_dtype: str = "",
              client_args: str = "") -> dict:
-    """The deployment at the client's defaults (or the scheduling flags in ``client_args``) with frames in memory
-    and answers dropped."""
+    """The deployment at the client's defaults (or the interpolation flags in ``client_args``) with frames in
+    memory and answers dropped."""
     client = EdenClient.connect("http://127.0.0.1:8080", encoder_keys=KeySource(key_file=work / "key_file.json"),
                                 transport=transport)
-    o = Options(**scheduling(client_args))
+    o = client_options(client_args)
     interp = Interpolator(client, o.factor, o.seed, o.max_inflight, o.encoder_chunk, o.encoder_inflight,
                           token_dtype=token_dtype or o.token_dtype)
     frames = [Frame(image, pts=i, duration=1) for i, image in enumerate(clip)]
@@ -183,8 +182,8 @@ def main():
     ap.add_argument("--token-dtype", default="", choices=["", "float16", "float32", "int8"],
                     help="tokens on the wire for the raw sink and the CLI (default: the CLI's)")
     ap.add_argument("--client-args", default="",
-                    help="extra eden-client video flags for every run (the raw sink takes --max-inflight and "
-                         "--encoder-chunk from them), e.g. \"--max-inflight 32\" (default: none)")
+                    help="extra eden-client video flags for every run (the raw sink takes the interpolation "
+                         "flags among them: --max-inflight, --encoder-chunk, --factor, ...), e.g. \"--max-inflight 32\" (default: none)")
     ap.add_argument("--mp4-variants", default="",
                     help="more mp4 runs after the others, each with its own extra flags, separated by ';', e.g. "
                          "\"--preset superfast;--max-inflight 32\"")

@@ -217,7 +217,12 @@ class EdenClient:
                 h = enc.hashes[k]
                 if carry is False and self._sent.get(h) is False:  # its carrier is on its way: wait for it
                     self._answered.wait_for(lambda: self._sent.get(h) is not False, timeout=self.CARRIER_WAIT_S)
-                named = h in self._sent and not carry and (carry is None or self._sent[h])
+                if carry:
+                    named = False  # this request carries its frames
+                elif carry is None:
+                    named = h in self._sent  # claimed: named, answered or not
+                else:
+                    named = self._sent.get(h) is True  # named only once its carrier was answered
                 if h not in self._sent:
                     self._sent[h] = False
                     carried.append(h)

@@ -91,6 +91,8 @@ HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=2, chunk=4)
 
 def default_schedule(transport: str) -> Schedule:
     return SHM_SCHEDULE if transport == "shm" else HTTP_SCHEDULE
+
+
 _RELEASE = EdenConfig()  # the release constants of the difference input
 _HALF = Fraction(1, 2)
 DEFER = "defer"  # Interpolator._carry: not yet

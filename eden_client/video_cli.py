@@ -15,7 +15,7 @@ from pathlib import Path
 from .frames_io import VIDEO_EXTENSIONS, FramesError
 from .scenes import DEFAULT_THRESHOLD
 from .sinks import Encoding
-from .video import DEFAULT_MAX_DEPTH, MAX_DEPTH
+from .video import DEFAULT_MAX_DEPTH, MAX_CHUNK, MAX_DEPTH
 
 # the usual decimal shorthands of the NTSC rates mean the exact rationals
 _NTSC = {"23.976": Fraction(24000, 1001), "23.98": Fraction(24000, 1001), "29.97": Fraction(30000, 1001),
@@ -61,7 +61,7 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder-inflight", type=int, default=None,
                    help="encoder requests in flight at once (default: 4 over shared memory, 2 over HTTP)")
     g.add_argument("--encoder-chunk", type=int, default=None,
-                   help="frames per encoder request, 1..16 (default 4: the first pairs start sooner than with 8; "
+                   help=f"frames per encoder request, 1..{MAX_CHUNK} (default 4: the first pairs start sooner than with 8; "
                         "each frame is encoded once either way)")
     g.add_argument("--token-dtype", choices=["float16", "float32", "int8"], default="float16",
                    help="precision of the tokens sent from the encoder to the DiT+decoder (default %(default)s: "
@@ -82,8 +82,8 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
 
 def options_from(args):
     from .convert import Options
-    if args.encoder_chunk is not None and not 1 <= args.encoder_chunk <= 16:
-        raise FramesError(f"--encoder-chunk must be 1..16, got {args.encoder_chunk}")
+    if args.encoder_chunk is not None and not 1 <= args.encoder_chunk <= MAX_CHUNK:
+        raise FramesError(f"--encoder-chunk must be 1..{MAX_CHUNK}, got {args.encoder_chunk}")
     for flag in ("max_inflight", "encoder_inflight"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise FramesError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
