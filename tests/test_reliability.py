@@ -661,8 +661,9 @@ def test_torchserve_restarted_mid_batch(ts, tmp_path):
     pytest.importorskip("av")
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    for i in range(3):
-        clips.write_video(src / f"v{i}.mp4", clips.clip_frames(12, step=1.0 + i), Fraction(30000, 1001))
+    lengths = [12, 24, 24]  # the later videos longer: the last one must still be running when TorchServe stops
+    for i, n in enumerate(lengths):
+        clips.write_video(src / f"v{i}.mp4", clips.clip_frames(n, step=1.0 + i), Fraction(30000, 1001))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(batch_command(ts, src, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -694,8 +695,8 @@ def test_torchserve_restarted_mid_batch(ts, tmp_path):
     else:
         assert table[-1] == "3 done, 0 skipped, 0 failed", stdout + stderr
     assert (out / "v0.mp4").stat().st_mtime_ns == first_done  # never redone
-    for i in range(3):
-        assert video_frames(out / f"v{i}.mp4") == 11 * 4 + 1
+    for i, n in enumerate(lengths):
+        assert video_frames(out / f"v{i}.mp4") == (n - 1) * 4 + 1
     assert not [p for p in out.rglob("*") if "partial" in p.name]
 
 
