@@ -49,6 +49,8 @@ class EncoderAnswer:
     blob: TokenBlob  # for the shm transport, views of the segment (no copy)
     segment: str | None = None  # the shared-memory segment holding them; released by EdenClient.release
     hashes: dict = field(default_factory=dict)  # frame index -> its hash once sent inline over HTTP (framerefs)
+    # frame index -> set once the request claimed to carry it (EdenClient.claim) was answered or failed
+    claims: dict = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
@@ -93,7 +95,6 @@ class EdenClient:
         # hashes of frames sent inline, most recent last -> whether the request that carried it was answered
         self._sent: OrderedDict[str, bool] = OrderedDict()
         self._wire_lock = threading.Lock()
-        self._answered = threading.Condition(self._wire_lock)  # a carrier was answered (or failed)
 
     def _post(self, kind: str, model: ModelClient, **kw) -> requests.Response:
         start = time.perf_counter()
@@ -166,7 +167,25 @@ class EdenClient:
 
         ``difference`` is the DiT's frame-difference input; it may be left out only for consecutive frames of one
         encoder call (the blob has it). ``carry`` (HTTP with frame references; see ``_generate_by_refs``): True
-        sends both frames inline, False names frames other requests carry, waiting for their answers."""
+        sends both frames inline (claim them first: ``claim``), False names frames other requests carry, waiting for
+        their answers."""
+        try:
+            return self._generate_pair(first, i, second, j, difference, seed, carry)
+        finally:
+            if carry:  # answered or failed: whoever waits for these frames goes on (EdenClient._generate_by_refs)
+                for enc, k in ((first, i), (second, j)):
+                    if k in enc.claims:
+                        enc.claims[k].set()
+
+    def claim(self, frames: list[tuple[EncoderAnswer, int]]) -> None:
+        """Say, before it is sent, that a request with ``carry=True`` will carry these frames, so that requests
+        naming them wait for its answer whichever thread runs first."""
+        with self._wire_lock:
+            for enc, k in frames:
+                enc.claims.setdefault(k, threading.Event())
+
+    def _generate_pair(self, first: EncoderAnswer, i: int, second: EncoderAnswer, j: int,
+                       difference: float | None, seed: int | None, carry: bool | None):
         if difference is None:
             if first is not second or j != i + 1:
                 raise ValueError("the difference of frames from different encoder calls must be given")
@@ -206,17 +225,18 @@ class EdenClient:
         ``carry`` None: a frame claimed by another request is named at once, also while that request is on its way
         (the DiT+decoder keeps a batch's inline frames before it looks names up; with several workers the frame may
         reach another worker later: a "racing" miss). The scheduler can do better, since it knows which requests
-        come: True carries both frames (claiming them), False waits for the answers of the requests that carry
-        its frames, then names them (a frame nobody claimed, or whose carrier failed or is slower than
-        ``CARRIER_WAIT_S``, goes inline): no race, each frame inline once, and no request waits on one that
-        waits (``eden_client/video.py`` gives True to even input pairs, False to odd ones)."""
+        come: True carries both frames (the scheduler claims them before sending: ``claim``), False waits for the
+        answers of the requests claimed to carry its frames, then names them (a frame nobody claimed, or whose
+        carrier failed or is slower than ``CARRIER_WAIT_S``, goes inline): no race, each frame inline once, and no
+        request waits on one that waits (``eden_client/video.py`` gives True to even input pairs, False to odd
+        ones)."""
         items, carried, racing = [], [], 0
         for enc, k in frames:
+            if carry is False and k in enc.claims:  # its carrier is on its way: wait for its answer
+                enc.claims[k].wait(self.CARRIER_WAIT_S)
             data = None if k in enc.hashes else self._frame_bytes(enc, k)
             with self._wire_lock:
                 h = enc.hashes[k]
-                if carry is False and self._sent.get(h) is False:  # its carrier is on its way: wait for it
-                    self._answered.wait_for(lambda: self._sent.get(h) is not False, timeout=self.CARRIER_WAIT_S)
                 if carry:
                     named = False  # this request carries its frames
                 elif carry is None:
@@ -276,7 +296,6 @@ class EdenClient:
                         self._sent[h] = True
                     elif self._sent[h] is False:
                         del self._sent[h]
-            self._answered.notify_all()
 
     SENT_HASHES = 4096  # frames remembered as sent (their hashes): far more than a video's window of open pairs
     CARRIER_WAIT_S = 60.0  # the longest a request waits for the answer of one carrying its frame (then: inline)

@@ -551,6 +551,8 @@ class Interpolator:
                         carry = self._carry(segments, k, p, q, exhausted)
                         if carry is DEFER:
                             continue
+                        if carry:
+                            self.client.claim([a.token, b.token])
                         seg.todo.remove((p, q))
                         seg.running += 1
                         mid = (p + q) // 2
