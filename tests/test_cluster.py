@@ -327,8 +327,13 @@ def test_batch_over_two_nodes_survives_a_lost_node(ray_cluster, tmp_path):
     rows = {line.split()[1]: line for line in table[1:-1]}
     served = {name: re.search(r"\[on (n\d)", rows[name]).group(1) for name in names}
     assert set(served.values()) == {"n1", "n2"}, log  # both nodes served inputs
-    for name in killed_on_n1:  # what n1 was doing is redone on n2, and the table says so: the node lost, or (a task
-        # that reached n1 just after its TorchServe died) n1 not serving it
+    # what n1 was doing is redone on n2, and the table says so: the node lost, or (a task that reached n1 just after
+    # its TorchServe died) n1 not serving it. An input n1 finished in the instant between the test reading "start"
+    # and the kill stays n1's (seen on a loaded CI machine): at least one must have been cut off
+    finished_first = [name for name in killed_on_n1 if served[name] == "n1"]
+    redone = [name for name in killed_on_n1 if name not in finished_first]
+    assert redone, f"every input n1 was running finished before the kill\n{log}"
+    for name in redone:
         assert served[name] == "n2" and re.search(r"retried after n1 (was lost|did not serve)", rows[name]), log
     print(f"\ncluster batch: {took:.1f} s; served by " + ", ".join(f"{n}: {served[n]}" for n in names)
           + f"; n1 killed while converting {killed_on_n1}")
