@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import GpuSampler, run_reference  # noqa: E402
+from speed import CpuSampler, GpuSampler, run_reference  # noqa: E402
+from speed import serve_pids as speed_serve_pids  # noqa: E402
 
 from eden_client.api import EdenClient  # noqa: E402
 from eden_client.convert import Options  # noqa: E402
@@ -112,6 +113,10 @@ def start_readme_deployment(work: Path, ckpt: Path, made: bool = True, build_arg
     return setup
 
 
+def serve_pids(work: Path) -> dict:
+    return speed_serve_pids("http://127.0.0.1:8081", work / "key_file.json")
+
+
 def stop_deployment(work: Path) -> None:
     subprocess.run(["torchserve", "--stop"], cwd=work, capture_output=True)
 
@@ -140,23 +145,26 @@ def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", to
     interp.run([Frame(np.ascontiguousarray(f.image[:, ::-1]), f.pts, f.duration) for f in frames[:warm]],
                lambda *a: None)
     warm_s = time.perf_counter() - t
-    with GpuSampler() as gpu:
+    with GpuSampler() as gpu, CpuSampler(lambda: serve_pids(work)) as cpu:
         t = time.perf_counter()
         stats = interp.run(frames, lambda *a: None)
         seconds = time.perf_counter() - t
     return {"seconds_per_generated_frame": seconds / (len(clip) - 1), "wall_s": seconds, "warm_up_s": warm_s,
-            "gpu_util_percent": gpu.mean(), "transport": stats.transport, "stats": stats.as_dict()}
+            "gpu_util_percent": gpu.mean(), "cpu_cores_busy": cpu.cores(), "transport": stats.transport,
+            "stats": stats.as_dict()}
 
 
 def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
     """`python -m eden_client video SRC -o DST` as a user runs it (no tuning flags unless ``extra``), wall clock and its
     stats."""
     stats_file = work / f"{dst.name}.stats.json"
-    with GpuSampler() as gpu:
+    with GpuSampler() as gpu, CpuSampler(lambda: serve_pids(work)) as cpu:
         wall = sh([sys.executable, "-m", "eden_client", "video", src, "-o", dst, "--quiet", "--stats-json", stats_file,
                    *extra], cwd=work, env=user_env())
     stats = json.loads(stats_file.read_text())
+    # cpu_cores_busy: "children" is the CLI process (x264's threads included), the rest TorchServe's processes
     return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),
+            "cpu_cores_busy": cpu.cores(),
             "phases_s": stats.get("phases"), "transport": stats.get("transport"),
             "output_frames": stats.get("output_frames"), "stats": stats, "stderr_tail": LAST_STDERR[-1500:]}
 

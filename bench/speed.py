@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -28,12 +29,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 
-from build_archives import build, kernel_settings  # noqa: E402
+from build_archives import build, handler_settings, kernel_settings  # noqa: E402
 from reference import load_reference, time_clip  # noqa: E402
 
 from eden_client.api import EdenClient  # noqa: E402
@@ -89,6 +91,75 @@ class GpuSampler:
 
     def mean(self) -> dict:
         return {f"gpu{i}": round(statistics.mean(v), 1) for i, v in sorted(self.samples.items()) if v}
+
+
+def serve_pids(management_url: str, key_file: Path) -> dict:
+    """TorchServe's processes by role: each model's workers (from the management API) and the frontend (their
+    parent), for CpuSampler."""
+    import requests
+    key = json.loads(Path(key_file).read_text())["management"]["key"]
+    pids: dict = {}
+    for name in ("eden_encoder", "eden_ditdec"):
+        try:
+            r = requests.get(f"{management_url}/models/{name}", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            pids[name] = [int(w["pid"]) for w in r.json()[0]["workers"] if w.get("pid")] if r.ok else []
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            pids[name] = []
+    workers = pids["eden_encoder"] + pids["eden_ditdec"]
+    try:
+        pids["frontend"] = [psutil.Process(workers[0]).ppid()] if workers else []
+    except psutil.Error:
+        pids["frontend"] = []
+    return pids
+
+
+class CpuSampler:
+    """CPU time spent while running, as cores kept busy on average: the cores this process may use (all of their
+    users), this process, its children waited for meanwhile (a CLI run as a subprocess), and named groups of other
+    processes (``groups()`` -> name -> pids, read at the start: TorchServe's frontend and each model's workers)."""
+
+    def __init__(self, groups=None):
+        self.groups = groups
+
+    @staticmethod
+    def _busy(times) -> float:
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return float("nan")
+
+    def _host(self) -> float:
+        per_cpu = psutil.cpu_times(percpu=True)
+        return sum(self._busy(per_cpu[c]) for c in self.cpus if c < len(per_cpu))
+
+    def __enter__(self):
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            list(range(psutil.cpu_count()))
+        self.pids = self.groups() if self.groups else {}
+        self.start = {name: sum(self._cpu(p) for p in pids) for name, pids in self.pids.items()}
+        self.t0, self.host0, self.me0 = time.perf_counter(), self._host(), os.times()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        me = os.times()
+        self.wall = wall
+        self.result = {"cores_of_this_process": len(self.cpus),
+                       "host_busy": round((self._host() - self.host0) / wall, 2),
+                       "this_process": round((me.user + me.system - self.me0.user - self.me0.system) / wall, 2),
+                       "children": round((me.children_user + me.children_system - self.me0.children_user
+                                          - self.me0.children_system) / wall, 2)}
+        for name, pids in self.pids.items():
+            self.result[name] = round((sum(self._cpu(p) for p in pids) - self.start[name]) / wall, 2)
+
+    def cores(self) -> dict:
+        """Cores kept busy on average by each (host_busy: every process on this process's cores)."""
+        return self.result
 
 
 def sync(device) -> None:
@@ -215,7 +286,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
         interp.run(warm if transport == "http" else warm[:4 * interp.chunk + 1], lambda *a: None)
         calls.clear()
         stages.clear()
-        with GpuSampler() as gpu:
+        with GpuSampler() as gpu, CpuSampler(lambda: serve_pids(ts.management_url, ts.key_file)) as cpu:
             t = time.perf_counter()
             stats = interp.run(frames, write)
             seconds = time.perf_counter() - t
@@ -244,7 +315,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
                        "stages_share_of_wall": moving / wall,
                        "transfer_share_of_wall": copies / wall}
     return {"seconds_per_generated_frame": seconds / n, "wall_s": seconds, "gpu_util_percent": gpu.mean(),
-            "requests_in_flight": occupancy, "first_frame_s": first_frame[0] - t if first_frame[0] else None,
+            "cpu_cores_busy": cpu.cores(), "requests_in_flight": occupancy, "first_frame_s": first_frame[0] - t if first_frame[0] else None,
             "token_transport": token_transport,
             "per_generated_frame_s (request times overlap: sums exceed the wall clock)": per_frame,
             "client_stats": stats.as_dict(), "frames": [generated[k] for k in sorted(generated)]}
@@ -276,6 +347,8 @@ def main():
                     help="DiT+decoder GPU kernels for the in-process run and the archives: auto (default, as "
                          "build_archives.py), off, or e.g. compile_mode=default,cuda_graphs=1,attention_backend=cudnn,"
                          "cast_weights=1 (eden_serve/acceleration.py; warmup_sizes defaults to the sizes measured)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a handler setting for both archives, as build_archives.py --set (e.g. gpu_wait=spin)")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: reference,fast,shm,shm_host,http")
     ap.add_argument("--http-sizes", default="480x854",
                     help="sizes the inline HTTP transport runs at ('all'; at 1080p it takes about 2 s a frame)")
@@ -296,11 +369,11 @@ def main():
     if kernels and args.kernels != "auto":
         kernels.setdefault("warmup_sizes", [f"{h}x{w}" for h, w in sizes])
     build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, max_batch_delay_ms=5,
-          workers=args.workers, kernels=kernels, profile=args.profile)
+          workers=args.workers, kernels=kernels, profile=args.profile, settings=handler_settings(args.set))
     dev = torch.device("cuda", 0) if gpus else torch.device("cpu")
     summary = {"device": [torch.cuda.get_device_name(i) for i in range(gpus)] or ["cpu"], "torch": torch.__version__,
                "workers_per_model": args.workers or "build_archives.py default (2 per GPU)", "profile": args.profile,
-               "batch_size": args.batch_size,
+               "batch_size": args.batch_size, "settings": args.set,
                "checkpoint": "random real-size" if not args.checkpoint else str(ckpt), "kernels": kernels, "sizes": {}}
     lengths = [int(v) for v in args.frames.split(",")]
     with TorchServe(work / "serve", work / "store") as ts:

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -165,6 +166,27 @@ def kernel_settings(text: str, gpus: int = 1) -> dict:
     return {k: v for k, v in chosen.items() if v != default[k]}
 
 
+def handler_settings(pairs: list[str]) -> dict:
+    """--set NAME=VALUE ... -> entries of both archives' ``eden`` section (eden_serve/service.py ``Settings``; values
+    are YAML: 1, true, [480x854], text). Unknown names are refused here rather than by a worker at load."""
+    from eden_serve.service import Settings
+    known = {f.name for f in fields(Settings)}
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{pair!r} is not NAME=VALUE")
+        if name not in known:
+            raise ValueError(f"unknown setting {name!r} (settings: {', '.join(sorted(known))})")
+        out[name] = yaml.safe_load(value) if value.strip() else ""
+    if "gpu_wait" in out:
+        from eden_serve.gpu_wait import MODES
+        if out["gpu_wait"] not in MODES:
+            raise ValueError(f"gpu_wait must be one of {', '.join(MODES)}, got {out['gpu_wait']!r}")
+    return out
+
+
 def detected_gpus() -> int:
     try:
         import torch
@@ -199,6 +221,9 @@ def main(argv=None):
                          "attention_backend=cudnn,compile_cache_dir=/var/cache/eden (eden_serve/acceleration.py)")
     ap.add_argument("--side", choices=SIDES, default="both",
                     help="which archives: both (one TorchServe), or encoder / ditdec alone (two hosts)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a handler setting written into both archives (the eden section of model-config.yaml: "
+                         "eden_serve/service.py Settings), e.g. gpu_wait=spin or token_dtype=int8; repeatable")
     args = ap.parse_args(argv)
     gpus = detected_gpus() if args.gpus is None else args.gpus
     if gpus < 0:
@@ -209,7 +234,11 @@ def main(argv=None):
         kernels = kernel_settings(args.kernels, gpus)
     except ValueError as e:
         ap.error(f"--kernels: {e}")
+    try:
+        settings = handler_settings(args.set)
+    except ValueError as e:
+        ap.error(f"--set: {e}")
     build(args.weights, args.model_store, gpus, args.batch_size, args.max_batch_delay, args.workers, args.version,
           profile=args.profile, side=args.side, versioned_names=args.versioned_names,
-          workers_per_gpu=args.workers_per_gpu, kernels=kernels)
+          workers_per_gpu=args.workers_per_gpu, kernels=kernels, settings=settings)
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, images, limits, protocol, shm, ts_patches, wire
+from . import checkpoint, gpu_wait, images, limits, protocol, shm, ts_patches, wire
+from .worker_profile import WorkerProfile
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Settings:
     token_dtype: str = "float16"  # default wire dtype; a request may ask for float32 or int8
     png_compress_level: int = 1
     torch_threads: int = 0  # CPU threads per worker (0: torch's default)
+    gpu_wait: str = "block"  # how a worker waits for its GPU: block (asleep), spin, yield, auto (eden_serve/gpu_wait.py)
     compute_dtype: str = "auto"  # DiT+decoder matrix precision: auto (bfloat16 on GPU, float32 on CPU), float32, ...
     shm_dir: str = shm.DEFAULT_DIR  # same-host transport (eden_serve/shm.py); "" turns it off
     shm_ttl_s: float = 600.0  # segments older than this are swept
@@ -212,6 +214,7 @@ class BatchService:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self.device = select_device(context)
+        log.info(gpu_wait.set_gpu_wait(self.device, self.settings.gpu_wait))  # before the first CUDA call
         pixels, self.limit_note = limits.resolve_max_pixels(
             self.settings.max_pixels, self.device, int(context.system_properties.get("batch_size") or 1),
             workers_on_gpu=self.settings.workers_on_gpu)
@@ -223,6 +226,7 @@ class BatchService:
         self._last_sweep = 0.0
         self.compute_dtype = resolve_dtype(self.settings.compute_dtype, self.device)
         self.load()
+        self.profile = WorkerProfile.from_env(type(self).__name__)  # EDEN_WORKER_PROFILE: a diagnostic, off
         self.initialized = True
         log.info("%s ready on %s (%s)", type(self).__name__, self.device, self.cfg)
 
@@ -386,6 +390,16 @@ class BatchService:
         return {}
 
     def handle(self, data: list[dict], context) -> list:
+        profile = getattr(self, "profile", None)
+        if profile is None:
+            return self._handle(data, context)
+        profile.before(len(data))
+        try:
+            return self._handle(data, context)
+        finally:
+            profile.after()
+
+    def _handle(self, data: list[dict], context) -> list:
         self._stages: dict[str, float] = {}
         self.sweep()
         answers: list = [None] * len(data)
