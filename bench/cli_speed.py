@@ -154,13 +154,16 @@ def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", to
             "stats": stats.as_dict()}
 
 
+CLI_WRAP: list = []  # --cli-wrap: a command the CLI runs under (a profiler)
+
+
 def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
     """`python -m eden_client video SRC -o DST` as a user runs it (no tuning flags unless ``extra``), wall clock and its
     stats."""
     stats_file = work / f"{dst.name}.stats.json"
     with GpuSampler() as gpu, CpuSampler(lambda: serve_pids(work)) as cpu:
-        wall = sh([sys.executable, "-m", "eden_client", "video", src, "-o", dst, "--quiet", "--stats-json", stats_file,
-                   *extra], cwd=work, env=user_env())
+        wall = sh([*CLI_WRAP, sys.executable, "-m", "eden_client", "video", src, "-o", dst, "--quiet", "--stats-json",
+                   stats_file, *extra], cwd=work, env=user_env())
     stats = json.loads(stats_file.read_text())
     # cpu_cores_busy: "children" is the CLI process (x264's threads included), the rest TorchServe's processes
     return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),
@@ -195,7 +198,11 @@ def main():
     ap.add_argument("--mp4-variants", default="",
                     help="more mp4 runs after the others, each with its own extra flags, separated by ';', e.g. "
                          "\"--preset superfast;--max-inflight 32\"")
+    ap.add_argument("--cli-wrap", default="",
+                    help="a command every CLI run goes under, e.g. \"py-spy record --native --idle -o p.txt -f raw --\" "
+                         "(its wall clock is then not the CLI's)")
     args = ap.parse_args()
+    CLI_WRAP[:] = shlex.split(args.cli_wrap)
     cli_extra = (() if args.transport == "auto" else ("--transport", args.transport)) + \
         (("--token-dtype", args.token_dtype) if args.token_dtype else ()) + tuple(shlex.split(args.client_args))
     skip = set(filter(None, args.skip.split(",")))
