@@ -8,10 +8,20 @@ import threading
 import numpy as np
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 2
+
+
 def writer_threads() -> int:
-    """Threads for a sink's per-frame work: PNG encoding (about 30 ms a 1080p frame) or colour conversion, so that
-    the output keeps up with a GPU making 60 frames a second; x264 has threads of its own."""
-    return max(2, min(12, (os.cpu_count() or 2) * 3 // 4))
+    """Threads for a sink's per-frame work: PNG encoding (30 ms to 0.25 s a 1080p frame on one core, smooth to
+    noisy) or colour conversion. One per usable core: into a PNG folder this work is the client's limit (a 1080p
+    run on one H200 kept 10.8 of 16 cores busy with 12 threads, bench/NOTES.md session 6); for a video the threads
+    mostly wait, and x264 has threads of its own."""
+    return max(2, min(32, usable_cores()))
 
 
 class ParallelWriter:

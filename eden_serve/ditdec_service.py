@@ -283,6 +283,19 @@ class DitDecService(BatchService):
                          for (seg, k), (b, cuda, start), f in zip(frames, read, files)])
         return blob, geo, t
 
+    def host_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """The batch's frames [B, C, H, W] in [0, 1] -> [B, H, W, 3] uint8 in host memory. On a GPU through pinned
+        memory (a copy into ordinary memory took 5.7 ms for four 1080p frames in a profile of a live worker, about
+        4.4 GB/s; pinned memory takes the GPU's full copy speed), from PyTorch's cache of pinned blocks: a block is
+        used again only once the answers holding it are gone."""
+        if self.device.type != "cuda":
+            return pipeline.to_uint8(frames)
+        b, _, h, w = frames.shape
+        host = torch.empty((b, h, w, 3), dtype=torch.uint8, pin_memory=True)
+        pipeline.to_uint8(frames, out=host)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
+
     def run(self, items):
         blobs, tensors, seeds, formats = zip(*items)
         geo = tokens.check_fits(blobs[0], self.cfg)
@@ -292,7 +305,7 @@ class DitDecService(BatchService):
         with self.stage("denoise"):
             latents = self.accel.sample_latents(pairs, noise)
         with self.stage("decode"):
-            frames = pipeline.to_uint8(self.accel.decode_frames(pairs, latents))
+            frames = self.host_frames(self.accel.decode_frames(pairs, latents))
         with self.stage("png"):
             out = []
             for f, seed, fmt in zip(frames.numpy(), seeds, formats):

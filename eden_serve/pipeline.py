@@ -141,6 +141,14 @@ def interpolate(generator: EdenGenerator, pairs: PairBatch, noise: torch.Tensor,
     return decode_frames(generator, pairs, sample_latents(generator, pairs, noise, dtype), dtype)
 
 
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] in [0, 1] -> [B, H, W, C] uint8 on the CPU, rounded half up (as torchvision's save_image)."""
-    return frames.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+def to_uint8(frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, C, H, W] in [0, 1] -> [B, H, W, C] uint8, rounded half up (as torchvision's save_image): on the CPU, or
+    copied into ``out`` without waiting (pinned host memory: the copy out of the GPU runs at full speed; the caller
+    synchronises). The cast writes the channels-last layout directly: no separate uint8 pass to reorder it."""
+    b, c, h, w = frames.shape
+    scaled = frames.mul(255).add_(0.5).clamp_(0, 255)
+    dense = torch.empty((b, h, w, c), dtype=torch.uint8, device=frames.device)
+    dense.permute(0, 3, 1, 2).copy_(scaled)
+    if out is None:
+        return dense.cpu()
+    return out.copy_(dense, non_blocking=True)

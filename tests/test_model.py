@@ -144,3 +144,17 @@ def test_bicubic_upsample_as_matrix_products(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     want = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bicubic", align_corners=False)
     assert torch.allclose(upsample2x_bicubic(x), want, atol=2e-6)
+
+
+def test_to_uint8_matches_the_reference_rounding_byte_for_byte():
+    """pipeline.to_uint8 writes the channels-last uint8 frame in one cast: the same bytes as the plain chain
+    (torchvision's save_image rounding), for slices of a padded frame too, and into a given buffer."""
+    g = torch.Generator().manual_seed(0)
+    padded = torch.rand(2, 3, 40, 70, generator=g)
+    padded[0, 0, 0, :10] = torch.arange(10) / 255 + 0.5 / 255  # exact halves
+    padded[1, 1, 3, :4] = torch.tensor([0.0, 1.0, 1e-9, 1 - 1e-7])
+    frames = padded[..., 2:38, 3:67]  # a view, as Geometry.unpad makes
+    want = frames.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    assert torch.equal(pipeline.to_uint8(frames), want)
+    out = torch.empty(2, 36, 64, 3, dtype=torch.uint8)
+    assert pipeline.to_uint8(frames, out=out) is out and torch.equal(out, want)
