@@ -27,6 +27,21 @@ MODES = {"auto": 0x00, "spin": 0x01, "yield": 0x02, "block": 0x04}
 SCHED_MASK = 0x07
 
 
+def _primary_context(device: torch.device):
+    """(driver library, device handle, context flags, whether the context is active) of ``device``'s primary
+    context, or a sentence saying why they cannot be had."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return f"no CUDA driver library: {e}"
+    handle, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    rc = cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(handle), device.index or 0) or \
+        cuda.cuDevicePrimaryCtxGetState(handle, ctypes.byref(flags), ctypes.byref(active))
+    if rc:
+        return f"CUDA driver error {rc}"
+    return cuda, handle, flags.value, bool(active.value)
+
+
 def set_gpu_wait(device: torch.device, mode: str) -> str:
     """Make the threads of this process wait for ``device`` by ``mode`` (see MODES). Returns what was done, for the
     worker's log. Call before anything creates the device's context (later, the driver may refuse; that is logged
@@ -35,35 +50,21 @@ def set_gpu_wait(device: torch.device, mode: str) -> str:
         raise ValueError(f"gpu_wait must be one of {', '.join(MODES)}, got {mode!r}")
     if device.type != "cuda":
         return "CPU worker: no GPU waits"
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError as e:
-        return f"gpu_wait {mode} not set (no CUDA driver library: {e})"
-    handle = ctypes.c_int()
-    flags, active = ctypes.c_uint(), ctypes.c_int()
-    rc = cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(handle), device.index or 0)
-    rc = rc or cuda.cuDevicePrimaryCtxGetState(handle, ctypes.byref(flags), ctypes.byref(active))
-    if rc:
-        return f"gpu_wait {mode} not set (CUDA driver error {rc})"
-    wanted = (flags.value & ~SCHED_MASK) | MODES[mode]
-    rc = cuda.cuDevicePrimaryCtxSetFlags(handle, ctypes.c_uint(wanted))
+    ctx = _primary_context(device)
+    if isinstance(ctx, str):
+        return f"gpu_wait {mode} not set ({ctx})"
+    cuda, handle, flags, active = ctx
+    rc = cuda.cuDevicePrimaryCtxSetFlags(handle, ctypes.c_uint((flags & ~SCHED_MASK) | MODES[mode]))
     if rc:
         log.warning("gpu_wait %s not set on %s (CUDA driver error %d; context already active: %s)", mode, device, rc,
-                    bool(active.value))
+                    active)
         return f"gpu_wait {mode} not set (CUDA driver error {rc})"
     return f"GPU waits on {device}: {mode}"
 
 
 def current_mode(device: torch.device) -> str | None:
     """The scheduling mode of ``device``'s primary context (None on a CPU or without the driver): for tests."""
-    if device.type != "cuda":
+    ctx = _primary_context(device) if device.type == "cuda" else "CPU"
+    if isinstance(ctx, str):
         return None
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    handle, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
-    if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(handle), device.index or 0) or \
-            cuda.cuDevicePrimaryCtxGetState(handle, ctypes.byref(flags), ctypes.byref(active)):
-        return None
-    return {v: k for k, v in MODES.items()}.get(flags.value & SCHED_MASK)
+    return {v: k for k, v in MODES.items()}.get(ctx[2] & SCHED_MASK)

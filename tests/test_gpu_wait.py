@@ -65,3 +65,36 @@ def test_a_blocked_wait_leaves_the_core_free():
         assert got[mode]["wall"] > 0.2, got  # the wait did happen
     assert got["spin"]["cpu"] > 0.7 * got["spin"]["wall"], got  # a core busy for the whole wait
     assert got["block"]["cpu"] < 0.1 * got["block"]["wall"], got  # asleep
+
+
+class _FakeDriver:
+    """The four driver calls gpu_wait makes, on a context whose flags start at ``flags``."""
+
+    def __init__(self, flags: int):
+        self.flags, self.calls = flags, []
+
+    def cuInit(self, _):
+        return 0
+
+    def cuDeviceGet(self, handle, ordinal):
+        handle._obj.value = 100 + ordinal
+        return 0
+
+    def cuDevicePrimaryCtxGetState(self, handle, flags, active):
+        flags._obj.value, active._obj.value = self.flags, 0
+        return 0
+
+    def cuDevicePrimaryCtxSetFlags(self, handle, flags):
+        self.calls.append((handle.value, flags.value))
+        self.flags = flags.value
+        return 0
+
+
+def test_the_scheduling_bits_change_and_the_others_stay(monkeypatch):
+    driver = _FakeDriver(flags=0x08 | 0x01)  # another flag (map host) kept, spin replaced
+    monkeypatch.setattr(gpu_wait.ctypes, "CDLL", lambda name: driver)
+    assert gpu_wait.set_gpu_wait(torch.device("cuda", 1), "block") == "GPU waits on cuda:1: block"
+    assert driver.calls == [(101, 0x08 | 0x04)]
+    assert gpu_wait.current_mode(torch.device("cuda", 1)) == "block"
+    monkeypatch.setattr(gpu_wait.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError("not found")))
+    assert "no CUDA driver library" in gpu_wait.set_gpu_wait(torch.device("cuda", 0), "block")
