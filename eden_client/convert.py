@@ -62,6 +62,18 @@ def _with_thumbnails(frames):
         yield frame
 
 
+def _timed(frames, seconds: dict, key: str):
+    """``frames``, adding the time spent making each one to ``seconds[key]``."""
+    it = iter(frames)
+    while True:
+        start = time.perf_counter()
+        frame = next(it, None)
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+        if frame is None:
+            return
+        yield frame
+
+
 def convert(src: Path, dst: Path, client, options: Options,
             on_start: Callable[[int], None] | None = None,
             on_progress: Callable[[int], None] | None = None) -> Stats:
@@ -80,7 +92,9 @@ def convert(src: Path, dst: Path, client, options: Options,
                                     detector=SceneDetector(options.scene_threshold),
                                     token_dtype=options.token_dtype, target_fps=options.target_fps,
                                     time_base=meta.time_base, max_depth=options.max_depth)
-        frames = Prefetch(_with_thumbnails(source) if options.scene_threshold is not None else source)
+        client_seconds: dict = {}
+        frames = Prefetch(_timed(_with_thumbnails(source) if options.scene_threshold is not None else source,
+                                 client_seconds, "read"))
         complete = False
         try:
             stream = iter(frames)
@@ -112,6 +126,7 @@ def convert(src: Path, dst: Path, client, options: Options,
             frames.close()
         # where the command's time went: opening input and output, the pipelined run, writing what was queued
         stats.phases.update(open=t1 - t0, run=t2 - t1, finish=time.perf_counter() - t2)
+        stats.client_seconds = {k: round(v, 3) for k, v in {**client_seconds, **sink.seconds}.items()}
         return stats
     finally:
         source.close()

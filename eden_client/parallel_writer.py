@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -29,7 +30,11 @@ class ParallelWriter:
     runs on ``threads`` threads while ``commit`` (the file, the video encoder) takes the results in order on one.
 
     ``write`` returns as soon as the frame is queued (it blocks only when ``depth`` frames are waiting, which bounds
-    memory); an error from either step is raised by the next ``write`` or by ``close``."""
+    memory); an error from either step is raised by the next ``write`` or by ``close``.
+
+    ``seconds`` says where the time went: "prepare" (summed over the threads), "commit" (the encoder or the file),
+    "commit_waiting" (the committing thread waiting for the next frame: the sink had nothing to do) and
+    "write_blocked" (callers waiting for room: the sink was the slower side)."""
 
     _END = object()
 
@@ -42,22 +47,42 @@ class ParallelWriter:
         self.queue: queue.Queue = queue.Queue(depth or 2 * threads)
         self.error: BaseException | None = None
         self.discard = False
+        self.seconds = {"prepare": 0.0, "commit": 0.0, "commit_waiting": 0.0, "write_blocked": 0.0}
+        self._prepare_lock = threading.Lock()
         self.thread = threading.Thread(target=self._commit, name="eden-commit", daemon=True)
         self.thread.start()
 
+    def _prepare(self, image: np.ndarray):
+        start = time.perf_counter()
+        try:
+            return self.sink.prepare(image)
+        finally:
+            with self._prepare_lock:
+                self.seconds["prepare"] += time.perf_counter() - start
+
     def _commit(self) -> None:
-        while (item := self.queue.get()) is not self._END:
+        while True:
+            start = time.perf_counter()
+            item = self.queue.get()
+            if item is self._END:
+                return
             if self.error is None and not self.discard:
                 future, pts, duration = item
                 try:
-                    self.sink.commit(future.result(), pts, duration)
+                    prepared = future.result()
+                    ready = time.perf_counter()
+                    self.seconds["commit_waiting"] += ready - start
+                    self.sink.commit(prepared, pts, duration)
+                    self.seconds["commit"] += time.perf_counter() - ready
                 except BaseException as e:  # noqa: BLE001 - raised in the caller
                     self.error = e
 
     def write(self, image: np.ndarray, pts: int, duration: int) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((self.pool.submit(self.sink.prepare, image), pts, duration))
+        start = time.perf_counter()
+        self.queue.put((self.pool.submit(self._prepare, image), pts, duration))
+        self.seconds["write_blocked"] += time.perf_counter() - start
 
     def close(self, complete: bool = True) -> None:
         """Wait for every queued frame (or drop them when not ``complete``), then close the sink: kept if complete

@@ -199,6 +199,10 @@ class Stats:
     schedule: dict = field(default_factory=dict)  # what was kept in flight (Schedule's fields; the chunk as ended)
     retries: dict = field(default_factory=dict)  # requests tried again, "model: reason" -> count (ModelClient.retries)
     phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
+    # seconds of the client's own work on the frames (eden_client/convert.py): read (decoding, colour conversion,
+    # scene thumbnails), prepare (colour conversion or PNG, summed over threads), commit (the video encoder or the
+    # files), commit_waiting (the writer idle, waiting for answers), write_blocked (answers waiting for the writer)
+    client_seconds: dict = field(default_factory=dict)
 
     @property
     def fps(self) -> float:

@@ -63,3 +63,18 @@ def test_png_folder_through_the_writer(tmp_path):
     written = sorted((tmp_path / "out").iterdir())
     assert [p.name for p in written] == [f"{i:08d}.png" for i in range(12)]
     assert all(np.array_equal(read_rgb(p), im) for p, im in zip(written, images))
+
+
+def test_the_writer_says_where_its_time_went():
+    class Slow(Recorder):
+        def commit(self, value, pts, duration):
+            time.sleep(0.01)  # the encoder is the slower side
+            super().commit(value, pts, duration)
+    sink = Slow()
+    writer = ParallelWriter(sink, threads=2, depth=2)
+    for i, f in enumerate(frames(12)):
+        writer.write(f, i, 1)
+    writer.close()
+    s = writer.seconds
+    assert set(s) == {"prepare", "commit", "commit_waiting", "write_blocked"}
+    assert s["commit"] >= 0.1 and s["prepare"] > 0 and s["write_blocked"] > 0.02
