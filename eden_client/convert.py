@@ -13,7 +13,7 @@ from typing import Callable
 from .frames_io import FramesError
 from .parallel_writer import ParallelWriter
 from .scenes import DEFAULT_THRESHOLD, SceneDetector, thumbnail
-from .sinks import Encoding, open_sink
+from .sinks import Encoding, VideoSink, open_sink
 from .sources import Prefetch, open_source
 from .video import DEFAULT_MAX_DEPTH, Interpolator, Stats, TimeGrid, output_count, target_count
 
@@ -74,6 +74,25 @@ def _timed(frames, seconds: dict, key: str):
         yield frame
 
 
+def pace_note(run_s: float, seconds: dict, encoding: Encoding | None) -> str:
+    """What set a run's pace, from the writer's times, when one side clearly did (more than half the run): the
+    answers waiting for the output's encoding, or the writer waiting for answers; "" otherwise. With a hint for the
+    encoding case: x264's preset trades file size for speed at the same quality."""
+    if run_s <= 0:
+        return ""
+    if seconds.get("write_blocked", 0.0) > 0.5 * run_s:
+        hint = ""
+        if encoding is not None and encoding.codec in ("libx264", "libx265") and encoding.preset not in (
+                "superfast", "ultrafast"):
+            hint = f" ({encoding.codec} preset {encoding.preset or 'medium'}: --preset superfast is faster, for larger files)"
+        elif encoding is None:
+            hint = " (PNG files)"
+        return f"pace set by the output's encoding{hint}"
+    if seconds.get("commit_waiting", 0.0) > 0.5 * run_s:
+        return "pace set by the servers"
+    return ""
+
+
 def convert(src: Path, dst: Path, client, options: Options,
             on_start: Callable[[int], None] | None = None,
             on_progress: Callable[[int], None] | None = None) -> Stats:
@@ -127,6 +146,7 @@ def convert(src: Path, dst: Path, client, options: Options,
         # where the command's time went: opening input and output, the pipelined run, writing what was queued
         stats.phases.update(open=t1 - t0, run=t2 - t1, finish=time.perf_counter() - t2)
         stats.client_seconds = {k: round(v, 3) for k, v in {**client_seconds, **sink.seconds}.items()}
+        stats.pace = pace_note(t2 - t1, sink.seconds, options.encoding if isinstance(sink.sink, VideoSink) else None)
         return stats
     finally:
         source.close()

@@ -203,6 +203,7 @@ class Stats:
     # scene thumbnails), prepare (colour conversion or PNG, summed over threads), commit (the video encoder or the
     # files), commit_waiting (the writer idle, waiting for answers), write_blocked (answers waiting for the writer)
     client_seconds: dict = field(default_factory=dict)
+    pace: str = ""  # what set the run's pace when one side clearly did (eden_client/convert.py pace_note)
 
     @property
     def fps(self) -> float:
@@ -226,7 +227,8 @@ class Stats:
                 + (f"; time error <= {self.max_time_error_ms:.2f} ms" if self.max_time_error_ms else "")
                 + (f"; retried: {', '.join(f'{k} x{n}' for k, n in sorted(self.retries.items()))}"
                    if self.retries else "")
-                + (f"; transport: {self.transport}" if self.transport else ""))
+                + (f"; transport: {self.transport}" if self.transport else "")
+                + (f"; {self.pace}" if self.pace else ""))
 
 
 class _Node:

@@ -533,3 +533,16 @@ def test_shm_transport_gives_the_same_video_and_leaves_no_segment(server, shm_di
     assert len(http) == len(fast) == 25
     assert all(np.array_equal(read_rgb(a), read_rgb(b)) for a, b in zip(http, fast))
     assert not [p for p in shm_dir.iterdir() if p.name.startswith(("eden-", ".eden-"))]
+
+
+def test_the_summary_says_what_set_the_pace():
+    from eden_client.convert import pace_note
+    from eden_client.sinks import Encoding
+    x264 = Encoding()
+    assert pace_note(10.0, {"write_blocked": 8.0, "commit_waiting": 0.1}, x264) == (
+        "pace set by the output's encoding (libx264 preset veryfast: --preset superfast is faster, for larger files)")
+    assert pace_note(10.0, {"write_blocked": 8.0}, Encoding(preset="ultrafast")) == "pace set by the output's encoding"
+    assert pace_note(10.0, {"write_blocked": 8.0}, None) == "pace set by the output's encoding (PNG files)"
+    assert pace_note(10.0, {"write_blocked": 0.2, "commit_waiting": 7.0}, x264) == "pace set by the servers"
+    assert pace_note(10.0, {"write_blocked": 3.0, "commit_waiting": 3.0}, x264) == ""
+    assert pace_note(0.0, {}, x264) == ""
