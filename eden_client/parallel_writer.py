@@ -33,8 +33,9 @@ class ParallelWriter:
     memory); an error from either step is raised by the next ``write`` or by ``close``.
 
     ``seconds`` says where the time went: "prepare" (summed over the threads), "commit" (the encoder or the file),
-    "commit_waiting" (the committing thread waiting for the next frame: the sink had nothing to do) and
-    "write_blocked" (callers waiting for room: the sink was the slower side)."""
+    "commit_waiting" (the committing thread waiting for the next frame to be written: the sink had nothing to do),
+    "prepare_waiting" (... for a written frame's prepare to finish) and "write_blocked" (callers waiting for room:
+    the sink was the slower side)."""
 
     _END = object()
 
@@ -44,10 +45,12 @@ class ParallelWriter:
         self.sink = sink
         threads = threads or writer_threads()
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="eden-prepare")
-        self.queue: queue.Queue = queue.Queue(depth or 2 * threads)
+        # frames waiting, at most 24 whatever the threads (a 4K frame is 25 MB)
+        self.queue: queue.Queue = queue.Queue(depth or min(2 * threads, 24))
         self.error: BaseException | None = None
         self.discard = False
-        self.seconds = {"prepare": 0.0, "commit": 0.0, "commit_waiting": 0.0, "write_blocked": 0.0}
+        self.seconds = {"prepare": 0.0, "commit": 0.0, "commit_waiting": 0.0, "prepare_waiting": 0.0,
+                        "write_blocked": 0.0}
         self._prepare_lock = threading.Lock()
         self.thread = threading.Thread(target=self._commit, name="eden-commit", daemon=True)
         self.thread.start()
@@ -64,6 +67,8 @@ class ParallelWriter:
         while True:
             start = time.perf_counter()
             item = self.queue.get()
+            got = time.perf_counter()
+            self.seconds["commit_waiting"] += got - start
             if item is self._END:
                 return
             if self.error is None and not self.discard:
@@ -71,7 +76,7 @@ class ParallelWriter:
                 try:
                     prepared = future.result()
                     ready = time.perf_counter()
-                    self.seconds["commit_waiting"] += ready - start
+                    self.seconds["prepare_waiting"] += ready - got
                     self.sink.commit(prepared, pts, duration)
                     self.seconds["commit"] += time.perf_counter() - ready
                 except BaseException as e:  # noqa: BLE001 - raised in the caller

@@ -201,7 +201,8 @@ class Stats:
     phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
     # seconds of the client's own work on the frames (eden_client/convert.py): read (decoding, colour conversion,
     # scene thumbnails), prepare (colour conversion or PNG, summed over threads), commit (the video encoder or the
-    # files), commit_waiting (the writer idle, waiting for answers), write_blocked (answers waiting for the writer)
+    # files), commit_waiting (the writer idle, waiting for answers), prepare_waiting (the encoder waiting for a
+    # frame's conversion or PNG), write_blocked (answers waiting for the writer)
     client_seconds: dict = field(default_factory=dict)
     pace: str = ""  # what set the run's pace when one side clearly did (eden_client/convert.py pace_note)
 

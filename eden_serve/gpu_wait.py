@@ -54,7 +54,9 @@ def set_gpu_wait(device: torch.device, mode: str) -> str:
     if isinstance(ctx, str):
         return f"gpu_wait {mode} not set ({ctx})"
     cuda, handle, flags, active = ctx
-    rc = cuda.cuDevicePrimaryCtxSetFlags(handle, ctypes.c_uint((flags & ~SCHED_MASK) | MODES[mode]))
+    # the _v2 entry point (what cuda.h calls since CUDA 11) also takes flags for an active context; the first does not
+    set_flags = getattr(cuda, "cuDevicePrimaryCtxSetFlags_v2", None) or cuda.cuDevicePrimaryCtxSetFlags
+    rc = set_flags(handle, ctypes.c_uint((flags & ~SCHED_MASK) | MODES[mode]))
     if rc:
         log.warning("gpu_wait %s not set on %s (CUDA driver error %d; context already active: %s)", mode, device, rc,
                     active)

@@ -48,8 +48,12 @@ class WorkerProfile:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=activities)
-            self.prof.start()
+            try:
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.start()
+            except Exception:  # noqa: BLE001 - a diagnostic never costs a batch its answers
+                log.warning("starting the worker profile failed: not profiling", exc_info=True)
+                self.prof, self.first = None, -1
         if self.prof is not None:
             self.requests += requests
 
@@ -59,10 +63,10 @@ class WorkerProfile:
         if self.prof is None or self.batch < self.first + self.count:
             return
         prof, self.prof = self.prof, None
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        prof.stop()
         try:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            prof.stop()
             events = prof.key_averages()
             gpu_us = sum(e.self_device_time_total for e in events  # kernels and copies: the GPU's own events
                          if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)

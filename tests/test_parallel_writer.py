@@ -76,5 +76,5 @@ def test_the_writer_says_where_its_time_went():
         writer.write(f, i, 1)
     writer.close()
     s = writer.seconds
-    assert set(s) == {"prepare", "commit", "commit_waiting", "write_blocked"}
+    assert set(s) == {"prepare", "commit", "commit_waiting", "prepare_waiting", "write_blocked"}
     assert s["commit"] >= 0.1 and s["prepare"] > 0 and s["write_blocked"] > 0.02

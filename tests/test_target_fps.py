@@ -274,7 +274,8 @@ def test_24_to_60_video_stamps_rate_and_audio(tmp_path):
     stats = convert(src, tmp_path / "out.mp4", fake, Options(target_fps=Fraction(60)))
     assert stats.output_frames == 31
     # where the client's time went (--stats-json): reading, the writer's threads, the encoder
-    assert set(stats.client_seconds) == {"read", "prepare", "commit", "commit_waiting", "write_blocked"}
+    assert set(stats.client_seconds) == {"read", "prepare", "commit", "commit_waiting", "prepare_waiting",
+                                           "write_blocked"}
     assert stats.client_seconds["read"] > 0 and stats.client_seconds["commit"] > 0
     with av.open(str(tmp_path / "out.mp4")) as c:
         v = c.streams.video[0]
