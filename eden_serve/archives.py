@@ -181,9 +181,8 @@ def handler_settings(pairs: list[str]) -> dict:
             raise ValueError(f"unknown setting {name!r} (settings: {', '.join(sorted(known))})")
         out[name] = yaml.safe_load(value) if value.strip() else ""
     if "gpu_wait" in out:
-        from eden_serve.gpu_wait import MODES
-        if out["gpu_wait"] not in MODES:
-            raise ValueError(f"gpu_wait must be one of {', '.join(MODES)}, got {out['gpu_wait']!r}")
+        from eden_serve.gpu_wait import check_mode
+        check_mode(out["gpu_wait"])
     return out
 
 

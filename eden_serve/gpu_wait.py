@@ -42,12 +42,18 @@ def _primary_context(device: torch.device):
     return cuda, handle, flags.value, bool(active.value)
 
 
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of MODES, else ValueError naming them (the setting's one check: build and load)."""
+    if mode not in MODES:
+        raise ValueError(f"gpu_wait must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
 def set_gpu_wait(device: torch.device, mode: str) -> str:
     """Make the threads of this process wait for ``device`` by ``mode`` (see MODES). Returns what was done, for the
     worker's log. Call before anything creates the device's context (later, the driver may refuse; that is logged
     and the worker carries on with CUDA's choice)."""
-    if mode not in MODES:
-        raise ValueError(f"gpu_wait must be one of {', '.join(MODES)}, got {mode!r}")
+    check_mode(mode)
     if device.type != "cuda":
         return "CPU worker: no GPU waits"
     ctx = _primary_context(device)
