@@ -69,7 +69,7 @@ class EncoderService(BatchService):
     def run(self, items):
         with self.stage("encode"):
             frames = np.concatenate([f for f, _, _ in items])  # [K, H, W, C] uint8
-            x = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float().div_(255)  # [K, C, H, W]
+            x = torch.from_numpy(frames).to(self.device).float().div_(255).permute(0, 3, 1, 2)  # [K, C, H, W] channels-last
             encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _, _ in items])
         with self.stage("serialize"):
             geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)

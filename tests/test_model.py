@@ -158,3 +158,19 @@ def test_to_uint8_matches_the_reference_rounding_byte_for_byte():
     assert torch.equal(pipeline.to_uint8(frames), want)
     out = torch.empty(2, 36, 64, 3, dtype=torch.uint8)
     assert pipeline.to_uint8(frames, out=out) is out and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_embedding_as_a_matrix_product_equals_the_convolution(channels_last):
+    """The encoder's patch embeddings are a matrix product over patches (patchify + linear), the same numbers as
+    the checkpoint's Conv2d, whatever the frames' memory layout (the encoder service uploads channels-last)."""
+    from eden_serve.model import patch_embed, patchify
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=16, stride=16)
+    frames = torch.rand(2, 3, 64, 96)
+    if channels_last:
+        frames = frames.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    want = conv(frames).flatten(2).transpose(1, 2)  # [B, N, D]
+    got = patch_embed(patchify(frames, 16), conv)
+    assert got.shape == want.shape == (2, 4 * 6, 24)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
