@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import stat
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -195,6 +196,7 @@ class VideoSink:
             self._discard()
             raise
         self._durations: dict[int, int] = {}
+        self._staging = threading.local()  # each writer thread's RGB frame, reused (see _rgb_frame)
 
     def _setup(self, meta: VideoMeta, factor: int, encoding: Encoding, fmt: str) -> None:
         """The video stream (codec, size, timing, colour, rotation) and the audio copies."""
@@ -240,12 +242,29 @@ class VideoSink:
         if image.shape[0] != self.height or image.shape[1] != self.width:
             image = np.pad(image, ((0, self.height - image.shape[0]), (0, self.width - image.shape[1]), (0, 0)),
                            mode="edge")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame = self._rgb_frame(image)
         if self.yuv:
             matrix = _sws_matrix(self.color.get("colorspace", 0))
             return frame.reformat(format=self.pix_fmt, src_colorspace=matrix, dst_colorspace=matrix,
                                   src_color_range=2, dst_color_range=self.color["color_range"])
         return frame.reformat(format=self.pix_fmt)
+
+    def _rgb_frame(self, image: np.ndarray):
+        """``image`` [height, width, 3] in an rgb24 frame for swscale: this thread's own frame, reused, filled by a
+        NumPy copy, which runs without the interpreter lock (PyAV's ``from_ndarray`` copies row by row holding it:
+        4 ms of every 1080p frame that the client's other threads wait for). A fresh frame where the conversion
+        would hand back its input (rgb24 out)."""
+        av = self.av
+        if not self.yuv and self.pix_fmt == "rgb24":
+            return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        staging = self._staging
+        if getattr(staging, "frame", None) is None:
+            staging.frame = av.VideoFrame(self.width, self.height, "rgb24")
+            plane = staging.frame.planes[0]
+            staging.pixels = np.ndarray((self.height, self.width, 3), np.uint8, buffer=plane,
+                                        strides=(plane.line_size, 3, 1))
+        np.copyto(staging.pixels, image)
+        return staging.frame
 
     def write(self, image: np.ndarray, pts: int, duration: int) -> None:
         """One RGB frame at ``pts`` (in the output time base, the source's divided by the factor)."""

@@ -63,6 +63,7 @@ from eden_serve.protocol import MAX_SEED
 from .api import EncoderAnswer, TokensLost
 from .errors import ServeError
 from .frames_io import Frame
+from .gil import short_switches
 from .scenes import SceneDetector, thumbnail
 
 FACTORS = (2, 4, 8)
@@ -476,7 +477,12 @@ class Interpolator:
             progress: Callable[[int], None] | None = None) -> Stats:
         """Interpolate ``frames`` (time stamps in the source's time base) and call ``write(image, pts, duration)``
         for each output frame in order (time stamps in the source's time base divided by the factor, or in the
-        target rate's ``TimeGrid.time_base``)."""
+        target rate's ``TimeGrid.time_base``). The run's threads switch every millisecond (``gil``)."""
+        with short_switches():
+            return self._run(frames, write, progress)
+
+    def _run(self, frames: Iterable[Frame], write: Callable[[np.ndarray, int, int], None],
+             progress: Callable[[int], None] | None) -> Stats:
         describe = getattr(self.client, "describe_transport", None)
         stats = Stats(transport=describe() if describe else "")
         wire_before = dict(getattr(self.client, "wire", None) or {})

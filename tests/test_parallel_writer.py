@@ -78,3 +78,32 @@ def test_the_writer_says_where_its_time_went():
     s = writer.seconds
     assert set(s) == {"prepare", "commit", "commit_waiting", "prepare_waiting", "write_blocked"}
     assert s["commit"] >= 0.1 and s["prepare"] > 0 and s["write_blocked"] > 0.02
+
+
+def test_video_frames_prepared_on_one_thread_do_not_share_pixels(tmp_path):
+    """VideoSink.prepare fills each thread's one RGB frame again for every image: what it hands back must be the
+    converted copy, so two images prepared in a row on one thread stay two images (and match the input)."""
+    pytest.importorskip("av")
+    from fractions import Fraction
+    from eden_client.frames_io import VideoMeta
+    from eden_client.sinks import Encoding, VideoSink
+    rng = np.random.default_rng(0)
+    a = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 8, 0), 8, 1)  # [48, 64, 3] blocks
+    b = 255 - a
+    sink = VideoSink(tmp_path / "o.mp4", VideoMeta(Fraction(1, 25), Fraction(25), 64, 48), 1, Encoding())
+    try:
+        fa, fb = sink.prepare(a), sink.prepare(b)
+        back = [f.to_ndarray(format="rgb24").astype(int) for f in (fa, fb)]
+        assert fa is not fb
+        assert np.abs(back[0] - a).mean() < 12 and np.abs(back[1] - b).mean() < 12  # a and b differ by ~128
+    finally:
+        sink.close(complete=False)
+
+
+def test_short_switches_for_a_run_and_back():
+    import sys
+    from eden_client.gil import short_switches
+    before = sys.getswitchinterval()
+    with short_switches(0.0007):
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+    assert sys.getswitchinterval() == before
