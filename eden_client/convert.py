@@ -1,11 +1,13 @@
 """One input (a video file or a folder of frames) -> one output (a video file or a folder of PNG frames)."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -55,11 +57,25 @@ def expected_outputs(count: int, rate: Fraction, options: Options) -> int:
     return math.floor((count - 1) * Fraction(options.target_fps) / Fraction(rate)) + 1
 
 
-def _with_thumbnails(frames):
-    """Frames with their scene-detection thumbnail made as they are decoded (off the scheduler's thread)."""
-    for frame in frames:
-        frame.thumb = thumbnail(frame.image)
-        yield frame
+THUMBNAIL_THREADS = 3  # a 1080p thumbnail takes ~6 ms (mostly without the interpreter lock): 3 keep ahead of 150 frames/s
+
+
+def _with_thumbnails(frames, threads: int = THUMBNAIL_THREADS):
+    """Frames, in order, with their scene-detection thumbnail, made on ``threads`` threads while the next frames
+    decode: made in the decoding thread they held it back (1080p, two H200s: the run 26% slower than without scene
+    detection, bench/NOTES.md session 7)."""
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="eden-thumbnail") as pool:
+        for frame in frames:
+            pending.append((frame, pool.submit(thumbnail, frame.image)))
+            if len(pending) > 2 * threads:
+                frame, made = pending.popleft()
+                frame.thumb = made.result()
+                yield frame
+        while pending:
+            frame, made = pending.popleft()
+            frame.thumb = made.result()
+            yield frame
 
 
 def _timed(frames, seconds: dict, key: str):

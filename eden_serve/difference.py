@@ -11,8 +11,9 @@ from .config import EdenConfig
 def frame_difference_uint8(frame0: np.ndarray, frame1: np.ndarray, cfg: EdenConfig, band: int = 32) -> float:
     """``frame_difference`` of two [H, W, 3] uint8 frames on the CPU, for a client pairing frames of different
     encoder calls. Cosine similarity does not depend on the pixels' scale, so it works on the 8-bit values: dot
-    products and norms are exact, only the division and the mean are rounded (float64); agrees with the float32
-    version to about 1e-6 and is far faster on a CPU. Works in bands of ``band`` rows that stay in the CPU's cache
+    products and norms are exact, each pixel's division and square root are rounded once (float64), and the result
+    is rounded to float32: the encoder's ``pipeline.frame_difference`` gives the same float32 number (it differs
+    only in the order of the float64 sum), so the output does not depend on which side computed it. Works in bands of ``band`` rows that stay in the CPU's cache
     (19.5 against 52.8 ms for a 1080p pair on a 2-core CI host: the client computes one for every pair across encoder requests, on
     cores its video encoding needs)."""
     height, width, _ = frame0.shape
@@ -32,4 +33,4 @@ def frame_difference_uint8(frame0: np.ndarray, frame1: np.ndarray, cfg: EdenConf
         norm1 += b[2] * b[2]
         norms = norm0.astype(np.float64) * norm1
         total += float(np.where(norms > 0, dot / np.sqrt(np.maximum(norms, 1e-300)), 0.0).sum())
-    return float((total / (height * width) - cfg.cos_sim_mean) / cfg.cos_sim_std)
+    return float(np.float32((total / (height * width) - cfg.cos_sim_mean) / cfg.cos_sim_std))

@@ -59,9 +59,16 @@ class Geometry:
 
 # ------------------------------------------------------------------ encoder side
 def frame_difference(frames0: torch.Tensor, frames1: torch.Tensor, cfg: EdenConfig) -> torch.Tensor:
-    """Unpadded frames [B, C, H, W] in [0, 1] -> the DiT's difference input [B, 1]: z-scored mean cosine similarity."""
-    cos = torch.cosine_similarity(frames0, frames1, dim=1)  # [B, H, W]
-    return ((cos.mean(dim=(1, 2)) - cfg.cos_sim_mean) / cfg.cos_sim_std).unsqueeze(1)
+    """8-bit frames [B, C, H, W] as values in [0, 1] -> the DiT's difference input [B, 1]: z-scored mean cosine
+    similarity of the pixels. Computed on the 8-bit values with exact products and float64 pixel by pixel, then
+    rounded to float32: the same number as ``difference.frame_difference_uint8`` on the CPU (up to float64 summation
+    order), so a pair's frames give one value whether they came in one encoder request or in two (the official
+    float32 formula agrees to ~1e-6, and would make the output depend on how the client grouped the frames)."""
+    a, b = (frames0.double() * 255).round(), (frames1.double() * 255).round()  # exact 8-bit values
+    dot = (a * b).sum(dim=1)  # [B, H, W], exact
+    norms = (a * a).sum(dim=1) * (b * b).sum(dim=1)  # exact (< 2**53)
+    cos = torch.where(norms > 0, dot / norms.clamp_min(1e-300).sqrt(), torch.zeros_like(dot))
+    return ((cos.mean(dim=(1, 2)) - cfg.cos_sim_mean) / cfg.cos_sim_std).float().unsqueeze(1)
 
 
 @torch.inference_mode()

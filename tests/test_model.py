@@ -174,3 +174,18 @@ def test_patch_embedding_as_a_matrix_product_equals_the_convolution(channels_las
     got = patch_embed(patchify(frames, 16), conv)
     assert got.shape == want.shape == (2, 4 * 6, 24)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(48, 64), (37, 53), (270, 480)])
+def test_frame_difference_is_one_number_on_either_side(size):
+    """The encoder's difference (torch) and the client's (NumPy, for pairs across encoder requests) are the same
+    float32 number: the output must not depend on how the client grouped frames into requests."""
+    rng = np.random.default_rng(sum(size))
+    for smooth in (False, True):
+        f = rng.integers(0, 256, (2, *size, 3), dtype=np.uint8)
+        if smooth:  # nearly equal frames with black pixels: similarities near 1, zero norms
+            f[1] = np.clip(f[0].astype(int) + rng.integers(-2, 3, f[0].shape), 0, 255)
+            f[:, :5] = 0
+        x = torch.from_numpy(f).permute(0, 3, 1, 2).float() / 255
+        device = pipeline.frame_difference(x[:1], x[1:], EdenConfig()).item()
+        assert pipeline.frame_difference_uint8(f[0], f[1], EdenConfig()) == device
