@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 
 from build_archives import build, handler_settings, kernel_settings  # noqa: E402
+from eden_serve.archives import DEFAULT_PROFILE, PROFILES  # noqa: E402
 from reference import load_reference, time_clip  # noqa: E402
 
 from eden_client.api import EdenClient  # noqa: E402
@@ -332,8 +333,8 @@ def main():
     ap.add_argument("--workers", type=int, default=None,
                     help="workers per model in all (default: build_archives.py's, two per model and GPU: a second one "
                          "overlaps its host work with the first's GPU work)")
-    ap.add_argument("--profile", default="split", choices=["split", "spread"],
-                    help="GPU placement on 2+ GPUs (build_archives.py --profile)")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES,
+                    help="GPU placement on 2+ GPUs (build_archives.py --profile; default: %(default)s)")
     ap.add_argument("--max-inflight", type=int, default=None,
                     help="DiT+decoder requests the client keeps in flight (default: the client's for the transport)")
     ap.add_argument("--chunk", type=int, default=None, help="frames per encoder request (default: the client's)")

@@ -8,11 +8,13 @@ model-config.yaml. Placement (TorchServe deviceIds) follows the number of GPUs o
 torch sees here) and a profile:
 
   profile  0 GPUs   1 GPU         N >= 2 GPUs
-  split    CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on GPUs 1..N-1 -- the default:
-                                   the heavy half never shares a GPU with the encoder, so its latency is steady
-  spread   CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on every GPU 0..N-1 -- for
-                                   throughput: the encoder is a few percent of the work, so GPU 0 has room for a
-                                   DiT+decoder worker too (N workers instead of N-1: +100% on 2 GPUs, +33% on 4)
+  spread   CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on every GPU 0..N-1 -- the default: the
+                                   encoder is a few percent of the work, so GPU 0 has room for DiT+decoder
+                                   workers too. Two H200s (bench/NOTES.md, session 7): 1080p 10.5-11.7 ms a
+                                   generated frame against 13.8-14.6 split, the user's command 3% faster; 480p
+                                   the same either way
+  split    CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on GPUs 1..N-1 -- the heavy half never
+                                   shares a GPU with the encoder: steadier latency per pair, less throughput
 
 Each model gets --workers-per-gpu workers (default 2) on each of its GPUs, one on a CPU deployment.
 
@@ -45,11 +47,12 @@ MODELS = {
 }
 
 
-PROFILES = ("split", "spread")
+PROFILES = ("spread", "split")
+DEFAULT_PROFILE = "spread"  # the faster on two GPUs at 1080p, equal at 480p (see the table above)
 SIDES = ("both", "encoder", "ditdec")
 
 
-def placement(gpus: int, profile: str = "split", side: str = "both") -> dict[str, list[int]]:
+def placement(gpus: int, profile: str = DEFAULT_PROFILE, side: str = "both") -> dict[str, list[int]]:
     """Model name -> GPU ids its workers use ([] = CPU), for the models ``side`` builds."""
     if profile not in PROFILES:
         raise ValueError(f"unknown placement profile {profile!r}: one of {', '.join(PROFILES)}")
@@ -92,7 +95,7 @@ def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_de
 
 
 def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_batch_delay_ms: int = 10,
-          workers: int | None = None, version: str = "1.0", settings: dict | None = None, profile: str = "split",
+          workers: int | None = None, version: str = "1.0", settings: dict | None = None, profile: str = DEFAULT_PROFILE,
           side: str = "both", versioned_names: bool = False, workers_per_gpu: int = WORKERS_PER_GPU,
           kernels: dict | None = None) -> list[Path]:
     """Build the archives of ``side`` into ``model_store``; returns their paths. ``versioned_names`` names them
@@ -211,9 +214,10 @@ def main(argv=None):
     ap.add_argument("--version", default="1.0", help="model version written in the archives (default 1.0)")
     ap.add_argument("--versioned-names", action="store_true",
                     help="name the files eden_*-VERSION.mar, to register them next to the loaded version")
-    ap.add_argument("--profile", choices=PROFILES, default="split",
-                    help="GPU placement: split (default; encoder GPU 0, DiT+decoder GPUs 1..N-1) or spread "
-                         "(DiT+decoder on every GPU, for throughput)")
+    ap.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
+                    help="GPU placement with 2+ GPUs: spread (default; encoder on GPU 0, DiT+decoder on every GPU: "
+                         "the most frames a second) or split (encoder GPU 0, DiT+decoder GPUs 1..N-1: steadier "
+                         "latency per pair)")
     ap.add_argument("--kernels", default="auto",
                     help="DiT+decoder GPU kernels: auto (default: " + GPU_KERNELS + " on a GPU deployment, none on "
                          "a CPU one), off, or settings such as compile_mode=default,cuda_graphs=1,"

@@ -128,8 +128,8 @@ def official_frame() -> np.ndarray:
 def test_placement_profiles():
     assert placement(0) == placement(0, "spread") == {"eden_encoder": [], "eden_ditdec": []}
     assert placement(1, "split") == placement(1, "spread") == {"eden_encoder": [0], "eden_ditdec": [0]}
-    assert placement(2) == {"eden_encoder": [0], "eden_ditdec": [1]}
-    assert placement(2, "spread") == {"eden_encoder": [0], "eden_ditdec": [0, 1]}
+    assert placement(2) == placement(2, "spread") == {"eden_encoder": [0], "eden_ditdec": [0, 1]}  # the default
+    assert placement(2, "split") == {"eden_encoder": [0], "eden_ditdec": [1]}
     assert placement(4, "split") == {"eden_encoder": [0], "eden_ditdec": [1, 2, 3]}
     assert placement(4, "spread") == {"eden_encoder": [0], "eden_ditdec": [0, 1, 2, 3]}
     assert placement(2, side="ditdec") == {"eden_ditdec": [0, 1]}
