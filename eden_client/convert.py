@@ -64,18 +64,20 @@ def _with_thumbnails(frames, threads: int = THUMBNAIL_THREADS):
     """Frames, in order, with their scene-detection thumbnail, made on ``threads`` threads while the next frames
     decode: made in the decoding thread they held it back (1080p, two H200s: the run 26% slower than without scene
     detection, bench/NOTES.md session 7)."""
-    pending: collections.deque = collections.deque()
+    pending: collections.deque = collections.deque()  # (frame, its thumbnail's future), oldest first
+
+    def oldest():
+        frame, made = pending.popleft()
+        frame.thumb = made.result()
+        return frame
+
     with ThreadPoolExecutor(threads, thread_name_prefix="eden-thumbnail") as pool:
         for frame in frames:
             pending.append((frame, pool.submit(thumbnail, frame.image)))
             if len(pending) > 2 * threads:
-                frame, made = pending.popleft()
-                frame.thumb = made.result()
-                yield frame
+                yield oldest()
         while pending:
-            frame, made = pending.popleft()
-            frame.thumb = made.result()
-            yield frame
+            yield oldest()
 
 
 def _timed(frames, seconds: dict, key: str):

@@ -13,9 +13,9 @@ def frame_difference_uint8(frame0: np.ndarray, frame1: np.ndarray, cfg: EdenConf
     encoder calls. Cosine similarity does not depend on the pixels' scale, so it works on the 8-bit values: dot
     products and norms are exact, each pixel's division and square root are rounded once (float64), and the result
     is rounded to float32: the encoder's ``pipeline.frame_difference`` gives the same float32 number (it differs
-    only in the order of the float64 sum), so the output does not depend on which side computed it. Works in bands of ``band`` rows that stay in the CPU's cache
-    (19.5 against 52.8 ms for a 1080p pair on a 2-core CI host: the client computes one for every pair across encoder requests, on
-    cores its video encoding needs)."""
+    only in the order of the float64 sum), so the output does not depend on which side computed it. Works in bands
+    of ``band`` rows that stay in the CPU's cache (19.5 against 52.8 ms for a 1080p pair on a 2-core CI host: the
+    client computes one for every pair across encoder requests, on cores its video encoding needs)."""
     height, width, _ = frame0.shape
     total = 0.0
     for top in range(0, height, band):
