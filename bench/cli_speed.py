@@ -59,17 +59,45 @@ def user_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
 
 
+def thread_seconds(pid: int) -> dict:
+    """CPU seconds of each thread of ``pid`` so far (Linux /proc; empty elsewhere or once it has exited)."""
+    seen = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seen[task.name] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return seen
+
+
+THREADS: dict = {}  # the last sh()'s per-thread CPU: how many threads and the busiest ones' seconds
+
+
 def sh(cmd: list, cwd: Path, **kw) -> float:
     """Run a command as a user would; its wall clock in seconds (raises with its output if it fails). What it
-    wrote to stderr (warnings) is kept in LAST_STDERR."""
+    wrote to stderr (warnings) is kept in LAST_STDERR; its threads' CPU seconds (read every 0.2 s) in THREADS."""
     global LAST_STDERR
     t = time.perf_counter()
-    r = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, **kw)
-    LAST_STDERR = r.stderr[-3000:]
-    if r.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n"
-                           f"{r.stderr[-3000:]}")
-    return time.perf_counter() - t
+    with open(cwd / ".sh.out", "w+") as out, open(cwd / ".sh.err", "w+") as err:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=out, stderr=err, text=True, **kw)
+        threads: dict = {}
+        while proc.poll() is None:
+            threads.update(thread_seconds(proc.pid))
+            time.sleep(0.2)
+        wall = time.perf_counter() - t
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    LAST_STDERR = stderr[-3000:]
+    busiest = sorted(threads.values(), reverse=True)
+    THREADS.clear()
+    THREADS.update({"threads": len(busiest), "busiest_s": [round(v, 2) for v in busiest[:8]],
+                    "total_s": round(sum(busiest), 2)})
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{stdout[-3000:]}\n"
+                           f"{stderr[-3000:]}")
+    return wall
 
 
 def wait_ready(work: Path, timeout: float = 600) -> float:
@@ -165,9 +193,10 @@ def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
         wall = sh([*CLI_WRAP, sys.executable, "-m", "eden_client", "video", src, "-o", dst, "--quiet", "--stats-json",
                    stats_file, *extra], cwd=work, env=user_env())
     stats = json.loads(stats_file.read_text())
+    size = dst.stat().st_size if dst.is_file() else sum(f.stat().st_size for f in dst.iterdir())
     # cpu_cores_busy: "children" is the CLI process (x264's threads included), the rest TorchServe's processes
     return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),
-            "cpu_cores_busy": cpu.cores(),
+            "cpu_cores_busy": cpu.cores(), "cli_threads": dict(THREADS), "output_bytes": size,
             "phases_s": stats.get("phases"), "transport": stats.get("transport"),
             "output_frames": stats.get("output_frames"), "stats": stats, "stderr_tail": LAST_STDERR[-1500:]}
 

@@ -68,8 +68,8 @@ class EncoderService(BatchService):
 
     def run(self, items):
         with self.stage("encode"):
-            frames = np.concatenate([f for f, _, _ in items])  # [K, H, W, C] uint8
-            x = torch.from_numpy(frames).to(self.device).float().div_(255).permute(0, 3, 1, 2)  # [K, C, H, W] channels-last
+            frames = self.upload([f for f, _, _ in items])  # [K, H, W, C] uint8 on the device
+            x = frames.float().div_(255).permute(0, 3, 1, 2)  # [K, C, H, W] channels-last
             encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _, _ in items])
         with self.stage("serialize"):
             geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
@@ -104,6 +104,17 @@ class EncoderService(BatchService):
                     raise RequestError(str(e)) from None
                 raise
             return [(body, protocol.TOKENS_CONTENT_TYPE, {}) for body in bodies]
+
+    def upload(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """The requests' frames [k_i, H, W, C] uint8 -> one [K, H, W, C] uint8 tensor on the device. On a GPU they are
+        gathered straight into page-locked host memory and copied without blocking the host: from pageable memory
+        the driver copies twice and the copy holds the host thread (17% of the encoder's GPU time at 1080p in
+        session 6's profile). PyTorch's pinned-memory cache reuses the buffer once the copy is done."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.concatenate(arrays)).to(self.device)
+        host = torch.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+        np.concatenate(arrays, out=host.numpy())
+        return host.to(self.device, non_blocking=True)
 
     def can_hand_off(self) -> bool:
         return self.hands_off

@@ -107,3 +107,27 @@ def test_short_switches_for_a_run_and_back():
     with short_switches(0.0007):
         assert sys.getswitchinterval() == pytest.approx(0.0007)
     assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("engine", ["ffmpeg", "pillow"])
+def test_png_encoder_is_lossless_from_several_threads(engine):
+    """FFmpeg's PNG encoder (PyAV installed) and Pillow's (without PyAV) give back the same pixels, with sizes
+    changing between frames and several threads encoding at once."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from eden_client.sinks import PngEncoder
+    encode = PngEncoder()
+    if engine == "pillow":
+        encode.av = None
+    elif encode.av is None:
+        pytest.skip("PyAV is not installed")
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(17, 31), (17, 31), (8, 6), (17, 31)] * 4]
+    images[1][:] = 7  # a flat frame compresses
+    with ThreadPoolExecutor(3) as pool:
+        pngs = list(pool.map(encode, images))
+    assert all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs) and len(pngs[1]) < len(pngs[0])
+    assert all(np.array_equal(np.asarray(Image.open(io.BytesIO(p)).convert("RGB")), im) for p, im in zip(pngs, images))
