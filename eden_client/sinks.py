@@ -276,11 +276,17 @@ class VideoSink:
             image = np.pad(image, ((0, self.height - image.shape[0]), (0, self.width - image.shape[1]), (0, 0)),
                            mode="edge")
         frame = self._rgb_frame(image)
+        # this thread's converter, kept (a new one per frame builds a swscale context and a pool of one thread per
+        # core each time), one slice: the frames are already converted in parallel
+        staging = self._staging
+        if getattr(staging, "reformatter", None) is None:
+            staging.reformatter = av.video.reformatter.VideoReformatter()
+        convert = staging.reformatter.reformat
         if self.yuv:
             matrix = _sws_matrix(self.color.get("colorspace", 0))
-            return frame.reformat(format=self.pix_fmt, src_colorspace=matrix, dst_colorspace=matrix,
-                                  src_color_range=2, dst_color_range=self.color["color_range"])
-        return frame.reformat(format=self.pix_fmt)
+            return convert(frame, format=self.pix_fmt, src_colorspace=matrix, dst_colorspace=matrix,
+                           src_color_range=2, dst_color_range=self.color["color_range"], threads=1)
+        return convert(frame, format=self.pix_fmt, threads=1)
 
     def _rgb_frame(self, image: np.ndarray):
         """``image`` [height, width, 3] in an rgb24 frame for swscale: this thread's own frame, reused, filled by a

@@ -69,6 +69,9 @@ class FolderSource:
         pass
 
 
+SOURCE_SWS_THREADS = 4  # slices of the decoding thread's YUV -> RGB conversion (the one serial stage of the input)
+
+
 class VideoSource:
     """The first video stream of a file (cover art aside), decoded to 8-bit RGB with the stream's own matrix and
     range (so 10-bit and BT.709 video keep their colours); audio is left in the file for the sink to copy."""
@@ -105,6 +108,9 @@ class VideoSource:
                               height=first.height, rotation=int(round(first.rotation or 0)), color=self.color,
                               bit_depth=depth, audio_from=self.path if self.container.streams.audio else None)
         self._first = first
+        # one converter for the whole stream: PyAV's frame.to_ndarray(format=...) builds a new swscale context, and
+        # with it a pool of one thread per core, for every frame
+        self._reformatter = av.video.reformatter.VideoReformatter()
         self._step = max(1, round(1 / (self.meta.rate * self.meta.time_base)))  # nominal pts per frame
 
     @property
@@ -123,9 +129,10 @@ class VideoSource:
         src_range = self.color["color_range"] or (2 if frame.format.name.startswith("yuvj") else 1)
         if frame.format.name == "rgb24":
             return frame.to_ndarray()
-        return frame.to_ndarray(format="rgb24", src_colorspace=_sws_matrix(self.color["colorspace"]),
-                                dst_colorspace=_sws_matrix(self.color["colorspace"]), src_color_range=src_range,
-                                dst_color_range=2)
+        matrix = _sws_matrix(self.color["colorspace"])
+        return self._reformatter.reformat(frame, format="rgb24", src_colorspace=matrix, dst_colorspace=matrix,
+                                          src_color_range=src_range, dst_color_range=2,
+                                          threads=SOURCE_SWS_THREADS).to_ndarray()
 
     def __iter__(self) -> Iterator[Frame]:
         av = import_av()
