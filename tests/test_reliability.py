@@ -127,6 +127,19 @@ def test_refused_address_fails_fast_for_real(tmp_path):
     assert time.monotonic() - t0 < 5
 
 
+def test_the_session_reads_proxies_once_and_keeps_no_proxy(monkeypatch):
+    """ModelClient's own session takes the environment's proxy settings for its URL once (no_proxy applied), not on
+    every request."""
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    local = ModelClient("http://127.0.0.1:8080", "eden_encoder", KeySource(key="k")).session
+    remote = ModelClient("http://10.1.2.3:8080", "eden_encoder", KeySource(key="k")).session
+    assert not local.trust_env and not remote.trust_env
+    assert requests.utils.select_proxy("http://127.0.0.1:8080/predictions/x", local.proxies) is None
+    assert requests.utils.select_proxy("http://10.1.2.3:8080/predictions/x", remote.proxies) == \
+        "http://proxy.example:3128"
+
+
 @pytest.mark.parametrize("status,body", [
     (400, {"code": 400, "type": "BadInput", "message": "truncated token blob"}),
     (413, {"code": 413, "type": "BadInput", "message": "over the response limit"}),
