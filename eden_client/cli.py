@@ -3,6 +3,7 @@
     pair FRAME0 FRAME1 -o OUT.png [--seed N]     the middle frame of two images
     video / batch                                 videos and folders of them (eden_client/video_cli.py)
     status / scale / models                       operating the deployment (eden_client/ops_cli.py)
+    warm                                          a fresh deployment's slow first minute, before users (eden_client/warm.py)
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import ops_cli, video_cli
+from . import ops_cli, video_cli, warm
 from .connection import add_connection_args, connect
 from .errors import ServeError
 
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
 
     video_cli.register(sub)
     ops_cli.register(sub)
+    warm.register(sub)
 
     args = ap.parse_args(argv)
     try:

@@ -216,3 +216,18 @@ def test_missing_or_wrong_key_is_refused_with_a_hint(server, tmp_path):
     r = run_client("pair", FIXTURE / "frame0.png", FIXTURE / "frame1.png", "-o", tmp_path / "x.png",
                    "--encoder-url", server.inference_url, cwd=tmp_path / "x")  # no key file where it runs
     assert r.returncode == 1 and "no key: key_file.json does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("transport", ["http", "auto"])
+def test_warm_sends_each_size_and_reports_every_round(server, transport):
+    """`warm` interpolates a generated clip at each size, round after round, over the transport a user's run would
+    take (HTTP forced: the frontend's large bodies; auto: shared memory on this host), and says so."""
+    r = run_client("warm", "--sizes", "48x64,64x96", "--frames", "5", "--rounds", "2", "--transport", transport,
+                   "--json", "--encoder-url", server.inference_url, "--key-file", server.key_file)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["transport"] == ("http" if transport == "http" else "shm")
+    rounds = report["seconds_per_generated_frame"]
+    assert set(rounds) == {"48x64", "64x96"} and all(len(v) == 2 and all(s > 0 for s in v) for v in rounds.values())
+    bad = run_client("warm", "--sizes", "48", "--encoder-url", server.inference_url, "--key-file", server.key_file)
+    assert bad.returncode == 2 and "HEIGHTxWIDTH" in bad.stderr
