@@ -14,7 +14,7 @@ from typing import Callable
 
 from .frames_io import FramesError
 from .parallel_writer import ParallelWriter
-from .scenes import DEFAULT_THRESHOLD, SceneDetector, thumbnail
+from .scenes import DEFAULT_THRESHOLD, SceneDetector, ssim, thumbnail
 from .sinks import Encoding, VideoSink, open_sink
 from .sources import Prefetch, open_source
 from .video import DEFAULT_MAX_DEPTH, Interpolator, Stats, TimeGrid, output_count, target_count
@@ -62,13 +62,18 @@ THUMBNAIL_THREADS = 3  # a 1080p thumbnail takes ~6 ms (mostly without the inter
 
 def _with_thumbnails(frames, threads: int = THUMBNAIL_THREADS):
     """Frames, in order, with their scene-detection thumbnail, made on ``threads`` threads while the next frames
-    decode: made in the decoding thread they held it back (1080p, two H200s: the run 26% slower than without scene
-    detection, bench/NOTES.md session 7)."""
+    decode (made in the decoding thread they held it back: 1080p, two H200s, the run 26% slower than without scene
+    detection, bench/NOTES.md session 7), and its similarity to the previous frame's (SSIM), computed here rather
+    than in the scheduler's thread, which every request waits on."""
     pending: collections.deque = collections.deque()  # (frame, its thumbnail's future), oldest first
+    previous = None  # the last thumbnail handed out
 
     def oldest():
+        nonlocal previous
         frame, made = pending.popleft()
         frame.thumb = made.result()
+        frame.similarity = None if previous is None else ssim(previous, frame.thumb)
+        previous = frame.thumb
         return frame
 
     with ThreadPoolExecutor(threads, thread_name_prefix="eden-thumbnail") as pool:

@@ -38,6 +38,7 @@ class Frame:
     pts: int  # time stamp in the source's time_base
     duration: int = 0  # how long it is shown, in time_base units (0: unknown)
     thumb: np.ndarray | None = None  # scene detection's thumbnail, made in the decoding thread (eden_client/scenes.py)
+    similarity: float | None = None  # SSIM of the thumbnail with the previous frame's, made there too
 
 
 @dataclass

@@ -59,5 +59,8 @@ class SceneDetector:
     def enabled(self) -> bool:
         return self.threshold is not None
 
-    def is_cut(self, thumb0: np.ndarray, thumb1: np.ndarray) -> bool:
-        return self.enabled and ssim(thumb0, thumb1) < self.threshold
+    def is_cut(self, thumb0: np.ndarray, thumb1: np.ndarray, similarity: float | None = None) -> bool:
+        """Whether the frames of these thumbnails are a cut; ``similarity``: their SSIM when already known."""
+        if not self.enabled:
+            return False
+        return (ssim(thumb0, thumb1) if similarity is None else similarity) < self.threshold

@@ -524,7 +524,7 @@ class Interpolator:
                             self.first_time = frame.pts * self.time_base
                         self.last_time = frame.pts * self.time_base
                     if last is not None:
-                        cut = self.detector.is_cut(last.thumb, node.thumb) if self.detector.enabled else False
+                        cut = self.detector.is_cut(last.thumb, node.thumb, getattr(frame, "similarity", None))
                         stats.cuts += cut
                         segments.append(_PairSpan(stats.input_frames - 1, last, node, m,
                                                  self._plan(last, node, stats), cut))

@@ -253,6 +253,23 @@ def test_cut_repeats_the_previous_frame():
     assert stats.ditdec_requests == 2 * 3  # no requests for the cut
 
 
+def test_thumbnails_and_similarity_made_beside_the_scheduler():
+    """convert's reading side gives every frame its thumbnail and its SSIM with the previous frame (the scheduler
+    then only compares a number), the same values as computed in the scheduler, and the same cut decisions."""
+    from eden_client.convert import _with_thumbnails
+    shots = clips.clip_frames(8, 48, 64, cut_at=4)
+    frames = list(_with_thumbnails(Frame(f, i, 1) for i, f in enumerate(shots)))
+    assert [f.pts for f in frames] == list(range(8)) and frames[0].similarity is None
+    for prev, cur in zip(frames, frames[1:]):
+        assert np.array_equal(cur.thumb, thumbnail(cur.image))
+        assert cur.similarity == ssim(thumbnail(prev.image), thumbnail(cur.image))
+    detector = SceneDetector(0.25)
+    assert [detector.is_cut(p.thumb, c.thumb, c.similarity) for p, c in zip(frames, frames[1:])] == \
+        [detector.is_cut(thumbnail(p.image), thumbnail(c.image)) for p, c in zip(frames, frames[1:])] == \
+        [False, False, False, True, False, False, False]
+    assert not SceneDetector(None).is_cut(frames[3].thumb, frames[4].thumb, frames[4].similarity)
+
+
 def test_scene_measure():
     shots = clips.clip_frames(8, 48, 64, cut_at=4)
     thumbs = [thumbnail(f) for f in shots]
