@@ -106,7 +106,7 @@ class PngEncoder:
             import av
         except ImportError:
             av = None
-        self.av = av
+        self.av = av if av is not None and "png" in av.codecs_available else None  # (an FFmpeg built without it)
         self._local = threading.local()  # each thread's encoder and RGB frame, reused while the size stays
 
     def __call__(self, image: np.ndarray) -> bytes:
