@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from eden_dev.handler_context import HandlerContext  # noqa: E402
-from eden_serve import acceleration, checkpoint, model, pipeline, tokens  # noqa: E402
+from eden_serve import acceleration, checkpoint, limits, model, pipeline, tokens  # noqa: E402
 from eden_serve.acceleration import Accelerator, KernelSettings  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
@@ -600,7 +600,7 @@ def main():
         return args.budget_s - (time.time() - T0)
 
     say(f"{summary['device']}, torch {torch.__version__}, triton {summary['triton']}, shapes {summary['shapes']}")
-    weights = prepare(work, shapes, device, [acceleration.parse_size(s) for s in args.worker_sizes.split(",")])
+    weights = prepare(work, shapes, device, [limits.parse_size(s) for s in args.worker_sizes.split(",")])
     cfg = checkpoint.load_config(weights)
     save()
 

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from eden_serve.limits import parse_size
+
 from .connection import add_connection_args, connect
 from .frames_io import Frame
 
@@ -33,9 +35,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
-            h, w = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not HEIGHTxWIDTH (e.g. 1080x1920)") from None
+            h, w = parse_size(part)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
         if h < 16 or w < 16 or h * w > 8192 * 8192:
             raise argparse.ArgumentTypeError(f"{part}: each side at least 16 pixels, at most 8192x8192")
         sizes.append((h, w))

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import model, pipeline
+from .limits import parse_size
 from .model import EdenGenerator
 from .pipeline import Geometry, PairBatch
 
@@ -124,16 +125,6 @@ class KernelSettings:
 
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"a frame size is HEIGHTxWIDTH, e.g. 1080x1920; got {text!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"frame size {text!r} is empty")
-    return h, w
 
 
 def compile_supported(device: torch.device) -> bool:

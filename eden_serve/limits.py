@@ -56,3 +56,14 @@ def resolve_max_pixels(configured: int, device, batch_size: int = 1, total_memor
 def explain(message: str, note: str) -> str:
     """A refusal message, with the limit's explanation when it is about the pixel limit."""
     return f"{message} ({note})" if note and "over the limit of" in message and "pixels" in message else message
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"1080x1920" -> (1080, 1920): a frame size as HEIGHTxWIDTH (the kernels' warmup_sizes, the client's warm)."""
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a frame size is HEIGHTxWIDTH, e.g. 1080x1920; got {text!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"frame size {text!r} is empty")
+    return h, w
