@@ -169,7 +169,9 @@ def convert(src: Path, dst: Path, client, options: Options,
         # where the command's time went: opening input and output, the pipelined run, writing what was queued
         stats.phases.update(open=t1 - t0, run=t2 - t1, finish=time.perf_counter() - t2)
         stats.client_seconds = {k: round(v, 3) for k, v in {**client_seconds, **sink.seconds}.items()}
-        stats.pace = pace_note(t2 - t1, sink.seconds, options.encoding if isinstance(sink.sink, VideoSink) else None)
+        video = isinstance(sink.sink, VideoSink)
+        stats.pace = pace_note(t2 - t1, sink.seconds, options.encoding if video else None)
+        stats.encoders = sink.sink.plan.encoders if video else 0
         return stats
     finally:
         source.close()

@@ -19,7 +19,9 @@ import numpy as np
 
 from eden_serve.images import encode_png
 
+from . import segment_encoder
 from .frames_io import VIDEO_EXTENSIONS, FramesError, VideoMeta, _sws_matrix, import_av
+from .parallel_writer import usable_cores
 
 PARTIAL = ".partial"
 
@@ -178,11 +180,13 @@ class Encoding:
     yuv420p10le for 10/12-bit input, against banding), CRF 18 (the usual "visually lossless" point of x264), preset
     veryfast: at a constant CRF the preset trades file size for speed, not quality, and medium encodes 1080p about
     2.5-3.5x slower (docs/videos.md has the figures): it could not keep up with one GPU. Other CRF encoders get a
-    high-quality default of their own scale (``DEFAULT_CRF``)."""
+    high-quality default of their own scale (``DEFAULT_CRF``). ``encoders``: x264 streams made at once on
+    consecutive segments (eden_client/segment_encoder.py; None: by the cores and the frame size)."""
     codec: str = "libx264"
     crf: int | None = None  # None: DEFAULT_CRF of the codec (encoders without CRF: their own default)
     pix_fmt: str | None = None  # None: yuv420p, or yuv420p10le when the input has more than 8 bits
     preset: str | None = "veryfast"
+    encoders: int | None = None
 
     DEFAULT_CRF = {"libx264": 18, "libx264rgb": 18, "libx265": 20, "libvpx-vp9": 24, "libvpx": 10,
                    "libaom-av1": 24, "libsvtav1": 24}
@@ -237,6 +241,15 @@ class VideoSink:
             raise
         self._durations: dict[int, int] = {}
         self._staging = threading.local()  # each writer thread's RGB frame, reused (see _rgb_frame)
+        self.segments = None
+        if self.plan.encoders > 1:
+            try:
+                self.stream.codec_context.open()  # the stream's headers, which every segment's encoder must match
+                self.segments = segment_encoder.SegmentEncoder(self._new_encoder, self.plan,
+                                                               self.stream.codec_context.extradata)
+            except BaseException:
+                self._discard()
+                raise
 
     def _setup(self, meta: VideoMeta, factor: int, encoding: Encoding, fmt: str) -> None:
         """The video stream (codec, size, timing, colour, rotation) and the audio copies."""
@@ -263,6 +276,11 @@ class VideoSink:
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, self.pix_fmt
         self.stream.time_base = self.time_base
         self.stream.codec_context.time_base = self.time_base
+        self.plan = segment_encoder.plan(encoding.codec, self.width, self.height, usable_cores(), encoding.encoders,
+                                         bytes_per_pixel=fmt_info.padded_bits_per_pixel / 8)
+        self._options = options
+        if self.plan.encoders > 1:
+            self.stream.codec_context.thread_count = 1  # never encodes: it only writes the stream's headers
         self.yuv = not fmt_info.is_rgb
         self.color = dict(meta.color)
         if self.yuv:
@@ -309,25 +327,44 @@ class VideoSink:
         np.copyto(staging.pixels, image)
         return staging.frame
 
+    def _new_encoder(self):
+        """An encoder set up as the stream's, for one segment (eden_client/segment_encoder.py)."""
+        source = self.stream.codec_context
+        context = self.av.CodecContext.create(source.name, "w")
+        for name in ("width", "height", "pix_fmt", "time_base", "framerate", "flags", "color_range", "colorspace",
+                     "color_primaries", "color_trc"):
+            setattr(context, name, getattr(source, name))
+        context.thread_type = "AUTO"
+        context.thread_count = self.plan.threads
+        context.options = dict(self._options)
+        return context
+
     def write(self, image: np.ndarray, pts: int, duration: int) -> None:
         """One RGB frame at ``pts`` (in the output time base, the source's divided by the factor)."""
         self.commit(self.prepare(image), pts, duration)
 
     def commit(self, frame, pts: int, duration: int) -> None:
-        """Encode a prepared frame (in order) and mux what the encoder gives back, with the audio up to it."""
+        """Encode a prepared frame (in order) and mux what the encoders give back, with the audio up to it."""
         av = self.av
         frame.pts, frame.time_base = pts, self.time_base
         self._durations[pts] = duration
         try:
+            if self.segments is not None:
+                self._mux(self.segments.encode(frame))
+                return
             if self.audio:
                 self.audio.copy_until(pts * self.time_base)
             self._mux(self.stream.encode(frame))
-        except av.error.FFmpegError as e:
+        except (av.error.FFmpegError, RuntimeError) as e:
             raise self._error(e) from None
 
     def _mux(self, packets) -> None:
         for packet in packets:
             packet.duration = self._durations.pop(packet.pts, 0)
+            if self.segments is not None:  # from an encoder of its own: the audio up to it, then the packet
+                packet.stream = self.stream
+                if self.audio:
+                    self.audio.copy_until((packet.dts if packet.dts is not None else packet.pts) * self.time_base)
             self.out.mux(packet)
 
     def close(self, complete: bool = True) -> None:
@@ -335,12 +372,12 @@ class VideoSink:
             self._discard()
             return
         try:
-            self._mux(self.stream.encode())
+            self._mux(self.segments.flush() if self.segments is not None else self.stream.encode())
             if self.audio:
                 self.audio.copy_until(None)
                 self.audio.close()
             self.out.close()
-        except self.av.error.FFmpegError as e:
+        except (self.av.error.FFmpegError, RuntimeError) as e:
             self._discard()
             raise self._error(e) from None
         self.tmp.replace(self.path)
@@ -357,7 +394,8 @@ class VideoSink:
         return FramesError(f"{self.path}: FFmpeg could not write the file ({e}); {hint}")
 
     def _discard(self) -> None:
-        for close in (getattr(self.audio, "close", None), self.out.close):
+        for close in (getattr(getattr(self, "segments", None), "abort", None), getattr(self.audio, "close", None),
+                      self.out.close):
             try:
                 if close:
                     close()

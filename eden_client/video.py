@@ -206,6 +206,7 @@ class Stats:
     # frame's conversion or PNG), write_blocked (answers waiting for the writer)
     client_seconds: dict = field(default_factory=dict)
     pace: str = ""  # what set the run's pace when one side clearly did (eden_client/convert.py pace_note)
+    encoders: int = 0  # a video output's encoders (eden_client/segment_encoder.py; 0: a PNG folder)
 
     @property
     def fps(self) -> float:
@@ -230,6 +231,7 @@ class Stats:
                 + (f"; retried: {', '.join(f'{k} x{n}' for k, n in sorted(self.retries.items()))}"
                    if self.retries else "")
                 + (f"; transport: {self.transport}" if self.transport else "")
+                + (f"; {self.encoders} video encoders on segments" if self.encoders > 1 else "")
                 + (f"; {self.pace}" if self.pace else ""))
 
 

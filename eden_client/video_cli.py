@@ -78,6 +78,10 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                    help="x264/x265 preset (default veryfast; medium makes files a little smaller, 2.5-3.5x "
                         "slower; superfast is faster, for larger files: at 1080p on 16 cores the encoding, not the "
                         "GPU, sets the pace)")
+    g.add_argument("--encoders", type=int, default=None,
+                   help="x264 encoders at once, each on its own consecutive segments of the output (one x264 "
+                        "stream keeps only ~8 cores busy at 1080p, ~4 at 480p; default: one per that many usable "
+                        "cores, at most 8; 1: a single encoder)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -90,6 +94,8 @@ def options_from(args):
             raise FramesError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.max_depth is not None and args.target_fps is None:
         raise FramesError("--max-depth goes with --target-fps (a --factor sets its own depth: log2 of it)")
+    if args.encoders is not None and args.encoders < 1:
+        raise FramesError(f"--encoders must be at least 1, got {args.encoders}")
     max_depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
     if not 1 <= max_depth <= MAX_DEPTH:
         raise FramesError(f"--max-depth must be 1..{MAX_DEPTH}, got {max_depth}")
@@ -98,7 +104,7 @@ def options_from(args):
                    scene_threshold=None if args.no_scene_detect else args.scene_threshold,
                    max_inflight=args.max_inflight, encoder_chunk=args.encoder_chunk,
                    encoder_inflight=args.encoder_inflight, token_dtype=args.token_dtype,
-                   encoding=Encoding(args.codec, args.crf, args.pix_fmt, args.preset))
+                   encoding=Encoding(args.codec, args.crf, args.pix_fmt, args.preset, args.encoders))
 
 
 def cmd_video(args) -> int:

@@ -147,7 +147,7 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
                               "encoder_inflight": HTTP_SCHEDULE.encoder_inflight, "chunk": HTTP_SCHEDULE.chunk}
     base = dict(factor=None, target_fps=None, max_depth=None, seed=0, fps=None, no_scene_detect=False,
                 scene_threshold=0.5, max_inflight=None, encoder_chunk=None, encoder_inflight=None,
-                token_dtype="float16", codec="libx264", crf=None, pix_fmt=None, preset="veryfast")
+                token_dtype="float16", codec="libx264", crf=None, pix_fmt=None, preset="veryfast", encoders=None)
     o = options_from(SimpleNamespace(**base))
     assert o.max_inflight is o.encoder_chunk is o.encoder_inflight is None  # the transport decides
     with pytest.raises(FramesError, match="--encoder-inflight must be at least 1"):
@@ -397,6 +397,35 @@ def test_cli_x2_counts_timing_audio_and_one_encoding_per_frame(server, clip_dir,
                                                                         for f in frames_in]
     assert abs(facts_out["duration"] - facts_in["duration"]) <= 1 / RATE
     assert audio_out == audio_in and len(audio_in) > 5  # copied packet for packet
+
+
+@pytest.mark.server
+def test_cli_several_encoders_make_the_same_video(server, tmp_path):
+    """``--encoders 2`` (what a many-core host gets by default): the output's segments made by two x264 encoders
+    at once are one stream with the same frames, time stamps and audio as one encoder's, each segment starting with
+    a keyframe (eden_client/segment_encoder.py)."""
+    src = tmp_path / "long.mp4"
+    clips.write_video(src, clips.clip_frames(126, 48, 64), RATE)  # 251 output frames: segments of 250 and 1
+    outs = {}
+    for encoders in (1, 2):
+        out, stats_json = tmp_path / f"e{encoders}.mp4", tmp_path / f"e{encoders}.json"
+        r = run_client("video", src, "-o", out, "--encoders", encoders, "--stats-json", stats_json, *conn(server))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(stats_json.read_text())["encoders"] == encoders
+        assert ("2 video encoders on segments" in r.stdout) == (encoders == 2)
+        outs[encoders] = probe(out)
+        with av.open(str(out)) as c:
+            packets = [packet for packet in c.demux(c.streams.video[0]) if packet.size]
+        keys = [i for i, packet in enumerate(packets) if packet.is_keyframe]
+        assert keys[0] == 0 and (250 in keys) == (encoders == 2)
+    (frames1, facts1, audio1), (frames2, facts2, audio2) = outs[1], outs[2]
+    assert len(frames2) == 251 and [f.pts for f in frames2] == [f.pts for f in frames1]
+    assert facts2 == facts1 and audio2 == audio1 and len(audio1) > 20
+    err = np.mean([np.abs(a.to_ndarray(format="rgb24").astype(int) - b.to_ndarray(format="rgb24")).mean()
+                   for a, b in zip(frames1, frames2)])
+    assert err < 2  # two lossy encodings of the same frames at CRF 18
+    r = run_client("video", src, "-o", tmp_path / "bad.mp4", "--encoders", 0, *conn(server))
+    assert r.returncode == 2 and "--encoders must be at least 1" in r.stderr
 
 
 @pytest.mark.server

@@ -1,0 +1,235 @@
+"""One video stream made by several independent encoders, each taking whole segments of consecutive frames in turn.
+
+x264's own threads (frame threads) stop scaling at a few cores a stream: alone on an H200 host it made 74-83 frames/s
+of 1080p and 257-304 of 480p whether it had 16 or 32 cores, while two to six encoders on consecutive segments made
+87-132 and 392-643 (bench/NOTES.md, session 9). This is how video tools spread one output over many cores ("chunked"
+encoding): segment s goes to encoder s % count, each segment starts with a keyframe, and the packets come back in the
+stream's order, so the file is one ordinary stream. The encoders have the same settings, hence the same stream
+headers (checked on open).
+
+The cost: a keyframe at every segment start (segments are 60-250 frames; x264's own keyframe interval is 250) and
+frames queued while an encoder finishes its previous segment, bounded by ``queued_frames`` (about 1 GiB of frames by
+default, ``plan``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+SEGMENT_CODECS = ("libx264", "libx264rgb")  # x265 and the others thread well enough on their own, or are untested
+MAX_ENCODERS = 8
+MIN_SEGMENT, MAX_SEGMENT = 60, 250  # frames; x264's own keyframe interval is 250
+QUEUE_BYTES = 1 << 30  # frames waiting for their encoder, at most (less on a machine with less than 16 GiB)
+
+
+@dataclass(frozen=True)
+class Plan:
+    encoders: int  # 1: one ordinary encoder, no segments
+    segment_frames: int = 0
+    threads: int = 0  # each encoder's own threads (0: the codec's choice)
+
+    @property
+    def queued_frames(self) -> int:
+        return self.encoders * self.segment_frames
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return 16 << 30
+
+
+def plan(codec: str, width: int, height: int, cores: int, encoders: int | None = None,
+         bytes_per_pixel: float = 1.5) -> Plan:
+    """How many encoders for an output of this size on ``cores`` cores (``encoders``: the user's choice, None for
+    automatic), how long their segments are, and how many threads each gets.
+
+    Automatic: one encoder per 8 cores at 1080p, per 4 at 480p (about the cores one x264 stream keeps busy at that
+    size: its frame threads each take a band of macroblock rows), at most 8 and at most what the queue holds with
+    segments of 60 frames (4K: one); codecs other than x264 keep one. Segments as long as the queue allows, 60-250
+    frames."""
+    if codec not in SEGMENT_CODECS:
+        return Plan(1)
+    frame_bytes = width * height * bytes_per_pixel
+    budget = min(QUEUE_BYTES, _memory_bytes() // 16)
+    if encoders is None:
+        per_encoder = max(4, math.ceil(height / 16) // 8)
+        encoders = cores // per_encoder
+        encoders = min(encoders, int(budget // (MIN_SEGMENT * frame_bytes)))  # as many as the queue holds
+    encoders = max(1, min(MAX_ENCODERS, encoders))
+    if encoders == 1:
+        return Plan(1)
+    segment = int(max(MIN_SEGMENT, min(MAX_SEGMENT, budget // (encoders * frame_bytes))))
+    threads = max(1, math.ceil(1.5 * cores / encoders))  # x264's own automatic count is 1.5 a core
+    return Plan(encoders, segment, threads)
+
+
+class _Segment:
+    """One segment's packets, in order, as its encoder gives them back, and its frames' time stamps."""
+
+    def __init__(self):
+        self.packets: deque = deque()
+        self.done = False
+        self.pts: list[int] = []  # its frames' time stamps, in order
+        self.sent = 0  # packets returned so far
+
+
+class SegmentEncoder:
+    """``encode(frame)`` in the stream's order, like a codec context's, returning the packets that can be written
+    now (the current segment's as they come, later segments' once the earlier ones are complete); ``flush()``
+    returns the rest. ``make_context()`` gives a new, identically configured encoder (one per segment).
+
+    An encoder's error is raised by the next ``encode`` or ``flush``."""
+
+    _STOP = object()
+
+    def __init__(self, make_context: Callable, plan: Plan, extradata: bytes | None = None):
+        self.make_context = make_context
+        self.plan = plan
+        self.segments: dict[int, _Segment] = {}
+        self.head = 0  # the first segment whose packets have not all been returned
+        self.frames = 0
+        self.error: BaseException | None = None
+        self.extradata = extradata  # the stream headers every encoder must make (None: the first encoder's)
+        self.delay: int | None = None  # decoding time stamps run this far behind (set by the first packet)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._room = threading.Semaphore(plan.queued_frames)
+        self._queues = [deque() for _ in range(plan.encoders)]
+        self._ready = [threading.Semaphore(0) for _ in range(plan.encoders)]
+        self._abort = False
+        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"eden-encoder-{i}", daemon=True)
+                         for i in range(plan.encoders)]
+        for t in self._threads:
+            t.start()
+
+    # --- the caller's side (one thread) ---
+
+    def encode(self, frame) -> list:
+        self._raise()
+        segment, offset = divmod(self.frames, self.plan.segment_frames)
+        worker = segment % self.plan.encoders
+        if offset == 0:
+            if segment:
+                self._put((segment - 1) % self.plan.encoders, ("end", segment - 1, None))
+            with self._lock:
+                self.segments[segment] = _Segment()
+        while not self._room.acquire(timeout=0.5):  # bounded queue: wait for an encoder to take a frame
+            self._raise()
+        self.segments[segment].pts.append(frame.pts)
+        self._put(worker, ("frame", segment, frame))
+        self.frames += 1
+        return self._take(wait=False)
+
+    def flush(self) -> list:
+        """Every packet left, in order (waits for the encoders)."""
+        if self.frames:
+            last = (self.frames - 1) // self.plan.segment_frames
+            self._put(last % self.plan.encoders, ("end", last, None))
+        packets = self._take(wait=True)
+        self.close()
+        return packets
+
+    def close(self) -> None:
+        """Stop the encoders (what they still hold is dropped when ``flush`` did not run)."""
+        self._abort = self.frames == 0 or self._abort or any(self._queues)
+        for i in range(self.plan.encoders):
+            self._put(i, self._STOP)
+        for t in self._threads:
+            t.join()
+
+    def abort(self) -> None:
+        self._abort = True
+        self.close()
+
+    def _put(self, worker: int, item) -> None:
+        self._queues[worker].append(item)
+        self._ready[worker].release()
+
+    def _take(self, wait: bool) -> list:
+        """Packets that can go out in order: the head segment's so far, and whole segments after it (all of them,
+        waiting for the encoders, when ``wait``)."""
+        out = []
+        with self._changed:
+            while True:
+                if self.error is not None:
+                    break
+                seg = self.segments.get(self.head)
+                if seg is None:
+                    break
+                while seg.packets:
+                    out.append(self._stamp(seg, seg.packets.popleft()))
+                if seg.done:
+                    del self.segments[self.head]
+                    self.head += 1
+                    continue
+                if not wait:
+                    break
+                self._changed.wait(0.5)
+        self._raise()
+        return out
+
+    def _stamp(self, seg: _Segment, packet):
+        """The decoding time stamp one encoder would give the packet: the time of the frame as many frames into
+        the stream as the packet is, minus one delay for the whole stream (x264's rule; each segment's encoder
+        measures its own delay on its first frames, which a short last segment gets wrong)."""
+        if packet.dts is not None:
+            if self.delay is None:
+                self.delay = seg.pts[0] - packet.dts
+            packet.dts = seg.pts[seg.sent] - self.delay
+        seg.sent += 1
+        return packet
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # --- each encoder's thread ---
+
+    def _work(self, index: int) -> None:
+        queue, ready = self._queues[index], self._ready[index]
+        context = None
+        while True:
+            ready.acquire()
+            item = queue.popleft()
+            if item is self._STOP:
+                return
+            kind, segment, frame = item
+            if self._abort or self.error is not None:
+                if kind == "frame":
+                    self._room.release()
+                continue
+            try:
+                if context is None:
+                    context = self._open()
+                packets = context.encode(frame)  # the codec's threads and this call run without the lock
+                if kind == "end":
+                    context = None  # a new encoder for this worker's next segment: it starts with a keyframe
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                with self._changed:
+                    self.error = self.error or e
+                    self._changed.notify_all()
+                continue
+            finally:
+                if kind == "frame":
+                    self._room.release()
+            with self._changed:
+                seg = self.segments[segment]
+                seg.packets.extend(packets)
+                seg.done = kind == "end"
+                self._changed.notify_all()
+
+    def _open(self):
+        context = self.make_context()
+        context.open()
+        with self._lock:
+            if self.extradata is None:
+                self.extradata = context.extradata
+            elif context.extradata != self.extradata:
+                raise RuntimeError("the segment encoders made different stream headers (their settings differ)")
+        return context
