@@ -127,8 +127,9 @@ def convert(src: Path, dst: Path, client, options: Options,
     source = open_source(Path(src), options.fps)
     try:
         meta = source.meta
+        expected = expected_outputs(source.count, meta.rate, options)
         if on_start:
-            on_start(expected_outputs(source.count, meta.rate, options))
+            on_start(expected)
         interpolator = Interpolator(client, options.factor, options.seed, options.max_inflight,
                                     options.encoder_chunk, options.encoder_inflight,
                                     detector=SceneDetector(options.scene_threshold),
@@ -148,7 +149,7 @@ def convert(src: Path, dst: Path, client, options: Options,
                 meta = dataclasses.replace(meta, rate=grid.rate, time_base=grid.time_base)
                 factor = 1
                 stream = itertools.chain([] if first is None else [first], stream)
-            sink = ParallelWriter(open_sink(Path(dst), meta, factor, options.encoding))
+            sink = ParallelWriter(open_sink(Path(dst), meta, factor, options.encoding, expected or None))
             t1 = time.perf_counter()
             try:
                 stats = interpolator.run(stream, sink.write, on_progress)

@@ -17,6 +17,21 @@ def usable_cores() -> int:
         return os.cpu_count() or 2
 
 
+BACKGROUND_NICE = 5  # how much lower the writer's threads run than the rest of the client (and the servers)
+
+
+def lower_priority(step: int = BACKGROUND_NICE) -> None:
+    """Run the calling thread (and the threads it starts, x264's among them) ``step`` nice levels lower. The
+    output's encoding takes most of a host's cores; at the same priority it delays the threads that keep the
+    deployment fed (the scheduler, requests, decoding, TorchServe's workers) when they wake, and the GPUs wait.
+    Lower, it gets what they leave, which is what it would get anyway. Linux keeps the nice level per thread;
+    elsewhere (or where refused) nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + step))
+    except (AttributeError, OSError):
+        pass
+
+
 def writer_threads() -> int:
     """Threads for a sink's per-frame work: PNG encoding (30 ms to 0.25 s a 1080p frame on one core, smooth to
     noisy) or colour conversion. One per usable core: into a PNG folder this work is the client's limit (a 1080p
@@ -44,7 +59,7 @@ class ParallelWriter:
         from concurrent.futures import ThreadPoolExecutor
         self.sink = sink
         threads = threads or writer_threads()
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="eden-prepare")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="eden-prepare", initializer=lower_priority)
         # frames waiting, at most 24 whatever the threads (a 4K frame is 25 MB)
         self.queue: queue.Queue = queue.Queue(depth or min(2 * threads, 24))
         self.error: BaseException | None = None
@@ -64,6 +79,7 @@ class ParallelWriter:
                 self.seconds["prepare"] += time.perf_counter() - start
 
     def _commit(self) -> None:
+        lower_priority()  # the encoder runs here (and its threads start here)
         while True:
             start = time.perf_counter()
             item = self.queue.get()

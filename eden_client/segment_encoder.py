@@ -20,9 +20,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from .parallel_writer import lower_priority
+
 SEGMENT_CODECS = ("libx264", "libx264rgb")  # x265 and the others thread well enough on their own, or are untested
 MAX_ENCODERS = 8
 MIN_SEGMENT, MAX_SEGMENT = 60, 250  # frames; x264's own keyframe interval is 250
+TAIL_FRAMES = 16  # the shortest of the short segments at the end
 QUEUE_BYTES = 1 << 30  # frames waiting for their encoder, at most (less on a machine with less than 16 GiB)
 
 
@@ -31,6 +34,7 @@ class Plan:
     encoders: int  # 1: one ordinary encoder, no segments
     segment_frames: int = 0
     threads: int = 0  # each encoder's own threads (0: the codec's choice)
+    tail_threads: int = 0  # ... for the short segments at the end (see SegmentEncoder.length)
 
     @property
     def queued_frames(self) -> int:
@@ -66,13 +70,14 @@ def plan(codec: str, width: int, height: int, cores: int, encoders: int | None =
         return Plan(1)
     segment = int(max(MIN_SEGMENT, min(MAX_SEGMENT, budget // (encoders * frame_bytes))))
     threads = max(1, math.ceil(1.5 * cores / encoders))  # x264's own automatic count is 1.5 a core
-    return Plan(encoders, segment, threads)
+    return Plan(encoders, segment, threads, max(1, math.ceil(1.5 * cores)))
 
 
 class _Segment:
     """One segment's packets, in order, as its encoder gives them back, and its frames' time stamps."""
 
-    def __init__(self):
+    def __init__(self, threads: int):
+        self.threads = threads  # its encoder's
         self.packets: deque = deque()
         self.done = False
         self.pts: list[int] = []  # its frames' time stamps, in order
@@ -82,18 +87,24 @@ class _Segment:
 class SegmentEncoder:
     """``encode(frame)`` in the stream's order, like a codec context's, returning the packets that can be written
     now (the current segment's as they come, later segments' once the earlier ones are complete); ``flush()``
-    returns the rest. ``make_context()`` gives a new, identically configured encoder (one per segment).
+    returns the rest. ``make_context(threads)`` gives a new, identically configured encoder (one per segment),
+    ``extradata`` the headers they must all make (those the container writes), ``total`` the frames expected (where
+    known: the last segments are then made shorter, see ``length``).
 
     An encoder's error is raised by the next ``encode`` or ``flush``."""
 
     _STOP = object()
 
-    def __init__(self, make_context: Callable, plan: Plan, extradata: bytes | None = None):
+    def __init__(self, make_context: Callable, plan: Plan, extradata: bytes | None = None,
+                 total: int | None = None):
         self.make_context = make_context
         self.plan = plan
+        self.total = total
         self.segments: dict[int, _Segment] = {}
         self.head = 0  # the first segment whose packets have not all been returned
         self.frames = 0
+        self.segment = -1  # the segment taking frames now
+        self.segment_end = 0  # the frame it ends before
         self.error: BaseException | None = None
         self.extradata = extradata  # the stream headers every encoder must make (None: the first encoder's)
         self.delay: int | None = None  # decoding time stamps run this far behind (set by the first packet)
@@ -110,27 +121,39 @@ class SegmentEncoder:
 
     # --- the caller's side (one thread) ---
 
+    def length(self, start: int) -> tuple[int, int]:
+        """The frames and encoder threads of the segment starting at frame ``start``. Within the last two segments'
+        worth of the expected total, halves of what is left (down to 16 frames) with every thread: the last
+        segment is encoded by one encoder after the input has ended, and the command waits for it (a 60-250 frame
+        segment took 1 s more than one encoder's flush at 1080p, bench/NOTES.md session 9)."""
+        full, left = self.plan.segment_frames, (self.total or 0) - start
+        if left <= 0 or left > 2 * full:
+            return full, self.plan.threads
+        half = math.ceil(left / 2)
+        return (half if half >= TAIL_FRAMES else left), self.plan.tail_threads
+
     def encode(self, frame) -> list:
         self._raise()
-        segment, offset = divmod(self.frames, self.plan.segment_frames)
-        worker = segment % self.plan.encoders
-        if offset == 0:
-            if segment:
-                self._put((segment - 1) % self.plan.encoders, ("end", segment - 1, None))
+        if self.frames == self.segment_end:
+            if self.segment >= 0:
+                self._put(self.segment % self.plan.encoders, ("end", self.segment, None))
+            self.segment += 1
+            frames, threads = self.length(self.frames)
+            self.segment_end = self.frames + frames
             with self._lock:
-                self.segments[segment] = _Segment()
+                self.segments[self.segment] = _Segment(threads)
+        segment = self.segment
         while not self._room.acquire(timeout=0.5):  # bounded queue: wait for an encoder to take a frame
             self._raise()
         self.segments[segment].pts.append(frame.pts)
-        self._put(worker, ("frame", segment, frame))
+        self._put(segment % self.plan.encoders, ("frame", segment, frame))
         self.frames += 1
         return self._take(wait=False)
 
     def flush(self) -> list:
         """Every packet left, in order (waits for the encoders)."""
-        if self.frames:
-            last = (self.frames - 1) // self.plan.segment_frames
-            self._put(last % self.plan.encoders, ("end", last, None))
+        if self.segment >= 0:
+            self._put(self.segment % self.plan.encoders, ("end", self.segment, None))
         packets = self._take(wait=True)
         self.close()
         return packets
@@ -192,6 +215,7 @@ class SegmentEncoder:
     # --- each encoder's thread ---
 
     def _work(self, index: int) -> None:
+        lower_priority()  # background work, as the writer's other threads (and x264's threads start from here)
         queue, ready = self._queues[index], self._ready[index]
         context = None
         while True:
@@ -206,7 +230,7 @@ class SegmentEncoder:
                 continue
             try:
                 if context is None:
-                    context = self._open()
+                    context = self._open(self.segments[segment].threads)
                 packets = context.encode(frame)  # the codec's threads and this call run without the lock
                 if kind == "end":
                     context = None  # a new encoder for this worker's next segment: it starts with a keyframe
@@ -224,8 +248,8 @@ class SegmentEncoder:
                 seg.done = kind == "end"
                 self._changed.notify_all()
 
-    def _open(self):
-        context = self.make_context()
+    def _open(self, threads: int):
+        context = self.make_context(threads)
         context.open()
         with self._lock:
             if self.extradata is None:

@@ -210,7 +210,7 @@ class VideoSink:
     """A video file: frames encoded with ``Encoding`` at the source's time stamps (scaled by the interpolation
     factor), the source's rotation and colour tags, and its audio streams copied packet for packet."""
 
-    def __init__(self, path: Path, meta: VideoMeta, factor: int, encoding: Encoding):
+    def __init__(self, path: Path, meta: VideoMeta, factor: int, encoding: Encoding, frames: int | None = None):
         av = self.av = import_av()
         self.path = Path(path)
         try:
@@ -246,7 +246,7 @@ class VideoSink:
             try:
                 self.stream.codec_context.open()  # the stream's headers, which every segment's encoder must match
                 self.segments = segment_encoder.SegmentEncoder(self._new_encoder, self.plan,
-                                                               self.stream.codec_context.extradata)
+                                                               self.stream.codec_context.extradata, frames)
             except BaseException:
                 self._discard()
                 raise
@@ -327,7 +327,7 @@ class VideoSink:
         np.copyto(staging.pixels, image)
         return staging.frame
 
-    def _new_encoder(self):
+    def _new_encoder(self, threads: int):
         """An encoder set up as the stream's, for one segment (eden_client/segment_encoder.py)."""
         source = self.stream.codec_context
         context = self.av.CodecContext.create(source.name, "w")
@@ -335,7 +335,7 @@ class VideoSink:
                      "color_primaries", "color_trc"):
             setattr(context, name, getattr(source, name))
         context.thread_type = "AUTO"
-        context.thread_count = self.plan.threads
+        context.thread_count = threads
         context.options = dict(self._options)
         return context
 
@@ -446,9 +446,10 @@ class _AudioCopy:
         self.src.close()
 
 
-def open_sink(path: Path, meta: VideoMeta, factor: int, encoding: Encoding):
-    """A path with a video extension -> VideoSink; anything else -> a folder of PNG frames."""
+def open_sink(path: Path, meta: VideoMeta, factor: int, encoding: Encoding, frames: int | None = None):
+    """A path with a video extension -> VideoSink; anything else -> a folder of PNG frames. ``frames``: how many
+    are expected, where known."""
     path = Path(path)
     if path.suffix.lower() in VIDEO_EXTENSIONS:
-        return VideoSink(path, meta, factor, encoding)
+        return VideoSink(path, meta, factor, encoding, frames)
     return PngFolderSink(path)

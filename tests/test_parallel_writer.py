@@ -131,3 +131,26 @@ def test_png_encoder_is_lossless_from_several_threads(engine):
         pngs = list(pool.map(encode, images))
     assert all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs) and len(pngs[1]) < len(pngs[0])
     assert all(np.array_equal(np.asarray(Image.open(io.BytesIO(p)).convert("RGB")), im) for p, im in zip(pngs, images))
+
+
+def test_the_writers_threads_run_at_a_lower_priority_and_the_caller_keeps_its_own():
+    """The output's encoding (prepare threads, the committing thread and x264's threads started from it) runs a
+    few nice levels below the threads that keep the deployment fed; Linux keeps the level per thread."""
+    import os
+    import threading
+
+    from eden_client.parallel_writer import BACKGROUND_NICE, lower_priority
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def background():
+        lower_priority()
+        seen["writer"] = os.getpriority(os.PRIO_PROCESS, 0)
+        child = threading.Thread(target=lambda: seen.setdefault("child", os.getpriority(os.PRIO_PROCESS, 0)))
+        child.start()
+        child.join()
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+    assert seen["writer"] == seen["child"] == min(19, before + BACKGROUND_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before

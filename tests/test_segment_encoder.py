@@ -42,11 +42,12 @@ def gradient(i, h=48, w=64):
                      (xx + yy + 5 * i) % 256], -1).astype(np.uint8)
 
 
-def write(path, images, encoders, audio_from=None, rate=Fraction(25)):
+def write(path, images, encoders, audio_from=None, rate=Fraction(25), frames=None):
     from eden_client.frames_io import VideoMeta
     from eden_client.sinks import Encoding, VideoSink
     h, w = images[0].shape[:2]
-    sink = VideoSink(path, VideoMeta(1 / rate, rate, w, h, audio_from=audio_from), 2, Encoding(encoders=encoders))
+    sink = VideoSink(path, VideoMeta(1 / rate, rate, w, h, audio_from=audio_from), 2, Encoding(encoders=encoders),
+                     frames)
     for i, image in enumerate(images):
         sink.write(image, i, 1)
     sink.close()
@@ -75,7 +76,7 @@ def test_segments_make_one_ordinary_stream_with_the_audio(tmp_path, monkeypatch)
     clips.write_video(source, images[:75], Fraction(25))
     one = read(write(tmp_path / "one.mp4", images, 1, source).path)
     sink = write(tmp_path / "three.mp4", images, 3, source)
-    assert sink.plan == Plan(3, 60, 1)
+    assert (sink.plan.encoders, sink.plan.segment_frames) == (3, 60)
     packets, frames, audio = read(sink.path)
     assert [pts for pts, _ in frames] == [pts for pts, _ in one[1]] and len(frames) == 121
     # a one-frame segment's own encoder sees no reordering delay: its decoding time is the stream's
@@ -90,6 +91,22 @@ def test_segments_make_one_ordinary_stream_with_the_audio(tmp_path, monkeypatch)
         err = np.mean([(f.astype(float) - im) ** 2 for (_, f), im in zip(decoded, images)])
         return 10 * np.log10(255 ** 2 / err)
     assert abs(psnr(frames) - psnr(one[1])) < 0.5
+    # the total known: the last two segments' worth in halves (31, then the 30 left), so the end is short
+    packets, frames, audio = read(write(tmp_path / "known.mp4", images, 3, source, frames=121).path)
+    assert [i for i, (_, _, key) in enumerate(packets) if key] == [0, 60, 91]
+    assert [pts for pts, _ in frames] == [pts for pts, _ in one[1]] and audio == source_audio
+
+
+def test_the_last_segments_are_shorter_with_every_thread():
+    encoder = SegmentEncoder(SlowContext, Plan(2, 60, 3, 6), b"headers", total=200)
+    starts, lengths = [0], []
+    while starts[-1] < 200:
+        frames, threads = encoder.length(starts[-1])
+        lengths.append((frames, threads))
+        starts.append(starts[-1] + frames)
+    assert lengths == [(60, 3), (60, 3), (40, 6), (20, 6), (20, 6)]
+    assert encoder.length(200) == encoder.length(10 ** 6) == (60, 3)  # more frames than expected: full segments
+    encoder.abort()
 
 
 def test_an_encoders_error_reaches_the_writer_and_nothing_is_left(tmp_path, monkeypatch):
@@ -100,11 +117,11 @@ def test_an_encoders_error_reaches_the_writer_and_nothing_is_left(tmp_path, monk
     sink = VideoSink(out, VideoMeta(Fraction(1, 25), Fraction(25), 64, 48), 2, Encoding(encoders=2))
     made = []
 
-    def failing_second_segment():
+    def failing_second_segment(threads):
         made.append(1)
         if len(made) == 2:
             raise RuntimeError("the encoder could not start")
-        return VideoSink._new_encoder(sink)
+        return VideoSink._new_encoder(sink, threads)
     sink._new_encoder = failing_second_segment
     sink.segments.make_context = failing_second_segment
     with pytest.raises(FramesError, match="could not start"):
@@ -127,7 +144,7 @@ def test_encoders_with_other_headers_are_refused():
     reference = context("veryfast")
     reference.open()
     presets = iter(["veryfast", "placebo"])
-    encoder = SegmentEncoder(lambda: context(next(presets)), Plan(2, 60, 1), reference.extradata)
+    encoder = SegmentEncoder(lambda threads: context(next(presets)), Plan(2, 60, 1), reference.extradata)
     frame = av.VideoFrame.from_ndarray(gradient(0), format="rgb24").reformat(format="yuv420p")
     with pytest.raises(RuntimeError, match="different stream headers"):
         for i in range(200):
@@ -143,6 +160,9 @@ class SlowContext:
     outstanding = 0
     most = 0
     lock = threading.Lock()
+
+    def __init__(self, threads):
+        pass
 
     def open(self):
         pass
