@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -83,10 +84,17 @@ def sh(cmd: list, cwd: Path, **kw) -> float:
     with open(cwd / ".sh.out", "w+") as out, open(cwd / ".sh.err", "w+") as err:
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=out, stderr=err, text=True, **kw)
         threads: dict = {}
-        while proc.poll() is None:
-            threads.update(thread_seconds(proc.pid))
-            time.sleep(0.2)
+        done = threading.Event()
+
+        def sample():  # beside the wait, so that the wall clock ends when the command does
+            while not done.wait(0.2):
+                threads.update(thread_seconds(proc.pid))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        proc.wait()
         wall = time.perf_counter() - t
+        done.set()
+        sampler.join()
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     LAST_STDERR = stderr[-3000:]
