@@ -79,9 +79,9 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                         "slower; superfast is faster, for larger files: at 1080p on 16 cores the encoding, not the "
                         "GPU, sets the pace)")
     g.add_argument("--encoders", type=int, default=None,
-                   help="x264 encoders at once, each on its own consecutive segments of the output (one x264 "
-                        "stream keeps only ~8 cores busy at 1080p, ~4 at 480p; default: one per that many usable "
-                        "cores, at most 8; 1: a single encoder)")
+                   help="x264 encoders at once, each on its own consecutive segments of the output, each segment "
+                        "starting with a keyframe (one x264 stream keeps only ~8 cores busy at 1080p; default: from "
+                        "720p up one per 8 usable cores, at most 8; below 720p one)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
