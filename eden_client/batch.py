@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -186,6 +187,8 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
     if in_dir.resolve() == out_dir.resolve():
         raise FramesError(f"OUT_DIR must be another folder than IN_DIR ({in_dir}): outputs keep the inputs' names")
     jobs = find_jobs(in_dir, out_dir, options.encoding.codec)
+    if runner is None and workers > 1:  # the outputs written at once share this machine's cores for encoding
+        options = dataclasses.replace(options, encoding=dataclasses.replace(options.encoding, sharing=workers))
     pending = []
     for job in jobs:
         if job.dst.exists():

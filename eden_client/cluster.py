@@ -22,6 +22,7 @@ deployment (TorchServe with both halves on its own GPUs; README "Many machines (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import socket
@@ -198,6 +199,9 @@ def runner(args, options):
     share = resource_share(args.per_node)
     if args.ray_retries < 0:
         raise FramesError(f"--ray-retries must be 0 or more, got {args.ray_retries}")
+
+    # the inputs a node runs at once share its cores for encoding
+    options = dataclasses.replace(options, encoding=dataclasses.replace(options.encoding, sharing=args.per_node))
 
     def run(pending, progress) -> bool:
         if not pending:

@@ -181,12 +181,14 @@ class Encoding:
     veryfast: at a constant CRF the preset trades file size for speed, not quality, and medium encodes 1080p about
     2.5-3.5x slower (docs/videos.md has the figures): it could not keep up with one GPU. Other CRF encoders get a
     high-quality default of their own scale (``DEFAULT_CRF``). ``encoders``: x264 streams made at once on
-    consecutive segments (eden_client/segment_encoder.py; None: by the cores and the frame size)."""
+    consecutive segments (eden_client/segment_encoder.py; None: by the cores and the frame size); ``sharing``: how
+    many outputs are written at once on this machine's cores (``batch --jobs``, Ray's ``--per-node``)."""
     codec: str = "libx264"
     crf: int | None = None  # None: DEFAULT_CRF of the codec (encoders without CRF: their own default)
     pix_fmt: str | None = None  # None: yuv420p, or yuv420p10le when the input has more than 8 bits
     preset: str | None = "veryfast"
     encoders: int | None = None
+    sharing: int = 1
 
     DEFAULT_CRF = {"libx264": 18, "libx264rgb": 18, "libx265": 20, "libvpx-vp9": 24, "libvpx": 10,
                    "libaom-av1": 24, "libsvtav1": 24}
@@ -276,7 +278,8 @@ class VideoSink:
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, self.pix_fmt
         self.stream.time_base = self.time_base
         self.stream.codec_context.time_base = self.time_base
-        self.plan = segment_encoder.plan(encoding.codec, self.width, self.height, usable_cores(), encoding.encoders,
+        cores = max(1, usable_cores() // max(1, encoding.sharing))
+        self.plan = segment_encoder.plan(encoding.codec, self.width, self.height, cores, encoding.encoders,
                                          bytes_per_pixel=fmt_info.padded_bits_per_pixel / 8)
         self._options = options
         if self.plan.encoders > 1:
