@@ -203,7 +203,7 @@ class SegmentEncoder:
         """The decoding time stamp one encoder would give the packet: the time of the frame as many frames into
         the stream as the packet is, minus one delay for the whole stream (x264's rule; each segment's encoder
         measures its own delay on its first frames, which a short last segment gets wrong)."""
-        if packet.dts is not None:
+        if packet.dts is not None and seg.sent < len(seg.pts):  # (one packet a frame: x264 drops none)
             if self.delay is None:
                 self.delay = seg.pts[0] - packet.dts
             packet.dts = seg.pts[seg.sent] - self.delay
