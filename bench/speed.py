@@ -329,7 +329,12 @@ def main():
     ap.add_argument("--frames", default="81,41", help="clip length per size")
     ap.add_argument("--out", default="build/speed")
     ap.add_argument("--workdir", default="/tmp/eden_speed")
-    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of the DiT+decoder")
+    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of both models (as build_archives.py)")
+    ap.add_argument("--encoder-batch-size", type=int, default=None,
+                    help="the encoder's batchSize alone (build_archives.py --encoder-batch-size)")
+    ap.add_argument("--max-batch-delay", type=int, default=10,
+                    help="TorchServe maxBatchDelay in ms (default: build_archives.py's, %(default)s; every run up "
+                         "to session 9 used 5)")
     ap.add_argument("--workers", type=int, default=None,
                     help="workers per model in all (default: build_archives.py's, two per model and GPU: a second one "
                          "overlaps its host work with the first's GPU work)")
@@ -369,12 +374,14 @@ def main():
     kernels = kernel_settings(args.kernels, gpus)
     if kernels and args.kernels != "auto":
         kernels.setdefault("warmup_sizes", [f"{h}x{w}" for h, w in sizes])
-    build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size, max_batch_delay_ms=5,
-          workers=args.workers, kernels=kernels, profile=args.profile, settings=handler_settings(args.set))
+    build(work / "weights", work / "store", gpus=gpus, batch_size=args.batch_size,
+          max_batch_delay_ms=args.max_batch_delay, workers=args.workers, kernels=kernels, profile=args.profile,
+          settings=handler_settings(args.set), encoder_batch_size=args.encoder_batch_size)
     dev = torch.device("cuda", 0) if gpus else torch.device("cpu")
     summary = {"device": [torch.cuda.get_device_name(i) for i in range(gpus)] or ["cpu"], "torch": torch.__version__,
                "workers_per_model": args.workers or "build_archives.py default (2 per GPU)", "profile": args.profile,
-               "batch_size": args.batch_size, "settings": args.set,
+               "batch_size": args.batch_size, "encoder_batch_size": args.encoder_batch_size,
+               "max_batch_delay_ms": args.max_batch_delay, "settings": args.set,
                "checkpoint": "random real-size" if not args.checkpoint else str(ckpt), "kernels": kernels, "sizes": {}}
     lengths = [int(v) for v in args.frames.split(",")]
     with TorchServe(work / "serve", work / "store") as ts:

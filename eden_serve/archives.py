@@ -97,11 +97,11 @@ def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_de
 def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_batch_delay_ms: int = 10,
           workers: int | None = None, version: str = "1.0", settings: dict | None = None, profile: str = DEFAULT_PROFILE,
           side: str = "both", versioned_names: bool = False, workers_per_gpu: int = WORKERS_PER_GPU,
-          kernels: dict | None = None) -> list[Path]:
+          kernels: dict | None = None, encoder_batch_size: int | None = None) -> list[Path]:
     """Build the archives of ``side`` into ``model_store``; returns their paths. ``versioned_names`` names them
     ``eden_encoder-<version>.mar`` (for rolling out a new version next to the loaded one) instead of
     ``eden_encoder.mar``. ``kernels``: the DiT+decoder's GPU kernel settings (eden_serve/acceleration.py), off
-    unless given."""
+    unless given. ``encoder_batch_size``: the encoder's batchSize when it differs from the DiT+decoder's."""
     needed = {"both": (ENCODER_FILE, DITDEC_FILE), "encoder": (ENCODER_FILE,), "ditdec": (DITDEC_FILE,)}.get(side, ())
     for f in (*needed, CONFIG_FILE):
         if not (weights / f).is_file():
@@ -124,7 +124,8 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             shutil.copy2(weights / weights_file, stage / weights_file)
             shutil.copy2(weights / CONFIG_FILE, stage / CONFIG_FILE)
-            config = model_config(name, device_ids, batch_size, max_batch_delay_ms, workers, workers_per_gpu)
+            batch = encoder_batch_size if name == "eden_encoder" and encoder_batch_size else batch_size
+            config = model_config(name, device_ids, batch, max_batch_delay_ms, workers, workers_per_gpu)
             if device_ids:
                 config["eden"]["workers_on_gpu"] = workers_on_gpu
             config["eden"].update(settings or {})
@@ -204,6 +205,9 @@ def main(argv=None):
     ap.add_argument("--gpus", type=int, default=None, help="GPUs of the deployment (default: those seen here)")
     ap.add_argument("--batch-size", type=int, default=4,
                     help="TorchServe batchSize of both models (default: %(default)s)")
+    ap.add_argument("--encoder-batch-size", type=int, default=None,
+                    help="the encoder's batchSize alone (default: --batch-size). Its requests already carry a chunk "
+                         "of frames each: 1 spares each request TorchServe's wait for a batch (--max-batch-delay)")
     ap.add_argument("--max-batch-delay", type=int, default=10,
                     help="TorchServe maxBatchDelay in ms (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=None,
@@ -233,6 +237,8 @@ def main(argv=None):
         ap.error("--gpus must be >= 0")
     if args.workers_per_gpu < 1:
         ap.error("--workers-per-gpu must be >= 1")
+    if args.batch_size < 1 or (args.encoder_batch_size is not None and args.encoder_batch_size < 1):
+        ap.error("batch sizes must be >= 1")
     try:
         kernels = kernel_settings(args.kernels, gpus)
     except ValueError as e:
@@ -243,5 +249,6 @@ def main(argv=None):
         ap.error(f"--set: {e}")
     build(args.weights, args.model_store, gpus, args.batch_size, args.max_batch_delay, args.workers, args.version,
           profile=args.profile, side=args.side, versioned_names=args.versioned_names,
-          workers_per_gpu=args.workers_per_gpu, kernels=kernels, settings=settings)
+          workers_per_gpu=args.workers_per_gpu, kernels=kernels, settings=settings,
+          encoder_batch_size=args.encoder_batch_size)
 
