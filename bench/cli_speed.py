@@ -205,7 +205,9 @@ def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
     # cpu_cores_busy: "children" is the CLI process (x264's threads included), the rest TorchServe's processes
     return {"seconds_per_generated_frame": wall / (n - 1), "wall_s": wall, "gpu_util_percent": gpu.mean(),
             "cpu_cores_busy": cpu.cores(), "cli_threads": dict(THREADS), "output_bytes": size,
-            "phases_s": stats.get("phases"), "transport": stats.get("transport"),
+            "phases_s": stats.get("phases"),
+            # the rest: spawning the process and its exit (its start and imports are the "start" phase)
+            "outside_phases_s": wall - sum((stats.get("phases") or {}).values()), "transport": stats.get("transport"),
             "output_frames": stats.get("output_frames"), "stats": stats, "stderr_tail": LAST_STDERR[-1500:]}
 
 

@@ -199,7 +199,8 @@ class Stats:
     transport: str = ""  # which transport and handoff the client used, and why (eden_client/transport.py)
     schedule: dict = field(default_factory=dict)  # what was kept in flight (Schedule's fields; the chunk as ended)
     retries: dict = field(default_factory=dict)  # requests tried again, "model: reason" -> count (ModelClient.retries)
-    phases: dict = field(default_factory=dict)  # seconds of the command's phases: connect, open, run, finish
+    # seconds of the command's phases: start (the interpreter and imports), connect, open, run, finish
+    phases: dict = field(default_factory=dict)
     # seconds of the client's own work on the frames (eden_client/convert.py): read (decoding, colour conversion,
     # scene thumbnails), prepare (colour conversion or PNG, summed over threads), commit (the video encoder or the
     # files), commit_waiting (the writer idle, waiting for answers), prepare_waiting (the encoder waiting for a

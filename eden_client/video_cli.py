@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from fractions import Fraction
@@ -85,6 +86,18 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def seconds_since_start() -> float | None:
+    """Seconds since this process started (Linux /proc, 10 ms ticks; None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def options_from(args):
     from .convert import Options
     if args.encoder_chunk is not None and not 1 <= args.encoder_chunk <= MAX_CHUNK:
@@ -116,6 +129,7 @@ def cmd_video(args) -> int:
         print(f"client: {dst}: a video output needs one of {', '.join(VIDEO_EXTENSIONS)}; a name without an "
               f"extension is a folder of PNG frames", file=sys.stderr)
         return 2
+    started = seconds_since_start()  # the interpreter's start and the imports, before any work
     try:
         options = options_from(args)
         t0 = time.perf_counter()
@@ -127,6 +141,8 @@ def cmd_video(args) -> int:
                         on_progress=lambda done: progress.update(0, done))
         progress.close()
         stats.phases["connect"] = connected
+        if started is not None:
+            stats.phases["start"] = started
     except FramesError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2

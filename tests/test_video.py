@@ -389,6 +389,8 @@ def test_cli_x2_counts_timing_audio_and_one_encoding_per_frame(server, clip_dir,
     # the count the issue asks for: every input frame sent to the encoder exactly once
     assert stats["encoded_frames"] == stats["input_frames"] == 9 and stats["encoder_requests"] == math.ceil(9 / 4)
     assert stats["token_bytes"] > 0 and stats["ditdec_requests"] == 8
+    # where the command's time went, its own start (interpreter and imports) included
+    assert set(stats["phases"]) == {"start", "connect", "open", "run", "finish"} and 0 < stats["phases"]["start"] < 60
     frames_in, facts_in, audio_in = probe(clip_dir / "shapes.mp4")
     frames_out, facts_out, audio_out = probe(out)
     assert len(frames_out) == 17
