@@ -97,12 +97,15 @@ def _timed(frames, seconds: dict, key: str):
         yield frame
 
 
-def pace_note(run_s: float, seconds: dict, encoding: Encoding | None) -> str:
+def pace_note(run_s: float, seconds: dict, encoding: Encoding | None, finish_s: float = 0.0) -> str:
     """What set a run's pace, from the writer's times, when one side clearly did (more than half the run): the
     answers waiting for the output's encoding, or the writer waiting for answers; "" otherwise. With a hint for the
-    encoding case: x264's preset trades file size for speed at the same quality."""
+    encoding case: x264's preset trades file size for speed at the same quality. And when the output was still being
+    encoded well after the last answer (``finish_s``: the frames a writer queues, a whole short clip with several
+    encoders, let the answers run ahead), how long."""
     if run_s <= 0:
         return ""
+    note = ""
     if seconds.get("write_blocked", 0.0) > 0.5 * run_s:
         hint = ""
         if encoding is not None and encoding.codec in ("libx264", "libx265") and encoding.preset not in (
@@ -110,10 +113,12 @@ def pace_note(run_s: float, seconds: dict, encoding: Encoding | None) -> str:
             hint = f" ({encoding.codec} preset {encoding.preset or 'medium'}: --preset superfast is faster, for larger files)"
         elif encoding is None:
             hint = " (PNG files)"
-        return f"pace set by the output's encoding{hint}"
-    if seconds.get("commit_waiting", 0.0) > 0.5 * run_s:
-        return "pace set by the servers"
-    return ""
+        note = f"pace set by the output's encoding{hint}"
+    elif seconds.get("commit_waiting", 0.0) > 0.5 * run_s:
+        note = "pace set by the servers"
+    if finish_s > max(0.5, 0.2 * run_s):
+        note += ("; " if note else "") + f"the output's encoding ended {finish_s:.1f} s after the last answer"
+    return note
 
 
 def convert(src: Path, dst: Path, client, options: Options,
@@ -171,7 +176,8 @@ def convert(src: Path, dst: Path, client, options: Options,
         stats.phases.update(open=t1 - t0, run=t2 - t1, finish=time.perf_counter() - t2)
         stats.client_seconds = {k: round(v, 3) for k, v in {**client_seconds, **sink.seconds}.items()}
         video = isinstance(sink.sink, VideoSink)
-        stats.pace = pace_note(t2 - t1, sink.seconds, options.encoding if video else None)
+        stats.pace = pace_note(t2 - t1, sink.seconds, options.encoding if video else None,
+                               stats.phases["finish"])
         stats.encoders = sink.sink.plan.encoders if video else 0
         return stats
     finally:

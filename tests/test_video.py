@@ -595,3 +595,7 @@ def test_the_summary_says_what_set_the_pace():
     assert pace_note(10.0, {"write_blocked": 0.2, "commit_waiting": 7.0}, x264) == "pace set by the servers"
     assert pace_note(10.0, {"write_blocked": 3.0, "commit_waiting": 3.0}, x264) == ""
     assert pace_note(0.0, {}, x264) == ""
+    assert pace_note(5.0, {"commit_waiting": 3.0}, x264, finish_s=1.3) == (
+        "pace set by the servers; the output's encoding ended 1.3 s after the last answer")
+    assert pace_note(5.0, {}, x264, finish_s=1.3) == "the output's encoding ended 1.3 s after the last answer"
+    assert pace_note(5.0, {"commit_waiting": 3.0}, x264, finish_s=0.4) == "pace set by the servers"
