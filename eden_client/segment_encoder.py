@@ -28,7 +28,8 @@ SEGMENT_CODECS = ("libx264", "libx264rgb")  # x265 and the others thread well en
 MAX_ENCODERS = 8
 CORES_PER_ENCODER = 8  # what one x264 stream keeps busy at 1080p (12-14 of 16-32 vCPUs, at 74-83 frames/s)
 MIN_SEGMENT, MAX_SEGMENT = 60, 250  # frames; x264's own keyframe interval is 250
-TAIL_FRAMES = 16  # the shortest of the short segments at the end
+TAIL_FRAMES = 16  # the shortest of the short segments at the end (longer than any B-frame reordering)
+MAX_REORDER = 16  # the deepest B-frame reordering the time stamps allow for (x264: 2 with b-pyramid)
 QUEUE_BYTES = 1 << 30  # frames waiting for their encoder, at most (less on a machine with less than 16 GiB)
 
 
@@ -54,7 +55,8 @@ def _memory_bytes() -> int:
 def plan(codec: str, width: int, height: int, cores: int, encoders: int | None = None,
          bytes_per_pixel: float = 1.5) -> Plan:
     """How many encoders for an output of this size on ``cores`` cores (``encoders``: the user's choice, None for
-    automatic), how long their segments are, and how many threads each gets.
+    automatic; either way no more than the frames waiting for them allow), how long their segments are, and how
+    many threads each gets.
 
     Automatic: from 720p up, one encoder per 8 cores (about what one x264 stream keeps busy at 1080p), at most 8 and
     at most what the queue holds with segments of 60 frames (4K: one); below 720p, and for codecs other than x264,
@@ -66,7 +68,7 @@ def plan(codec: str, width: int, height: int, cores: int, encoders: int | None =
     budget = min(QUEUE_BYTES, _memory_bytes() // 16)
     if encoders is None:
         encoders = cores // CORES_PER_ENCODER if width * height >= 1280 * 720 else 1
-        encoders = min(encoders, int(budget // (MIN_SEGMENT * frame_bytes)))  # as many as the queue holds
+    encoders = min(encoders, int(budget // (MIN_SEGMENT * frame_bytes)))  # as many as the queue holds
     encoders = max(1, min(MAX_ENCODERS, encoders))
     if encoders == 1:
         return Plan(1)
@@ -82,8 +84,6 @@ class _Segment:
         self.threads = threads  # its encoder's
         self.packets: deque = deque()
         self.done = False
-        self.pts: list[int] = []  # its frames' time stamps, in order
-        self.sent = 0  # packets returned so far
 
 
 class SegmentEncoder:
@@ -109,7 +109,14 @@ class SegmentEncoder:
         self.segment_end = 0  # the frame it ends before
         self.error: BaseException | None = None
         self.extradata = extradata  # the stream headers every encoder must make (None: the first encoder's)
-        self.delay: int | None = None  # decoding time stamps run this far behind (set by the first packet)
+        # decoding time stamps as one encoder gives them (see _stamp): the frames' time stamps still needed, from
+        # frame number _base on, the first ones, and the reordering depth, found from the first packet
+        self._pts: deque = deque()
+        self._base = 0
+        self._first: list[int] = []
+        self._depth: int | None = None
+        self._opening = 0  # the first packets' decoding times run this far behind their frames'
+        self._stamped = 0  # packets returned so far
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._room = threading.Semaphore(plan.queued_frames)
@@ -132,7 +139,9 @@ class SegmentEncoder:
         if left <= 0 or left > 2 * full:
             return full, self.plan.threads
         half = math.ceil(left / 2)
-        return (half if half >= TAIL_FRAMES else left), self.plan.tail_threads
+        # (never shorter than TAIL_FRAMES: more frames than expected may follow, and a segment's encoder must see
+        # its reordering before it ends)
+        return (half if half >= TAIL_FRAMES else max(left, TAIL_FRAMES)), self.plan.tail_threads
 
     def encode(self, frame) -> list:
         self._raise()
@@ -147,18 +156,21 @@ class SegmentEncoder:
         segment = self.segment
         while not self._room.acquire(timeout=0.5):  # bounded queue: wait for an encoder to take a frame
             self._raise()
-        self.segments[segment].pts.append(frame.pts)
+        self._pts.append(frame.pts)
+        if len(self._first) < MAX_REORDER + 1:
+            self._first.append(frame.pts)
         self._put(segment % self.plan.encoders, ("frame", segment, frame))
         self.frames += 1
         return self._take(wait=False)
 
     def flush(self) -> list:
         """Every packet left, in order (waits for the encoders)."""
-        if self.segment >= 0:
-            self._put(self.segment % self.plan.encoders, ("end", self.segment, None))
-        packets = self._take(wait=True)
-        self.close()
-        return packets
+        try:
+            if self.segment >= 0:
+                self._put(self.segment % self.plan.encoders, ("end", self.segment, None))
+            return self._take(wait=True)
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Stop the encoders (what they still hold is dropped when ``flush`` did not run)."""
@@ -188,7 +200,7 @@ class SegmentEncoder:
                 if seg is None:
                     break
                 while seg.packets:
-                    out.append(self._stamp(seg, seg.packets.popleft()))
+                    out.append(self._stamp(seg.packets.popleft()))
                 if seg.done:
                     del self.segments[self.head]
                     self.head += 1
@@ -199,16 +211,34 @@ class SegmentEncoder:
         self._raise()
         return out
 
-    def _stamp(self, seg: _Segment, packet):
-        """The decoding time stamp one encoder would give the packet: the time of the frame as many frames into
-        the stream as the packet is, minus one delay for the whole stream (x264's rule; each segment's encoder
-        measures its own delay on its first frames, which a short last segment gets wrong)."""
-        if packet.dts is not None and seg.sent < len(seg.pts):  # (one packet a frame: x264 drops none)
-            if self.delay is None:
-                self.delay = seg.pts[0] - packet.dts
-            packet.dts = seg.pts[seg.sent] - self.delay
-        seg.sent += 1
+    def _stamp(self, packet):
+        """The decoding time stamp one encoder gives the packet, x264's rule over the whole stream: with B-frames
+        reordered ``d`` deep, packet n decodes at the time of frame n - d, and the first d packets at their own
+        frame's time less the stream's opening delay (frame d's time less frame 0's). Each segment's encoder applies
+        it to its own frames, which is wrong across segments: a segment starts its own opening delay, measured on
+        its own first frames (a short last segment measured none), and frames unevenly spaced make that delay
+        differ from segment to segment."""
+        n = self._stamped
+        if packet.dts is not None:
+            if self._depth is None:  # the first packet: x264's opening delay says how deep it reorders
+                self._opening = self._first[0] - packet.dts
+                self._depth = next((d for d, t in enumerate(self._first) if t - self._first[0] == self._opening),
+                                   None)
+            if self._depth is None:  # (not x264's rule: keep the opening delay throughout)
+                packet.dts = self._frame_pts(n) - self._opening
+            elif n >= self._depth:
+                packet.dts = self._frame_pts(n - self._depth)
+            else:
+                packet.dts = self._frame_pts(n) - self._opening
+        self._stamped += 1
+        keep = n + 1 - (self._depth or 0)  # the earliest frame a later packet can need
+        while self._base < keep and self._pts:
+            self._pts.popleft()
+            self._base += 1
         return packet
+
+    def _frame_pts(self, n: int) -> int:
+        return self._pts[n - self._base]
 
     def _raise(self) -> None:
         if self.error is not None:

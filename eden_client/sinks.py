@@ -383,6 +383,9 @@ class VideoSink:
         except (self.av.error.FFmpegError, RuntimeError) as e:
             self._discard()
             raise self._error(e) from None
+        except BaseException:  # anything else (an encoder thread's own error, Ctrl-C): nothing partial stays
+            self._discard()
+            raise
         self.tmp.replace(self.path)
 
     def _error(self, e: Exception) -> FramesError:

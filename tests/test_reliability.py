@@ -730,8 +730,8 @@ def mount_tmpfs(path, options: str) -> bool:
 
 @pytest.fixture(scope="module")
 def disk_runs(ts, tmp_path_factory) -> dict[str, DiskRun]:
-    """The video client writing to a read-only location and to a full one (x8 of a 12-frame clip), as a video and
-    as a folder of PNG frames. A full disk is an 8 KiB tmpfs where mounting is allowed, else a file-size limit
+    """The video client writing to a read-only location and to a full one (x8 of a 12-frame clip), as a video (by
+    one x264 encoder, and by two on segments: seg.mp4) and as a folder of PNG frames. A full disk is an 8 KiB tmpfs where mounting is allowed, else a file-size limit
     (RLIMIT_FSIZE) on the client's process; a read-only location is a read-only tmpfs, else a folder without write
     permission (not for root, who may write anyway)."""
     pytest.importorskip("av")
@@ -757,12 +757,13 @@ def disk_runs(ts, tmp_path_factory) -> dict[str, DiskRun]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         for kind, (folder, fsize) in places.items():
-            for output in ("out.mp4", "frames"):
+            for output in ("out.mp4", "seg.mp4", "frames"):
                 limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
+                encoders = ["--encoders", "2"] if output == "seg.mp4" else []
                 r = subprocess.run([sys.executable, "-m", "eden_client", "video", str(clip), "-o", str(folder / output),
                                     "--factor", "8", "--quiet", "--encoder-url", ts.inference_url,
-                                    "--key-file", str(ts.key_file)], cwd=ROOT, env=env, capture_output=True,
-                                   text=True, timeout=300, preexec_fn=limit)
+                                    "--key-file", str(ts.key_file), *encoders], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=300, preexec_fn=limit)
                 runs[f"{kind} {output}"] = DiskRun(r.returncode, r.stderr, sorted(os.listdir(folder)),
                                                    (folder / output).exists())
         yield runs
@@ -771,7 +772,8 @@ def disk_runs(ts, tmp_path_factory) -> dict[str, DiskRun]:
             subprocess.run(["umount", str(m)], capture_output=True)
 
 
-DISK_CASES = ["read-only out.mp4", "read-only frames", "full out.mp4", "full frames"]
+DISK_CASES = ["read-only out.mp4", "read-only seg.mp4", "read-only frames", "full out.mp4", "full seg.mp4",
+              "full frames"]
 DISK_REASONS = {"read-only": ("Read-only file system", "Permission denied"),
                 "full": ("No space left on device", "File too large")}
 

@@ -36,6 +36,13 @@ def test_plan_by_cores_and_frame_size():
             assert p.encoders == 1 or 60 <= p.segment_frames <= 250
             assert p.queued_frames * w * h * 1.5 <= (1 << 30)  # frames waiting for their encoder: 1 GiB at most
     assert plan("libx264", 3840, 2160, 64) == Plan(1) and plan("libx264", 1920, 1080, 64).encoders == 5
+    assert plan("libx264", 3840, 2160, 64, encoders=8) == Plan(1)  # the user's count within the queue too
+
+
+def short_segments(monkeypatch, encoders, w=64, h=48):
+    """Segments of 60 frames (the shortest but at the end) for ``encoders`` encoders of w x h frames: the queue's
+    budget made that small."""
+    monkeypatch.setattr(segment_encoder, "QUEUE_BYTES", int(encoders * 60 * w * h * 1.5))
 
 
 def gradient(i, h=48, w=64):
@@ -71,7 +78,7 @@ def test_segments_make_one_ordinary_stream_with_the_audio(tmp_path, monkeypatch)
     stamps and with the durations one encoder gives, each segment starts with a keyframe, the audio is copied packet
     for packet, and the pixels are as good."""
     from eden_dev import clips
-    monkeypatch.setattr(segment_encoder, "QUEUE_BYTES", 1)  # the shortest segments: 60 frames
+    short_segments(monkeypatch, 3)
     rng = np.random.default_rng(0)
     images = [gradient(i) if i % 3 else rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(121)]
     source = tmp_path / "with_audio.mp4"
@@ -114,7 +121,7 @@ def test_the_last_segments_are_shorter_with_every_thread():
 def test_an_encoders_error_reaches_the_writer_and_nothing_is_left(tmp_path, monkeypatch):
     from eden_client.frames_io import FramesError, VideoMeta
     from eden_client.sinks import Encoding, VideoSink, partial_path
-    monkeypatch.setattr(segment_encoder, "QUEUE_BYTES", 1)
+    short_segments(monkeypatch, 2)
     out = tmp_path / "o.mp4"
     sink = VideoSink(out, VideoMeta(Fraction(1, 25), Fraction(25), 64, 48), 2, Encoding(encoders=2))
     made = []
@@ -206,3 +213,36 @@ def test_outputs_written_at_once_share_the_cores(tmp_path, monkeypatch):
             assert sink.plan.encoders == encoders
         finally:
             sink.close(complete=False)
+
+
+def write_at(path, pts, encoders, frames=None):
+    """Frames at the time stamps ``pts`` (1/1000 s) through VideoSink; the file's video packets (pts, dts)."""
+    from eden_client.frames_io import VideoMeta
+    from eden_client.sinks import Encoding, VideoSink
+    sink = VideoSink(path, VideoMeta(Fraction(1, 1000), Fraction(25), 64, 48), 1, Encoding(encoders=encoders), frames)
+    for k, t in enumerate(pts):
+        sink.write(gradient(k), t, (pts[k + 1] - t) if k + 1 < len(pts) else 40)
+    sink.close()
+    with av.open(str(path)) as c:
+        return [(p.pts, p.dts) for p in c.demux(c.streams.video[0]) if p.size]
+
+
+@pytest.mark.parametrize("case", ["uneven spacing", "one gap", "fewer frames expected"])
+def test_decoding_times_are_one_encoders_whatever_the_spacing(tmp_path, monkeypatch, case):
+    """x264 gives packet n the time of frame n - d (d: its B-frame reordering) and the first d packets their own less
+    an opening delay; with several encoders the stream must get the same (each segment's encoder starts its own
+    opening, and a first segment shorter than the reordering measured none): with frames unevenly spaced, one gap in
+    regular ones, or far more frames than the writer was told to expect (a first segment of 16)."""
+    short_segments(monkeypatch, 3)
+    rng = np.random.default_rng(2)
+    if case == "uneven spacing":
+        pts = np.cumsum(rng.choice([10, 30, 40, 120], 200)).tolist()
+    else:
+        pts = [40 * k + (500 if case == "one gap" and k >= 97 else 0) for k in range(200)]
+    frames = 2 if case == "fewer frames expected" else None
+    one = write_at(tmp_path / "one.mp4", pts, 1)
+    three = write_at(tmp_path / "three.mp4", pts, 3, frames)
+    # the same decoding times and frames; the order within a group of pictures is each encoder's own choice
+    assert [dts for _, dts in three] == [dts for _, dts in one]
+    assert sorted(t for t, _ in three) == sorted(t for t, _ in one) and len(three) == len(pts)
+    assert all(t >= dts for t, dts in three)
