@@ -22,7 +22,6 @@ deployment (TorchServe with both halves on its own GPUs; README "Many machines (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import socket
@@ -201,7 +200,7 @@ def runner(args, options):
         raise FramesError(f"--ray-retries must be 0 or more, got {args.ray_retries}")
 
     # the inputs a node runs at once share its cores for encoding
-    options = dataclasses.replace(options, encoding=dataclasses.replace(options.encoding, sharing=args.per_node))
+    options = options.sharing_cores(args.per_node)
 
     def run(pending, progress) -> bool:
         if not pending:

@@ -36,6 +36,11 @@ class Options:
     target_fps: Fraction | None = None  # an output rate instead of a factor (then ``factor`` is not used)
     max_depth: int = DEFAULT_MAX_DEPTH  # with target_fps: the deepest midpoint level
 
+    def sharing_cores(self, outputs: int) -> "Options":
+        """These options for one of ``outputs`` outputs written at once on this machine's cores (``batch --jobs``,
+        Ray's ``--per-node``): a video's encoders are planned on its share (eden_client/segment_encoder.py)."""
+        return dataclasses.replace(self, encoding=dataclasses.replace(self.encoding, sharing=outputs))
+
     def settings(self, video_output: bool) -> dict:
         """What decides the output's frames (recorded by ``batch`` next to each output): the timing, the seeds,
         the scene cuts, the token precision and, for a video, the codec settings."""

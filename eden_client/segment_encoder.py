@@ -78,7 +78,7 @@ def plan(codec: str, width: int, height: int, cores: int, encoders: int | None =
 
 
 class _Segment:
-    """One segment's packets, in order, as its encoder gives them back, and its frames' time stamps."""
+    """One segment's packets, in order, as its encoder gives them back."""
 
     def __init__(self, threads: int):
         self.threads = threads  # its encoder's
@@ -168,13 +168,16 @@ class SegmentEncoder:
         try:
             if self.segment >= 0:
                 self._put(self.segment % self.plan.encoders, ("end", self.segment, None))
-            return self._take(wait=True)
-        finally:
-            self.close()
+            packets = self._take(wait=True)
+        except BaseException:  # an encoder's error, Ctrl-C: what is still queued is dropped
+            self.abort()
+            raise
+        self.close()
+        return packets
 
     def close(self) -> None:
-        """Stop the encoders (what they still hold is dropped when ``flush`` did not run)."""
-        self._abort = self.frames == 0 or self._abort or any(self._queues)
+        """Stop the encoders, after what is queued for them (nothing is, after ``flush``; after an encoder's error
+        or with ``abort`` it is dropped)."""
         for i in range(self.plan.encoders):
             self._put(i, self._STOP)
         for t in self._threads:
