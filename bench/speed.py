@@ -246,7 +246,7 @@ def in_flight(timeline: list, start: float, end: float) -> dict:
 
 def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight: int | None = None,
                  chunk: int | None = None, handoff: str = "device", encoder_inflight: int | None = None,
-                 token_dtype: str = "float16") -> dict:
+                 token_dtype: str = "float16", window: int | None = None) -> dict:
     """None: the client's default for the transport (eden_client/video.py default_schedule)."""
     client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file), transport=transport,
                                 shm_dir="/dev/shm/eden", handoff=handoff)
@@ -278,7 +278,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
                 first_frame[0] = first_frame[0] or time.perf_counter()
 
         interp = Interpolator(client, factor=2, seed=SEED, max_inflight=max_inflight, chunk=chunk,
-                              encoder_inflight=encoder_inflight, token_dtype=token_dtype)
+                              encoder_inflight=encoder_inflight, token_dtype=token_dtype, window=window)
         # warm-up: enough pairs for every worker to see the size; over HTTP the whole clip, since TorchServe's
         # frontend (Java) moves large bodies several times slower in its first minute than once warm. The frames
         # are mirrored: the DiT+decoder's frame cache must not hold the measured run's frames (until session 5 it
@@ -345,8 +345,11 @@ def main():
     ap.add_argument("--chunk", type=int, default=None, help="frames per encoder request (default: the client's)")
     ap.add_argument("--encoder-inflight", type=int, default=None,
                     help="encoder requests the client keeps in flight (default: the client's)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="input pairs the client keeps open at once (default: the client's)")
     ap.add_argument("--variants", default="",
-                    help="extra runs, comma list of [TRANSPORT@]CHUNK:INFLIGHT[:ENCODER_INFLIGHT][/DTYPE], TRANSPORT "
+                    help="extra runs, comma list of [TRANSPORT@]CHUNK:INFLIGHT[:ENCODER_INFLIGHT[:WINDOW]][/DTYPE], "
+                         "TRANSPORT "
                          "one of shm (default), shm_host, http, a number '-' for the client's default, DTYPE the "
                          "tokens' (default float16) (e.g. 8:32,http@4:16:4,http@-:-:-/int8)")
     ap.add_argument("--kernels", default="auto",
@@ -403,16 +406,17 @@ def main():
             def runs_here(transport: str) -> bool:
                 return transport != "http" or args.http_sizes == "all" or f"{H}x{W}" in args.http_sizes.split(",")
 
-            def deployed(transport: str, sink: Path, chunk, inflight, enc_inflight, dtype="float16") -> dict:
+            def deployed(transport: str, sink: Path, chunk, inflight, enc_inflight, dtype="float16",
+                         window=None) -> dict:
                 """transport: shm (tokens handed off GPU to GPU), shm_host (tokens via tmpfs) or http."""
                 return run_deployed(ts, clip, transport.split("_")[0], sink, inflight, chunk,
-                                    "host" if transport == "shm_host" else "device", enc_inflight, dtype)
+                                    "host" if transport == "shm_host" else "device", enc_inflight, dtype, window)
 
             for transport in ("shm", "shm_host", "http"):
                 if transport in skip or not runs_here(transport):
                     continue
                 d = deployed(transport, work / f"out_{transport}.rgb", args.chunk, args.max_inflight,
-                             args.encoder_inflight)
+                             args.encoder_inflight, window=args.window)
                 frames = d.pop("frames")
                 if ref_s:
                     d["speedup"] = ref_s / d["seconds_per_generated_frame"]
@@ -425,17 +429,21 @@ def main():
                 if not runs_here(transport):
                     continue
                 numbers, _, dtype = numbers.partition("/")
-                chunk, inflight, enc_inflight = ([None if v == "-" else int(v) for v in numbers.split(":")]
-                                                 + [args.encoder_inflight])[:3]
-                d = deployed(transport, work / "out_variant.rgb", chunk, inflight, enc_inflight, dtype or "float16")
+                given = [None if v == "-" else int(v) for v in numbers.split(":")]
+                defaults = [None, None, args.encoder_inflight, args.window]  # (the last two may be left out)
+                chunk, inflight, enc_inflight, window = given + defaults[len(given):]
+                d = deployed(transport, work / "out_variant.rgb", chunk, inflight, enc_inflight, dtype or "float16",
+                             window)
                 d.pop("frames")
                 s = d["client_stats"]["schedule"]
                 name = (f"variant_{transport}_chunk{s['chunk']}_inflight{s['max_inflight']}_encoder"
-                        f"{s['encoder_inflight']}" + (f"_{dtype}" if dtype else ""))
+                        f"{s['encoder_inflight']}_window{s['window']}" + (f"_{dtype}" if dtype else ""))
                 row[name] = d  # the stage breakdown and the client's stats included
                 if ref_s:
                     row[name]["speedup"] = ref_s / d["seconds_per_generated_frame"]
                 print(f"{H}x{W} {name}: {d['seconds_per_generated_frame']}", flush=True)
+                summary["sizes"][f"{H}x{W}"] = row  # (written after every run: a run cut short keeps the others)
+                (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
             summary["sizes"][f"{H}x{W}"] = row
             (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     print(json.dumps(summary, indent=1, default=float))

@@ -327,6 +327,30 @@ class _Writer:
         self.thread.join()
 
 
+class _Occupancy:
+    """What the scheduler kept in flight while it waited for answers, averaged over that time (levels: means;
+    flags: the share of the time they held). Says which limit a run met: the window of open segments, the encoder
+    requests, the DiT+decoder requests, or none (then the servers set the pace)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.seconds = 0.0
+        self._state: dict | None = None
+        self._since = 0.0
+
+    def enter(self, **state) -> None:
+        self._state, self._since = state, time.perf_counter()
+
+    def leave(self) -> None:
+        dt = time.perf_counter() - self._since
+        self.seconds += dt
+        for k, v in self._state.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * dt
+
+    def means(self) -> dict[str, float]:
+        return {k: round(v / self.seconds, 3) for k, v in self.sums.items()} if self.seconds else {}
+
+
 class Interpolator:
     """Drives an ``EdenClient`` (``encode_frames`` / ``generate_pair``, over either transport) over a stream of
     frames. The encoder answers are released (their shared-memory segments removed) as soon as the last segment
@@ -504,6 +528,7 @@ class Interpolator:
         last: _Node | None = None
         exhausted = False
         writer = _Writer(write)
+        occupancy = _Occupancy()
         pool = ThreadPoolExecutor(self.max_inflight + self.encoder_inflight, thread_name_prefix="eden-request")
         self._live: list[tuple[int, EncoderAnswer]] = []  # (last segment needing them, encoder answer)
         self.reencoded = 0
@@ -597,7 +622,13 @@ class Interpolator:
 
                 if not running:
                     continue
+                generating = len(running) - encoding
+                occupancy.enter(open_segments=len(segments), encoder_inflight=encoding, ditdec_inflight=generating,
+                                window_full=not exhausted and len(segments) >= self.window,
+                                encoder_at_limit=encoding >= self.encoder_inflight,
+                                ditdec_at_limit=generating >= self.max_inflight)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
+                occupancy.leave()
                 for fut in done:
                     kind, *info = running.pop(fut)
                     if kind == "encode":
@@ -626,7 +657,7 @@ class Interpolator:
         stats.seconds = time.perf_counter() - t0
         stats.reencoded = self.reencoded
         stats.schedule = {"max_inflight": self.max_inflight, "encoder_inflight": self.encoder_inflight,
-                          "chunk": self.chunk}
+                          "chunk": self.chunk, "window": self.window, "occupancy": occupancy.means()}
         sent = dict(getattr(self.client, "wire", None) or {})  # (a client shared by runs counts them all)
         delta = {k: sent.get(k, 0) - wire_before.get(k, 0) for k in sent}
         stats.wire_bytes, stats.encoder_wire_bytes = delta.get("generate", 0), delta.get("encode", 0)

@@ -9,7 +9,7 @@ import torch
 
 from . import checkpoint, handoff, images, pipeline, protocol, shm, tokens, wire
 from .held_tokens import HeldTokens
-from .service import (FRAME_FIELD, METRIC_TOKEN_BYTES_OUT, BatchService, RequestError, check_binary,
+from .service import (FRAME_FIELD, METRIC_TOKEN_BYTES_OUT, BatchService, RequestError, _as_bytes, check_binary,
                       parse_token_dtype, request_header)
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ class EncoderService(BatchService):
                                   s.token_dtype)
         for n in names:
             check_binary(context, idx, n)
-        frames = [images.decode_image(self.value(request[n], n, context, idx), s.max_pixels, s.min_side, n)
-                  for n in names]
+        frames = [self.frame(request[n], n, context, idx) for n in names]
         h, w = frames[0].shape[:2]
         for name, f in zip(names[1:], frames[1:]):
             if f.shape[:2] != (h, w):
@@ -66,6 +65,23 @@ class EncoderService(BatchService):
                      and (request_header(context, idx, protocol.HANDOFF) or "") == protocol.HANDOFF_DEVICE)
         # the frames as they are: run() gathers every request's straight into the upload buffer (one copy each)
         return (h, w, dtype), (frames, dtype, "device" if on_device else "shm" if to_shm else "")
+
+    def frame(self, raw, name: str, context, idx: int) -> np.ndarray | torch.Tensor:
+        """One frame field -> [H, W, 3] uint8. A raw frame in a shared-memory segment is read straight into a host
+        tensor (page-locked on a GPU, ready for the upload): one copy, checked from its header first. Anything else
+        (PNG, JPEG, raw bytes in the body) is decoded as it is."""
+        s = self.settings
+        data = _as_bytes(raw)
+        if data is None or not shm.is_ref(data):
+            return images.decode_image(data, s.max_pixels, s.min_side, name)
+        with self.store.open(self.segment_of(self.ref(data, context, idx), name)) as seg:
+            head = seg.read(0, min(seg.size, images.RAW_HEADER.size))
+            if not images.is_raw(head):
+                return images.decode_image(seg.read(), s.max_pixels, s.min_side, name)
+            h, w = images.raw_size(bytes(head), seg.size, s.max_pixels, s.min_side, name)
+            host = torch.empty((h, w, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            seg.readinto(host.numpy(), images.RAW_HEADER.size)
+            return host
 
     def run(self, items):
         with self.stage("encode"):
@@ -106,16 +122,25 @@ class EncoderService(BatchService):
                 raise
             return [(body, protocol.TOKENS_CONTENT_TYPE, {}) for body in bodies]
 
-    def upload(self, frames: list[np.ndarray]) -> torch.Tensor:
-        """The requests' frames, each [H, W, C] uint8 -> one [K, H, W, C] uint8 tensor on the device, each frame
-        copied once on the host. On a GPU they are gathered straight into page-locked host memory and copied without
-        blocking the host: from pageable memory the driver copies twice and the copy holds the host thread (17% of
-        the encoder's GPU time at 1080p in session 6's profile). PyTorch's pinned-memory cache reuses the buffer
-        once the copy is done."""
+    def upload(self, frames: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """The requests' frames, each [H, W, C] uint8 (arrays decoded from the bodies, or host tensors read from
+        shared memory by ``frame``) -> one [K, H, W, C] uint8 tensor on the device. On a GPU every frame is copied
+        from page-locked host memory without blocking the host (from pageable memory the driver copies twice and
+        the copy holds the host thread: 17% of the encoder's GPU time at 1080p in session 6's profile): frames read
+        from shared memory are there already, decoded ones are gathered into one such buffer first. PyTorch's
+        pinned-memory cache reuses the buffers once their copies are done."""
+        if all(isinstance(f, torch.Tensor) for f in frames):
+            if self.device.type != "cuda":
+                return torch.stack(frames).to(self.device)
+            out = torch.empty((len(frames), *frames[0].shape), dtype=torch.uint8, device=self.device)
+            for dst, f in zip(out, frames):
+                dst.copy_(f, non_blocking=True)
+            return out
+        arrays = [f.numpy() if isinstance(f, torch.Tensor) else f for f in frames]
         if self.device.type != "cuda":
-            return torch.from_numpy(np.stack(frames)).to(self.device)
+            return torch.from_numpy(np.stack(arrays)).to(self.device)
         host = torch.empty((len(frames), *frames[0].shape), dtype=torch.uint8, pin_memory=True)
-        np.stack(frames, out=host.numpy())
+        np.stack(arrays, out=host.numpy())
         return host.to(self.device, non_blocking=True)
 
     def can_hand_off(self) -> bool:

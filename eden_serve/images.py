@@ -26,7 +26,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "i
     the pixels are decoded."""
     if not data:
         raise ImageError(f"{name}: empty body")
-    if bytes(data[:len(RAW_MAGIC)]) == RAW_MAGIC:
+    if is_raw(data):
         return decode_raw(data, max_pixels, min_side, name)
     try:
         with warnings.catch_warnings():
@@ -85,13 +85,24 @@ def encode_raw(rgb: np.ndarray) -> list:
 
 def decode_raw(data, max_pixels: int, min_side: int = 1, name: str = "image") -> np.ndarray:
     """Raw frame bytes -> [H, W, 3] uint8 (a read-only view of ``data``, no copy)."""
-    if len(data) < RAW_HEADER.size:
+    h, w = raw_size(bytes(data[:RAW_HEADER.size]), len(data), max_pixels, min_side, name)
+    return np.frombuffer(data, np.uint8, offset=RAW_HEADER.size).reshape(h, w, 3)
+
+
+def is_raw(head) -> bool:
+    return bytes(head[:len(RAW_MAGIC)]) == RAW_MAGIC
+
+
+def raw_size(head: bytes, nbytes: int, max_pixels: int, min_side: int = 1, name: str = "image") -> tuple[int, int]:
+    """(height, width) of a raw frame of ``nbytes`` bytes in all from its header ``head``, checked against the
+    limits and the length before any pixel is read."""
+    if nbytes < RAW_HEADER.size or len(head) < RAW_HEADER.size:
         raise ImageError(f"{name}: raw frame shorter than its {RAW_HEADER.size}-byte header")
-    _, h, w = RAW_HEADER.unpack_from(data)
+    _, h, w = RAW_HEADER.unpack_from(head)
     if h * w > max_pixels:
         raise ImageError(f"{name}: {w}x{h} is {w * h} pixels, over the limit of {max_pixels}")
     if min(h, w) < min_side:
         raise ImageError(f"{name}: {w}x{h} is too small (each side must be at least {min_side} pixels)")
-    if len(data) != RAW_HEADER.size + h * w * 3:
-        raise ImageError(f"{name}: raw {w}x{h} frame needs {h * w * 3} pixel bytes, got {len(data) - RAW_HEADER.size}")
-    return np.frombuffer(data, np.uint8, offset=RAW_HEADER.size).reshape(h, w, 3)
+    if nbytes != RAW_HEADER.size + h * w * 3:
+        raise ImageError(f"{name}: raw {w}x{h} frame needs {h * w * 3} pixel bytes, got {nbytes - RAW_HEADER.size}")
+    return h, w

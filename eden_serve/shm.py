@@ -339,14 +339,22 @@ class SegmentFile:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ShmError(f"segment {self.name}: bytes {offset}..{offset + length} are outside its {self.size}")
         view = memoryview(np.empty(length, np.uint8)).cast("B")
+        self.readinto(view, offset)
+        return view
+
+    def readinto(self, view: memoryview, offset: int = 0) -> None:
+        """Fill ``view`` (any writable buffer, e.g. page-locked host memory) with the bytes from ``offset``: one copy,
+        no buffer in between."""
+        view = memoryview(view).cast("B")
+        if offset < 0 or offset + view.nbytes > self.size:
+            raise ShmError(f"segment {self.name}: bytes {offset}..{offset + view.nbytes} are outside its {self.size}")
         done = 0
-        while done < length:
+        while done < view.nbytes:
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise ShmError(f"segment {self.name} was truncated while being read ({done} of {length} bytes "
+                raise ShmError(f"segment {self.name} was truncated while being read ({done} of {view.nbytes} bytes "
                                "read): it was changed after it was published")
             done += n
-        return view
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -142,9 +142,16 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
         assert i.window == want.max_inflight + want.chunk
     i = Interpolator(shm, max_inflight=5, chunk=2, encoder_inflight=1)
     assert (i.max_inflight, i.encoder_inflight, i.chunk) == (5, 1, 2)
-    _, stats, _ = run_fake([0, 8, 16, 24, 32], 2)
+    _, stats, _ = run_fake([0, 8, 16, 24, 32], 2, delay=0.01)
+    occupancy = stats.schedule.pop("occupancy")
     assert stats.schedule == {"max_inflight": HTTP_SCHEDULE.max_inflight,
-                              "encoder_inflight": HTTP_SCHEDULE.encoder_inflight, "chunk": HTTP_SCHEDULE.chunk}
+                              "encoder_inflight": HTTP_SCHEDULE.encoder_inflight, "chunk": HTTP_SCHEDULE.chunk,
+                              "window": HTTP_SCHEDULE.max_inflight + HTTP_SCHEDULE.chunk}
+    # what was in flight while the scheduler waited: levels as means, limits as shares of that time
+    assert set(occupancy) == {"open_segments", "encoder_inflight", "ditdec_inflight", "window_full",
+                              "encoder_at_limit", "ditdec_at_limit"}
+    assert 0 < occupancy["open_segments"] <= 4 and 0 < occupancy["ditdec_inflight"] <= 4
+    assert 0 <= occupancy["window_full"] <= 1 and occupancy["encoder_inflight"] <= HTTP_SCHEDULE.encoder_inflight
     base = dict(factor=None, target_fps=None, max_depth=None, seed=0, fps=None, no_scene_detect=False,
                 scene_threshold=0.5, max_inflight=None, encoder_chunk=None, encoder_inflight=None,
                 token_dtype="float16", codec="libx264", crf=None, pix_fmt=None, preset="veryfast", encoders=None)
