@@ -74,10 +74,13 @@ MAX_CHUNK = 16  # the encoder's max_frames
 
 @dataclass(frozen=True)
 class Schedule:
-    """How much the scheduler keeps in flight: DiT+decoder requests, encoder requests, frames per encoder request."""
+    """How much the scheduler keeps in flight: DiT+decoder requests, encoder requests, frames per encoder request,
+    and the most input pairs open at once (0: max_inflight + chunk), lowered where their frames would pass
+    WINDOW_BYTES."""
     max_inflight: int
     encoder_inflight: int
     chunk: int
+    window: int = 0
 
 
 # Defaults per transport, measured on H200s (bench/NOTES.md, session 5). Shared memory: with 16 DiT+decoder requests
@@ -86,8 +89,12 @@ class Schedule:
 # 1080p and 480p from 5.3 to 3.9-4.4 ms (one GPU: 6.9 -> 5.7 ms); chunks of 8 were no better (1080p: 14.9-16.1 ms).
 # HTTP: every request carries its tokens through TorchServe's frontend, where more large bodies at once only queue:
 # 32 / 4 took 1080p from 0.11 to 0.78 s a frame; the session-4 settings stay.
-SHM_SCHEDULE = Schedule(max_inflight=32, encoder_inflight=4, chunk=4)
+# The window (session 10, bench/NOTES.md): with 36 pairs open, two GPUs at 1080p kept the window full 80% of the time
+# (a pair stays open from its frames' encoding until it is written in order, ~0.4 s there) and made 10.1 ms a frame;
+# 96 made 8.0 ms (one GPU: 14.6 -> 14.4, its GPU 90% busy either way). 96 open 1080p pairs hold ~1.2 GB of frames.
+SHM_SCHEDULE = Schedule(max_inflight=32, encoder_inflight=4, chunk=4, window=96)
 HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=2, chunk=4)
+WINDOW_BYTES = 2 << 30  # the open pairs' frames (inputs and generated) kept within this, down to max_inflight + chunk
 
 
 def default_schedule(transport: str) -> Schedule:
@@ -385,7 +392,8 @@ class Interpolator:
         self.max_inflight = max_inflight
         self.encoder_inflight = encoder_inflight
         self.chunk = chunk
-        self.window = max(window or max_inflight + chunk, chunk + 1)
+        self.window = max(window or max(schedule.window, max_inflight + chunk), chunk + 1)
+        self._fit_window = window is None and self.window > max_inflight + chunk  # (from the first frame's size)
         self.detector = detector or SceneDetector(None)
         self.token_dtype = token_dtype
         self.target_fps = None if target_fps is None else Fraction(target_fps)
@@ -396,6 +404,13 @@ class Interpolator:
         self.first_time = self.last_time = None  # target rate: the input's first and last times (seconds)
         self.reencoded = 0  # frames encoded again because their handed-off tokens were lost
         self._count_lock = threading.Lock()
+
+    def fitted_window(self, frame_bytes: int) -> int:
+        """The window for frames of ``frame_bytes``: a pair holds its first input frame and the frames it generates
+        (its span), and the open pairs' frames stay within WINDOW_BYTES, but the window never goes below what the
+        requests in flight need (max_inflight + chunk)."""
+        fits = WINDOW_BYTES // max(1, frame_bytes * self.span)
+        return max(self.max_inflight + self.chunk, min(self.window, fits))
 
     # ------------------------------------------------------------------ requests (run in the pool)
     def _encode(self, nodes: list[_Node]) -> list[tuple[EncoderAnswer, list[_Node]]]:
@@ -541,6 +556,9 @@ class Interpolator:
                     if frame is None:
                         exhausted = True
                         break
+                    if self._fit_window:
+                        self._fit_window = False
+                        self.window = self.fitted_window(frame.image.nbytes)
                     thumb = None
                     if self.detector.enabled:  # (made in the decoding thread when it could: Frame.thumb)
                         thumb = frame.thumb if getattr(frame, "thumb", None) is not None else thumbnail(frame.image)

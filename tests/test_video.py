@@ -131,7 +131,7 @@ def test_lost_device_tokens_are_encoded_again_with_the_same_frames():
 
 
 def test_schedule_defaults_follow_the_transport_and_flags_override_them():
-    from eden_client.video import HTTP_SCHEDULE, SHM_SCHEDULE
+    from eden_client.video import HTTP_SCHEDULE, SHM_SCHEDULE, WINDOW_BYTES
     from eden_client.video_cli import options_from
     shm, http = FakeEden(), FakeEden()
     shm.transport, http.transport = "shm", "http"
@@ -139,9 +139,18 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
         i = Interpolator(fake)
         assert (i.max_inflight, i.encoder_inflight, i.chunk) == (want.max_inflight, want.encoder_inflight,
                                                                  want.chunk)
-        assert i.window == want.max_inflight + want.chunk
+        assert i.window == (want.window or want.max_inflight + want.chunk)
     i = Interpolator(shm, max_inflight=5, chunk=2, encoder_inflight=1)
     assert (i.max_inflight, i.encoder_inflight, i.chunk) == (5, 1, 2)
+    # same host: many pairs open (the window), fewer where their frames would pass WINDOW_BYTES, never fewer than
+    # the requests in flight need; a window given is kept as it is
+    i = Interpolator(shm)
+    assert SHM_SCHEDULE.window > SHM_SCHEDULE.max_inflight + SHM_SCHEDULE.chunk
+    assert i.fitted_window(1080 * 1920 * 3) == SHM_SCHEDULE.window
+    assert i.fitted_window(2160 * 3840 * 3) == WINDOW_BYTES // (2160 * 3840 * 3 * 2)
+    assert i.fitted_window(8192 * 8192 * 3) == SHM_SCHEDULE.max_inflight + SHM_SCHEDULE.chunk
+    assert Interpolator(shm, factor=8).fitted_window(1080 * 1920 * 3) == WINDOW_BYTES // (1080 * 1920 * 3 * 8)
+    assert Interpolator(shm, window=40).window == 40 and not Interpolator(shm, window=40)._fit_window
     _, stats, _ = run_fake([0, 8, 16, 24, 32], 2, delay=0.01)
     occupancy = stats.schedule.pop("occupancy")
     assert stats.schedule == {"max_inflight": HTTP_SCHEDULE.max_inflight,
