@@ -10,7 +10,8 @@ One command on the GPU host; in one run, for each size:
   cli mp4     `python -m eden_client video in.mp4 -o out.mp4` as a subprocess, no tuning flags: decoding, scene
               detection, audio, H.264 and the file included;
   cli png     the same into a folder of PNG frames.
-The deployment is the README's: `split_weights.py` on a random real-size checkpoint, `build_archives.py` with its
+The deployment is the README's: `split_weights.py` on a real-size checkpoint (random weights, or with `--weights blend`
+one whose middle frames are the inputs' mean: eden_dev/blend_checkpoint.py), `build_archives.py` with its
 defaults, `torchserve --start --ncs --ts-config config.properties` in a working folder (a copy of the repository's
 config.properties), the client reading ./key_file.json there. Clips are generated (moving shapes, 30000/1001 fps,
 an AAC track). Seconds per generated frame = the command's wall clock / (frames in - 1). Writes summary.json.
@@ -47,6 +48,7 @@ from eden_client.video import Interpolator  # noqa: E402
 from eden_client.video_cli import add_interpolation_args, options_from  # noqa: E402
 from eden_dev import clips  # noqa: E402
 from eden_dev.samples import moving_shapes  # noqa: E402
+from eden_dev.blend_checkpoint import make_blend_checkpoint  # noqa: E402
 from eden_serve import checkpoint  # noqa: E402
 from eden_serve.config import EdenConfig  # noqa: E402
 
@@ -128,11 +130,15 @@ def wait_ready(work: Path, timeout: float = 600) -> float:
     raise TimeoutError(f"TorchServe not ready after {timeout} s: see {work}/logs")
 
 
-def start_readme_deployment(work: Path, ckpt: Path, made: bool = True, build_args: str = "") -> dict:
-    """The README's deployment in ``work``: (a random real-size checkpoint when ``made``), split_weights.py,
-    build_archives.py with its defaults (+ ``build_args``), ``torchserve --start --ncs --ts-config config.properties``
-    (a copy of the repository's), until both models are READY. Seconds per step. Stop it with stop_deployment(work)."""
-    if made:
+def start_readme_deployment(work: Path, ckpt: Path, made: bool = True, build_args: str = "",
+                            weights: str = "random") -> dict:
+    """The README's deployment in ``work``: (a real-size checkpoint when ``made``: ``weights`` random, or blend:
+    eden_dev/blend_checkpoint.py), split_weights.py, build_archives.py with its defaults (+ ``build_args``),
+    ``torchserve --start --ncs --ts-config config.properties`` (a copy of the repository's), until both models are
+    READY. Seconds per step. Stop it with stop_deployment(work)."""
+    if made and weights == "blend":
+        make_blend_checkpoint(ckpt)
+    elif made:
         checkpoint.make_random_checkpoint(ckpt, EdenConfig(), seed=0)
     shutil.copy(ROOT / "config.properties", work / "config.properties")
     setup: dict = {}
@@ -215,7 +221,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="480x854:300,1080x1920:120", help="HxW:FRAMES, comma separated")
     ap.add_argument("--reference-pairs", type=int, default=16, help="pairs the reference makes per size")
-    ap.add_argument("--checkpoint", default=None, help="official checkpoint (default: random real-size weights)")
+    ap.add_argument("--checkpoint", default=None, help="official checkpoint (default: one made by --weights)")
+    ap.add_argument("--weights", default="random", choices=["random", "blend"],
+                    help="the checkpoint made when none is given: random real-size weights (generated frames are "
+                         "noise, the output encoder's worst case) or blend (eden_dev/blend_checkpoint.py: the same "
+                         "random DiT, the middle frame the two inputs' mean, content like a trained model's)")
     ap.add_argument("--official-dir", default=None, help="a checkout of the official code: bench/official_loop.py")
     ap.add_argument("--workdir", default="/tmp/eden_cli")
     ap.add_argument("--io-dir", default=None,
@@ -263,7 +273,9 @@ def main():
     ckpt = Path(args.checkpoint).resolve() if args.checkpoint else work / "eden.pt"
     summary["build_args"], summary["transport"], summary["token_dtype"], summary["client_args"] = \
         args.build_args, args.transport, args.token_dtype or "default", args.client_args
-    summary["setup_s"] = start_readme_deployment(work, ckpt, made=not args.checkpoint, build_args=args.build_args)
+    summary["weights"] = args.weights if not args.checkpoint else str(ckpt)
+    summary["setup_s"] = start_readme_deployment(work, ckpt, made=not args.checkpoint, build_args=args.build_args,
+                                                 weights=args.weights)
     print(f"deployment ready: {summary['setup_s']}", flush=True)
     save()
     sd = checkpoint.read_official_checkpoint(ckpt)

@@ -122,6 +122,11 @@ def make_random_checkpoint(path: str | os.PathLike, cfg: EdenConfig, seed: int =
 
     LayerNorm and bias parameters are randomised too, so that no tensor is left at a trivial value.
     """
+    torch.save({"eden": random_state_dict(cfg, seed)}, path)
+
+
+def random_state_dict(cfg: EdenConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random official-layout parameters (``make_random_checkpoint``'s)."""
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     for module in (EdenEncoder(cfg), EdenGenerator(cfg)):
@@ -133,4 +138,4 @@ def make_random_checkpoint(path: str | os.PathLike, cfg: EdenConfig, seed: int =
                 sd[k] = 1 + 0.1 * torch.randn(v.shape, generator=gen)
             else:
                 sd[k] = 0.02 * torch.randn(v.shape, generator=gen)
-    torch.save({"eden": sd}, path)
+    return sd

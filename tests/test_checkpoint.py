@@ -81,3 +81,32 @@ def test_random_checkpoint_is_official_layout(tmp_path):
     cfg = EdenConfig(hidden_dim=64, num_heads=1, dit_depth=1, decoder_depth=1)
     checkpoint.make_random_checkpoint(tmp_path / "r.pt", cfg)
     assert checkpoint.split_checkpoint(tmp_path / "r.pt", tmp_path / "w", num_heads=1) == cfg
+
+
+def test_blend_checkpoint_makes_the_mean_of_the_two_frames(tmp_path):
+    """bench's stand-in for trained weights (eden_dev/blend_checkpoint.py): official layout and sizes, loaded by the
+    same strict path, and its middle frame is the two inputs' mean at half resolution, so the output's encoder sees
+    a video's content rather than noise."""
+    import numpy as np
+
+    from eden_dev.blend_checkpoint import make_blend_checkpoint
+    from eden_dev.samples import moving_shapes
+    from eden_serve import pipeline
+    from eden_serve.config import EdenConfig
+
+    make_blend_checkpoint(tmp_path / "b.pt")
+    assert checkpoint.split_checkpoint(tmp_path / "b.pt", tmp_path / "w") == EdenConfig()
+    enc, gen = checkpoint.load_encoder(tmp_path / "w", "cpu"), checkpoint.load_generator(tmp_path / "w", "cpu")
+    H, W = 96, 128
+    a, b = moving_shapes(2, H, W, step=8)
+    x = torch.from_numpy(np.stack([a, b])).permute(0, 3, 1, 2).float() / 255
+    geo = pipeline.Geometry.for_size(H, W, gen.cfg)
+    with torch.no_grad():
+        e, (d,) = pipeline.encode_frames(enc, x)
+        pair = torch.tensor([[0, 1]])
+        pairs = pipeline.PairBatch(e.dit[pair], e.dec[pair], e.mean[pair], e.std[pair], d, geo)
+        noise = pipeline.make_noise(geo, gen.cfg.latent_dim, 1, torch.device("cpu"))
+        out = pipeline.to_uint8(pipeline.interpolate(gen, pairs, noise))[0].numpy().astype(float)
+    mean = (a.astype(float) + b) / 2
+    blocks = mean.reshape(H // 2, 2, W // 2, 2, 3).mean(axis=(1, 3)).repeat(2, 0).repeat(2, 1)
+    assert 10 * np.log10(255 ** 2 / np.mean((out - blocks) ** 2)) > 45
