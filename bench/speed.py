@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 
 from build_archives import build, handler_settings, kernel_settings  # noqa: E402
-from eden_serve.archives import DEFAULT_PROFILE, PROFILES  # noqa: E402
+from eden_serve.archives import DEFAULT_PROFILE, ENCODER_BATCH_SIZE, PROFILES  # noqa: E402
 from reference import load_reference, time_clip  # noqa: E402
 
 from eden_client.api import EdenClient  # noqa: E402
@@ -177,14 +177,15 @@ def run_reference(sd, cfg, clip, device) -> tuple[float, list]:
     return seconds, out
 
 
-def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8, kernels: str = "") -> tuple[float, list]:
+def run_fast(weights, clip, device, batch: int = 4, chunk: int = 8, kernels: dict | None = None) -> tuple[float, list]:
+    """The serving code in this process (no TorchServe): ``kernels`` as the archives get them (kernel_settings)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     enc = checkpoint.load_encoder(weights, device)
     gen = checkpoint.load_generator(weights, device)
     cfg = gen.cfg
     H, W = clip[0].shape[:2]
     geo = pipeline.Geometry.for_size(H, W, cfg)
-    accel = acceleration.Accelerator(gen, acceleration.KernelSettings.parse(kernels), device, dtype)
+    accel = acceleration.Accelerator(gen, acceleration.KernelSettings.from_mapping(kernels or {}), device, dtype)
     accel.warm_up([(H, W)], sorted({batch, (len(clip) - 1) % batch or batch}))  # as a worker does at start
 
     def go():
@@ -330,8 +331,9 @@ def main():
     ap.add_argument("--out", default="build/speed")
     ap.add_argument("--workdir", default="/tmp/eden_speed")
     ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of both models (as build_archives.py)")
-    ap.add_argument("--encoder-batch-size", type=int, default=None,
-                    help="the encoder's batchSize alone (build_archives.py --encoder-batch-size)")
+    ap.add_argument("--encoder-batch-size", type=int, default=ENCODER_BATCH_SIZE,
+                    help="the encoder's batchSize (default: build_archives.py's, %(default)s; runs up to session 10 "
+                         "used --batch-size for both)")
     ap.add_argument("--max-batch-delay", type=int, default=10,
                     help="TorchServe maxBatchDelay in ms (default: build_archives.py's, %(default)s; every run up "
                          "to session 9 used 5)")
@@ -396,7 +398,7 @@ def main():
                 row["reference_s_per_frame"] = ref_s
             print(f"{H}x{W} reference: {ref_s}", flush=True)
             if "fast" not in skip:
-                fast_s, fast_frames = run_fast(work / "weights", clip, dev, kernels=args.kernels)
+                fast_s, fast_frames = run_fast(work / "weights", clip, dev, kernels=kernels)
                 row["fast_s_per_frame"] = fast_s
                 if ref_s:
                     row["fast_speedup"] = ref_s / fast_s

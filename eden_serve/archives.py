@@ -73,6 +73,11 @@ def placement(gpus: int, profile: str = DEFAULT_PROFILE, side: str = "both") -> 
 # Workers of each model on each of its GPUs: two, so that one worker's host work (parsing, copies, answering)
 # overlaps the other's GPU work (bench/NOTES.md: one H200, 1 vs 2 workers per model).
 WORKERS_PER_GPU = 2
+# The encoder's TorchServe batchSize: one. Its requests already carry a chunk of frames (4), and with a few of them
+# in flight a batch of 4 requests rarely fills, so each request waited out the whole batching window (maxBatchDelay)
+# first: on two H200s 1 took the deployment from 4.72 to 3.60 ms a frame at 480p and 8.88 to 8.15 at 1080p
+# (bench/NOTES.md, session 10). The DiT+decoder keeps --batch-size: its requests are one pair each.
+ENCODER_BATCH_SIZE = 1
 
 
 def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_delay_ms: int,
@@ -101,7 +106,8 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
     """Build the archives of ``side`` into ``model_store``; returns their paths. ``versioned_names`` names them
     ``eden_encoder-<version>.mar`` (for rolling out a new version next to the loaded one) instead of
     ``eden_encoder.mar``. ``kernels``: the DiT+decoder's GPU kernel settings (eden_serve/acceleration.py), off
-    unless given. ``encoder_batch_size``: the encoder's batchSize when it differs from the DiT+decoder's."""
+    unless given. ``encoder_batch_size``: the encoder's batchSize (None: ``batch_size``; build_archives.py's default
+    is ENCODER_BATCH_SIZE)."""
     needed = {"both": (ENCODER_FILE, DITDEC_FILE), "encoder": (ENCODER_FILE,), "ditdec": (DITDEC_FILE,)}.get(side, ())
     for f in (*needed, CONFIG_FILE):
         if not (weights / f).is_file():
@@ -145,7 +151,7 @@ def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_
             shutil.move(Path(tmp, f"{name}.mar"), target)
         built.append(target)
         where = f"GPU {device_ids}" if device_ids else "CPU"
-        print(f"built {built[-1]} (version {version}, {where}, {config['minWorkers']} worker(s), batch {batch_size})")
+        print(f"built {built[-1]} (version {version}, {where}, {config['minWorkers']} worker(s), batch {batch})")
     return built
 
 
@@ -204,10 +210,10 @@ def main(argv=None):
     ap.add_argument("--model-store", required=True, type=Path, help="where the .mar files go")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs of the deployment (default: those seen here)")
     ap.add_argument("--batch-size", type=int, default=4,
-                    help="TorchServe batchSize of both models (default: %(default)s)")
-    ap.add_argument("--encoder-batch-size", type=int, default=None,
-                    help="the encoder's batchSize alone (default: --batch-size). Its requests already carry a chunk "
-                         "of frames each: 1 spares each request TorchServe's wait for a batch (--max-batch-delay)")
+                    help="TorchServe batchSize of the DiT+decoder (default: %(default)s)")
+    ap.add_argument("--encoder-batch-size", type=int, default=ENCODER_BATCH_SIZE,
+                    help="the encoder's batchSize (default: %(default)s: its requests already carry a chunk of frames "
+                         "each, and one spares each of them TorchServe's wait for a batch, --max-batch-delay)")
     ap.add_argument("--max-batch-delay", type=int, default=10,
                     help="TorchServe maxBatchDelay in ms (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=None,

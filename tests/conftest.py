@@ -71,7 +71,7 @@ def shm_dir(tmp_path_factory) -> Path:
 def tiny_store(tiny_weights, tmp_path_factory, shm_dir) -> Path:
     from eden_serve.archives import build
     store = tmp_path_factory.mktemp("model_store")
-    build(tiny_weights, store, gpus=0, batch_size=4, max_batch_delay_ms=100,
+    build(tiny_weights, store, gpus=0, batch_size=4, max_batch_delay_ms=100, encoder_batch_size=4,  # (batches too)
           settings={**TEST_SETTINGS, "shm_dir": str(shm_dir), "shm_ttl_s": SHM_TTL_S})
     return store
 

@@ -20,7 +20,7 @@ import pytest
 import requests
 from conftest import FIXTURE, ROOT, TEST_SETTINGS, read_rgb
 
-from eden_serve.archives import build, placement
+from eden_serve.archives import ENCODER_BATCH_SIZE, build, placement
 from eden_client.api import EdenClient
 from eden_client.errors import ServeError
 from eden_client.keys import KeySource, expiry_time
@@ -158,21 +158,21 @@ def test_archives_for_four_gpus_are_one_flag(tiny_weights, tmp_path, profile, di
     # the most shared GPU: GPU 0 with both models' workers in the spread profile (the 4K memory rule counts them)
     assert {c["eden"]["workers_on_gpu"] for c in configs.values()} == {2 if profile == "split" else 4}
     assert {c["deviceType"] for c in configs.values()} == {"gpu"}
-    assert configs["eden_encoder"]["batchSize"] == configs["eden_ditdec"]["batchSize"] == 4
+    assert configs["eden_ditdec"]["batchSize"] == 4 and configs["eden_encoder"]["batchSize"] == ENCODER_BATCH_SIZE == 1
 
 
 def test_the_encoders_batch_size_apart(tiny_weights, tmp_path):
     import yaml
     import zipfile
     r = subprocess.run([sys.executable, str(ROOT / "archive_scripts" / "build_archives.py"), "--weights", tiny_weights,
-                        "--model-store", tmp_path, "--gpus", "0", "--encoder-batch-size", "1"], capture_output=True,
+                        "--model-store", tmp_path, "--gpus", "0", "--encoder-batch-size", "3"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
     batch = {}
     for name in MODELS:
         with zipfile.ZipFile(tmp_path / f"{name}.mar") as z:
             batch[name] = yaml.safe_load(z.read("model-config.yaml"))["batchSize"]
-    assert batch == {"eden_encoder": 1, "eden_ditdec": 4}
+    assert batch == {"eden_encoder": 3, "eden_ditdec": 4}
 
 
 def test_key_expiry_and_status_parsing():
