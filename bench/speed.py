@@ -330,7 +330,7 @@ def main():
     ap.add_argument("--frames", default="81,41", help="clip length per size")
     ap.add_argument("--out", default="build/speed")
     ap.add_argument("--workdir", default="/tmp/eden_speed")
-    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of both models (as build_archives.py)")
+    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of the DiT+decoder (as build_archives.py)")
     ap.add_argument("--encoder-batch-size", type=int, default=ENCODER_BATCH_SIZE,
                     help="the encoder's batchSize (default: build_archives.py's, %(default)s; runs up to session 10 "
                          "used --batch-size for both)")

@@ -62,32 +62,48 @@ def expected_outputs(count: int, rate: Fraction, options: Options) -> int:
     return math.floor((count - 1) * Fraction(options.target_fps) / Fraction(rate)) + 1
 
 
-THUMBNAIL_THREADS = 3  # a 1080p thumbnail takes ~6 ms (mostly without the interpreter lock): 3 keep ahead of 150 frames/s
+INPUT_THREADS = 3  # threads making the input's frames ready (session 10: the reading thread's limit at 480p)
 
 
-def _with_thumbnails(frames, threads: int = THUMBNAIL_THREADS):
-    """Frames, in order, with their scene-detection thumbnail, made on ``threads`` threads while the next frames
-    decode (made in the decoding thread they held it back: 1080p, two H200s, the run 26% slower than without scene
-    detection, bench/NOTES.md session 7), and its similarity to the previous frame's (SSIM), computed here rather
-    than in the scheduler's thread, which every request waits on."""
-    pending: collections.deque = collections.deque()  # (frame, its thumbnail's future), oldest first
+def prepared(source, thumbnails: bool, threads: int = INPUT_THREADS):
+    """The source's frames, in order, each made ready on one of ``threads`` threads while the next ones decode: its
+    conversion to RGB (a video) or its decoding (a folder of images), and with ``thumbnails`` its scene-detection
+    thumbnail (a 1080p one ~6 ms, mostly without the interpreter lock); the similarity (SSIM) of each thumbnail with
+    the previous one is computed here, in order, rather than in the scheduler's thread, which every request waits on.
+
+    The thread that decodes does nothing else: with conversion and thumbnails in it, it took 5.7 ms a 480p frame
+    beside the command's ~40 other threads (1.3 ms alone) and set the command's pace at 480p (bench/NOTES.md,
+    session 10); in session 7 the thumbnails made in it had held a two-GPU 1080p run 26% back."""
+    tasks = source.tasks(parallel=True) if hasattr(source, "tasks") else ((lambda f=f: f) for f in source)
+
+    def ready(task):
+        frame = task()
+        if thumbnails:
+            frame.thumb = thumbnail(frame.image)
+        return frame
+
+    pending: collections.deque = collections.deque()  # futures of the frames, oldest first
     previous = None  # the last thumbnail handed out
 
     def oldest():
         nonlocal previous
-        frame, made = pending.popleft()
-        frame.thumb = made.result()
-        frame.similarity = None if previous is None else ssim(previous, frame.thumb)
-        previous = frame.thumb
+        frame = pending.popleft().result()
+        if thumbnails:
+            frame.similarity = None if previous is None else ssim(previous, frame.thumb)
+            previous = frame.thumb
         return frame
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="eden-thumbnail") as pool:
-        for frame in frames:
-            pending.append((frame, pool.submit(thumbnail, frame.image)))
-            if len(pending) > 2 * threads:
+    with ThreadPoolExecutor(threads, thread_name_prefix="eden-input") as pool:
+        try:
+            for task in tasks:
+                pending.append(pool.submit(ready, task))
+                if len(pending) > 2 * threads:
+                    yield oldest()
+            while pending:
                 yield oldest()
-        while pending:
-            yield oldest()
+        finally:
+            for future in pending:  # (stopped early: nothing more to make)
+                future.cancel()
 
 
 def _timed(frames, seconds: dict, key: str):
@@ -146,7 +162,7 @@ def convert(src: Path, dst: Path, client, options: Options,
                                     token_dtype=options.token_dtype, target_fps=options.target_fps,
                                     time_base=meta.time_base, max_depth=options.max_depth)
         client_seconds: dict = {}
-        frames = Prefetch(_timed(_with_thumbnails(source) if options.scene_threshold is not None else source,
+        frames = Prefetch(_timed(prepared(source, thumbnails=options.scene_threshold is not None),
                                  client_seconds, "read"))
         complete = False
         try:

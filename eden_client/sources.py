@@ -2,11 +2,12 @@
 prefetcher that decodes ahead in a thread (see eden_client/frames_io.py for the frames and their time stamps)."""
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -56,20 +57,28 @@ class FolderSource:
             raise FramesError(str(e)) from None
 
     def __iter__(self) -> Iterator[Frame]:
-        size = self._first.shape
+        return (task() for task in self.tasks())
+
+    def tasks(self, parallel: bool = False) -> Iterator[Callable[[], Frame]]:
+        """Each frame, in order, as a call that reads it (safe on any thread: ``prepared`` runs them on several)."""
         for i, path in enumerate(self.files):
-            image = self._first if i == 0 else self._read(path)
-            if image.shape != size:
-                raise FramesError(f"{path} is {image.shape[1]}x{image.shape[0]} but {self.files[0].name} is "
-                                  f"{size[1]}x{size[0]}: every frame of a folder must have one size (resize the "
-                                  f"frames or split the folder)")
-            yield Frame(image, i, 1)
+            yield functools.partial(self._frame, i, path)
+
+    def _frame(self, i: int, path: Path) -> Frame:
+        size = self._first.shape
+        image = self._first if i == 0 else self._read(path)
+        if image.shape != size:
+            raise FramesError(f"{path} is {image.shape[1]}x{image.shape[0]} but {self.files[0].name} is "
+                              f"{size[1]}x{size[0]}: every frame of a folder must have one size (resize the "
+                              f"frames or split the folder)")
+        return Frame(image, i, 1)
 
     def close(self) -> None:
         pass
 
 
-SOURCE_SWS_THREADS = 4  # slices of the decoding thread's YUV -> RGB conversion (the one serial stage of the input)
+SOURCE_SWS_THREADS = 4  # slices of a YUV -> RGB conversion when one thread converts every frame (plain iteration);
+# convert.prepared converts on several threads instead, one slice each
 
 
 class VideoSource:
@@ -108,9 +117,9 @@ class VideoSource:
                               height=first.height, rotation=int(round(first.rotation or 0)), color=self.color,
                               bit_depth=depth, audio_from=self.path if self.container.streams.audio else None)
         self._first = first
-        # one converter for the whole stream: PyAV's frame.to_ndarray(format=...) builds a new swscale context, and
-        # with it a pool of one thread per core, for every frame
-        self._reformatter = av.video.reformatter.VideoReformatter()
+        # one converter per thread for the whole stream: PyAV's frame.to_ndarray(format=...) builds a new swscale
+        # context, and with it a pool of one thread per core, for every frame
+        self._converters = threading.local()
         self._step = max(1, round(1 / (self.meta.rate * self.meta.time_base)))  # nominal pts per frame
 
     @property
@@ -124,30 +133,42 @@ class VideoSource:
             return max(1, round(Fraction(self.container.duration, 1_000_000) * self.meta.rate))
         return 0
 
-    def _rgb(self, frame) -> np.ndarray:
+    def _rgb(self, frame, sws_threads: int = SOURCE_SWS_THREADS) -> np.ndarray:
         # the source's matrix and range -> full-range RGB; unknown range means limited (video) unless yuvj
         src_range = self.color["color_range"] or (2 if frame.format.name.startswith("yuvj") else 1)
         if frame.format.name == "rgb24":
             return frame.to_ndarray()
+        converter = getattr(self._converters, "reformatter", None)
+        if converter is None:
+            converter = self._converters.reformatter = import_av().video.reformatter.VideoReformatter()
         matrix = _sws_matrix(self.color["colorspace"])
-        return self._reformatter.reformat(frame, format="rgb24", src_colorspace=matrix, dst_colorspace=matrix,
-                                          src_color_range=src_range, dst_color_range=2,
-                                          threads=SOURCE_SWS_THREADS).to_ndarray()
+        return converter.reformat(frame, format="rgb24", src_colorspace=matrix, dst_colorspace=matrix,
+                                  src_color_range=src_range, dst_color_range=2, threads=sws_threads).to_ndarray()
 
     def __iter__(self) -> Iterator[Frame]:
+        return (task() for task in self.tasks())
+
+    def tasks(self, parallel: bool = False) -> Iterator[Callable[[], Frame]]:
+        """Each frame, in order, as a call that converts it to RGB: decoding and the time stamps happen here, in
+        order; the calls are safe on any thread (a converter per thread; ``parallel``: one slice each, as several
+        threads convert at once)."""
         av = import_av()
+        sws_threads = 1 if parallel else SOURCE_SWS_THREADS
         last = None
         frame = self._first
         while frame is not None:
             pts = frame.pts if frame.pts is not None else (0 if last is None else last + self._step)
             if last is not None and pts <= last:  # broken or duplicate stamps: keep time moving forward
                 pts = last + 1
-            yield Frame(self._rgb(frame), pts, frame.duration or self._step)
+            yield functools.partial(self._frame, frame, pts, frame.duration or self._step, sws_threads)
             last = pts
             try:
                 frame = next(self._decoded, None)
             except av.error.FFmpegError as e:
                 raise FramesError(f"{self.path}: decoding failed after pts {last} ({e})") from None
+
+    def _frame(self, frame, pts: int, duration: int, sws_threads: int) -> Frame:
+        return Frame(self._rgb(frame, sws_threads), pts, duration)
 
     def close(self) -> None:
         self.container.close()

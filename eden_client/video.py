@@ -91,10 +91,12 @@ class Schedule:
 # 32 / 4 took 1080p from 0.11 to 0.78 s a frame; the session-4 settings stay.
 # The window (session 10, bench/NOTES.md): with 36 pairs open, two GPUs at 1080p kept the window full 80% of the time
 # (a pair stays open from its frames' encoding until it is written in order, ~0.4 s there) and made 10.1 ms a frame;
-# 96 made 8.0 ms (one GPU: 14.6 -> 14.4, its GPU 90% busy either way). 96 open 1080p pairs hold ~1.2 GB of frames.
+# 96 made 8.0 ms (one GPU: 14.6 -> 14.4, its GPU 90% busy either way). 96 open 1080p pairs hold ~1.2 GB of frames
+# here and ~2.4 GB of float16 tokens at the servers (on the encoder's GPU with the device handoff).
 SHM_SCHEDULE = Schedule(max_inflight=32, encoder_inflight=4, chunk=4, window=96)
 HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=2, chunk=4)
 WINDOW_BYTES = 2 << 30  # the open pairs' frames (inputs and generated) kept within this, down to max_inflight + chunk
+TOKEN_WINDOW_BYTES = 3 << 30  # ... and their tokens at the servers (the shm folder's default quota is 4 GiB)
 
 
 def default_schedule(transport: str) -> Schedule:
@@ -392,8 +394,8 @@ class Interpolator:
         self.max_inflight = max_inflight
         self.encoder_inflight = encoder_inflight
         self.chunk = chunk
-        self.window = max(window or max(schedule.window, max_inflight + chunk), chunk + 1)
-        self._fit_window = window is None and self.window > max_inflight + chunk  # (from the first frame's size)
+        self.window = max(window or max(schedule.window, max_inflight + chunk), chunk + 1)  # (the most)
+        self._fit_window = not window and self.window > max_inflight + chunk  # (each run, from its first frame)
         self.detector = detector or SceneDetector(None)
         self.token_dtype = token_dtype
         self.target_fps = None if target_fps is None else Fraction(target_fps)
@@ -406,10 +408,16 @@ class Interpolator:
         self._count_lock = threading.Lock()
 
     def fitted_window(self, frame_bytes: int) -> int:
-        """The window for frames of ``frame_bytes``: a pair holds its first input frame and the frames it generates
-        (its span), and the open pairs' frames stay within WINDOW_BYTES, but the window never goes below what the
-        requests in flight need (max_inflight + chunk)."""
-        fits = WINDOW_BYTES // max(1, frame_bytes * self.span)
+        """The window for RGB frames of ``frame_bytes``, never below what the requests in flight need (max_inflight
+        + chunk). An open pair holds its first input frame and the frames it generates here (at most its span, a
+        target rate's counted as 4: most conversions are under 4x), within WINDOW_BYTES, and the tokens of its
+        encoded frames at the servers (on the encoder's GPU, or in the shared-memory folder with its 4 GiB quota),
+        within TOKEN_WINDOW_BYTES: estimated from the released model's sizes, two float16 token sets of 768 values
+        for every 16x16x3 patch, 4 bytes a pixel byte (int8: 2, float32: 8)."""
+        frames = self.span if self.target_fps is None else min(self.span, 4)
+        per_pixel_byte = {"int8": 2, "float32": 8}.get(self.token_dtype, 4)
+        fits = min(WINDOW_BYTES // max(1, frame_bytes * frames),
+                   TOKEN_WINDOW_BYTES // max(1, frame_bytes * per_pixel_byte * max(1, frames // 2)))
         return max(self.max_inflight + self.chunk, min(self.window, fits))
 
     # ------------------------------------------------------------------ requests (run in the pool)
@@ -544,6 +552,7 @@ class Interpolator:
         exhausted = False
         writer = _Writer(write)
         occupancy = _Occupancy()
+        window, fit = self.window, self._fit_window  # (fitted to this run's frames when they come)
         pool = ThreadPoolExecutor(self.max_inflight + self.encoder_inflight, thread_name_prefix="eden-request")
         self._live: list[tuple[int, EncoderAnswer]] = []  # (last segment needing them, encoder answer)
         self.reencoded = 0
@@ -551,14 +560,13 @@ class Interpolator:
         try:
             while True:
                 # read input while the window has room
-                while not exhausted and len(segments) < self.window:
+                while not exhausted and len(segments) < window:
                     frame = next(frames, None)
                     if frame is None:
                         exhausted = True
                         break
-                    if self._fit_window:
-                        self._fit_window = False
-                        self.window = self.fitted_window(frame.image.nbytes)
+                    if fit:
+                        fit, window = False, self.fitted_window(frame.image.nbytes)
                     thumb = None
                     if self.detector.enabled:  # (made in the decoding thread when it could: Frame.thumb)
                         thumb = frame.thumb if getattr(frame, "thumb", None) is not None else thumbnail(frame.image)
@@ -642,7 +650,7 @@ class Interpolator:
                     continue
                 generating = len(running) - encoding
                 occupancy.enter(open_segments=len(segments), encoder_inflight=encoding, ditdec_inflight=generating,
-                                window_full=not exhausted and len(segments) >= self.window,
+                                window_full=not exhausted and len(segments) >= window,
                                 encoder_at_limit=encoding >= self.encoder_inflight,
                                 ditdec_at_limit=generating >= self.max_inflight)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -675,7 +683,7 @@ class Interpolator:
         stats.seconds = time.perf_counter() - t0
         stats.reencoded = self.reencoded
         stats.schedule = {"max_inflight": self.max_inflight, "encoder_inflight": self.encoder_inflight,
-                          "chunk": self.chunk, "window": self.window, "occupancy": occupancy.means()}
+                          "chunk": self.chunk, "window": window, "occupancy": occupancy.means()}
         sent = dict(getattr(self.client, "wire", None) or {})  # (a client shared by runs counts them all)
         delta = {k: sent.get(k, 0) - wire_before.get(k, 0) for k in sent}
         stats.wire_bytes, stats.encoder_wire_bytes = delta.get("generate", 0), delta.get("encode", 0)

@@ -5,8 +5,10 @@ for the video encoder that writes the output (x264 spends several times longer o
 a real video), so a benchmark with them measures x264 on noise, not the command on a video. This checkpoint keeps the
 random DiT (the same sizes, hence the same GPU work) and sets the encoder's decoder tokens, the decoder and its
 output head so that the generated frame is the average of the two inputs at half resolution (each 2x2 block of a
-patch one value): frames with a real video's content and motion, as a trained model makes them. Only for
-measuring; the weights make no sense as a model.
+patch one value, de-normalised with the pair's averaged mean and spread, as EDEN does: the mean itself for two
+frames of one shot, near it across a cut): frames with a real video's content and motion, as a trained model makes
+them. Only for measuring, with float16 or float32 tokens (int8 tokens' per-token scale is set by the constant dims
+below and leaves the pixels coarse); the weights make no sense as a model.
 
 How (the released sizes: hidden size D = 768 = 3 x 16 x 16 values of a patch):
 
@@ -15,11 +17,11 @@ How (the released sizes: hidden size D = 768 = 3 x 16 x 16 values of a patch):
   LayerNorm after it is one fixed scale (it removes nothing of the pixels), and the position embedding (|pos| <= 1)
   is small beside a.
 * decoder: the query stream starts from a constant (``proj_token``'s bias, signs orthogonal to the tokens' constant
-  dims), so in the first block's temporal attention both frames score lam / 4 and the query itself 0: each frame
-  gets half. The values are the pixel dims, the output projection scales them up (mu); every other residual branch
-  is zero.
-* output head: LayerNorm (again one fixed scale), the first linear layer spreads each block mean over its 2x2
-  pixels plus an offset that keeps the GELU in its linear part, the second removes the offset.
+  dims), so in the first block's temporal attention both frames score LAM / 4 and the query itself 0: each frame
+  gets half. The values are the pixel dims, the output projection scales them back to A x the block means (x sigma,
+  the LayerNorm's scale); every other residual branch is zero.
+* output head: LayerNorm (again one fixed scale), then each block mean z through GELU as +z and -z: GELU(z) -
+  GELU(-z) = z for any z, so the second layer gives every pixel of the block z exactly (in bfloat16 too).
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from eden_serve.config import EdenConfig
 A = 100.0  # pixel dims of the tokens (against |pos| <= 1)
 C = 1e4  # constant dims (the LayerNorm's scale: C / sqrt(2))
 LAM = 80.0  # query size: the frames score LAM / 4, the query itself 0
-OFFSET = 10.0  # GELU(OFFSET + x) = OFFSET + x for |x| < 5 within 1e-6
 
 
 def _block_index(cfg: EdenConfig) -> torch.Tensor:
@@ -92,14 +93,19 @@ def blend_state_dict(cfg: EdenConfig, seed: int = 0) -> dict[str, torch.Tensor]:
         sd[pre + "temp_attn.qkv.weight"] = qkv
         sd[pre + "temp_attn.proj.weight"] = proj
 
-    # output head: LayerNorm (scale C / sqrt(2)), each block mean spread over its pixels, GELU kept linear
+    # output head: LayerNorm (scale C / sqrt(2)); hidden unit b takes +z_b, unit blocks + b takes -z_b (z_b the block
+    # mean, normalised); GELU(z) - GELU(-z) = z exactly, so the second layer gives each pixel its block's z
     sd["unpatchify.0.weight"], sd["unpatchify.0.bias"] = torch.ones(D), torch.zeros(D)
-    out = torch.zeros(D, D)  # output j = (py * p + px) * C + c, as the decoder unpatchifies
+    first = torch.zeros(D, D)
+    first[torch.arange(blocks), torch.arange(blocks)] = sigma / A
+    first[blocks + torch.arange(blocks), torch.arange(blocks)] = -sigma / A
+    second = torch.zeros(D, D)  # output j = (py * p + px) * C + c, as the decoder unpatchifies
     c_, y_, x_ = torch.meshgrid(torch.arange(ch), torch.arange(p), torch.arange(p), indexing="ij")
-    j = ((y_ * p + x_) * ch + c_).flatten()
-    out[j, idx.flatten()] = sigma / A
-    sd["unpatchify.1.weight"], sd["unpatchify.1.bias"] = out, torch.full((D,), OFFSET)
-    sd["unpatchify.3.weight"], sd["unpatchify.3.bias"] = torch.eye(D), torch.full((D,), -OFFSET)
+    j, b = ((y_ * p + x_) * ch + c_).flatten(), idx.flatten()
+    second[j, b] = 1.0
+    second[j, blocks + b] = -1.0
+    sd["unpatchify.1.weight"], sd["unpatchify.1.bias"] = first, torch.zeros(D)
+    sd["unpatchify.3.weight"], sd["unpatchify.3.bias"] = second, torch.zeros(D)
     return sd
 
 

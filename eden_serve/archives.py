@@ -102,12 +102,11 @@ def model_config(name: str, device_ids: list[int], batch_size: int, max_batch_de
 def build(weights: Path, model_store: Path, gpus: int, batch_size: int = 4, max_batch_delay_ms: int = 10,
           workers: int | None = None, version: str = "1.0", settings: dict | None = None, profile: str = DEFAULT_PROFILE,
           side: str = "both", versioned_names: bool = False, workers_per_gpu: int = WORKERS_PER_GPU,
-          kernels: dict | None = None, encoder_batch_size: int | None = None) -> list[Path]:
+          kernels: dict | None = None, encoder_batch_size: int | None = ENCODER_BATCH_SIZE) -> list[Path]:
     """Build the archives of ``side`` into ``model_store``; returns their paths. ``versioned_names`` names them
     ``eden_encoder-<version>.mar`` (for rolling out a new version next to the loaded one) instead of
     ``eden_encoder.mar``. ``kernels``: the DiT+decoder's GPU kernel settings (eden_serve/acceleration.py), off
-    unless given. ``encoder_batch_size``: the encoder's batchSize (None: ``batch_size``; build_archives.py's default
-    is ENCODER_BATCH_SIZE)."""
+    unless given. ``encoder_batch_size``: the encoder's batchSize (None: ``batch_size``)."""
     needed = {"both": (ENCODER_FILE, DITDEC_FILE), "encoder": (ENCODER_FILE,), "ditdec": (DITDEC_FILE,)}.get(side, ())
     for f in (*needed, CONFIG_FILE):
         if not (weights / f).is_file():

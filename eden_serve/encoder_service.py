@@ -74,7 +74,8 @@ class EncoderService(BatchService):
         data = _as_bytes(raw)
         if data is None or not shm.is_ref(data):
             return images.decode_image(data, s.max_pixels, s.min_side, name)
-        with self.store.open(self.segment_of(self.ref(data, context, idx), name)) as seg:
+        ref = self.ref(data, context, idx)  # (refused with a message first when shared memory is off here)
+        with self.store.open(self.segment_of(ref, name)) as seg:
             head = seg.read(0, min(seg.size, images.RAW_HEADER.size))
             if not images.is_raw(head):
                 return images.decode_image(seg.read(), s.max_pixels, s.min_side, name)

@@ -87,3 +87,37 @@ def test_each_size_group_reports_its_own_stages():
     work = {idx: float(dict(kv.split("=") for kv in h[protocol.STAGES].split(","))["work"])
             for idx, h in context.headers.items()}
     assert work[0] >= 45 and work[1] < 40, work  # milliseconds: small's 10 ms alone, not big's 50 + 10
+
+
+def test_encoder_reads_raw_frames_from_shared_memory_and_refuses_bad_ones(tiny_weights, tmp_path):
+    """In process (eden_dev.handler_context, no TorchServe): a raw frame named by a shared-memory reference is read
+    straight into a host tensor and encoded as the same frame sent in the body; a bad one gets a 400 naming it
+    before any pixel is read; with shared memory off the reference is refused with that reason."""
+    import numpy as np
+
+    from eden_dev.handler_context import HandlerContext
+    from eden_serve import images, shm
+
+    def call(svc, request, settings):
+        ctx = HandlerContext(tiny_weights, {"fast_socket_reads": False, **settings})
+        (answer,) = svc.handle([request], ctx)
+        return ctx.status.get(0, 200), bytes(answer)
+
+    on = {"shm_dir": str(tmp_path / "shm")}
+    svc = serving.EncoderService()
+    svc.initialize(HandlerContext(tiny_weights, {"fast_socket_reads": False, **on}))
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    raw = b"".join(bytes(b) for b in images.encode_raw(rgb))
+    name = svc.store.write(images.encode_raw(rgb))
+    by_ref = call(svc, {"frame0": shm.make_ref(segment=name), "frame1": raw}, on)
+    in_body = call(svc, {"frame0": raw, "frame1": raw}, on)
+    assert by_ref[0] == in_body[0] == 200 and by_ref[1] == in_body[1]
+    for parts, message in (([images.RAW_HEADER.pack(images.RAW_MAGIC, 40, 56), b"x" * 10], "needs 6720 pixel bytes"),
+                           ([images.RAW_HEADER.pack(images.RAW_MAGIC, 100000, 100000)], "over the limit"),
+                           ([b"EDENRGB1\x01"], "shorter than its 16-byte header")):
+        status, body = call(svc, {"frame0": shm.make_ref(segment=svc.store.write(parts))}, on)
+        assert status == 400 and message in body.decode(), body
+    off = serving.EncoderService()
+    off.initialize(HandlerContext(tiny_weights, {"fast_socket_reads": False, "shm_dir": ""}))
+    status, body = call(off, {"frame0": shm.make_ref(segment=name)}, {"shm_dir": ""})
+    assert status == 400 and "shared-memory transport is off" in body.decode()

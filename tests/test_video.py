@@ -131,7 +131,7 @@ def test_lost_device_tokens_are_encoded_again_with_the_same_frames():
 
 
 def test_schedule_defaults_follow_the_transport_and_flags_override_them():
-    from eden_client.video import HTTP_SCHEDULE, SHM_SCHEDULE, WINDOW_BYTES
+    from eden_client.video import HTTP_SCHEDULE, SHM_SCHEDULE, TOKEN_WINDOW_BYTES, WINDOW_BYTES
     from eden_client.video_cli import options_from
     shm, http = FakeEden(), FakeEden()
     shm.transport, http.transport = "shm", "http"
@@ -142,15 +142,20 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
         assert i.window == (want.window or want.max_inflight + want.chunk)
     i = Interpolator(shm, max_inflight=5, chunk=2, encoder_inflight=1)
     assert (i.max_inflight, i.encoder_inflight, i.chunk) == (5, 1, 2)
-    # same host: many pairs open (the window), fewer where their frames would pass WINDOW_BYTES, never fewer than
-    # the requests in flight need; a window given is kept as it is
+    # same host: many pairs open (the window), fewer where their frames or their tokens would pass WINDOW_BYTES /
+    # TOKEN_WINDOW_BYTES, never fewer than the requests in flight need; a window given is kept as it is
     i = Interpolator(shm)
-    assert SHM_SCHEDULE.window > SHM_SCHEDULE.max_inflight + SHM_SCHEDULE.chunk
-    assert i.fitted_window(1080 * 1920 * 3) == SHM_SCHEDULE.window
-    assert i.fitted_window(2160 * 3840 * 3) == WINDOW_BYTES // (2160 * 3840 * 3 * 2)
-    assert i.fitted_window(8192 * 8192 * 3) == SHM_SCHEDULE.max_inflight + SHM_SCHEDULE.chunk
-    assert Interpolator(shm, factor=8).fitted_window(1080 * 1920 * 3) == WINDOW_BYTES // (1080 * 1920 * 3 * 8)
+    least = SHM_SCHEDULE.max_inflight + SHM_SCHEDULE.chunk
+    assert SHM_SCHEDULE.window > least
+    hd, uhd = 1080 * 1920 * 3, 2160 * 3840 * 3
+    assert i.fitted_window(hd) == SHM_SCHEDULE.window
+    assert i.fitted_window(1440 * 2560 * 3) == TOKEN_WINDOW_BYTES // (1440 * 2560 * 3 * 4)  # tokens: 4 B a pixel byte
+    assert i.fitted_window(uhd) == least
+    assert Interpolator(shm, token_dtype="int8").fitted_window(1440 * 2560 * 3) == SHM_SCHEDULE.window
+    assert Interpolator(shm, factor=4).fitted_window(hd) == min(WINDOW_BYTES // (hd * 4),
+                                                                TOKEN_WINDOW_BYTES // (hd * 4 * 2))
     assert Interpolator(shm, window=40).window == 40 and not Interpolator(shm, window=40)._fit_window
+    assert Interpolator(shm, window=0)._fit_window
     _, stats, _ = run_fake([0, 8, 16, 24, 32], 2, delay=0.01)
     occupancy = stats.schedule.pop("occupancy")
     assert stats.schedule == {"max_inflight": HTTP_SCHEDULE.max_inflight,
@@ -168,6 +173,18 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
     assert o.max_inflight is o.encoder_chunk is o.encoder_inflight is None  # the transport decides
     with pytest.raises(FramesError, match="--encoder-inflight must be at least 1"):
         options_from(SimpleNamespace(**{**base, "encoder_inflight": 0}))
+
+
+def test_the_window_is_fitted_to_each_runs_frames():
+    """One Interpolator, two runs: each run's window comes from its own frames (the stats say which)."""
+    fake = FakeEden()
+    fake.transport = "shm"
+    interp = Interpolator(fake)
+    small = interp.run(flat_frames([0, 8, 16]), lambda *a: None)
+    interp.fitted_window = lambda nbytes: 41 if nbytes > 40 * 56 * 3 else 77  # (a 4K clip would take minutes here)
+    big = interp.run(flat_frames([0, 8, 16], 48, 64), lambda *a: None)
+    again = interp.run(flat_frames([0, 8, 16]), lambda *a: None)
+    assert (small.schedule["window"], big.schedule["window"], again.schedule["window"]) == (96, 41, 77)
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8])
@@ -272,9 +289,9 @@ def test_cut_repeats_the_previous_frame():
 def test_thumbnails_and_similarity_made_beside_the_scheduler():
     """convert's reading side gives every frame its thumbnail and its SSIM with the previous frame (the scheduler
     then only compares a number), the same values as computed in the scheduler, and the same cut decisions."""
-    from eden_client.convert import _with_thumbnails
+    from eden_client.convert import prepared
     shots = clips.clip_frames(8, 48, 64, cut_at=4)
-    frames = list(_with_thumbnails(Frame(f, i, 1) for i, f in enumerate(shots)))
+    frames = list(prepared([Frame(f, i, 1) for i, f in enumerate(shots)], thumbnails=True))
     assert [f.pts for f in frames] == list(range(8)) and frames[0].similarity is None
     for prev, cur in zip(frames, frames[1:]):
         assert np.array_equal(cur.thumb, thumbnail(cur.image))
@@ -284,6 +301,36 @@ def test_thumbnails_and_similarity_made_beside_the_scheduler():
         [detector.is_cut(thumbnail(p.image), thumbnail(c.image)) for p, c in zip(frames, frames[1:])] == \
         [False, False, False, True, False, False, False]
     assert not SceneDetector(None).is_cut(frames[3].thumb, frames[4].thumb, frames[4].similarity)
+
+
+def test_input_frames_made_on_several_threads_are_the_decoders_in_order(tmp_path):
+    """convert's reading side converts a video's frames (and reads a folder's) on several threads: the same
+    pixels, time stamps and durations, in order, as one thread reading them; a folder's odd frame is refused where
+    it comes, after the frames before it; stopping early leaves nothing running."""
+    from eden_client.convert import prepared
+    from eden_client.sources import FolderSource, VideoSource
+    shots = clips.clip_frames(40, 48, 64, cut_at=20)
+    path = tmp_path / "v.mp4"
+    clips.write_video(path, shots, Fraction(24), pts=[3 * i + (i % 3 == 0) for i in range(40)], audio=False,
+                      time_base=Fraction(1, 72))
+    one = list(VideoSource(path))
+    many = list(prepared(VideoSource(path), thumbnails=True, threads=4))
+    assert [(f.pts, f.duration) for f in many] == [(f.pts, f.duration) for f in one] and len(many) == 40
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(one, many))
+    assert all(np.array_equal(f.thumb, thumbnail(f.image)) for f in many)
+    assert [p.similarity for p in many][:2] == [None, ssim(many[0].thumb, many[1].thumb)]
+    # a folder: read on the threads too; the odd frame fails in its place
+    clips.write_frame_folder(tmp_path / "f", shots[:6])
+    odd = sorted((tmp_path / "f").iterdir())[4]
+    odd.write_bytes(clips.encode_png(np.zeros((8, 8, 3), np.uint8)))
+    seen = []
+    with pytest.raises(FramesError, match="every frame of a folder must have one size"):
+        for f in prepared(FolderSource(tmp_path / "f"), thumbnails=False, threads=3):
+            seen.append(f.pts)
+    assert seen == [0, 1, 2, 3]
+    stream = prepared(VideoSource(path), thumbnails=True, threads=2)
+    next(stream)
+    stream.close()  # (cancels what is queued, waits for what runs)
 
 
 def test_scene_measure():
