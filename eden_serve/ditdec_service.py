@@ -11,8 +11,8 @@ import torch
 
 from . import acceleration, checkpoint, framerefs, handoff, images, pipeline, protocol, shm, tokens, wire
 from .frame_cache import DeviceFrameCache
-from .service import (METRIC_TOKEN_BYTES_IN, BatchService, RequestError, _as_bytes, check_binary, parse_seed,
-                      request_header)
+from .service import (METRIC_FRAME_REF_HITS, METRIC_FRAME_REF_MISSES, METRIC_TOKEN_BYTES_IN, BatchService,
+                      RequestError, _as_bytes, check_binary, parse_seed, request_header)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,11 @@ class DitDecService(BatchService):
         parsed, difference = pre if pre is not None else self.inline_frames(body)
         got = [entry if entry is not None else self.http_frame(h) or self.shared_frame(h) for h, entry in parsed]
         missing = [h for (h, _), g in zip(parsed, got) if g is None]
+        named = sum(entry is None for _, entry in parsed)
+        if named > len(missing):
+            self.count(METRIC_FRAME_REF_HITS, named - len(missing))
         if missing:
+            self.count(METRIC_FRAME_REF_MISSES, len(missing))
             raise RequestError(f"frame(s) {', '.join(missing)} are not in this worker's frame cache: send the pair "
                                "again with both frames inline", 409, framerefs.FRAME_NOT_CACHED)
         (m0, t0), (m1, t1) = got

@@ -183,6 +183,8 @@ METRIC_REQUEST_BYTES = "eden_request_bytes_total"  # counter: body bytes receive
 METRIC_RESPONSE_BYTES = "eden_response_bytes_total"  # counter: body bytes answered (tokens, PNG or errors)
 METRIC_TOKEN_BYTES_OUT = "eden_token_bytes_out_total"  # counter, encoder: token blob bytes sent out
 METRIC_TOKEN_BYTES_IN = "eden_token_bytes_in_total"  # counter, DiT+decoder: token blob bytes taken in
+METRIC_FRAME_REF_HITS = "eden_frame_ref_hits_total"  # counter, DiT+decoder: frames named by hash it held (or its host)
+METRIC_FRAME_REF_MISSES = "eden_frame_ref_misses_total"  # counter, DiT+decoder: ... that it did not (answered 409)
 
 
 def unexpected(e: BaseException, during: str) -> RequestError:
@@ -382,12 +384,20 @@ class BatchService:
             send(METRIC_RESPONSE_BYTES, bytes_out, "B", MetricTypes.COUNTER)
             for name, value in self.token_metrics(bytes_in, bytes_out).items():
                 send(name, value, "B", MetricTypes.COUNTER)
+            for name, value in getattr(self, "_counts", {}).items():
+                send(name, value, "count", MetricTypes.COUNTER)
         except Exception:  # noqa: BLE001 - metrics must never cost an answer
             log.warning("could not record handler metrics", exc_info=True)
 
     def token_metrics(self, bytes_in: int, bytes_out: int) -> dict[str, int]:
         """The service's own token-byte counters for a batch (name -> bytes); none here."""
         return {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the batch's counter ``name`` (a METRIC_* name; sent as a Prometheus counter)."""
+        if not hasattr(self, "_counts"):
+            self._counts = {}
+        self._counts[name] = self._counts.get(name, 0) + n
 
     def handle(self, data: list[dict], context) -> list:
         profile = getattr(self, "profile", None)
@@ -401,6 +411,7 @@ class BatchService:
 
     def _handle(self, data: list[dict], context) -> list:
         self._stages: dict[str, float] = {}
+        self._counts: dict[str, int] = {}  # the batch's event counters (``count``), sent with its metrics
         self.sweep()
         answers: list = [None] * len(data)
         groups: dict = defaultdict(list)

@@ -19,13 +19,14 @@ from .encoder_service import EncoderService
 from .frame_cache import DeviceFrameCache
 from .held_tokens import HeldTokens
 from .service import (FRAME_FIELD, METRIC_BATCH_SIZE, METRIC_BATCHED_REQUESTS, METRIC_BATCHES,
-                      METRIC_REQUEST_BYTES, METRIC_RESPONSE_BYTES, METRIC_STAGE_SECONDS, METRIC_TOKEN_BYTES_IN,
+                      METRIC_FRAME_REF_HITS, METRIC_FRAME_REF_MISSES, METRIC_REQUEST_BYTES, METRIC_RESPONSE_BYTES, METRIC_STAGE_SECONDS, METRIC_TOKEN_BYTES_IN,
                       METRIC_TOKEN_BYTES_OUT, REASONS, REMOTE_HEADER, BatchService, RequestError, Settings,
                       check_binary, parse_seed, parse_token_dtype, request_header, resolve_dtype, select_device,
                       unexpected)
 
 __all__ = ["BatchService", "DeviceFrameCache", "DitDecService", "EncoderService", "FRAME_FIELD", "HeldTokens",
-           "METRIC_BATCHED_REQUESTS", "METRIC_BATCHES", "METRIC_BATCH_SIZE", "METRIC_REQUEST_BYTES",
+           "METRIC_BATCHED_REQUESTS", "METRIC_BATCHES", "METRIC_BATCH_SIZE", "METRIC_FRAME_REF_HITS",
+           "METRIC_FRAME_REF_MISSES", "METRIC_REQUEST_BYTES",
            "METRIC_RESPONSE_BYTES", "METRIC_STAGE_SECONDS", "METRIC_TOKEN_BYTES_IN", "METRIC_TOKEN_BYTES_OUT",
            "REASONS", "REMOTE_HEADER", "RequestError", "Settings", "check_binary", "parse_seed",
            "parse_token_dtype", "request_header", "resolve_dtype", "select_device", "unexpected"]

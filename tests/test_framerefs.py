@@ -389,6 +389,20 @@ def test_video_across_hosts_sends_each_frame_once(cross_hosts, server, shm_dir, 
     assert same(together)
     assert stats3["frame_ref_hits"] == 7 and stats3["frame_ref_misses"] == stats3["frame_ref_races"] == 0
     assert stats3["wire_bytes"] == stats["wire_bytes"]  # each frame inline once, as one request at a time
+    # the DiT+decoder counts them too, on /metrics: the hits of the three runs that named frames, no miss
+    import time
+
+    import requests
+
+    from eden_client.ops import parse_prometheus
+    deadline, want = time.monotonic() + 20, stats["frame_ref_hits"] + 7 + 7
+    while True:
+        m = parse_prometheus(requests.get(f"{dec.metrics_url}/metrics", timeout=10).text)
+        hits = sum(v for _, v in m.get("eden_frame_ref_hits_total", []))
+        if hits >= want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert hits == want and sum(v for _, v in m.get("eden_frame_ref_misses_total", [])) == misses
 
 
 def test_int8_tokens_through_shared_memory(tiny_weights, fixture_frames, tmp_path):
