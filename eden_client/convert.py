@@ -38,7 +38,8 @@ class Options:
 
     def sharing_cores(self, outputs: int) -> "Options":
         """These options for one of ``outputs`` outputs written at once on this machine's cores (``batch --jobs``,
-        Ray's ``--per-node``): a video's encoders are planned on its share (eden_client/segment_encoder.py)."""
+        Ray's ``--per-node``): a video's encoders are planned on its share (eden_client/segment_encoder.py), and its
+        window of open pairs on its share of the memory bounds (eden_client/video.py ``fitted_window``)."""
         return dataclasses.replace(self, encoding=dataclasses.replace(self.encoding, sharing=outputs))
 
     def settings(self, video_output: bool) -> dict:
@@ -160,7 +161,8 @@ def convert(src: Path, dst: Path, client, options: Options,
                                     options.encoder_chunk, options.encoder_inflight,
                                     detector=SceneDetector(options.scene_threshold),
                                     token_dtype=options.token_dtype, target_fps=options.target_fps,
-                                    time_base=meta.time_base, max_depth=options.max_depth)
+                                    time_base=meta.time_base, max_depth=options.max_depth,
+                                    sharing=options.encoding.sharing)
         client_seconds: dict = {}
         frames = Prefetch(_timed(prepared(source, thumbnails=options.scene_threshold is not None),
                                  client_seconds, "read"))

@@ -369,11 +369,12 @@ class Interpolator:
                  chunk: int | None = None, encoder_inflight: int | None = None,
                  window: int | None = None, detector: SceneDetector | None = None,
                  token_dtype: str = "float16", target_fps: Fraction | None = None,
-                 time_base: Fraction = Fraction(1), max_depth: int = DEFAULT_MAX_DEPTH):
+                 time_base: Fraction = Fraction(1), max_depth: int = DEFAULT_MAX_DEPTH, sharing: int = 1):
         """With ``target_fps`` (then ``factor`` is ignored) output frames are at that rate; ``time_base`` is the
         input's (seconds per pts unit), ``max_depth`` the deepest midpoint level (see the module's docstring).
         ``max_inflight``, ``chunk`` and ``encoder_inflight`` left None take the client's transport's
-        ``default_schedule``."""
+        ``default_schedule``. ``sharing``: runs at once on this host and deployment (``batch --jobs``, Ray's
+        ``--per-node``), which share the window's memory bounds."""
         if target_fps is None and factor not in FACTORS:
             raise ValueError(f"factor must be one of {FACTORS}, got {factor}")
         if target_fps is not None and Fraction(target_fps) <= 0:
@@ -396,6 +397,7 @@ class Interpolator:
         self.chunk = chunk
         self.window = max(window or max(schedule.window, max_inflight + chunk), chunk + 1)  # (the most)
         self._fit_window = not window and self.window > max_inflight + chunk  # (each run, from its first frame)
+        self.sharing = max(1, sharing)
         self.detector = detector or SceneDetector(None)
         self.token_dtype = token_dtype
         self.target_fps = None if target_fps is None else Fraction(target_fps)
@@ -413,11 +415,11 @@ class Interpolator:
         target rate's counted as 4: most conversions are under 4x), within WINDOW_BYTES, and the tokens of its
         encoded frames at the servers (on the encoder's GPU, or in the shared-memory folder with its 4 GiB quota),
         within TOKEN_WINDOW_BYTES: estimated from the released model's sizes, two float16 token sets of 768 values
-        for every 16x16x3 patch, 4 bytes a pixel byte (int8: 2, float32: 8)."""
+        for every 16x16x3 patch, 4 bytes a pixel byte (int8: 2, float32: 8). Runs sharing the host divide both."""
         frames = self.span if self.target_fps is None else min(self.span, 4)
         per_pixel_byte = {"int8": 2, "float32": 8}.get(self.token_dtype, 4)
-        fits = min(WINDOW_BYTES // max(1, frame_bytes * frames),
-                   TOKEN_WINDOW_BYTES // max(1, frame_bytes * per_pixel_byte * max(1, frames // 2)))
+        fits = min(WINDOW_BYTES // self.sharing // max(1, frame_bytes * frames),
+                   TOKEN_WINDOW_BYTES // self.sharing // max(1, frame_bytes * per_pixel_byte * max(1, frames // 2)))
         return max(self.max_inflight + self.chunk, min(self.window, fits))
 
     # ------------------------------------------------------------------ requests (run in the pool)

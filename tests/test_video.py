@@ -156,6 +156,8 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
                                                                 TOKEN_WINDOW_BYTES // (hd * 4 * 2))
     assert Interpolator(shm, window=40).window == 40 and not Interpolator(shm, window=40)._fit_window
     assert Interpolator(shm, window=0)._fit_window
+    # four runs at once (batch --jobs 4) share the bounds: 1080p frames then fit 4 times fewer pairs' tokens
+    assert Interpolator(shm, sharing=4).fitted_window(hd) == max(least, TOKEN_WINDOW_BYTES // 4 // (hd * 4))
     _, stats, _ = run_fake([0, 8, 16, 24, 32], 2, delay=0.01)
     occupancy = stats.schedule.pop("occupancy")
     assert stats.schedule == {"max_inflight": HTTP_SCHEDULE.max_inflight,
