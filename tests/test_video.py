@@ -177,6 +177,17 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
         options_from(SimpleNamespace(**{**base, "encoder_inflight": 0}))
 
 
+def test_occupancy_says_which_limit_held_the_run():
+    """With slow answers and a window of 3 open pairs, the window is what the scheduler waits on (full most of the
+    time, DiT+decoder requests under their limit); with room for every pair, the requests are at their limit."""
+    def run(window, inflight):
+        _, stats, _ = run_fake(list(range(0, 240, 8)), 2, delay=0.01, window=window, max_inflight=inflight, chunk=2)
+        return stats.schedule["occupancy"]
+    tight, roomy = run(3, 8), run(64, 2)
+    assert tight["window_full"] > 0.5 and tight["ditdec_at_limit"] < 0.5, tight
+    assert roomy["window_full"] < 0.2 and roomy["ditdec_at_limit"] > 0.5, roomy
+
+
 def test_the_window_is_fitted_to_each_runs_frames():
     """One Interpolator, two runs: each run's window comes from its own frames (the stats say which)."""
     fake = FakeEden()
