@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "archive_scripts"), str(ROOT / "bench")]
 
 from build_archives import build, placement  # noqa: E402
+from eden_serve.archives import PROFILES  # noqa: E402
 from eden_client.api import EdenClient  # noqa: E402
 from eden_client.keys import KeySource  # noqa: E402
 from eden_client.ops import Server, collect_status, format_status  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", default=None, help="official checkpoint (default: random real-size weights)")
     ap.add_argument("--out", default="build/placement_gpu")
     ap.add_argument("--work", default="/tmp/eden_placement")
-    ap.add_argument("--profiles", nargs="+", default=["split", "spread"], choices=["split", "spread"])
+    ap.add_argument("--profiles", nargs="+", default=["split", "spread"], choices=list(PROFILES))
     ap.add_argument("--requests", type=int, default=8, help="DiT+decoder requests per profile (at least 2/worker)")
     args = ap.parse_args()
     gpus = torch.cuda.device_count()

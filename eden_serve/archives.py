@@ -47,7 +47,7 @@ MODELS = {
 }
 
 
-PROFILES = ("spread", "split")
+PROFILES = ("spread", "split", "all")
 DEFAULT_PROFILE = "spread"  # the faster on two GPUs at 1080p, equal at 480p (see the table above)
 SIDES = ("both", "encoder", "ditdec")
 
@@ -66,6 +66,8 @@ def placement(gpus: int, profile: str = DEFAULT_PROFILE, side: str = "both") -> 
         return {"eden_encoder": [], "eden_ditdec": []}
     if gpus == 1:
         return {"eden_encoder": [0], "eden_ditdec": [0]}
+    if profile == "all":  # both models on every GPU: the encoder's requests spread over N GPUs too
+        return {"eden_encoder": list(range(gpus)), "eden_ditdec": list(range(gpus))}
     first_ditdec_gpu = 1 if profile == "split" else 0
     return {"eden_encoder": [0], "eden_ditdec": list(range(first_ditdec_gpu, gpus))}
 
@@ -225,8 +227,8 @@ def main(argv=None):
                     help="name the files eden_*-VERSION.mar, to register them next to the loaded version")
     ap.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
                     help="GPU placement with 2+ GPUs: spread (default; encoder on GPU 0, DiT+decoder on every GPU: "
-                         "the most frames a second) or split (encoder GPU 0, DiT+decoder GPUs 1..N-1: steadier "
-                         "latency per pair)")
+                         "the most frames a second measured), split (encoder GPU 0, DiT+decoder GPUs 1..N-1: "
+                         "steadier latency per pair) or all (both models on every GPU; not yet measured)")
     ap.add_argument("--kernels", default="auto",
                     help="DiT+decoder GPU kernels: auto (default: " + GPU_KERNELS + " on a GPU deployment, none on "
                          "a CPU one), off, or settings such as compile_mode=default,cuda_graphs=1,"

@@ -132,6 +132,8 @@ def test_placement_profiles():
     assert placement(2, "split") == {"eden_encoder": [0], "eden_ditdec": [1]}
     assert placement(4, "split") == {"eden_encoder": [0], "eden_ditdec": [1, 2, 3]}
     assert placement(4, "spread") == {"eden_encoder": [0], "eden_ditdec": [0, 1, 2, 3]}
+    assert placement(2, "all") == {"eden_encoder": [0, 1], "eden_ditdec": [0, 1]}
+    assert placement(1, "all") == placement(1) and placement(0, "all") == placement(0)
     assert placement(2, side="ditdec") == {"eden_ditdec": [0, 1]}
     assert placement(0, side="encoder") == {"eden_encoder": []}
     with pytest.raises(ValueError, match="unknown placement profile"):
