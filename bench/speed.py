@@ -330,7 +330,8 @@ def main():
     ap.add_argument("--frames", default="81,41", help="clip length per size")
     ap.add_argument("--out", default="build/speed")
     ap.add_argument("--workdir", default="/tmp/eden_speed")
-    ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize of the DiT+decoder (as build_archives.py)")
+    ap.add_argument("--batch-size", type=int, default=4,
+                    help="TorchServe batchSize of the DiT+decoder (as build_archives.py)")
     ap.add_argument("--encoder-batch-size", type=int, default=ENCODER_BATCH_SIZE,
                     help="the encoder's batchSize (default: build_archives.py's, %(default)s; runs up to session 10 "
                          "used --batch-size for both)")
@@ -389,10 +390,15 @@ def main():
                "max_batch_delay_ms": args.max_batch_delay, "settings": args.set,
                "checkpoint": "random real-size" if not args.checkpoint else str(ckpt), "kernels": kernels, "sizes": {}}
     lengths = [int(v) for v in args.frames.split(",")]
+
+    def save():
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+
     with TorchServe(work / "serve", work / "store") as ts:
         for (H, W), n in zip(sizes, lengths):
             clip = moving_shapes(n, H, W, step=H / 40)
             row: dict = {"frames_in": n, "generated": n - 1}
+            summary["sizes"][f"{H}x{W}"] = row  # (written after every run: a run cut short keeps the others)
             ref_s, ref_frames = (None, None) if "reference" in skip else run_reference(sd, cfg, clip, dev)
             if ref_s:
                 row["reference_s_per_frame"] = ref_s
@@ -444,10 +450,8 @@ def main():
                 if ref_s:
                     row[name]["speedup"] = ref_s / d["seconds_per_generated_frame"]
                 print(f"{H}x{W} {name}: {d['seconds_per_generated_frame']}", flush=True)
-                summary["sizes"][f"{H}x{W}"] = row  # (written after every run: a run cut short keeps the others)
-                (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-            summary["sizes"][f"{H}x{W}"] = row
-            (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+                save()
+            save()
     print(json.dumps(summary, indent=1, default=float))
     print_table(summary)
 

@@ -81,7 +81,7 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                         "GPU, sets the pace)")
     g.add_argument("--encoders", type=int, default=None,
                    help="x264 encoders at once, each on its own consecutive segments of the output, each segment "
-                        "starting with a keyframe (one x264 stream keeps only ~8 cores busy at 1080p; default: from "
+                        "starting with a keyframe (one x264 stream keeps only 12-14 cores busy at 1080p; default: from "
                         "720p up one per 8 usable cores, at most 8; below 720p one; never more than ~1 GiB of frames "
                         "waiting for them allows)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

@@ -38,20 +38,14 @@ C = 1e4  # constant dims (the LayerNorm's scale: C / sqrt(2))
 LAM = 80.0  # query size: the frames score LAM / 4, the query itself 0
 
 
-def _block_index(cfg: EdenConfig) -> torch.Tensor:
-    """[C, p, p] -> index of the 2x2 block mean (0 .. C*p*p/4 - 1) each pixel belongs to."""
-    p, ch = cfg.patch_size, cfg.in_dim
-    c, y, x = torch.meshgrid(torch.arange(ch), torch.arange(p), torch.arange(p), indexing="ij")
-    return c * (p // 2) ** 2 + (y // 2) * (p // 2) + x // 2
-
-
 def blend_state_dict(cfg: EdenConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     D, p, ch = cfg.hidden_dim, cfg.patch_size, cfg.in_dim
     blocks = ch * p * p // 4  # 2x2 block means per patch
     if D != ch * p * p or cfg.out_dim != ch:
         raise ValueError(f"the blend checkpoint needs hidden size = {ch} x {p} x {p}, got {D}")
     sd = random_state_dict(cfg, seed)
-    idx = _block_index(cfg)  # [C, p, p]
+    c_, y_, x_ = torch.meshgrid(torch.arange(ch), torch.arange(p), torch.arange(p), indexing="ij")  # [C, p, p] each
+    idx = c_ * (p // 2) ** 2 + (y_ // 2) * (p // 2) + x_ // 2  # each pixel's 2x2 block mean (0 .. blocks - 1)
     pix, neg = slice(0, blocks), slice(blocks, 2 * blocks)
     n_const = D - 2 * blocks  # the constant dims
     token_sign = torch.zeros(D)  # the tokens' constant: +C then -C
@@ -100,7 +94,6 @@ def blend_state_dict(cfg: EdenConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     first[torch.arange(blocks), torch.arange(blocks)] = sigma / A
     first[blocks + torch.arange(blocks), torch.arange(blocks)] = -sigma / A
     second = torch.zeros(D, D)  # output j = (py * p + px) * C + c, as the decoder unpatchifies
-    c_, y_, x_ = torch.meshgrid(torch.arange(ch), torch.arange(p), torch.arange(p), indexing="ij")
     j, b = ((y_ * p + x_) * ch + c_).flatten(), idx.flatten()
     second[j, b] = 1.0
     second[j, blocks + b] = -1.0

@@ -361,8 +361,9 @@ class BatchService:
         self._stages[name] = self._stages.get(name, 0.0) + time.perf_counter() - start
 
     def record_metrics(self, context, stages: dict[str, float], batch_size: int, bytes_in: int,
-                       bytes_out: int) -> None:
-        """Called once per batch with the stage times (seconds), the batch size and body bytes in and out.
+                       bytes_out: int, counts: dict[str, int] | None = None) -> None:
+        """Called once per batch with the stage times (seconds), the batch size, body bytes in and out, and the
+        batch's event counters (``count``).
 
         Sends the METRIC_* metrics above to TorchServe; a metrics failure is logged and never fails the batch."""
         metrics = getattr(context, "metrics", None)
@@ -384,7 +385,7 @@ class BatchService:
             send(METRIC_RESPONSE_BYTES, bytes_out, "B", MetricTypes.COUNTER)
             for name, value in self.token_metrics(bytes_in, bytes_out).items():
                 send(name, value, "B", MetricTypes.COUNTER)
-            for name, value in getattr(self, "_counts", {}).items():
+            for name, value in (counts or {}).items():
                 send(name, value, "count", MetricTypes.COUNTER)
         except Exception:  # noqa: BLE001 - metrics must never cost an answer
             log.warning("could not record handler metrics", exc_info=True)
@@ -395,8 +396,6 @@ class BatchService:
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the batch's counter ``name`` (a METRIC_* name; sent as a Prometheus counter)."""
-        if not hasattr(self, "_counts"):
-            self._counts = {}
         self._counts[name] = self._counts.get(name, 0) + n
 
     def handle(self, data: list[dict], context) -> list:
@@ -465,7 +464,7 @@ class BatchService:
         bytes_in = sum(len(v) for r in data for v in r.values() if isinstance(v, (bytes, bytearray)))
         bytes_out = sum(len(a) for a in answers if isinstance(a, (bytes, bytearray)))
         self._stages = {k: parsed.get(k, 0.0) + totals.get(k, 0.0) for k in {*parsed, *totals}}
-        self.record_metrics(context, self._stages, len(data), bytes_in, bytes_out)
+        self.record_metrics(context, self._stages, len(data), bytes_in, bytes_out, self._counts)
         return answers
 
     # ------------------------------------------------------------------ transport probes (eden_serve/shm.py)
