@@ -199,12 +199,12 @@ def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", to
 CLI_WRAP: list = []  # --cli-wrap: a command the CLI runs under (a profiler)
 
 
-def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = ()) -> dict:
+def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = (), wrap: list | None = None) -> dict:
     """`python -m eden_client video SRC -o DST` as a user runs it (no tuning flags unless ``extra``), wall clock and its
-    stats."""
+    stats; under ``wrap`` (default: --cli-wrap) if given."""
     stats_file = work / f"{dst.name}.stats.json"
     with GpuSampler() as gpu, CpuSampler(lambda: serve_pids(work)) as cpu:
-        wall = sh([*CLI_WRAP, sys.executable, "-m", "eden_client", "video", src, "-o", dst, "--quiet", "--stats-json",
+        wall = sh([*(CLI_WRAP if wrap is None else wrap), sys.executable, "-m", "eden_client", "video", src, "-o", dst, "--quiet", "--stats-json",
                    stats_file, *extra], cwd=work, env=user_env())
     stats = json.loads(stats_file.read_text())
     size = dst.stat().st_size if dst.is_file() else sum(f.stat().st_size for f in dst.iterdir())
@@ -247,6 +247,10 @@ def main():
     ap.add_argument("--mp4-variants", default="",
                     help="more mp4 runs after the others, each with its own extra flags, separated by ';', e.g. "
                          "\"--preset superfast;--max-inflight 32\"")
+    ap.add_argument("--profiled-run", default="",
+                    help="one more mp4 run after the others under this command, {size} replaced by the size, e.g. "
+                         "\"py-spy record --gil -r 200 -f raw -o gil_{size}.txt --\" (not a timing: the profiler "
+                         "slows it)")
     ap.add_argument("--cli-wrap", default="",
                     help="a command every CLI run goes under, e.g. \"py-spy record --native --idle -o p.txt -f raw --\" "
                          "(its wall clock is then not the CLI's)")
@@ -329,6 +333,10 @@ def main():
             for k, flags in enumerate(filter(None, (v.strip() for v in args.mp4_variants.split(";"))), start=2):
                 runs.append((f"cli_mp4 {flags}", lambda flags=flags, k=k: cli(
                     work, source(k), io_dir / f"out_{size}_variant.mp4", n, cli_extra + tuple(shlex.split(flags)))))
+            if args.profiled_run:
+                runs.append(("cli_mp4 profiled", lambda: cli(
+                    work, source(len(runs) + 2), io_dir / f"out_{size}_profiled.mp4", n, cli_extra,
+                    wrap=shlex.split(args.profiled_run.replace("{size}", size)))))
             for name, run in runs:
                 try:
                     r = run()
