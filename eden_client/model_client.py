@@ -85,7 +85,7 @@ class ModelClient:
         self.model = model
         self.keys = keys or KeySource.default()
         self.timeout = timeout
-        self.session = session or settled_session(self.url)
+        self.session = session or default_session(self.url)
         self.retry = retry or RetryPolicy()
         self.retries: Counter = Counter()
         self.reached = False  # set by the first answer: only a server that was up is waited for when refused
@@ -181,6 +181,68 @@ class ModelClient:
         error = ServeError(f"{self.model}: gave up after {tries}: {problem}. {advice}", status)
         error.attempts = attempts
         return error
+
+
+def default_session(url: str):
+    """What posts to ``url``: a :class:`DirectSession` for a plain http:// address that no proxy of the environment
+    applies to (servers on this host or the local network: every request of a run), else requests' session with the
+    environment's settings read once (proxies, TLS: :func:`settled_session`)."""
+    session = settled_session(url)
+    if url.startswith("http://") and requests.utils.select_proxy(url, session.proxies) is None:
+        session.close()
+        return DirectSession()
+    return session
+
+
+class DirectSession:
+    """``post`` as requests.Session's, through urllib3's connection pool without requests' own layers.
+
+    For each request requests merges its settings, prepares and checks the URL and headers, runs hooks and moves
+    cookies into and out of a jar: most of the interpreter time a POST takes, and at 300 requests a second (480p on
+    one H200) the client's other threads (the reader, the writer, the scheduler) wait for it. This keeps what the
+    client uses: the body or the multipart files as requests encodes them, the timeout of each try, a
+    ``requests.Response`` with the whole body read, and requests' exceptions (so the retry policy reads them alike).
+    No proxies, no TLS: ``default_session`` gives those URLs to requests."""
+
+    POOL_SIZE = 64  # connections kept per host: more than the requests a run keeps in flight (32 + 4)
+
+    def __init__(self):
+        self.pool = urllib3.PoolManager(maxsize=self.POOL_SIZE, retries=False)
+
+    def post(self, url: str, data: bytes | None = None, files: dict | None = None, headers: dict | None = None,
+             timeout: float | None = None, stream: bool = False) -> requests.Response:
+        headers = dict(headers or {})
+        if files:
+            data, headers["Content-Type"] = _multipart(files)
+        try:
+            u = self.pool.urlopen("POST", url, body=data, headers=headers, redirect=False,
+                                  timeout=urllib3.Timeout(connect=timeout, read=timeout), preload_content=True)
+        except urllib3.exceptions.NewConnectionError as e:  # (before its base class, a connect timeout)
+            raise requests.ConnectionError(e) from None
+        except urllib3.exceptions.ConnectTimeoutError as e:
+            raise requests.ConnectTimeout(e) from None
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise requests.ReadTimeout(e) from None
+        except (urllib3.exceptions.HTTPError, OSError) as e:  # reset, cut, closed before an answer
+            raise requests.ConnectionError(e) from None
+        r = requests.Response()
+        r.status_code, r.headers, r.url, r.reason = u.status, u.headers, url, u.reason
+        r._content, r._content_consumed = u.data, True
+        return r
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def _multipart(files: dict) -> tuple[bytes, str]:
+    """requests' ``files`` ({name: (filename, data[, content type])}; filename None for a plain field) -> (body,
+    Content-Type), the parts as requests writes them."""
+    fields = []
+    for name, (filename, value, *content_type) in files.items():
+        field = urllib3.fields.RequestField(name=name, data=value, filename=filename)
+        field.make_multipart(content_type=content_type[0] if content_type else None)
+        fields.append(field)
+    return urllib3.encode_multipart_formdata(fields)
 
 
 def settled_session(url: str) -> requests.Session:

@@ -11,9 +11,11 @@ Destructive tests use instances started here (module-scoped), never the session-
 """
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +36,7 @@ from helpers_http import (LogTail, RawAnswer, eden_client, image_bytes, kill, mo
 from eden_client.convert import Options, convert
 from eden_client.errors import ServeError
 from eden_client.keys import KeySource
-from eden_client.model_client import ModelClient, RetryPolicy
+from eden_client.model_client import DirectSession, ModelClient, RetryPolicy
 from eden_dev import clips
 from eden_serve import framerefs, images, shm, wire
 
@@ -116,7 +118,6 @@ def test_refused_before_any_answer_fails_at_once():
 
 
 def test_refused_address_fails_fast_for_real(tmp_path):
-    import socket
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -129,15 +130,66 @@ def test_refused_address_fails_fast_for_real(tmp_path):
 
 def test_the_session_reads_proxies_once_and_keeps_no_proxy(monkeypatch):
     """ModelClient's own session takes the environment's proxy settings for its URL once (no_proxy applied), not on
-    every request."""
+    every request: an address no proxy applies to is posted to directly (DirectSession), one behind a proxy or on
+    https goes through requests with those settings."""
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     local = ModelClient("http://127.0.0.1:8080", "eden_encoder", KeySource(key="k")).session
     remote = ModelClient("http://10.1.2.3:8080", "eden_encoder", KeySource(key="k")).session
-    assert not local.trust_env and not remote.trust_env
-    assert requests.utils.select_proxy("http://127.0.0.1:8080/predictions/x", local.proxies) is None
+    secure = ModelClient("https://127.0.0.1:8443", "eden_encoder", KeySource(key="k")).session
+    assert isinstance(local, DirectSession)
+    assert not remote.trust_env and not secure.trust_env
     assert requests.utils.select_proxy("http://10.1.2.3:8080/predictions/x", remote.proxies) == \
         "http://proxy.example:3128"
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """Answers each POST with what it received: its headers and body, as JSON (``/slow``: after 2 s)."""
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/slow":
+            time.sleep(2)
+        out = json.dumps({"headers": dict(self.headers), "body": body.decode("latin-1")}).encode()
+        self.wfile.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nX-Eden-Seed: 7\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(out) + out)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_direct_session_posts_as_requests_does():
+    """DirectSession (urllib3 without requests' layers) sends the bytes requests sends (multipart parts, headers),
+    gives a requests.Response with the body read, and raises requests' exceptions for a refused address and a
+    timeout, so ModelClient's retry policy reads both sessions alike."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    files = {"frame0": ("frame0", b"\x00\xffpixels", "application/octet-stream"), "dtype": (None, "float16")}
+    try:
+        direct, plain = DirectSession(), requests.Session()
+        for kw in ({"data": b"tokens"}, {"files": files}):
+            a = direct.post(url + "/p", headers={"Authorization": "Bearer k"}, timeout=10, **kw)
+            b = plain.post(url + "/p", headers={"Authorization": "Bearer k"}, timeout=10, **kw)
+            assert isinstance(a, requests.Response) and a.status_code == 201 and a.ok and a.reason == "Created"
+            assert a.headers["x-eden-seed"] == "7" and a.url == url + "/p"
+            seen_a, seen_b = a.json(), b.json()
+            boundary = lambda seen: seen["headers"]["Content-Type"].partition("boundary=")[2]  # noqa: E731
+            if "files" in kw:  # the same parts, only the random boundary differs
+                assert seen_a["body"].replace(boundary(seen_a), "B") == seen_b["body"].replace(boundary(seen_b), "B")
+            else:
+                assert seen_a["body"] == seen_b["body"] == "tokens"
+            assert seen_a["headers"]["Authorization"] == "Bearer k"
+        with pytest.raises(requests.ReadTimeout):
+            direct.post(url + "/slow", data=b"x", timeout=0.3)
+    finally:
+        server.shutdown()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(requests.ConnectionError, match="Connection refused"):
+        DirectSession().post(f"http://127.0.0.1:{port}/p", data=b"x", timeout=5)
 
 
 @pytest.mark.parametrize("status,body", [
