@@ -2,7 +2,7 @@
 """Build eden_encoder.mar and eden_ditdec.mar from split weights (eden_serve/archives.py says what goes in them).
 
     python archive_scripts/build_archives.py --weights weights/ --model-store model_store/ \
-        [--gpus N] [--profile split|spread] [--side both|encoder|ditdec] [--workers-per-gpu 2] [--kernels ...]
+        [--gpus N] [--profile all|spread|split] [--side both|encoder|ditdec] [--workers-per-gpu 2] [--kernels ...]
 """
 try:
     from eden_serve.archives import *  # noqa: F401,F403 - the names tests and benchmarks import from here

@@ -1,6 +1,6 @@
 """Placement profiles on a GPU host (run it on a machine with 2+ GPUs):
 
-    python bench/placement_gpu.py [--checkpoint eden.pt] [--out build/placement_gpu] [--profiles split spread]
+    python bench/placement_gpu.py [--checkpoint eden.pt] [--out build/placement_gpu] [--profiles split spread all]
 
 For each profile: real-size weights (yours, or random in the official layout) -> split -> archives for the GPUs
 seen (build_archives.py --profile P) -> TorchServe -> a few requests to each model -> the worker table of
@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", default=None, help="official checkpoint (default: random real-size weights)")
     ap.add_argument("--out", default="build/placement_gpu")
     ap.add_argument("--work", default="/tmp/eden_placement")
-    ap.add_argument("--profiles", nargs="+", default=["split", "spread"], choices=list(PROFILES))
+    ap.add_argument("--profiles", nargs="+", default=["split", "spread", "all"], choices=list(PROFILES))
     ap.add_argument("--requests", type=int, default=8, help="DiT+decoder requests per profile (at least 2/worker)")
     args = ap.parse_args()
     gpus = torch.cuda.device_count()

@@ -87,14 +87,17 @@ class Schedule:
 # and 2 encoder requests of 4 frames in flight a 1080p run kept ~6 requests at the servers and two GPUs half idle
 # (the encoder did not stay far enough ahead); 32 and 4 took two GPUs from 14.5 (32 / 2) to 11.3-14.3 ms a frame at
 # 1080p and 480p from 5.3 to 3.9-4.4 ms (one GPU: 6.9 -> 5.7 ms); chunks of 8 were no better (1080p: 14.9-16.1 ms).
-# HTTP: every request carries its tokens through TorchServe's frontend, where more large bodies at once only queue:
-# 32 / 4 took 1080p from 0.11 to 0.78 s a frame; the session-4 settings stay.
+# HTTP: every request carries its tokens through TorchServe's frontend. Session 4: 32 / 4 (chunks of 4) took 1080p
+# from 0.11 to 0.78 s a frame. Session 11 (the encoder's batches of one, frames named by hash, one H200): with 2
+# encoder requests of 4 frames in flight (each answer 100 MB of float16 tokens at 1080p) the requests were at their
+# limit 87-95% of the time; 4 requests of 2 frames took 1080p from 0.208 to 0.108 s a frame and 480p from 0.0235 to 0.019
+# (8 requests of 1 frame: 0.139 / 0.0176; bench/NOTES.md).
 # The window (session 10, bench/NOTES.md): with 36 pairs open, two GPUs at 1080p kept the window full 80% of the time
 # (a pair stays open from its frames' encoding until it is written in order, ~0.4 s there) and made 10.1 ms a frame;
 # 96 made 8.0 ms (one GPU: 14.6 -> 14.4, its GPU 90% busy either way). 96 open 1080p pairs hold ~1.2 GB of frames
 # here and ~2.4 GB of float16 tokens at the servers (on the encoder's GPU with the device handoff).
 SHM_SCHEDULE = Schedule(max_inflight=32, encoder_inflight=4, chunk=4, window=96)
-HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=2, chunk=4)
+HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=4, chunk=2)
 WINDOW_BYTES = 2 << 30  # the open pairs' frames (inputs and generated) kept within this, down to max_inflight + chunk
 TOKEN_WINDOW_BYTES = 3 << 30  # ... and their tokens at the servers (the shm folder's default quota is 4 GiB)
 

@@ -60,10 +60,11 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                    help="DiT+decoder requests in flight at once (default: 32 over shared memory, 16 over HTTP; "
                         "measured on H200s, docs/speed.md)")
     g.add_argument("--encoder-inflight", type=int, default=None,
-                   help="encoder requests in flight at once (default: 4 over shared memory, 2 over HTTP)")
+                   help="encoder requests in flight at once (default: 4)")
     g.add_argument("--encoder-chunk", type=int, default=None,
-                   help=f"frames per encoder request, 1..{MAX_CHUNK} (default 4: the first pairs start sooner than with 8; "
-                        "each frame is encoded once either way)")
+                   help=f"frames per encoder request, 1..{MAX_CHUNK} (default 4 over shared memory: the first pairs start "
+                        "sooner than with 8; 2 over HTTP, where smaller answers pass TorchServe's frontend faster; each "
+                        "frame is encoded once either way)")
     g.add_argument("--token-dtype", choices=["float16", "float32", "int8"], default="float16",
                    help="precision of the tokens sent from the encoder to the DiT+decoder (default %(default)s: "
                         "half the bytes of float32; int8: 8 bits and a scale per token, about half of float16, "

@@ -1,18 +1,20 @@
 """Building eden_encoder.mar and eden_ditdec.mar from split weights with torch-model-archiver.
 
     python archive_scripts/build_archives.py --weights weights/ --model-store model_store/ \
-        [--gpus N] [--profile split|spread] [--side both|encoder|ditdec] [--version V [--versioned-names]]
+        [--gpus N] [--profile all|spread|split] [--side both|encoder|ditdec] [--version V [--versioned-names]]
 
 Each archive carries its handler, its own weights, eden_config.json, the shared eden_serve package and a
 model-config.yaml. Placement (TorchServe deviceIds) follows the number of GPUs of the deployment (default: as many as
 torch sees here) and a profile:
 
   profile  0 GPUs   1 GPU         N >= 2 GPUs
-  spread   CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on every GPU 0..N-1 -- the default: the
-                                   encoder is a few percent of the work, so GPU 0 has room for DiT+decoder
-                                   workers too. Two H200s (bench/NOTES.md, session 7): 1080p 10.5-11.7 ms a
-                                   generated frame against 13.8-14.6 split, the user's command 3% faster; 480p
-                                   the same either way
+  all      CPU      both on GPU 0  both models on every GPU 0..N-1 -- the default: the encoder's requests, which
+                                   set the two-GPU command's pace beside the client's own work, go to every GPU
+                                   too. Two H200s (bench/NOTES.md, session 11): 1080p 7.39 ms a generated frame
+                                   against spread's 7.66, 480p 3.23 against 3.75; the command at 1080p 9.2 ms
+  spread   CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on every GPU 0..N-1: the encoder is a few
+                                   percent of the work, so GPU 0 has room for DiT+decoder workers too. Two H200s
+                                   (session 7): 1080p 10.5-11.7 ms a frame against 13.8-14.6 split
   split    CPU      both on GPU 0  encoder on GPU 0; DiT+decoder on GPUs 1..N-1 -- the heavy half never
                                    shares a GPU with the encoder: steadier latency per pair, less throughput
 
@@ -47,8 +49,8 @@ MODELS = {
 }
 
 
-PROFILES = ("spread", "split", "all")
-DEFAULT_PROFILE = "spread"  # the faster on two GPUs at 1080p, equal at 480p (see the table above)
+PROFILES = ("all", "spread", "split")
+DEFAULT_PROFILE = "all"  # the fastest on two GPUs at 1080p and at 480p (see the table above)
 SIDES = ("both", "encoder", "ditdec")
 
 
@@ -226,9 +228,9 @@ def main(argv=None):
     ap.add_argument("--versioned-names", action="store_true",
                     help="name the files eden_*-VERSION.mar, to register them next to the loaded version")
     ap.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
-                    help="GPU placement with 2+ GPUs: spread (default; encoder on GPU 0, DiT+decoder on every GPU: "
-                         "the most frames a second measured), split (encoder GPU 0, DiT+decoder GPUs 1..N-1: "
-                         "steadier latency per pair) or all (both models on every GPU; not yet measured)")
+                    help="GPU placement with 2+ GPUs: all (default; both models on every GPU: the most frames a "
+                         "second measured on two H200s), spread (encoder on GPU 0, DiT+decoder on every GPU) or "
+                         "split (encoder GPU 0, DiT+decoder GPUs 1..N-1: steadier latency per pair)")
     ap.add_argument("--kernels", default="auto",
                     help="DiT+decoder GPU kernels: auto (default: " + GPU_KERNELS + " on a GPU deployment, none on "
                          "a CPU one), off, or settings such as compile_mode=default,cuda_graphs=1,"

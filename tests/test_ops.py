@@ -127,12 +127,12 @@ def official_frame() -> np.ndarray:
 # ---------------------------------------------------------------------- without a server
 def test_placement_profiles():
     assert placement(0) == placement(0, "spread") == {"eden_encoder": [], "eden_ditdec": []}
-    assert placement(1, "split") == placement(1, "spread") == {"eden_encoder": [0], "eden_ditdec": [0]}
-    assert placement(2) == placement(2, "spread") == {"eden_encoder": [0], "eden_ditdec": [0, 1]}  # the default
+    assert placement(1, "split") == placement(1, "spread") == placement(1) == {"eden_encoder": [0], "eden_ditdec": [0]}
+    assert placement(2) == placement(2, "all") == {"eden_encoder": [0, 1], "eden_ditdec": [0, 1]}  # the default
+    assert placement(2, "spread") == {"eden_encoder": [0], "eden_ditdec": [0, 1]}
     assert placement(2, "split") == {"eden_encoder": [0], "eden_ditdec": [1]}
     assert placement(4, "split") == {"eden_encoder": [0], "eden_ditdec": [1, 2, 3]}
     assert placement(4, "spread") == {"eden_encoder": [0], "eden_ditdec": [0, 1, 2, 3]}
-    assert placement(2, "all") == {"eden_encoder": [0, 1], "eden_ditdec": [0, 1]}
     assert placement(1, "all") == placement(1) and placement(0, "all") == placement(0)
     assert placement(2, side="ditdec") == {"eden_ditdec": [0, 1]}
     assert placement(0, side="encoder") == {"eden_encoder": []}
@@ -140,8 +140,9 @@ def test_placement_profiles():
         placement(2, "fast")
 
 
-@pytest.mark.parametrize("profile, ditdec_gpus", [("split", [1, 2, 3]), ("spread", [0, 1, 2, 3])])
-def test_archives_for_four_gpus_are_one_flag(tiny_weights, tmp_path, profile, ditdec_gpus):
+@pytest.mark.parametrize("profile, encoder_gpus, ditdec_gpus", [("split", [0], [1, 2, 3]), ("spread", [0], [0, 1, 2, 3]),
+                                                               ("all", [0, 1, 2, 3], [0, 1, 2, 3])])
+def test_archives_for_four_gpus_are_one_flag(tiny_weights, tmp_path, profile, encoder_gpus, ditdec_gpus):
     """Built here without GPUs: the placement is written into each archive's model-config.yaml."""
     import yaml
     import zipfile
@@ -154,10 +155,12 @@ def test_archives_for_four_gpus_are_one_flag(tiny_weights, tmp_path, profile, di
         with zipfile.ZipFile(tmp_path / f"{name}.mar") as z:
             configs[name] = yaml.safe_load(z.read("model-config.yaml"))
     # two workers of each model on each of its GPUs (build_archives.WORKERS_PER_GPU)
-    assert configs["eden_encoder"]["deviceIds"] == [0] and configs["eden_encoder"]["minWorkers"] == 2
+    assert configs["eden_encoder"]["deviceIds"] == encoder_gpus
+    assert configs["eden_encoder"]["minWorkers"] == 2 * len(encoder_gpus)
     assert configs["eden_ditdec"]["deviceIds"] == ditdec_gpus
     assert configs["eden_ditdec"]["minWorkers"] == configs["eden_ditdec"]["maxWorkers"] == 2 * len(ditdec_gpus)
-    # the most shared GPU: GPU 0 with both models' workers in the spread profile (the 4K memory rule counts them)
+    # the most shared GPU: GPU 0 with both models' workers in the spread profile, every GPU in all (the 4K memory
+    # rule counts them)
     assert {c["eden"]["workers_on_gpu"] for c in configs.values()} == {2 if profile == "split" else 4}
     assert {c["deviceType"] for c in configs.values()} == {"gpu"}
     assert configs["eden_ditdec"]["batchSize"] == 4 and configs["eden_encoder"]["batchSize"] == ENCODER_BATCH_SIZE == 1
