@@ -50,14 +50,18 @@ def run_profile(profile: str, weights: Path, work: Path, gpus: int, requests: in
     with TorchServe(work / f"serve_{profile}", store) as ts:
         client = EdenClient.connect(ts.inference_url, encoder_keys=KeySource(key_file=ts.key_file))
         pngs = [images.encode_png(f) for f in moving_shapes(2, 480, 854, step=12)]
-        r_enc = client.encoder.predict(files={"frame0": pngs[0], "frame1": pngs[1]})
-        blob = r_enc.content
-        # concurrent requests so that every DiT+decoder worker gets some
+        # concurrent requests so that every worker of each model gets some (the encoder too: on every GPU in the
+        # profile all)
+        n_enc = max(requests, 2 * len(intended["eden_encoder"]))
+        with ThreadPoolExecutor(max(1, len(intended["eden_encoder"])) * 2) as pool:
+            encoded = list(pool.map(lambda i: client.encoder.predict(files={"frame0": pngs[0], "frame1": pngs[1]}),
+                                    range(n_enc)))
+        blob = encoded[0].content
         n = max(requests, 2 * len(intended["eden_ditdec"]))
         with ThreadPoolExecutor(max(1, len(intended["eden_ditdec"])) * 2) as pool:
             answers = list(pool.map(lambda i: client.ditdec.predict(data=blob, headers={"X-Eden-Seed": str(i)}),
                                     range(n)))
-        header_devices = {"eden_encoder": sorted({r_enc.headers.get("X-Eden-Device")}),
+        header_devices = {"eden_encoder": sorted({r.headers.get("X-Eden-Device") for r in encoded}),
                           "eden_ditdec": sorted({a.headers.get("X-Eden-Device") for a in answers})}
         status = collect_status([Server(ts.management_url, ts.inference_url, ts.metrics_url, ts.key_file)])
         table = format_status(status)

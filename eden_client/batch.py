@@ -187,7 +187,7 @@ def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: in
         raise FramesError(f"OUT_DIR must be another folder than IN_DIR ({in_dir}): outputs keep the inputs' names")
     jobs = find_jobs(in_dir, out_dir, options.encoding.codec)
     if runner is None and workers > 1:  # the outputs written at once share this machine's cores for encoding
-        options = options.sharing_cores(workers)
+        options = options.shared_by(workers)
     pending = []
     for job in jobs:
         if job.dst.exists():

@@ -200,7 +200,7 @@ def runner(args, options):
         raise FramesError(f"--ray-retries must be 0 or more, got {args.ray_retries}")
 
     # the inputs a node runs at once share its cores for encoding
-    options = options.sharing_cores(args.per_node)
+    options = options.shared_by(args.per_node)
 
     def run(pending, progress) -> bool:
         if not pending:

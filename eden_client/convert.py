@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .frames_io import FramesError
-from .parallel_writer import ParallelWriter
+from .parallel_writer import ParallelWriter, usable_cores
 from .scenes import DEFAULT_THRESHOLD, SceneDetector, ssim, thumbnail
 from .sinks import Encoding, VideoSink, open_sink
 from .sources import Prefetch, open_source
@@ -35,12 +35,18 @@ class Options:
     encoding: Encoding = field(default_factory=Encoding)
     target_fps: Fraction | None = None  # an output rate instead of a factor (then ``factor`` is not used)
     max_depth: int = DEFAULT_MAX_DEPTH  # with target_fps: the deepest midpoint level
+    sharing: int = 1  # runs made at once on this host and deployment (batch --jobs, Ray's --per-node)
 
-    def sharing_cores(self, outputs: int) -> "Options":
-        """These options for one of ``outputs`` outputs written at once on this machine's cores (``batch --jobs``,
-        Ray's ``--per-node``): a video's encoders are planned on its share (eden_client/segment_encoder.py), and its
-        window of open pairs on its share of the memory bounds (eden_client/video.py ``fitted_window``)."""
-        return dataclasses.replace(self, encoding=dataclasses.replace(self.encoding, sharing=outputs))
+    def shared_by(self, runs: int) -> "Options":
+        """These options for one of ``runs`` runs made at once on this machine (``batch --jobs``, Ray's
+        ``--per-node``): a video's encoders are planned on its share of the cores (``output_cores``,
+        eden_client/segment_encoder.py), and its window of open pairs on its share of the memory bounds
+        (eden_client/video.py ``fitted_window``)."""
+        return dataclasses.replace(self, sharing=max(1, runs))
+
+    def output_cores(self) -> int:
+        """The cores one run's output encoding is planned on: its share of those this process may use."""
+        return max(1, usable_cores() // self.sharing)
 
     def settings(self, video_output: bool) -> dict:
         """What decides the output's frames (recorded by ``batch`` next to each output): the timing, the seeds,
@@ -162,7 +168,7 @@ def convert(src: Path, dst: Path, client, options: Options,
                                     detector=SceneDetector(options.scene_threshold),
                                     token_dtype=options.token_dtype, target_fps=options.target_fps,
                                     time_base=meta.time_base, max_depth=options.max_depth,
-                                    sharing=options.encoding.sharing)
+                                    sharing=options.sharing)
         client_seconds: dict = {}
         frames = Prefetch(_timed(prepared(source, thumbnails=options.scene_threshold is not None),
                                  client_seconds, "read"))
@@ -177,7 +183,8 @@ def convert(src: Path, dst: Path, client, options: Options,
                 meta = dataclasses.replace(meta, rate=grid.rate, time_base=grid.time_base)
                 factor = 1
                 stream = itertools.chain([] if first is None else [first], stream)
-            sink = ParallelWriter(open_sink(Path(dst), meta, factor, options.encoding, expected or None))
+            sink = ParallelWriter(open_sink(Path(dst), meta, factor, options.encoding, expected or None,
+                                            options.output_cores()))
             t1 = time.perf_counter()
             try:
                 stats = interpolator.run(stream, sink.write, on_progress)

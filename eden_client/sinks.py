@@ -181,14 +181,12 @@ class Encoding:
     veryfast: at a constant CRF the preset trades file size for speed, not quality, and medium encodes 1080p about
     2.5-3.5x slower (docs/videos.md has the figures): it could not keep up with one GPU. Other CRF encoders get a
     high-quality default of their own scale (``DEFAULT_CRF``). ``encoders``: x264 streams made at once on
-    consecutive segments (eden_client/segment_encoder.py; None: by the cores and the frame size); ``sharing``: how
-    many outputs are written at once on this machine's cores (``batch --jobs``, Ray's ``--per-node``)."""
+    consecutive segments (eden_client/segment_encoder.py; None: by the cores and the frame size)."""
     codec: str = "libx264"
     crf: int | None = None  # None: DEFAULT_CRF of the codec (encoders without CRF: their own default)
     pix_fmt: str | None = None  # None: yuv420p, or yuv420p10le when the input has more than 8 bits
     preset: str | None = "veryfast"
     encoders: int | None = None
-    sharing: int = 1
 
     DEFAULT_CRF = {"libx264": 18, "libx264rgb": 18, "libx265": 20, "libvpx-vp9": 24, "libvpx": 10,
                    "libaom-av1": 24, "libsvtav1": 24}
@@ -210,9 +208,11 @@ class Encoding:
 
 class VideoSink:
     """A video file: frames encoded with ``Encoding`` at the source's time stamps (scaled by the interpolation
-    factor), the source's rotation and colour tags, and its audio streams copied packet for packet."""
+    factor), the source's rotation and colour tags, and its audio streams copied packet for packet. ``cores``: the
+    cores its encoders are planned on (default: all this process may use; less when outputs are written at once)."""
 
-    def __init__(self, path: Path, meta: VideoMeta, factor: int, encoding: Encoding, frames: int | None = None):
+    def __init__(self, path: Path, meta: VideoMeta, factor: int, encoding: Encoding, frames: int | None = None,
+                 cores: int | None = None):
         av = self.av = import_av()
         self.path = Path(path)
         try:
@@ -237,7 +237,7 @@ class VideoSink:
             raise FramesError(f"{self.path}: cannot write this kind of file ({e}); use .mp4, .mkv or .mov") from None
         self.audio = None
         try:
-            self._setup(meta, factor, encoding, fmt)
+            self._setup(meta, factor, encoding, fmt, cores or usable_cores())
         except BaseException:
             self._discard()
             raise
@@ -253,8 +253,9 @@ class VideoSink:
                 self._discard()
                 raise
 
-    def _setup(self, meta: VideoMeta, factor: int, encoding: Encoding, fmt: str) -> None:
-        """The video stream (codec, size, timing, colour, rotation) and the audio copies."""
+    def _setup(self, meta: VideoMeta, factor: int, encoding: Encoding, fmt: str, cores: int) -> None:
+        """The video stream (codec, size, timing, colour, rotation; its encoders planned on ``cores``) and the audio
+        copies."""
         av = self.av
         try:
             options = encoding.options()
@@ -278,7 +279,6 @@ class VideoSink:
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, self.pix_fmt
         self.stream.time_base = self.time_base
         self.stream.codec_context.time_base = self.time_base
-        cores = max(1, usable_cores() // max(1, encoding.sharing))
         self.plan = segment_encoder.plan(encoding.codec, self.width, self.height, cores, encoding.encoders,
                                          bytes_per_pixel=fmt_info.padded_bits_per_pixel / 8)
         self._options = options
@@ -452,10 +452,11 @@ class _AudioCopy:
         self.src.close()
 
 
-def open_sink(path: Path, meta: VideoMeta, factor: int, encoding: Encoding, frames: int | None = None):
-    """A path with a video extension -> VideoSink; anything else -> a folder of PNG frames. ``frames``: how many
-    are expected, where known."""
+def open_sink(path: Path, meta: VideoMeta, factor: int, encoding: Encoding, frames: int | None = None,
+              cores: int | None = None):
+    """A path with a video extension -> VideoSink (its encoders planned on ``cores``, default all); anything else ->
+    a folder of PNG frames. ``frames``: how many are expected, where known."""
     path = Path(path)
     if path.suffix.lower() in VIDEO_EXTENSIONS:
-        return VideoSink(path, meta, factor, encoding, frames)
+        return VideoSink(path, meta, factor, encoding, frames, cores)
     return PngFolderSink(path)

@@ -202,13 +202,17 @@ def test_frames_waiting_stay_within_the_plan_and_packets_come_in_order():
 def test_outputs_written_at_once_share_the_cores(tmp_path, monkeypatch):
     """``batch --jobs 2`` (or two inputs a Ray node runs at once): each output's plan counts on its share of the
     cores, not on all of them."""
-    from eden_client import sinks
+    from eden_client import convert, sinks
+    from eden_client.convert import Options
     from eden_client.frames_io import VideoMeta
     from eden_client.sinks import Encoding, VideoSink
     monkeypatch.setattr(sinks, "usable_cores", lambda: 32)
+    monkeypatch.setattr(convert, "usable_cores", lambda: 32)
     meta = VideoMeta(Fraction(1, 25), Fraction(25), 1920, 1080)
     for sharing, encoders in ((1, 4), (2, 2), (4, 1)):
-        sink = VideoSink(tmp_path / f"s{sharing}.mp4", meta, 2, Encoding(sharing=sharing))
+        cores = Options().shared_by(sharing).output_cores()
+        assert cores == 32 // sharing
+        sink = VideoSink(tmp_path / f"s{sharing}.mp4", meta, 2, Encoding(), cores=cores if sharing > 1 else None)
         try:
             assert sink.plan.encoders == encoders
         finally:
