@@ -75,17 +75,18 @@ INPUT_THREADS = 3  # threads making the input's frames ready (session 10: the re
 def prepared(source, thumbnails: bool, threads: int = INPUT_THREADS):
     """The source's frames, in order, each made ready on one of ``threads`` threads while the next ones decode: its
     conversion to RGB (a video) or its decoding (a folder of images), and with ``thumbnails`` its scene-detection
-    thumbnail (a 1080p one ~6 ms, mostly without the interpreter lock); the similarity (SSIM) of each thumbnail with
+    thumbnail (a video's from the decoded frame by swscale, a folder image's from its RGB pixels); the similarity (SSIM) of each thumbnail with
     the previous one is computed here, in order, rather than in the scheduler's thread, which every request waits on.
 
     The thread that decodes does nothing else: with conversion and thumbnails in it, it took 5.7 ms a 480p frame
     beside the command's ~40 other threads (1.3 ms alone) and set the command's pace at 480p (bench/NOTES.md,
     session 10); in session 7 the thumbnails made in it had held a two-GPU 1080p run 26% back."""
-    tasks = source.tasks(parallel=True) if hasattr(source, "tasks") else ((lambda f=f: f) for f in source)
+    tasks = (source.tasks(parallel=True, thumbnails=thumbnails) if hasattr(source, "tasks")
+             else ((lambda f=f: f) for f in source))
 
     def ready(task):
         frame = task()
-        if thumbnails:
+        if thumbnails and frame.thumb is None:
             frame.thumb = thumbnail(frame.image)
         return frame
 

@@ -2,7 +2,9 @@
 
 The measure is SSIM (structural similarity, Wang et al. 2004) between 32x32 luma thumbnails of the two frames:
 each frame is reduced to 32x32 by area averaging (aspect ratio ignored: only the comparison matters), converted to
-BT.601 luma, and SSIM is computed with 8x8 uniform windows (stride 1, constants C1=(0.01*255)^2, C2=(0.03*255)^2)
+BT.601 luma (``thumbnail``; a video's frames are reduced by swscale straight from the decoded picture to its own
+full-range luma instead, ``sources.VideoSource._thumb``: within about a level of this at 480p, and no interpreter
+lock), and SSIM is computed with 8x8 uniform windows (stride 1, constants C1=(0.01*255)^2, C2=(0.03*255)^2)
 and averaged over the windows. At this size consecutive frames of one shot typically stay above 0.5, even with
 fast motion, and two different shots fall near 0 or below. A pair whose SSIM is below the threshold (default 0.25, set with
 ``--scene-threshold``) is a cut: Practical-RIFE uses the same measure with 0.2.

@@ -14,6 +14,7 @@ import numpy as np
 from eden_serve.images import ImageError, decode_image
 
 from .frames_io import Frame, FramesError, VideoMeta, _sws_matrix, import_av
+from .scenes import THUMB_SIZE
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DEFAULT_FOLDER_FPS = Fraction(25)  # what ffmpeg's image2 demuxer assumes for a folder of frames
@@ -59,8 +60,9 @@ class FolderSource:
     def __iter__(self) -> Iterator[Frame]:
         return (task() for task in self.tasks())
 
-    def tasks(self, parallel: bool = False) -> Iterator[Callable[[], Frame]]:
-        """Each frame, in order, as a call that reads it (safe on any thread: ``prepared`` runs them on several)."""
+    def tasks(self, parallel: bool = False, thumbnails: bool = False) -> Iterator[Callable[[], Frame]]:
+        """Each frame, in order, as a call that reads it (safe on any thread: ``prepared`` runs them on several;
+        the thumbnails are made from the RGB image there)."""
         for i, path in enumerate(self.files):
             yield functools.partial(self._frame, i, path)
 
@@ -133,9 +135,13 @@ class VideoSource:
             return max(1, round(Fraction(self.container.duration, 1_000_000) * self.meta.rate))
         return 0
 
+    def _range(self, frame) -> int:
+        """The frame's colour range (FFmpeg's code): unknown means limited (video) unless the format is yuvj."""
+        return self.color["color_range"] or (2 if frame.format.name.startswith("yuvj") else 1)
+
     def _rgb(self, frame, sws_threads: int = SOURCE_SWS_THREADS) -> np.ndarray:
-        # the source's matrix and range -> full-range RGB; unknown range means limited (video) unless yuvj
-        src_range = self.color["color_range"] or (2 if frame.format.name.startswith("yuvj") else 1)
+        # the source's matrix and range -> full-range RGB
+        src_range = self._range(frame)
         if frame.format.name == "rgb24":
             return frame.to_ndarray()
         converter = getattr(self._converters, "reformatter", None)
@@ -148,10 +154,22 @@ class VideoSource:
     def __iter__(self) -> Iterator[Frame]:
         return (task() for task in self.tasks())
 
-    def tasks(self, parallel: bool = False) -> Iterator[Callable[[], Frame]]:
-        """Each frame, in order, as a call that converts it to RGB: decoding and the time stamps happen here, in
-        order; the calls are safe on any thread (a converter per thread; ``parallel``: one slice each, as several
-        threads convert at once)."""
+    def _thumb(self, frame) -> np.ndarray:
+        """The scene-detection thumbnail straight from the decoded frame: swscale's area average to 32x32 full-range
+        luma, in this thread's own converter, without the interpreter lock (0.07 ms a 480p frame, 0.3 at 1080p,
+        against 1.2 and 5.8 ms through PIL from the RGB image, a third of that holding the lock). The measure of
+        ``scenes.thumbnail`` (area-averaged luma, full range), within about one level (test)."""
+        converter = getattr(self._converters, "thumbnailer", None)
+        if converter is None:
+            converter = self._converters.thumbnailer = import_av().video.reformatter.VideoReformatter()
+        small = converter.reformat(frame, width=THUMB_SIZE, height=THUMB_SIZE, format="gray", interpolation="AREA",
+                                   src_color_range=self._range(frame), dst_color_range=2, threads=1)
+        return small.to_ndarray().astype(np.float64)
+
+    def tasks(self, parallel: bool = False, thumbnails: bool = False) -> Iterator[Callable[[], Frame]]:
+        """Each frame, in order, as a call that converts it to RGB (and with ``thumbnails`` makes its scene-detection
+        thumbnail): decoding and the time stamps happen here, in order; the calls are safe on any thread (a converter
+        per thread; ``parallel``: one slice each, as several threads convert at once)."""
         av = import_av()
         sws_threads = 1 if parallel else SOURCE_SWS_THREADS
         last = None
@@ -160,15 +178,15 @@ class VideoSource:
             pts = frame.pts if frame.pts is not None else (0 if last is None else last + self._step)
             if last is not None and pts <= last:  # broken or duplicate stamps: keep time moving forward
                 pts = last + 1
-            yield functools.partial(self._frame, frame, pts, frame.duration or self._step, sws_threads)
+            yield functools.partial(self._frame, frame, pts, frame.duration or self._step, sws_threads, thumbnails)
             last = pts
             try:
                 frame = next(self._decoded, None)
             except av.error.FFmpegError as e:
                 raise FramesError(f"{self.path}: decoding failed after pts {last} ({e})") from None
 
-    def _frame(self, frame, pts: int, duration: int, sws_threads: int) -> Frame:
-        return Frame(self._rgb(frame, sws_threads), pts, duration)
+    def _frame(self, frame, pts: int, duration: int, sws_threads: int, thumbnail: bool = False) -> Frame:
+        return Frame(self._rgb(frame, sws_threads), pts, duration, thumb=self._thumb(frame) if thumbnail else None)
 
     def close(self) -> None:
         self.container.close()

@@ -330,8 +330,16 @@ def test_input_frames_made_on_several_threads_are_the_decoders_in_order(tmp_path
     many = list(prepared(VideoSource(path), thumbnails=True, threads=4))
     assert [(f.pts, f.duration) for f in many] == [(f.pts, f.duration) for f in one] and len(many) == 40
     assert all(np.array_equal(a.image, b.image) for a, b in zip(one, many))
-    assert all(np.array_equal(f.thumb, thumbnail(f.image)) for f in many)
+    # a video's thumbnails come from the decoded frames (swscale's area average to luma): scenes.thumbnail's
+    # measure within a few levels on average (1.2 for a 480p clip; more for the saturated colours of these tiny
+    # frames, where the RGB frame's luma differs from the stream's own), the same similarities within 0.02 and the
+    # same cut
+    assert all(np.abs(f.thumb - thumbnail(f.image)).mean() <= 5 for f in many)
+    assert all(abs(c.similarity - ssim(thumbnail(p.image), thumbnail(c.image))) <= 0.02 for p, c in zip(many, many[1:]))
     assert [p.similarity for p in many][:2] == [None, ssim(many[0].thumb, many[1].thumb)]
+    detector = SceneDetector(0.25)
+    assert [k for k in range(1, 40) if detector.is_cut(many[k - 1].thumb, many[k].thumb, many[k].similarity)] == \
+        [k for k in range(1, 40) if detector.is_cut(thumbnail(many[k - 1].image), thumbnail(many[k].image))] == [20]
     # a folder: read on the threads too; the odd frame fails in its place
     clips.write_frame_folder(tmp_path / "f", shots[:6])
     odd = sorted((tmp_path / "f").iterdir())[4]
