@@ -140,16 +140,18 @@ class VideoSource:
         return self.color["color_range"] or (2 if frame.format.name.startswith("yuvj") else 1)
 
     def _rgb(self, frame, sws_threads: int = SOURCE_SWS_THREADS) -> np.ndarray:
-        # the source's matrix and range -> full-range RGB
+        """The source's matrix and range -> full-range RGB, contiguous: PyAV's array is a view of the frame's padded
+        rows (854x480: rows of 2592 bytes for 2562), which the encoder request would otherwise copy on its thread."""
         src_range = self._range(frame)
         if frame.format.name == "rgb24":
-            return frame.to_ndarray()
+            return np.ascontiguousarray(frame.to_ndarray())
         converter = getattr(self._converters, "reformatter", None)
         if converter is None:
             converter = self._converters.reformatter = import_av().video.reformatter.VideoReformatter()
         matrix = _sws_matrix(self.color["colorspace"])
-        return converter.reformat(frame, format="rgb24", src_colorspace=matrix, dst_colorspace=matrix,
-                                  src_color_range=src_range, dst_color_range=2, threads=sws_threads).to_ndarray()
+        rgb = converter.reformat(frame, format="rgb24", src_colorspace=matrix, dst_colorspace=matrix,
+                                 src_color_range=src_range, dst_color_range=2, threads=sws_threads)
+        return np.ascontiguousarray(rgb.to_ndarray())
 
     def __iter__(self) -> Iterator[Frame]:
         return (task() for task in self.tasks())
