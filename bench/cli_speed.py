@@ -302,7 +302,7 @@ def main():
                 path = io_dir / f"in_{size}_{k}.mp4"
                 clips.write_video(path, [np.roll(f, k, axis=1) for f in clip], RATE)
                 return path
-            if not {"mp4", "png"} <= skip or args.mp4_variants:
+            if not {"mp4", "png"} <= skip or args.mp4_variants or args.profiled_run:
                 clips.write_video(src, clip, RATE)  # with an AAC track (PyAV: not needed for the raw sink alone)
             if "reference" not in skip:
                 m = min(args.reference_pairs + 1, n)
@@ -334,15 +334,16 @@ def main():
                 runs.append((f"cli_mp4 {flags}", lambda flags=flags, k=k: cli(
                     work, source(k), io_dir / f"out_{size}_variant.mp4", n, cli_extra + tuple(shlex.split(flags)))))
             if args.profiled_run:
-                runs.append(("cli_mp4 profiled", lambda: cli(
-                    work, source(len(runs) + 2), io_dir / f"out_{size}_profiled.mp4", n, cli_extra,
+                k = len(runs) + 2  # (an input of its own over HTTP, after the variants')
+                runs.append(("cli_mp4 profiled", lambda k=k: cli(
+                    work, source(k), io_dir / f"out_{size}_profiled.mp4", n, cli_extra,
                     wrap=shlex.split(args.profiled_run.replace("{size}", size)))))
             for name, run in runs:
                 try:
                     r = run()
                 except Exception as e:  # noqa: BLE001 - keep what was measured
                     r = {"error": repr(e)[-3000:]}
-                if ref_s and "seconds_per_generated_frame" in r:
+                if ref_s and "seconds_per_generated_frame" in r and name != "cli_mp4 profiled":
                     r["speedup_vs_reference"] = ref_s / r["seconds_per_generated_frame"]
                 row[name] = r
                 print(f"{size} {name}: {json.dumps(r, default=float)}", flush=True)

@@ -7,7 +7,7 @@ count, and which part stops the scaling: the nodes themselves, the driver, Ray's
 A fluid discrete-event model, pure Python, under 20 s for the defaults (10,000 inputs, 5 scenarios, 6 sizes). Between two events (an input dispatched, started or
 finished) every running input advances at a constant rate, the slowest of what it shares:
 
-* its node's GPUs: each node is a whole deployment (encoder on GPU 0, the DiT+decoder on the other GPUs); a
+* its node's GPUs: each node is a whole deployment (both models on its GPUs); a
   generated frame costs one DiT+decoder GPU ``t(px)`` seconds, a power law through the measured deployment
   (README "Speed", 2x H100, shm + device handoff: 0.0157 s at 480x854, 0.0375 s at 1080x1920); the node's
   DiT+decoder GPUs are shared equally by its running inputs (``--per-node`` of them);

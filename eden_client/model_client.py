@@ -188,7 +188,8 @@ def default_session(url: str):
     applies to (servers on this host or the local network: every request of a run), else requests' session with the
     environment's settings read once (proxies, TLS: :func:`settled_session`)."""
     session = settled_session(url)
-    if url.startswith("http://") and requests.utils.select_proxy(url, session.proxies) is None:
+    if url.startswith("http://") and requests.utils.select_proxy(url, session.proxies) is None \
+            and urllib3.util.parse_url(url).auth is None:  # (credentials in the URL: requests sends them)
         session.close()
         return DirectSession()
     return session
@@ -213,10 +214,14 @@ class DirectSession:
              timeout: float | None = None, stream: bool = False) -> requests.Response:
         headers = dict(headers or {})
         if files:
+            if data:
+                raise ValueError("DirectSession.post takes data or files, not both")
             data, headers["Content-Type"] = _multipart(files)
         try:
             u = self.pool.urlopen("POST", url, body=data, headers=headers, redirect=False,
                                   timeout=urllib3.Timeout(connect=timeout, read=timeout), preload_content=True)
+        except urllib3.exceptions.LocationValueError as e:  # a URL that cannot be: no server to wait for
+            raise requests.exceptions.InvalidURL(e) from None
         except urllib3.exceptions.NewConnectionError as e:  # (before its base class, a connect timeout)
             raise requests.ConnectionError(e) from None
         except urllib3.exceptions.ConnectTimeoutError as e:
@@ -228,6 +233,7 @@ class DirectSession:
         r = requests.Response()
         r.status_code, r.headers, r.url, r.reason = u.status, u.headers, url, u.reason
         r._content, r._content_consumed = u.data, True
+        r.encoding = requests.utils.get_encoding_from_headers(u.headers)
         return r
 
     def close(self) -> None:
@@ -235,12 +241,22 @@ class DirectSession:
 
 
 def _multipart(files: dict) -> tuple[bytes, str]:
-    """requests' ``files`` ({name: (filename, data[, content type])}; filename None for a plain field) -> (body,
-    Content-Type), the parts as requests writes them."""
+    """requests' ``files`` -> (body, Content-Type), the parts as requests writes them: each value bytes, a string
+    or a file (named after its field), or a tuple (filename[, data[, content type[, headers]]]) with filename None
+    for a plain field; a None value is left out."""
     fields = []
-    for name, (filename, value, *content_type) in files.items():
-        field = urllib3.fields.RequestField(name=name, data=value, filename=filename)
-        field.make_multipart(content_type=content_type[0] if content_type else None)
+    for name, value in files.items():
+        filename, content_type, part_headers = name, None, None
+        if isinstance(value, (tuple, list)):
+            filename, value, *rest = value
+            content_type = rest[0] if rest else None
+            part_headers = rest[1] if len(rest) > 1 else None
+        if value is None:
+            continue
+        if hasattr(value, "read"):
+            value = value.read()
+        field = urllib3.fields.RequestField(name=name, data=value, filename=filename, headers=part_headers)
+        field.make_multipart(content_type=content_type)
         fields.append(field)
     return urllib3.encode_multipart_formdata(fields)
 

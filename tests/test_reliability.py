@@ -138,6 +138,8 @@ def test_the_session_reads_proxies_once_and_keeps_no_proxy(monkeypatch):
     remote = ModelClient("http://10.1.2.3:8080", "eden_encoder", KeySource(key="k")).session
     secure = ModelClient("https://127.0.0.1:8443", "eden_encoder", KeySource(key="k")).session
     assert isinstance(local, DirectSession)
+    with_credentials = ModelClient("http://user:pw@127.0.0.1:8080", "eden_encoder", KeySource(key="k")).session
+    assert not isinstance(with_credentials, DirectSession)  # requests sends them
     assert not remote.trust_env and not secure.trust_env
     assert requests.utils.select_proxy("http://10.1.2.3:8080/predictions/x", remote.proxies) == \
         "http://proxy.example:3128"
@@ -151,6 +153,11 @@ class _Answering(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.path == "/slow":
             time.sleep(2)
+        if self.path == "/latin":
+            out = "Größe".encode("latin-1")
+            self.wfile.write(b"HTTP/1.1 400 Bad\r\nContent-Type: text/plain; charset=ISO-8859-1\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(out) + out)
+            return
         out = json.dumps({"headers": dict(self.headers), "body": body.decode("latin-1")}).encode()
         self.wfile.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nX-Eden-Seed: 7\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(out) + out)
@@ -167,9 +174,10 @@ def test_direct_session_posts_as_requests_does():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     files = {"frame0": ("frame0", b"\x00\xffpixels", "application/octet-stream"), "dtype": (None, "float16")}
+    bare = {"frame0": b"\x89PNG...", "frame1": b"more"}  # bare values: each part named after its field
     try:
         direct, plain = DirectSession(), requests.Session()
-        for kw in ({"data": b"tokens"}, {"files": files}):
+        for kw in ({"data": b"tokens"}, {"files": files}, {"files": bare}):
             a = direct.post(url + "/p", headers={"Authorization": "Bearer k"}, timeout=10, **kw)
             b = plain.post(url + "/p", headers={"Authorization": "Bearer k"}, timeout=10, **kw)
             assert isinstance(a, requests.Response) and a.status_code == 201 and a.ok and a.reason == "Created"
@@ -183,6 +191,10 @@ def test_direct_session_posts_as_requests_does():
             assert seen_a["headers"]["Authorization"] == "Bearer k"
         with pytest.raises(requests.ReadTimeout):
             direct.post(url + "/slow", data=b"x", timeout=0.3)
+        latin = direct.post(url + "/latin", data=b"x", timeout=10)  # the body's charset, as requests reads it
+        assert not latin.ok and latin.text == "Größe"
+        with pytest.raises(ValueError):
+            direct.post(url + "/p", data=b"x", files=files, timeout=10)
     finally:
         server.shutdown()
     with socket.socket() as s:  # a port nobody listens on
@@ -190,6 +202,8 @@ def test_direct_session_posts_as_requests_does():
         port = s.getsockname()[1]
     with pytest.raises(requests.ConnectionError, match="Connection refused"):
         DirectSession().post(f"http://127.0.0.1:{port}/p", data=b"x", timeout=5)
+    with pytest.raises(requests.exceptions.InvalidURL):  # not a connection to retry
+        DirectSession().post("http://127.0.0.1:99999/p", data=b"x", timeout=5)
 
 
 @pytest.mark.parametrize("status,body", [
