@@ -199,13 +199,29 @@ def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", to
 CLI_WRAP: list = []  # --cli-wrap: a command the CLI runs under (a profiler)
 
 
+def variant_args(flags: str, common: tuple) -> tuple:
+    """A --mp4-variants entry's items for ``cli``: its leading NAME=VALUE settings first (the run's environment),
+    then the flags every run gets, then its own flags."""
+    items = shlex.split(flags)
+    k = 0
+    while k < len(items) and "=" in items[k] and not items[k].startswith("-"):
+        k += 1
+    return tuple(items[:k]) + tuple(common) + tuple(items[k:])
+
+
 def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = (), wrap: list | None = None) -> dict:
     """`python -m eden_client video SRC -o DST` as a user runs it (no tuning flags unless ``extra``), wall clock and its
-    stats; under ``wrap`` (default: --cli-wrap) if given."""
+    stats; under ``wrap`` (default: --cli-wrap) if given. Leading NAME=VALUE items of ``extra`` are set in its
+    environment instead (e.g. EDEN_SWITCH_INTERVAL_S=0.001)."""
+    extra = list(extra)
+    env = user_env()
+    while extra and "=" in extra[0] and not extra[0].startswith("-"):
+        name, _, value = extra.pop(0).partition("=")
+        env[name] = value
     stats_file = work / f"{dst.name}.stats.json"
     with GpuSampler() as gpu, CpuSampler(lambda: serve_pids(work)) as cpu:
-        wall = sh([*(CLI_WRAP if wrap is None else wrap), sys.executable, "-m", "eden_client", "video", src, "-o", dst, "--quiet", "--stats-json",
-                   stats_file, *extra], cwd=work, env=user_env())
+        wall = sh([*(CLI_WRAP if wrap is None else wrap), sys.executable, "-m", "eden_client", "video", src, "-o", dst,
+                   "--quiet", "--stats-json", stats_file, *extra], cwd=work, env=env)
     stats = json.loads(stats_file.read_text())
     size = dst.stat().st_size if dst.is_file() else sum(f.stat().st_size for f in dst.iterdir())
     # cpu_cores_busy: "children" is the CLI process (x264's threads included), the rest TorchServe's processes
@@ -246,7 +262,8 @@ def main():
                          "flags among them: --max-inflight, --encoder-chunk, --factor, ...), e.g. \"--max-inflight 32\" (default: none)")
     ap.add_argument("--mp4-variants", default="",
                     help="more mp4 runs after the others, each with its own extra flags, separated by ';', e.g. "
-                         "\"--preset superfast;--max-inflight 32\"")
+                         "\"--preset superfast;--max-inflight 32\"; leading NAME=VALUE items set the run's environment "
+                         "(\"EDEN_SWITCH_INTERVAL_S=0.001\")")
     ap.add_argument("--profiled-run", default="",
                     help="one more mp4 run after the others under this command, {size} replaced by the size, e.g. "
                          "\"py-spy record --gil -r 200 -f raw -o gil_{size}.txt --\" (not a timing: the profiler "
@@ -332,7 +349,7 @@ def main():
                     if {"raw_sink": "raw", "cli_mp4": "mp4", "cli_png": "png"}[name] not in skip]
             for k, flags in enumerate(filter(None, (v.strip() for v in args.mp4_variants.split(";"))), start=2):
                 runs.append((f"cli_mp4 {flags}", lambda flags=flags, k=k: cli(
-                    work, source(k), io_dir / f"out_{size}_variant.mp4", n, cli_extra + tuple(shlex.split(flags)))))
+                    work, source(k), io_dir / f"out_{size}_variant.mp4", n, variant_args(flags, cli_extra))))
             if args.profiled_run:
                 k = len(runs) + 2  # (an input of its own over HTTP, after the variants')
                 runs.append(("cli_mp4 profiled", lambda k=k: cli(

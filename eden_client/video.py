@@ -532,7 +532,7 @@ class Interpolator:
             progress: Callable[[int], None] | None = None) -> Stats:
         """Interpolate ``frames`` (time stamps in the source's time base) and call ``write(image, pts, duration)``
         for each output frame in order (time stamps in the source's time base divided by the factor, or in the
-        target rate's ``TimeGrid.time_base``). The run's threads switch every millisecond (``gil``)."""
+        target rate's ``TimeGrid.time_base``). The run's threads switch every 0.2 ms (``gil``)."""
         with short_switches():
             return self._run(frames, write, progress)
 

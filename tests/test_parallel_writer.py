@@ -107,6 +107,17 @@ def test_short_switches_for_a_run_and_back():
     with short_switches(0.0007):
         assert sys.getswitchinterval() == pytest.approx(0.0007)
     assert sys.getswitchinterval() == before
+    with short_switches():  # the default, 0.2 ms
+        assert sys.getswitchinterval() == pytest.approx(min(before, 0.0002))
+
+
+def test_switch_interval_from_the_environment(monkeypatch):
+    from eden_client.gil import SWITCH_INTERVAL_S, switch_interval
+    monkeypatch.setenv("EDEN_SWITCH_INTERVAL_S", "0.001")
+    assert switch_interval() == 0.001
+    for bad in ("", "0", "-1", "fast"):
+        monkeypatch.setenv("EDEN_SWITCH_INTERVAL_S", bad)
+        assert switch_interval() == SWITCH_INTERVAL_S
 
 
 @pytest.mark.parametrize("engine", ["ffmpeg", "pillow"])
