@@ -74,8 +74,9 @@ class FakeEden:
         diffs = pipeline.frame_difference(x[:-1], x[1:], self.cfg)[:, 0].tolist() if len(frames) > 1 else []
         blob = wire.TokenBlob(tokens, (h, w), geo.padding, 16, [0.5] * len(frames), [0.2] * len(frames), diffs, "")
         self._leave("encode")
-        enc = EncoderAnswer(wire.from_bytes(blob.to_bytes()), segment=f"answer-{len(self.answers)}")
-        self.answers.append(enc.segment)
+        with self.lock:  # (named under the lock: two requests answered at once get two names)
+            enc = EncoderAnswer(wire.from_bytes(blob.to_bytes()), segment=f"answer-{len(self.answers)}")
+            self.answers.append(enc.segment)
         return enc
 
     def release(self, enc):
