@@ -203,15 +203,18 @@ class DirectSession:
     one H200) the client's other threads (the reader, the writer, the scheduler) wait for it. This keeps what the
     client uses: the body or the multipart files as requests encodes them, the timeout of each try, a
     ``requests.Response`` with the whole body read, and requests' exceptions (so the retry policy reads them alike).
-    No proxies, no TLS: ``default_session`` gives those URLs to requests."""
+    No proxies, no TLS: ``default_session`` gives those URLs to requests; an answer that redirects (a proxy in
+    front of the servers) is sent again through requests, which follows it."""
 
     POOL_SIZE = 64  # connections kept per host: more than the requests a run keeps in flight (32 + 4)
 
     def __init__(self):
         self.pool = urllib3.PoolManager(maxsize=self.POOL_SIZE, retries=False)
+        self._redirected: requests.Session | None = None  # for answers that redirect (made when one comes)
 
     def post(self, url: str, data: bytes | None = None, files: dict | None = None, headers: dict | None = None,
              timeout: float | None = None, stream: bool = False) -> requests.Response:
+        sent = headers
         headers = dict(headers or {})
         if files:
             if data:
@@ -230,6 +233,11 @@ class DirectSession:
             raise requests.ReadTimeout(e) from None
         except (urllib3.exceptions.HTTPError, OSError) as e:  # reset, cut, closed before an answer
             raise requests.ConnectionError(e) from None
+        if u.get_redirect_location():
+            if self._redirected is None:
+                self._redirected = settled_session(url)
+            return self._redirected.post(url, data=None if files else data, files=files, headers=sent,
+                                         timeout=timeout)
         r = requests.Response()
         r.status_code, r.headers, r.url, r.reason = u.status, u.headers, url, u.reason
         r._content, r._content_consumed = u.data, True
@@ -238,6 +246,8 @@ class DirectSession:
 
     def close(self) -> None:
         self.pool.clear()
+        if self._redirected is not None:
+            self._redirected.close()
 
 
 def _multipart(files: dict) -> tuple[bytes, str]:

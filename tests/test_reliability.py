@@ -153,6 +153,9 @@ class _Answering(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.path == "/slow":
             time.sleep(2)
+        if self.path == "/moved":  # a proxy's redirect: requests follows it
+            self.wfile.write(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /p\r\nContent-Length: 0\r\n\r\n")
+            return
         if self.path == "/latin":
             out = "Größe".encode("latin-1")
             self.wfile.write(b"HTTP/1.1 400 Bad\r\nContent-Type: text/plain; charset=ISO-8859-1\r\n"
@@ -191,6 +194,8 @@ def test_direct_session_posts_as_requests_does():
             assert seen_a["headers"]["Authorization"] == "Bearer k"
         with pytest.raises(requests.ReadTimeout):
             direct.post(url + "/slow", data=b"x", timeout=0.3)
+        moved = direct.post(url + "/moved", files=files, timeout=10)  # followed, the body sent again
+        assert moved.status_code == 201 and "float16" in moved.json()["body"] and moved.url == url + "/p"
         latin = direct.post(url + "/latin", data=b"x", timeout=10)  # the body's charset, as requests reads it
         assert not latin.ok and latin.text == "Größe"
         with pytest.raises(ValueError):
