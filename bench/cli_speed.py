@@ -199,25 +199,20 @@ def raw_sink(work: Path, clip: list, warm: int = 17, transport: str = "auto", to
 CLI_WRAP: list = []  # --cli-wrap: a command the CLI runs under (a profiler)
 
 
-def variant_args(flags: str, common: tuple) -> tuple:
-    """A --mp4-variants entry's items for ``cli``: its leading NAME=VALUE settings first (the run's environment),
-    then the flags every run gets, then its own flags."""
+def variant(flags: str) -> tuple[dict, tuple]:
+    """A --mp4-variants entry -> (its leading NAME=VALUE settings, for the run's environment; its flags)."""
     items = shlex.split(flags)
     k = 0
     while k < len(items) and "=" in items[k] and not items[k].startswith("-"):
         k += 1
-    return tuple(items[:k]) + tuple(common) + tuple(items[k:])
+    return dict(item.partition("=")[::2] for item in items[:k]), tuple(items[k:])
 
 
-def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = (), wrap: list | None = None) -> dict:
+def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = (), wrap: list | None = None,
+        env: dict | None = None) -> dict:
     """`python -m eden_client video SRC -o DST` as a user runs it (no tuning flags unless ``extra``), wall clock and its
-    stats; under ``wrap`` (default: --cli-wrap) if given. Leading NAME=VALUE items of ``extra`` are set in its
-    environment instead (e.g. EDEN_SWITCH_INTERVAL_S=0.001)."""
-    extra = list(extra)
-    env = user_env()
-    while extra and "=" in extra[0] and not extra[0].startswith("-"):
-        name, _, value = extra.pop(0).partition("=")
-        env[name] = value
+    stats; under ``wrap`` (default: --cli-wrap) if given, with ``env`` added to its environment."""
+    env = {**user_env(), **(env or {})}
     stats_file = work / f"{dst.name}.stats.json"
     with GpuSampler() as gpu, CpuSampler(lambda: serve_pids(work)) as cpu:
         wall = sh([*(CLI_WRAP if wrap is None else wrap), sys.executable, "-m", "eden_client", "video", src, "-o", dst,
@@ -348,8 +343,9 @@ def main():
             runs = [(name, run) for name, run in runs
                     if {"raw_sink": "raw", "cli_mp4": "mp4", "cli_png": "png"}[name] not in skip]
             for k, flags in enumerate(filter(None, (v.strip() for v in args.mp4_variants.split(";"))), start=2):
-                runs.append((f"cli_mp4 {flags}", lambda flags=flags, k=k: cli(
-                    work, source(k), io_dir / f"out_{size}_variant.mp4", n, variant_args(flags, cli_extra))))
+                env, own = variant(flags)
+                runs.append((f"cli_mp4 {flags}", lambda env=env, own=own, k=k: cli(
+                    work, source(k), io_dir / f"out_{size}_variant.mp4", n, cli_extra + own, env=env)))
             if args.profiled_run:
                 k = len(runs) + 2  # (an input of its own over HTTP, after the variants')
                 runs.append(("cli_mp4 profiled", lambda k=k: cli(
