@@ -263,6 +263,8 @@ def main():
                     help="one more mp4 run after the others under this command, {size} replaced by the size, e.g. "
                          "\"py-spy record --gil -r 200 -f raw -o gil_{size}.txt --\" (not a timing: the profiler "
                          "slows it)")
+    ap.add_argument("--variant-sizes", default="",
+                    help="comma list of HxW the --mp4-variants and --profiled-run are made at (default: every size)")
     ap.add_argument("--cli-wrap", default="",
                     help="a command every CLI run goes under, e.g. \"py-spy record --native --idle -o p.txt -f raw --\" "
                          "(its wall clock is then not the CLI's)")
@@ -342,11 +344,13 @@ def main():
                     ("cli_png", lambda: cli(work, source(1), io_dir / f"out_{size}_png", n, cli_extra))]
             runs = [(name, run) for name, run in runs
                     if {"raw_sink": "raw", "cli_mp4": "mp4", "cli_png": "png"}[name] not in skip]
-            for k, flags in enumerate(filter(None, (v.strip() for v in args.mp4_variants.split(";"))), start=2):
+            extras = not args.variant_sizes or size in args.variant_sizes.split(",")
+            for k, flags in enumerate(filter(None, (v.strip() for v in args.mp4_variants.split(";") if extras)),
+                                      start=2):
                 env, own = variant(flags)
                 runs.append((f"cli_mp4 {flags}", lambda env=env, own=own, k=k: cli(
                     work, source(k), io_dir / f"out_{size}_variant.mp4", n, cli_extra + own, env=env)))
-            if args.profiled_run:
+            if args.profiled_run and extras:
                 k = len(runs) + 2  # (an input of its own over HTTP, after the variants')
                 runs.append(("cli_mp4 profiled", lambda k=k: cli(
                     work, source(k), io_dir / f"out_{size}_profiled.mp4", n, cli_extra,
