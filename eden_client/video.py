@@ -49,7 +49,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import Callable, Iterable
 
@@ -76,28 +76,50 @@ MAX_CHUNK = 16  # the encoder's max_frames
 class Schedule:
     """How much the scheduler keeps in flight: DiT+decoder requests, encoder requests, frames per encoder request,
     and the most input pairs open at once (0: max_inflight + chunk), lowered where their frames would pass
-    WINDOW_BYTES."""
+    WINDOW_BYTES. The numbers are for frames of ``pixels`` (0: any size); ``fitted`` scales them to smaller frames,
+    whose requests cost the client about as much interpreter time each and carry fewer bytes."""
     max_inflight: int
     encoder_inflight: int
     chunk: int
     window: int = 0
+    pixels: int = 0
+    chunk_up_to: int = 0  # smaller frames: the chunk grows with 1 / pixels up to this (0: fixed)
+    inflight_up_to: int = 0  # smaller frames: max_inflight grows with 1 / pixels up to this (0: fixed)
+
+    def fitted(self, pixels: int) -> Schedule:
+        """The schedule for frames of ``pixels``. Smaller than ``self.pixels``: chunks of proportionally more frames
+        (up to chunk_up_to; half as many encoder requests in flight once a chunk holds twice the frames) and
+        proportionally more DiT+decoder requests in flight (up to inflight_up_to). Larger frames: these numbers."""
+        scale = self.pixels / pixels if self.pixels and pixels > 0 else 1.0
+        chunk = min(max(self.chunk, round(self.chunk * scale)), max(self.chunk, self.chunk_up_to))
+        encoder_inflight = self.encoder_inflight if chunk < 2 * self.chunk else max(1, self.encoder_inflight // 2)
+        max_inflight = min(max(self.max_inflight, round(self.max_inflight * scale)),
+                           max(self.max_inflight, self.inflight_up_to))
+        return replace(self, max_inflight=max_inflight, encoder_inflight=encoder_inflight, chunk=chunk)
 
 
-# Defaults per transport, measured on H200s (bench/NOTES.md, session 5). Shared memory: with 16 DiT+decoder requests
-# and 2 encoder requests of 4 frames in flight a 1080p run kept ~6 requests at the servers and two GPUs half idle
-# (the encoder did not stay far enough ahead); 32 and 4 took two GPUs from 14.5 (32 / 2) to 11.3-14.3 ms a frame at
-# 1080p and 480p from 5.3 to 3.9-4.4 ms (one GPU: 6.9 -> 5.7 ms); chunks of 8 were no better (1080p: 14.9-16.1 ms).
+# Defaults per transport, measured on H200s for 1080p frames (bench/NOTES.md, session 5). Shared memory: with 16
+# DiT+decoder requests and 2 encoder requests of 4 frames in flight a 1080p run kept ~6 requests at the servers and two
+# GPUs half idle (the encoder did not stay far enough ahead); 32 and 4 took two GPUs from 14.5 (32 / 2) to 11.3-14.3 ms
+# a frame at 1080p and 480p from 5.3 to 3.9-4.4 ms (one GPU: 6.9 -> 5.7 ms); chunks of 8 were no better (1080p:
+# 14.9-16.1 ms). Session 12, the user's command (bench/cli_speed.py, one H200): at 480p, where each encoder request
+# is the client's own interpreter time more than its bytes, 2 requests of 16 frames made 5.62 ms a frame against
+# 6.95 for 4 of 4 (4 of 8: 6.15, 2 of 8: 6.59; two GPUs 4 of 8: 5.52 against 6.70); at 1080p 4 of 8 = 4 of 4
+# (14.83 / 14.73 ms): chunks grow for frames under 1080p, to 16 at 480p.
 # HTTP: every request carries its tokens through TorchServe's frontend. Session 4: 32 / 4 (chunks of 4) took 1080p
 # from 0.11 to 0.78 s a frame. Session 11 (the encoder's batches of one, frames named by hash, one H200): with 2
 # encoder requests of 4 frames in flight (each answer 100 MB of float16 tokens at 1080p) the requests were at their
 # limit 87-95% of the time; 4 requests of 2 frames took 1080p from 0.208 to 0.108 s a frame and 480p from 0.0235 to 0.019
-# (8 requests of 1 frame: 0.139 / 0.0176; bench/NOTES.md).
+# (8 requests of 1 frame: 0.139 / 0.0176; bench/NOTES.md). Session 12, the command at 480p: 32 DiT+decoder requests in
+# flight 25.3 ms a frame against 27.8 for 16 (8 encoder requests of 1 or 2 frames: 29.5 / 28.5): as many bytes in
+# flight as 16 at 1080p (~16 x 25 MB) allow, up to 32.
 # The window (session 10, bench/NOTES.md): with 36 pairs open, two GPUs at 1080p kept the window full 80% of the time
 # (a pair stays open from its frames' encoding until it is written in order, ~0.4 s there) and made 10.1 ms a frame;
 # 96 made 8.0 ms (one GPU: 14.6 -> 14.4, its GPU 90% busy either way). 96 open 1080p pairs hold ~1.2 GB of frames
 # here and ~2.4 GB of float16 tokens at the servers (on the encoder's GPU with the device handoff).
-SHM_SCHEDULE = Schedule(max_inflight=32, encoder_inflight=4, chunk=4, window=96)
-HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=4, chunk=2)
+FULL_HD = 1920 * 1080
+SHM_SCHEDULE = Schedule(max_inflight=32, encoder_inflight=4, chunk=4, window=96, pixels=FULL_HD, chunk_up_to=16)
+HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=4, chunk=2, pixels=FULL_HD, inflight_up_to=32)
 WINDOW_BYTES = 2 << 30  # the open pairs' frames (inputs and generated) kept within this, down to max_inflight + chunk
 TOKEN_WINDOW_BYTES = 3 << 30  # ... and their tokens at the servers (the shm folder's default quota is 4 GiB)
 
@@ -236,7 +258,7 @@ class Stats:
     def summary(self) -> str:
         return (f"{self.input_frames} -> {self.output_frames} frames in {self.seconds:.1f} s "
                 f"({self.fps:.1f} frames/s); {self.cuts} scene cut{'s' * (self.cuts != 1)}; encoder: "
-                f"{self.encoded_frames} frames in {self.encoder_requests} requests, "
+                f"{self.encoded_frames} frames in {self.encoder_requests} request{'s' * (self.encoder_requests != 1)}, "
                 f"{self.token_bytes / 1e6:.1f} MB of tokens; DiT+decoder: {self.ditdec_requests} requests"
                 + (f", {self.wire_bytes_per_generated_frame / 1e6:.2f} MB sent per generated frame"
                    if self.wire_bytes else "")
@@ -384,22 +406,18 @@ class Interpolator:
             raise ValueError(f"the target frame rate must be positive, got {target_fps}")
         if not 1 <= max_depth <= MAX_DEPTH:
             raise ValueError(f"max_depth must be 1..{MAX_DEPTH}, got {max_depth}")
-        schedule = default_schedule(getattr(client, "transport", "http"))
-        max_inflight = schedule.max_inflight if max_inflight is None else max_inflight
-        encoder_inflight = schedule.encoder_inflight if encoder_inflight is None else encoder_inflight
-        chunk = schedule.chunk if chunk is None else chunk
-        if not 1 <= chunk <= MAX_CHUNK:
+        for name, value, least in (("max_inflight", max_inflight, 1), ("encoder_inflight", encoder_inflight, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
+        if chunk is not None and not 1 <= chunk <= MAX_CHUNK:
             raise ValueError(f"encoder chunk must be 1..{MAX_CHUNK} frames (the server's max_frames), got {chunk}")
-        if max_inflight < 1 or encoder_inflight < 1:
-            raise ValueError("max_inflight and encoder_inflight must be at least 1")
         self.client = client
         self.factor = factor
         self.seed = seed
-        self.max_inflight = max_inflight
-        self.encoder_inflight = encoder_inflight
-        self.chunk = chunk
-        self.window = max(window or max(schedule.window, max_inflight + chunk), chunk + 1)  # (the most)
-        self._fit_window = not window and self.window > max_inflight + chunk  # (each run, from its first frame)
+        self.schedule = default_schedule(getattr(client, "transport", "http"))
+        self._asked = (max_inflight, encoder_inflight, chunk, window)  # (None: the schedule's, fitted to each run)
+        self._chunk_cap = MAX_CHUNK  # (lowered by a 413: the server's response limit)
+        self._apply(self.schedule)  # (until a run's first frame says its size)
         self.sharing = max(1, sharing)
         self.detector = detector or SceneDetector(None)
         self.token_dtype = token_dtype
@@ -411,6 +429,29 @@ class Interpolator:
         self.first_time = self.last_time = None  # target rate: the input's first and last times (seconds)
         self.reencoded = 0  # frames encoded again because their handed-off tokens were lost
         self._count_lock = threading.Lock()
+
+    def _apply(self, schedule: Schedule) -> None:
+        """max_inflight, encoder_inflight, chunk and window from ``schedule`` where they were not asked for."""
+        max_inflight, encoder_inflight, chunk, window = self._asked
+        self.max_inflight = schedule.max_inflight if max_inflight is None else max_inflight
+        self.encoder_inflight = schedule.encoder_inflight if encoder_inflight is None else encoder_inflight
+        self.chunk = min(self._chunk_cap, schedule.chunk if chunk is None else chunk)
+        least = self.max_inflight + self.chunk
+        self.window = max(window or max(schedule.window, least), self.chunk + 1)  # (the most)
+        self._fit_window = not window and self.window > least  # (each run, from its first frame)
+
+    def _most_requests(self) -> int:
+        """Requests a run may have in flight at once, whatever its frames' size (its pool's threads)."""
+        max_inflight, encoder_inflight, _, _ = self._asked
+        s = self.schedule
+        return ((max(s.max_inflight, s.inflight_up_to) if max_inflight is None else max_inflight)
+                + (s.encoder_inflight if encoder_inflight is None else encoder_inflight))
+
+    def fit(self, image: np.ndarray) -> int:
+        """Set this run's schedule for frames like ``image``: the transport's (``Schedule.fitted`` to their pixels)
+        where none was asked for. Returns the window: pairs open at once (``fitted_window``)."""
+        self._apply(self.schedule.fitted(image.shape[0] * image.shape[1]))
+        return self.fitted_window(image.nbytes) if self._fit_window else self.window
 
     def fitted_window(self, frame_bytes: int) -> int:
         """The window for RGB frames of ``frame_bytes``, never below what the requests in flight need (max_inflight
@@ -438,7 +479,7 @@ class Interpolator:
             if e.status != 413 or len(nodes) == 1:
                 raise
         half = len(nodes) // 2
-        self.chunk = min(self.chunk, half)
+        self.chunk = self._chunk_cap = min(self.chunk, half)
         return self._encode(nodes[:half]) + self._encode(nodes[half:])
 
     def _seed_key(self, segment: int, position: int) -> int | str:
@@ -557,8 +598,8 @@ class Interpolator:
         exhausted = False
         writer = _Writer(write)
         occupancy = _Occupancy()
-        window, fit = self.window, self._fit_window  # (fitted to this run's frames when they come)
-        pool = ThreadPoolExecutor(self.max_inflight + self.encoder_inflight, thread_name_prefix="eden-request")
+        window, fit = self.window, True  # (fitted to this run's frames when they come)
+        pool = ThreadPoolExecutor(self._most_requests(), thread_name_prefix="eden-request")
         self._live: list[tuple[int, EncoderAnswer]] = []  # (last segment needing them, encoder answer)
         self.reencoded = 0
         self._written = -1  # the last segment written out
@@ -571,7 +612,7 @@ class Interpolator:
                         exhausted = True
                         break
                     if fit:
-                        fit, window = False, self.fitted_window(frame.image.nbytes)
+                        fit, window = False, self.fit(frame.image)
                     thumb = None
                     if self.detector.enabled:  # (made in the decoding thread when it could: Frame.thumb)
                         thumb = frame.thumb if getattr(frame, "thumb", None) is not None else thumbnail(frame.image)

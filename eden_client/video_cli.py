@@ -57,13 +57,15 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_THRESHOLD}); cuts repeat the frame instead of morphing")
     g.add_argument("--no-scene-detect", action="store_true", help="interpolate across scene cuts too")
     g.add_argument("--max-inflight", type=int, default=None,
-                   help="DiT+decoder requests in flight at once (default: 32 over shared memory, 16 over HTTP; "
-                        "measured on H200s, docs/speed.md)")
+                   help="DiT+decoder requests in flight at once (default: 32 over shared memory; over HTTP 16 at "
+                        "1080p and up, more for smaller frames, 32 at 480p; measured on H200s, docs/speed.md)")
     g.add_argument("--encoder-inflight", type=int, default=None,
-                   help="encoder requests in flight at once (default: 4)")
+                   help="encoder requests in flight at once (default: 4; 2 over shared memory once the chunk "
+                        "holds 8 frames or more)")
     g.add_argument("--encoder-chunk", type=int, default=None,
-                   help=f"frames per encoder request, 1..{MAX_CHUNK} (default 4 over shared memory: the first pairs start "
-                        "sooner than with 8; 2 over HTTP, where smaller answers pass TorchServe's frontend faster; each "
+                   help=f"frames per encoder request, 1..{MAX_CHUNK} (default over shared memory: 4 at 1080p and "
+                        "up, more for smaller frames, 16 at 480p: each request costs the client the same whatever "
+                        "its frames; 2 over HTTP, where smaller answers pass TorchServe's frontend faster; each "
                         "frame is encoded once either way)")
     g.add_argument("--token-dtype", choices=["float16", "float32", "int8"], default="float16",
                    help="precision of the tokens sent from the encoder to the DiT+decoder (default %(default)s: "

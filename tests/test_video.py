@@ -23,7 +23,7 @@ from eden_client.frames_io import Frame, FramesError
 from eden_client.keys import KeySource
 from eden_client.scenes import SceneDetector, ssim, thumbnail
 from eden_client.sources import natural_key
-from eden_client.video import Interpolator, frame_seed, output_count
+from eden_client.video import SHM_SCHEDULE, Interpolator, frame_seed, output_count
 from eden_client.video_cli import parse_rate
 from eden_dev import clips
 from eden_serve import pipeline, wire
@@ -161,9 +161,9 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
     assert Interpolator(shm, sharing=4).fitted_window(hd) == max(least, TOKEN_WINDOW_BYTES // 4 // (hd * 4))
     _, stats, _ = run_fake([0, 8, 16, 24, 32], 2, delay=0.01)
     occupancy = stats.schedule.pop("occupancy")
-    assert stats.schedule == {"max_inflight": HTTP_SCHEDULE.max_inflight,
-                              "encoder_inflight": HTTP_SCHEDULE.encoder_inflight, "chunk": HTTP_SCHEDULE.chunk,
-                              "window": HTTP_SCHEDULE.max_inflight + HTTP_SCHEDULE.chunk}
+    tiny = HTTP_SCHEDULE.fitted(40 * 56)  # (the run's frames: the schedule fitted to their size)
+    assert stats.schedule == {"max_inflight": tiny.max_inflight, "encoder_inflight": tiny.encoder_inflight,
+                              "chunk": tiny.chunk, "window": tiny.max_inflight + tiny.chunk}
     # what was in flight while the scheduler waited: levels as means, limits as shares of that time
     assert set(occupancy) == {"open_segments", "encoder_inflight", "ditdec_inflight", "window_full",
                               "encoder_at_limit", "ditdec_at_limit"}
@@ -176,6 +176,38 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
     assert o.max_inflight is o.encoder_chunk is o.encoder_inflight is None  # the transport decides
     with pytest.raises(FramesError, match="--encoder-inflight must be at least 1"):
         options_from(SimpleNamespace(**{**base, "encoder_inflight": 0}))
+
+
+def test_the_schedule_is_fitted_to_the_frames_size():
+    """Measured for 1080p: smaller frames get larger encoder requests over shared memory (16 frames at 480p, two
+    in flight) and more DiT+decoder requests in flight over HTTP (32 at 480p); 1080p and larger keep the numbers;
+    what a flag asks for is kept at every size."""
+    from eden_client.video import FULL_HD, HTTP_SCHEDULE, MAX_CHUNK, SHM_SCHEDULE
+    as_tuple = lambda s: (s.max_inflight, s.encoder_inflight, s.chunk)  # noqa: E731
+    for schedule in (SHM_SCHEDULE, HTTP_SCHEDULE):
+        assert schedule.pixels == FULL_HD
+        for pixels in (FULL_HD, 1920 * 1088, 2160 * 3840, 4320 * 7680):
+            assert as_tuple(schedule.fitted(pixels)) == as_tuple(schedule)
+    assert as_tuple(SHM_SCHEDULE.fitted(480 * 854)) == (32, 2, 16)
+    assert as_tuple(SHM_SCHEDULE.fitted(720 * 1280)) == (32, 2, 9)
+    assert as_tuple(SHM_SCHEDULE.fitted(40 * 56)) == (32, 2, MAX_CHUNK)
+    assert as_tuple(HTTP_SCHEDULE.fitted(480 * 854)) == (32, 4, 2)
+    assert as_tuple(HTTP_SCHEDULE.fitted(720 * 1280)) == (32, 4, 2)
+    assert SHM_SCHEDULE.fitted(480 * 854).window == SHM_SCHEDULE.window
+    shm = FakeEden()
+    shm.transport = "shm"
+    small = np.zeros((48, 64, 3), np.uint8)
+    i = Interpolator(shm)
+    assert i.fit(small) == SHM_SCHEDULE.window and (i.chunk, i.encoder_inflight) == (MAX_CHUNK, 2)
+    i = Interpolator(shm, chunk=4, encoder_inflight=3, max_inflight=7)
+    i.fit(small)
+    assert (i.chunk, i.encoder_inflight, i.max_inflight) == (4, 3, 7)
+    i = Interpolator(shm, chunk=4)  # a chunk asked for, the rest fitted
+    i.fit(small)
+    assert (i.chunk, i.encoder_inflight) == (4, 2)
+    out = []
+    stats = Interpolator(shm).run(flat_frames(range(0, 160, 8)), lambda *a: out.append(a))
+    assert stats.encoder_requests == 2 and stats.schedule["chunk"] == MAX_CHUNK and len(out) == 39
 
 
 def test_occupancy_says_which_limit_held_the_run():
@@ -469,14 +501,18 @@ def test_cli_x2_counts_timing_audio_and_one_encoding_per_frame(server, clip_dir,
     out, stats_json = tmp_path / "x2.mp4", tmp_path / "stats.json"
     r = run_client("video", clip_dir / "shapes.mp4", "-o", out, "--stats-json", stats_json, *conn(server))
     assert r.returncode == 0, r.stderr
-    assert "9 -> 17 frames" in r.stdout and "encoder: 9 frames in 3 requests" in r.stdout
     stats = json.loads(stats_json.read_text())
+    frames_in, facts_in, audio_in = probe(clip_dir / "shapes.mp4")
+    # the chunk fitted to the clip's frame size (small frames: larger chunks, eden_client/video.py Schedule.fitted)
+    chunk = SHM_SCHEDULE.fitted(facts_in["width"] * facts_in["height"]).chunk
+    requests = math.ceil(9 / chunk)
+    assert "9 -> 17 frames" in r.stdout and f"encoder: 9 frames in {requests} request{'s' * (requests != 1)}," in r.stdout
     # the count the issue asks for: every input frame sent to the encoder exactly once
-    assert stats["encoded_frames"] == stats["input_frames"] == 9 and stats["encoder_requests"] == math.ceil(9 / 4)
+    assert stats["encoded_frames"] == stats["input_frames"] == 9 and stats["encoder_requests"] == requests
+    assert stats["schedule"]["chunk"] == chunk
     assert stats["token_bytes"] > 0 and stats["ditdec_requests"] == 8
     # where the command's time went, its own start (interpreter and imports) included
     assert set(stats["phases"]) == {"start", "connect", "open", "run", "finish"} and 0 < stats["phases"]["start"] < 60
-    frames_in, facts_in, audio_in = probe(clip_dir / "shapes.mp4")
     frames_out, facts_out, audio_out = probe(out)
     assert len(frames_out) == 17
     assert facts_out["rate"] == Fraction(60000, 1001)  # exact, not 60
