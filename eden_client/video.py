@@ -434,7 +434,9 @@ class Interpolator:
         """max_inflight, encoder_inflight, chunk and window from ``schedule`` where they were not asked for."""
         max_inflight, encoder_inflight, chunk, window = self._asked
         self.max_inflight = schedule.max_inflight if max_inflight is None else max_inflight
-        self.encoder_inflight = schedule.encoder_inflight if encoder_inflight is None else encoder_inflight
+        if encoder_inflight is None:  # (a chunk asked for keeps the transport's own number: fitting follows the chunk)
+            encoder_inflight = (schedule if chunk is None else self.schedule).encoder_inflight
+        self.encoder_inflight = encoder_inflight
         self.chunk = min(self._chunk_cap, schedule.chunk if chunk is None else chunk)
         least = self.max_inflight + self.chunk
         self.window = max(window or max(schedule.window, least), self.chunk + 1)  # (the most)

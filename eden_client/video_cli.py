@@ -60,8 +60,8 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                    help="DiT+decoder requests in flight at once (default: 32 over shared memory; over HTTP 16 at "
                         "1080p and up, more for smaller frames, 32 at 480p; measured on H200s, docs/speed.md)")
     g.add_argument("--encoder-inflight", type=int, default=None,
-                   help="encoder requests in flight at once (default: 4; 2 over shared memory once the chunk "
-                        "holds 8 frames or more)")
+                   help="encoder requests in flight at once (default: 4; over shared memory 2 for frames of 720p and "
+                        "below, whose default chunks hold 8 frames or more)")
     g.add_argument("--encoder-chunk", type=int, default=None,
                    help=f"frames per encoder request, 1..{MAX_CHUNK} (default over shared memory: 4 at 1080p and "
                         "up, more for smaller frames, 16 at 480p: each request costs the client the same whatever "

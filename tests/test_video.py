@@ -202,9 +202,12 @@ def test_the_schedule_is_fitted_to_the_frames_size():
     i = Interpolator(shm, chunk=4, encoder_inflight=3, max_inflight=7)
     i.fit(small)
     assert (i.chunk, i.encoder_inflight, i.max_inflight) == (4, 3, 7)
-    i = Interpolator(shm, chunk=4)  # a chunk asked for, the rest fitted
+    i = Interpolator(shm, chunk=4)  # a chunk asked for: the encoder requests in flight are the transport's own
     i.fit(small)
-    assert (i.chunk, i.encoder_inflight) == (4, 2)
+    assert (i.chunk, i.encoder_inflight) == (4, SHM_SCHEDULE.encoder_inflight)
+    i = Interpolator(FakeEden(), max_inflight=8)  # (over HTTP) max_inflight asked for, the chunk the transport's
+    i.fit(small)
+    assert (i.max_inflight, i.chunk, i.encoder_inflight) == (8, HTTP_SCHEDULE.chunk, HTTP_SCHEDULE.encoder_inflight)
     out = []
     stats = Interpolator(shm).run(flat_frames(range(0, 160, 8)), lambda *a: out.append(a))
     assert stats.encoder_requests == 2 and stats.schedule["chunk"] == MAX_CHUNK and len(out) == 39
