@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ from .errors import ServeError
 KEY_FILE_ENV = "EDEN_KEY_FILE"
 KEY_ENV = "EDEN_INFERENCE_KEY"
 MANAGEMENT_URL_ENV = "EDEN_MANAGEMENT_URL"  # lets KeySource renew expired keys (see KeySource)
+RESTAT_S = 0.25  # the key file looked at again at most this often (a refused key reads it at once: read(fresh=True))
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class KeySource:
-    """Where a TorchServe key comes from: an explicit key, or a key file read (again) on every use.
+    """Where a TorchServe key comes from: an explicit key, or a key file read again whenever it changes.
 
     Keys expire (``token_expiration_min``, 60 minutes by default) and TorchServe does not renew them by itself: a new
     key is made by ``GET <management>/token?type=inference|management`` with the file's API key, which rewrites
@@ -44,6 +46,7 @@ class KeySource:
     management_url: str | None = None
     renew_margin_s: float = 30.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _parsed: tuple | None = field(default=None, repr=False, compare=False)  # (the file's stat, its entries, when)
 
     @classmethod
     def default(cls, key_file: str | os.PathLike | None = None,
@@ -55,14 +58,30 @@ class KeySource:
             return cls(key=os.environ[KEY_ENV])
         return cls(key_file=Path(os.environ.get(KEY_FILE_ENV, "key_file.json")), management_url=url)
 
-    def entries(self) -> dict | None:
-        """The parsed key file (None if there is none); ServeError if it is not a TorchServe key file."""
-        if self.key_file is None or not self.key_file.is_file():
+    def entries(self, fresh: bool = False) -> dict | None:
+        """The parsed key file (None if there is none); ServeError if it is not a TorchServe key file. Parsed again
+        only when the file's stat changes, which is looked at most every RESTAT_S (a video run asks for the key
+        hundreds of times a second, and each system call waits for the interpreter lock again), or ``fresh``."""
+        if self.key_file is None:
             return None
+        parsed, now = self._parsed, time.monotonic()
+        if not fresh and parsed is not None and now - parsed[2] < RESTAT_S:
+            return parsed[1]
+        try:
+            st = os.stat(self.key_file)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if not fresh and parsed is not None and parsed[0] == stamp:
+            self._parsed = (stamp, parsed[1], now)
+            return parsed[1]
         for attempt in range(2):  # TorchServe rewrites the file in place on renewal: a read may catch it half-done
             try:
                 data = json.loads(self.key_file.read_text())
                 if isinstance(data, dict):
+                    self._parsed = (stamp, data, now)  # (the stat from before the read: a later rewrite changes it)
                     return data
             except ValueError:
                 pass
@@ -70,18 +89,19 @@ class KeySource:
         raise ServeError(f"{self.key_file} is not a TorchServe key file (expected JSON like "
                          "{'inference': {'key': ...}, 'management': {'key': ...}})")
 
-    def read(self, kind: str = "inference") -> str | None:
-        """The current ``kind`` key ("inference" or "management"), renewed first if it has expired (see above)."""
+    def read(self, kind: str = "inference", fresh: bool = False) -> str | None:
+        """The current ``kind`` key ("inference" or "management"), renewed first if it has expired (see above);
+        ``fresh``: the file read again even if its stat did not change (after the server refused the key)."""
         if self.key:
             return self.key
-        data = self.entries()
+        data = self.entries(fresh)
         if data is None:
             return None
         if self.management_url and self.expired(data, kind):
             with self._lock:  # one renewal for all threads: each renewal invalidates the previous key
-                data = self.entries() or data
+                data = self.entries(fresh=True) or data
                 if self.expired(data, kind) and self.renew(kind, data):
-                    data = self.entries() or data
+                    data = self.entries(fresh=True) or data
         try:
             return data[kind]["key"]
         except (KeyError, TypeError):

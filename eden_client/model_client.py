@@ -111,7 +111,7 @@ class ModelClient:
             attempt += 1
             left = policy.max_elapsed - (self._clock() - start)
             timeout = max(min(self.timeout, left), 0.001)
-            key = self.keys.read("inference")
+            key = self.keys.read("inference", fresh=key_rereads > 0)
             sent = dict(headers or {})
             if key:
                 sent["Authorization"] = f"Bearer {key}"

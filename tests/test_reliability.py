@@ -260,6 +260,31 @@ def test_refused_key_is_read_again_a_few_times_then_reported():
     assert len(session.calls) == 4 and waits == [0.0, 1.0, 2.0]
 
 
+def test_the_key_file_is_parsed_again_only_when_it_changes(tmp_path, monkeypatch):
+    """A video run asks for the key hundreds of times a second: the file is looked at (stat) at most every RESTAT_S
+    and parsed again only when it changed; a rewrite is seen; ``fresh`` (after a refused key) reads it at once."""
+    from eden_client import keys as keys_module
+
+    def write(key):
+        path.write_text(json.dumps({"inference": {"key": key}, "management": {"key": "m"}, "API": {"key": "a"}}))
+
+    path = tmp_path / "key_file.json"
+    write("one")
+    source = KeySource(key_file=path)
+    parsed = []
+    real_loads = keys_module.json.loads
+    monkeypatch.setattr(keys_module.json, "loads", lambda text: parsed.append(1) or real_loads(text))
+    assert [source.read() for _ in range(50)] == ["one"] * 50 and len(parsed) == 1
+    write("two-two")  # (another size: seen by stat even where timestamps are coarse)
+    assert source.read() == "one"  # within RESTAT_S of the last look
+    assert source.read(fresh=True) == "two-two" and len(parsed) == 2
+    monkeypatch.setattr(keys_module, "RESTAT_S", 0.0)
+    write("three-three-3")
+    assert source.read() == "three-three-3" and source.read() == "three-three-3" and len(parsed) == 3
+    path.unlink()
+    assert source.read() is None
+
+
 # ====================================================================== our own instance
 @pytest.fixture(scope="module")
 def ts(tiny_store, tmp_path_factory):
