@@ -398,6 +398,23 @@ def test_scene_measure():
     assert min(same_shot) > 0.5 and ssim(thumbs[3], thumbs[4]) < 0.25
 
 
+def test_ssim_is_the_mean_over_every_8x8_window():
+    """The fast form against SSIM written out window by window (Wang et al.: uniform 8x8 windows, stride 1)."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        a = rng.random((32, 32)) * 255
+        b = 0.6 * a + rng.random((32, 32)) * 100
+        values = []
+        for i in range(25):
+            for j in range(25):
+                x, y = a[i:i + 8, j:j + 8], b[i:i + 8, j:j + 8]
+                mx, my = x.mean(), y.mean()
+                vx, vy, cov = (x * x).mean() - mx * mx, (y * y).mean() - my * my, (x * y).mean() - mx * my
+                values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
+        assert ssim(a, b) == pytest.approx(float(np.mean(values)), abs=1e-12)
+
+
 def test_progress_on_a_terminal_and_in_a_log():
     import io
     from eden_client.progress import Progress
