@@ -344,7 +344,7 @@ def main():
                     ("cli_png", lambda: cli(work, source(1), io_dir / f"out_{size}_png", n, cli_extra))]
             runs = [(name, run) for name, run in runs
                     if {"raw_sink": "raw", "cli_mp4": "mp4", "cli_png": "png"}[name] not in skip]
-            extras = not args.variant_sizes or size in args.variant_sizes.split(",")
+            extras = not args.variant_sizes or size in [s.strip() for s in args.variant_sizes.split(",")]
             for k, flags in enumerate(filter(None, (v.strip() for v in args.mp4_variants.split(";") if extras)),
                                       start=2):
                 env, own = variant(flags)

@@ -285,6 +285,7 @@ def run_deployed(ts: TorchServe, clip, transport: str, sink: Path, max_inflight:
         # are mirrored: the DiT+decoder's frame cache must not hold the measured run's frames (until session 5 it
         # did, and every frame of the measured HTTP run was a cache hit)
         warm = [Frame(np.ascontiguousarray(f.image[:, ::-1]), f.pts, f.duration) for f in frames]
+        interp.fit(warm[0].image)  # (the chunk this size gets, for the warm-up's length)
         interp.run(warm if transport == "http" else warm[:4 * interp.chunk + 1], lambda *a: None)
         calls.clear()
         stages.clear()

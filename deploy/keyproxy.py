@@ -92,7 +92,7 @@ def make_handler(secret: str, target: str, keys: KeySource, timeout: float, max_
             headers = {k: v for k, v in self.headers.items() if k.lower() in FORWARD_HEADERS}
             headers[protocol.REMOTE] = "1"
             for attempt in range(2):
-                key = keys.read("inference")
+                key = keys.read("inference", fresh=attempt > 0)
                 headers["Authorization"] = f"Bearer {key}"
                 try:
                     r = session.request(method, target + self.path, data=body, headers=headers, timeout=timeout)

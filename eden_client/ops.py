@@ -102,7 +102,7 @@ class ManagementClient:
                 expect_json: bool = True):
         """One call; JSON answer. On a refused key the key file is read again once (keys rotate and expire)."""
         for attempt in range(2):
-            key = self.keys.read("management")
+            key = self.keys.read("management", fresh=attempt > 0)
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             try:
                 r = self.session.request(method, f"{self.url}{path}", params=params, headers=headers,

@@ -76,26 +76,26 @@ MAX_CHUNK = 16  # the encoder's max_frames
 class Schedule:
     """How much the scheduler keeps in flight: DiT+decoder requests, encoder requests, frames per encoder request,
     and the most input pairs open at once (0: max_inflight + chunk), lowered where their frames would pass
-    WINDOW_BYTES. The numbers are for frames of ``pixels`` (0: any size); ``fitted`` scales them to smaller frames,
-    whose requests cost the client about as much interpreter time each and carry fewer bytes."""
+    WINDOW_BYTES. The chunk is for frames of ``pixels`` (0: any size); ``fitted`` grows it for smaller frames, whose
+    encoder requests cost the client about as much interpreter time each and carry fewer bytes."""
     max_inflight: int
     encoder_inflight: int
     chunk: int
     window: int = 0
     pixels: int = 0
     chunk_up_to: int = 0  # smaller frames: the chunk grows with 1 / pixels up to this (0: fixed)
-    inflight_up_to: int = 0  # smaller frames: max_inflight grows with 1 / pixels up to this (0: fixed)
 
     def fitted(self, pixels: int) -> Schedule:
-        """The schedule for frames of ``pixels``. Smaller than ``self.pixels``: chunks of proportionally more frames
-        (up to chunk_up_to; half as many encoder requests in flight once a chunk holds twice the frames) and
-        proportionally more DiT+decoder requests in flight (up to inflight_up_to). Larger frames: these numbers."""
+        """The schedule for frames of ``pixels``: smaller than ``self.pixels``, chunks of proportionally more frames
+        (up to chunk_up_to) and the encoder requests in flight for them (``encoder_requests``); larger frames,
+        these numbers."""
         scale = self.pixels / pixels if self.pixels and pixels > 0 else 1.0
         chunk = min(max(self.chunk, round(self.chunk * scale)), max(self.chunk, self.chunk_up_to))
-        encoder_inflight = self.encoder_inflight if chunk < 2 * self.chunk else max(1, self.encoder_inflight // 2)
-        max_inflight = min(max(self.max_inflight, round(self.max_inflight * scale)),
-                           max(self.max_inflight, self.inflight_up_to))
-        return replace(self, max_inflight=max_inflight, encoder_inflight=encoder_inflight, chunk=chunk)
+        return replace(self, encoder_inflight=self.encoder_requests(chunk), chunk=chunk)
+
+    def encoder_requests(self, chunk: int) -> int:
+        """Encoder requests in flight for a grown chunk: half as many once it holds twice the frames."""
+        return self.encoder_inflight if chunk < 2 * self.chunk else max(1, self.encoder_inflight // 2)
 
 
 # Defaults per transport, measured on H200s for 1080p frames (bench/NOTES.md, session 5). Shared memory: with 16
@@ -111,15 +111,16 @@ class Schedule:
 # encoder requests of 4 frames in flight (each answer 100 MB of float16 tokens at 1080p) the requests were at their
 # limit 87-95% of the time; 4 requests of 2 frames took 1080p from 0.208 to 0.108 s a frame and 480p from 0.0235 to 0.019
 # (8 requests of 1 frame: 0.139 / 0.0176; bench/NOTES.md). Session 12, the command at 480p: 32 DiT+decoder requests in
-# flight 25.3 ms a frame against 27.8 for 16 (8 encoder requests of 1 or 2 frames: 29.5 / 28.5): as many bytes in
-# flight as 16 at 1080p (~16 x 25 MB) allow, up to 32.
+# flight 25.3 ms a frame against 27.8 for 16 (8 encoder requests of 1 or 2 frames: 29.5 / 28.5); not the default:
+# deploy/keyproxy.py, in front of remote replicas, admits 16 requests at a time (503 and a 1 s retry past that), and
+# TorchServe queues 64 a model (job_queue_size), which `batch --jobs 2` with 32 each would fill.
 # The window (session 10, bench/NOTES.md): with 36 pairs open, two GPUs at 1080p kept the window full 80% of the time
 # (a pair stays open from its frames' encoding until it is written in order, ~0.4 s there) and made 10.1 ms a frame;
 # 96 made 8.0 ms (one GPU: 14.6 -> 14.4, its GPU 90% busy either way). 96 open 1080p pairs hold ~1.2 GB of frames
 # here and ~2.4 GB of float16 tokens at the servers (on the encoder's GPU with the device handoff).
 FULL_HD = 1920 * 1080
 SHM_SCHEDULE = Schedule(max_inflight=32, encoder_inflight=4, chunk=4, window=96, pixels=FULL_HD, chunk_up_to=16)
-HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=4, chunk=2, pixels=FULL_HD, inflight_up_to=32)
+HTTP_SCHEDULE = Schedule(max_inflight=16, encoder_inflight=4, chunk=2)
 WINDOW_BYTES = 2 << 30  # the open pairs' frames (inputs and generated) kept within this, down to max_inflight + chunk
 TOKEN_WINDOW_BYTES = 3 << 30  # ... and their tokens at the servers (the shm folder's default quota is 4 GiB)
 
@@ -398,7 +399,7 @@ class Interpolator:
         """With ``target_fps`` (then ``factor`` is ignored) output frames are at that rate; ``time_base`` is the
         input's (seconds per pts unit), ``max_depth`` the deepest midpoint level (see the module's docstring).
         ``max_inflight``, ``chunk`` and ``encoder_inflight`` left None take the client's transport's
-        ``default_schedule``. ``sharing``: runs at once on this host and deployment (``batch --jobs``, Ray's
+        ``default_schedule``, fitted to each run's frame size at its first frame (``fit``). ``sharing``: runs at once on this host and deployment (``batch --jobs``, Ray's
         ``--per-node``), which share the window's memory bounds."""
         if target_fps is None and factor not in FACTORS:
             raise ValueError(f"factor must be one of {FACTORS}, got {factor}")
@@ -434,10 +435,11 @@ class Interpolator:
         """max_inflight, encoder_inflight, chunk and window from ``schedule`` where they were not asked for."""
         max_inflight, encoder_inflight, chunk, window = self._asked
         self.max_inflight = schedule.max_inflight if max_inflight is None else max_inflight
-        if encoder_inflight is None:  # (a chunk asked for keeps the transport's own number: fitting follows the chunk)
-            encoder_inflight = (schedule if chunk is None else self.schedule).encoder_inflight
-        self.encoder_inflight = encoder_inflight
         self.chunk = min(self._chunk_cap, schedule.chunk if chunk is None else chunk)
+        if encoder_inflight is None:  # (a chunk asked for keeps the transport's own number: fitting follows the chunk)
+            encoder_inflight = self.schedule.encoder_inflight if chunk is not None else \
+                self.schedule.encoder_requests(self.chunk)
+        self.encoder_inflight = encoder_inflight
         least = self.max_inflight + self.chunk
         self.window = max(window or max(schedule.window, least), self.chunk + 1)  # (the most)
         self._fit_window = not window and self.window > least  # (each run, from its first frame)
@@ -446,7 +448,7 @@ class Interpolator:
         """Requests a run may have in flight at once, whatever its frames' size (its pool's threads)."""
         max_inflight, encoder_inflight, _, _ = self._asked
         s = self.schedule
-        return ((max(s.max_inflight, s.inflight_up_to) if max_inflight is None else max_inflight)
+        return ((s.max_inflight if max_inflight is None else max_inflight)
                 + (s.encoder_inflight if encoder_inflight is None else encoder_inflight))
 
     def fit(self, image: np.ndarray) -> int:

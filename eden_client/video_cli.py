@@ -57,8 +57,8 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_THRESHOLD}); cuts repeat the frame instead of morphing")
     g.add_argument("--no-scene-detect", action="store_true", help="interpolate across scene cuts too")
     g.add_argument("--max-inflight", type=int, default=None,
-                   help="DiT+decoder requests in flight at once (default: 32 over shared memory; over HTTP 16 at "
-                        "1080p and up, more for smaller frames, 32 at 480p; measured on H200s, docs/speed.md)")
+                   help="DiT+decoder requests in flight at once (default: 32 over shared memory, 16 over HTTP; "
+                        "measured on H200s, docs/speed.md)")
     g.add_argument("--encoder-inflight", type=int, default=None,
                    help="encoder requests in flight at once (default: 4; over shared memory 2 for frames of 720p and "
                         "below, whose default chunks hold 8 frames or more)")

@@ -190,6 +190,35 @@ def test_key_expiry_and_status_parsing():
     assert m["ts_inference_requests_total"] == [({"model_name": "eden_encoder", "hostname": "h"}, 3.0)]
 
 
+def test_a_refused_management_key_is_read_again_from_the_file(tmp_path):
+    """The key file is parsed again only when it changes (eden_client/keys.py), looked at every 0.25 s: a refused
+    key must still be read from the file at once, or a key rotated a moment ago is sent again."""
+    path = tmp_path / "key_file.json"
+
+    def write(key):
+        path.write_text(json.dumps({"management": {"key": key}, "inference": {"key": "i"}, "API": {"key": "a"}}))
+
+    class Session:
+        sent: list = []
+
+        def request(self, method, url, params=None, headers=None, timeout=None):
+            self.sent.append(headers["Authorization"])
+            r = requests.Response()
+            if len(self.sent) == 1:
+                write("new")  # rotated under us (the same size: a coarse timestamp would not show it either)
+                r.status_code, r._content = 400, b'{"code": 400, "type": "InvalidKeyException", "message": "no"}'
+            else:
+                r.status_code, r._content = 200, b'{"models": []}'
+            return r
+
+    write("old")
+    keys = KeySource(key_file=path)
+    assert keys.read("management") == "old"
+    client = ManagementClient("http://127.0.0.1:9", keys=keys, session=Session())
+    assert client.request("GET", "/models") == {"models": []}
+    assert Session.sent == ["Bearer old", "Bearer new"]
+
+
 def test_status_explains_an_unmeasured_memory(monkeypatch, capsys):
     """TorchServe fills a worker's memoryUsage once a minute: until then the table shows - and says why."""
     from argparse import Namespace

@@ -180,19 +180,18 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
 
 def test_the_schedule_is_fitted_to_the_frames_size():
     """Measured for 1080p: smaller frames get larger encoder requests over shared memory (16 frames at 480p, two
-    in flight) and more DiT+decoder requests in flight over HTTP (32 at 480p); 1080p and larger keep the numbers;
-    what a flag asks for is kept at every size."""
+    in flight); 1080p and larger keep the numbers, and HTTP keeps its own at every size; what a flag asks for is
+    kept at every size, and a chunk lowered by a 413 stays lowered, with the encoder requests for it."""
     from eden_client.video import FULL_HD, HTTP_SCHEDULE, MAX_CHUNK, SHM_SCHEDULE
     as_tuple = lambda s: (s.max_inflight, s.encoder_inflight, s.chunk)  # noqa: E731
-    for schedule in (SHM_SCHEDULE, HTTP_SCHEDULE):
-        assert schedule.pixels == FULL_HD
-        for pixels in (FULL_HD, 1920 * 1088, 2160 * 3840, 4320 * 7680):
-            assert as_tuple(schedule.fitted(pixels)) == as_tuple(schedule)
+    assert SHM_SCHEDULE.pixels == FULL_HD
+    for pixels in (FULL_HD, 1920 * 1088, 2160 * 3840, 4320 * 7680):
+        assert as_tuple(SHM_SCHEDULE.fitted(pixels)) == as_tuple(SHM_SCHEDULE)
     assert as_tuple(SHM_SCHEDULE.fitted(480 * 854)) == (32, 2, 16)
     assert as_tuple(SHM_SCHEDULE.fitted(720 * 1280)) == (32, 2, 9)
     assert as_tuple(SHM_SCHEDULE.fitted(40 * 56)) == (32, 2, MAX_CHUNK)
-    assert as_tuple(HTTP_SCHEDULE.fitted(480 * 854)) == (32, 4, 2)
-    assert as_tuple(HTTP_SCHEDULE.fitted(720 * 1280)) == (32, 4, 2)
+    for pixels in (40 * 56, 480 * 854, FULL_HD, 2160 * 3840):
+        assert as_tuple(HTTP_SCHEDULE.fitted(pixels)) == as_tuple(HTTP_SCHEDULE)
     assert SHM_SCHEDULE.fitted(480 * 854).window == SHM_SCHEDULE.window
     shm = FakeEden()
     shm.transport = "shm"
@@ -211,6 +210,10 @@ def test_the_schedule_is_fitted_to_the_frames_size():
     out = []
     stats = Interpolator(shm).run(flat_frames(range(0, 160, 8)), lambda *a: out.append(a))
     assert stats.encoder_requests == 2 and stats.schedule["chunk"] == MAX_CHUNK and len(out) == 39
+    i = Interpolator(shm)
+    i._chunk_cap = 4  # (as a 413 leaves it: the server's max_frames was lower)
+    i.fit(small)
+    assert (i.chunk, i.encoder_inflight) == (4, SHM_SCHEDULE.encoder_inflight)
 
 
 def test_occupancy_says_which_limit_held_the_run():
