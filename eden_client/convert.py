@@ -75,8 +75,9 @@ INPUT_THREADS = 3  # threads making the input's frames ready (session 10: the re
 def prepared(source, thumbnails: bool, threads: int = INPUT_THREADS):
     """The source's frames, in order, each made ready on one of ``threads`` threads while the next ones decode: its
     conversion to RGB (a video) or its decoding (a folder of images), and with ``thumbnails`` its scene-detection
-    thumbnail (a video's from the decoded frame by swscale, a folder image's from its RGB pixels); the similarity (SSIM) of each thumbnail with
-    the previous one is computed here, in order, rather than in the scheduler's thread, which every request waits on.
+    thumbnail (a video's from the decoded frame by swscale, a folder image's from its RGB pixels); the similarity
+    (SSIM) of each thumbnail with the previous one is computed here, in order, rather than in the scheduler's
+    thread, which every request waits on.
 
     The thread that decodes does nothing else: with conversion and thumbnails in it, it took 5.7 ms a 480p frame
     beside the command's ~40 other threads (1.3 ms alone) and set the command's pace at 480p (bench/NOTES.md,

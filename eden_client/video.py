@@ -109,11 +109,11 @@ class Schedule:
 # HTTP: every request carries its tokens through TorchServe's frontend. Session 4: 32 / 4 (chunks of 4) took 1080p
 # from 0.11 to 0.78 s a frame. Session 11 (the encoder's batches of one, frames named by hash, one H200): with 2
 # encoder requests of 4 frames in flight (each answer 100 MB of float16 tokens at 1080p) the requests were at their
-# limit 87-95% of the time; 4 requests of 2 frames took 1080p from 0.208 to 0.108 s a frame and 480p from 0.0235 to 0.019
-# (8 requests of 1 frame: 0.139 / 0.0176; bench/NOTES.md). Session 12, the command at 480p: 32 DiT+decoder requests in
-# flight 25.3 ms a frame against 27.8 for 16 (8 encoder requests of 1 or 2 frames: 29.5 / 28.5); not the default:
-# deploy/keyproxy.py, in front of remote replicas, admits 16 requests at a time (503 and a 1 s retry past that), and
-# TorchServe queues 64 a model (job_queue_size), which `batch --jobs 2` with 32 each would fill.
+# limit 87-95% of the time; 4 requests of 2 frames took 1080p from 0.208 to 0.108 s a frame and 480p from 0.0235 to
+# 0.019 (8 requests of 1 frame: 0.139 / 0.0176; bench/NOTES.md). Session 12, the command at 480p: 32 DiT+decoder
+# requests in flight 25.3 ms a frame against 27.8 for 16 (8 encoder requests of 1 or 2 frames: 29.5 / 28.5); not the
+# default: deploy/keyproxy.py, in front of remote replicas, admits 16 requests at a time (503 and a 1 s retry past
+# that), and TorchServe queues 64 a model (job_queue_size), which `batch --jobs 2` with 32 each would fill.
 # The window (session 10, bench/NOTES.md): with 36 pairs open, two GPUs at 1080p kept the window full 80% of the time
 # (a pair stays open from its frames' encoding until it is written in order, ~0.4 s there) and made 10.1 ms a frame;
 # 96 made 8.0 ms (one GPU: 14.6 -> 14.4, its GPU 90% busy either way). 96 open 1080p pairs hold ~1.2 GB of frames
@@ -399,17 +399,18 @@ class Interpolator:
         """With ``target_fps`` (then ``factor`` is ignored) output frames are at that rate; ``time_base`` is the
         input's (seconds per pts unit), ``max_depth`` the deepest midpoint level (see the module's docstring).
         ``max_inflight``, ``chunk`` and ``encoder_inflight`` left None take the client's transport's
-        ``default_schedule``, fitted to each run's frame size at its first frame (``fit``). ``sharing``: runs at once on this host and deployment (``batch --jobs``, Ray's
-        ``--per-node``), which share the window's memory bounds."""
+        ``default_schedule``, fitted to each run's frame size at its first frame (``fit``). ``sharing``: runs at
+        once on this host and deployment (``batch --jobs``, Ray's ``--per-node``), which share the window's memory
+        bounds."""
         if target_fps is None and factor not in FACTORS:
             raise ValueError(f"factor must be one of {FACTORS}, got {factor}")
         if target_fps is not None and Fraction(target_fps) <= 0:
             raise ValueError(f"the target frame rate must be positive, got {target_fps}")
         if not 1 <= max_depth <= MAX_DEPTH:
             raise ValueError(f"max_depth must be 1..{MAX_DEPTH}, got {max_depth}")
-        for name, value, least in (("max_inflight", max_inflight, 1), ("encoder_inflight", encoder_inflight, 1)):
-            if value is not None and value < least:
-                raise ValueError(f"{name} must be at least {least}, got {value}")
+        for name, value in (("max_inflight", max_inflight), ("encoder_inflight", encoder_inflight)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if chunk is not None and not 1 <= chunk <= MAX_CHUNK:
             raise ValueError(f"encoder chunk must be 1..{MAX_CHUNK} frames (the server's max_frames), got {chunk}")
         self.client = client

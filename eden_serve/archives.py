@@ -77,10 +77,11 @@ def placement(gpus: int, profile: str = DEFAULT_PROFILE, side: str = "both") -> 
 # Workers of each model on each of its GPUs: two, so that one worker's host work (parsing, copies, answering)
 # overlaps the other's GPU work (bench/NOTES.md: one H200, 1 vs 2 workers per model).
 WORKERS_PER_GPU = 2
-# The encoder's TorchServe batchSize: one. Its requests already carry a chunk of frames (4; 2 over HTTP), and with a few of them
-# in flight a batch of 4 requests rarely fills, so each request waited out the whole batching window (maxBatchDelay)
-# first: on two H200s 1 took the deployment from 4.72 to 3.60 ms a frame at 480p and 8.88 to 8.15 at 1080p
-# (bench/NOTES.md, session 10). The DiT+decoder keeps --batch-size: its requests are one pair each.
+# The encoder's TorchServe batchSize: one. Its requests already carry a chunk of frames (over shared memory 4 at
+# 1080p, up to 16 for smaller frames; 2 over HTTP), and with a few of them in flight a batch of 4 requests rarely
+# fills, so each request waited out the whole batching window (maxBatchDelay) first: on two H200s 1 took the
+# deployment from 4.72 to 3.60 ms a frame at 480p and 8.88 to 8.15 at 1080p (bench/NOTES.md, session 10). The
+# DiT+decoder keeps --batch-size: its requests are one pair each.
 ENCODER_BATCH_SIZE = 1
 
 
