@@ -3,10 +3,15 @@
 from the key file first)."""
 from __future__ import annotations
 
+import functools
+import http.client
 import logging
 import random
+import select
+import socket
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 
@@ -196,20 +201,24 @@ def default_session(url: str):
 
 
 class DirectSession:
-    """``post`` as requests.Session's, through urllib3's connection pool without requests' own layers.
+    """``post`` as requests.Session's, over one kept-alive http.client connection per thread and server, without
+    requests' or urllib3's layers.
 
     For each request requests merges its settings, prepares and checks the URL and headers, runs hooks and moves
-    cookies into and out of a jar: most of the interpreter time a POST takes, and at 300 requests a second (480p on
-    one H200) the client's other threads (the reader, the writer, the scheduler) wait for it. This keeps what the
-    client uses: the body or the multipart files as requests encodes them, the timeout of each try, a
+    cookies into and out of a jar; urllib3 under it parses the URL again, picks a pool and a connection and wraps
+    the answer. That was most of the interpreter time a POST took, and at 300-650 requests a second (480p on one
+    H200) the client's other threads (the reader, the writer, the scheduler) wait for it: 450 against 260 us of
+    client CPU a request through urllib3 and through http.client here (bench/NOTES.md session 13). This keeps what
+    the client uses: the body or the multipart files as requests encodes them, the timeout of each try, a
     ``requests.Response`` with the whole body read, and requests' exceptions (so the retry policy reads them alike).
-    No proxies, no TLS: ``default_session`` gives those URLs to requests; an answer that redirects (a proxy in
-    front of the servers) is sent again through requests, which follows it."""
-
-    POOL_SIZE = 64  # connections kept per host: more than the requests a run keeps in flight (32 + 4)
+    A kept connection the server has closed is noticed before it is used (as urllib3 does), and a connection whose
+    thread has ended is closed when the next one is made. No proxies, no TLS: ``default_session`` gives those URLs
+    to requests; an answer that redirects (a proxy in front of the servers) is sent again through requests, which
+    follows it."""
 
     def __init__(self):
-        self.pool = urllib3.PoolManager(maxsize=self.POOL_SIZE, retries=False)
+        self._lock = threading.Lock()
+        self._connections: dict[threading.Thread, dict[tuple[str, int], http.client.HTTPConnection]] = {}
         self._redirected: requests.Session | None = None  # for answers that redirect (made when one comes)
 
     def post(self, url: str, data: bytes | None = None, files: dict | None = None, headers: dict | None = None,
@@ -220,34 +229,97 @@ class DirectSession:
             if data:
                 raise ValueError("DirectSession.post takes data or files, not both")
             data, headers["Content-Type"] = _multipart(files)
+        host, port, path = _target(url)
+        conn = self._connection(host, port)
+        conn.timeout = timeout
+        if conn.sock is None:
+            try:
+                conn.connect()
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (as urllib3 does)
+            except TimeoutError as e:
+                conn.close()
+                raise requests.ConnectTimeout(f"connecting to {host}:{port}: {e}") from None
+            except OSError as e:  # refused, no such host
+                conn.close()
+                raise requests.ConnectionError(f"connecting to {host}:{port}: {e}") from None
+        else:
+            conn.sock.settimeout(timeout)
         try:
-            u = self.pool.urlopen("POST", url, body=data, headers=headers, redirect=False,
-                                  timeout=urllib3.Timeout(connect=timeout, read=timeout), preload_content=True)
-        except urllib3.exceptions.LocationValueError as e:  # a URL that cannot be: no server to wait for
-            raise requests.exceptions.InvalidURL(e) from None
-        except urllib3.exceptions.NewConnectionError as e:  # (before its base class, a connect timeout)
-            raise requests.ConnectionError(e) from None
-        except urllib3.exceptions.ConnectTimeoutError as e:
-            raise requests.ConnectTimeout(e) from None
-        except urllib3.exceptions.ReadTimeoutError as e:
-            raise requests.ReadTimeout(e) from None
-        except (urllib3.exceptions.HTTPError, OSError) as e:  # reset, cut, closed before an answer
-            raise requests.ConnectionError(e) from None
-        if u.get_redirect_location():
+            conn.request("POST", path, body=data, headers=headers)
+            answer = conn.getresponse()
+            content = answer.read()
+        except TimeoutError as e:
+            conn.close()
+            raise requests.ReadTimeout(f"{url}: no answer in {timeout} s ({e})") from None
+        except (http.client.HTTPException, OSError) as e:  # reset, cut, closed before or while answering
+            conn.close()
+            raise requests.ConnectionError(f"{url}: {type(e).__name__}: {e}") from None
+        if answer.will_close:
+            conn.close()
+        if 300 <= answer.status < 400 and answer.getheader("Location"):
             if self._redirected is None:
                 self._redirected = settled_session(url)
             return self._redirected.post(url, data=None if files else data, files=files, headers=sent,
                                          timeout=timeout)
         r = requests.Response()
-        r.status_code, r.headers, r.url, r.reason = u.status, u.headers, url, u.reason
-        r._content, r._content_consumed = u.data, True
-        r.encoding = requests.utils.get_encoding_from_headers(u.headers)
+        r.status_code, r.url, r.reason = answer.status, url, answer.reason
+        r.headers = requests.structures.CaseInsensitiveDict(answer.getheaders())
+        r._content, r._content_consumed = content, True
+        r.encoding = requests.utils.get_encoding_from_headers(r.headers)
         return r
 
+    def _connection(self, host: str, port: int) -> http.client.HTTPConnection:
+        """This thread's connection to host:port: the kept one unless the server has closed it, else a new one (and
+        the connections of threads that have ended are closed)."""
+        thread = threading.current_thread()
+        mine = self._connections.get(thread)
+        if mine is None:
+            with self._lock:
+                for gone in [t for t in self._connections if not t.is_alive()]:
+                    for c in self._connections.pop(gone).values():
+                        c.close()
+                mine = self._connections[thread] = {}
+        conn = mine.get((host, port))
+        if conn is None:
+            conn = mine[(host, port)] = http.client.HTTPConnection(host, port)
+        elif conn.sock is not None and _closed_by_peer(conn.sock):
+            conn.close()
+        return conn
+
     def close(self) -> None:
-        self.pool.clear()
+        with self._lock:
+            for mine in self._connections.values():
+                for c in mine.values():
+                    c.close()
+            self._connections.clear()
         if self._redirected is not None:
             self._redirected.close()
+
+
+@functools.lru_cache(maxsize=64)
+def _target(url: str) -> tuple[str, int, str]:
+    """http://host[:port]/path?query -> (host, port, path?query); requests' InvalidURL for one that cannot be."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 80
+    except ValueError as e:  # e.g. a port out of range
+        raise requests.exceptions.InvalidURL(f"{url}: {e}") from None
+    if parts.scheme != "http" or not parts.hostname:
+        raise requests.exceptions.InvalidURL(f"{url}: not an http://host/ address")
+    return parts.hostname, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether an idle kept-alive connection can be read from: the server closed it (or sent what nobody asked
+    for); either way it cannot carry the next request."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except AttributeError:  # no poll (Windows)
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def _multipart(files: dict) -> tuple[bytes, str]:

@@ -10,10 +10,8 @@ headers (checked on open).
 The cost: a keyframe at every segment start (segments are 60-250 frames; x264's own keyframe interval is 250),
 frames queued while an encoder finishes its previous segment, bounded by ``queued_frames`` (about 1 GiB of frames by
 default, ``plan``), and a wait at the end for the last segment (made shorter where the total is known). Through the
-user's command it paid at 720p and above (1080p: the run 6-13% faster, the whole command 2-5%). At 480p one stream
-kept up with the deployment until the client's own time per frame came down (session 12); with chunks of 16 frames
-the 480p command on one H200 was again paced by its one x264 stream (``commit`` 4.1 s of a 4.4 s run, session 13),
-so ``plan`` now splits from 640x360 up.
+user's command it paid at 720p and above (1080p: the run 6-13% faster, the whole command 2-5%), not at 480p, where
+one x264 stream keeps up with the deployment (``plan`` keeps one there).
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ from .parallel_writer import lower_priority
 SEGMENT_CODECS = ("libx264", "libx264rgb")  # x265 and the others thread well enough on their own, or are untested
 MAX_ENCODERS = 8
 CORES_PER_ENCODER = 8  # what one x264 stream keeps busy at 1080p (12-14 of 16-32 vCPUs, at 74-83 frames/s)
-SEGMENT_MIN_PIXELS = 640 * 360  # smaller frames: one x264 stream (several times faster than at 480p) keeps up
 MIN_SEGMENT, MAX_SEGMENT = 60, 250  # frames; x264's own keyframe interval is 250
 TAIL_FRAMES = 16  # the shortest of the short segments at the end (longer than any B-frame reordering)
 MAX_REORDER = 16  # the deepest B-frame reordering the time stamps allow for (x264: 2 with b-pyramid)
@@ -61,15 +58,16 @@ def plan(codec: str, width: int, height: int, cores: int, encoders: int | None =
     automatic; either way no more than the frames waiting for them allow), how long their segments are, and how
     many threads each gets.
 
-    Automatic: from 640x360 up, one encoder per 8 cores (about what one x264 stream keeps busy at 1080p), at most 8
-    and at most what the queue holds with segments of 60 frames (4K: one); below that, and for codecs other than
-    x264, one. Segments as long as the queue allows, 60-250 frames."""
+    Automatic: from 720p up, one encoder per 8 cores (about what one x264 stream keeps busy at 1080p), at most 8 and
+    at most what the queue holds with segments of 60 frames (4K: one); below 720p, and for codecs other than x264,
+    one (one x264 stream kept up with one or two H200s at 480p: more encoders only took cores from the rest of the
+    client). Segments as long as the queue allows, 60-250 frames."""
     if codec not in SEGMENT_CODECS:
         return Plan(1)
     frame_bytes = width * height * bytes_per_pixel
     budget = min(QUEUE_BYTES, _memory_bytes() // 16)
     if encoders is None:
-        encoders = cores // CORES_PER_ENCODER if width * height >= SEGMENT_MIN_PIXELS else 1
+        encoders = cores // CORES_PER_ENCODER if width * height >= 1280 * 720 else 1
     encoders = min(encoders, int(budget // (MIN_SEGMENT * frame_bytes)))  # as many as the queue holds
     encoders = max(1, min(MAX_ENCODERS, encoders))
     if encoders == 1:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import queue
 import threading
 import time
@@ -317,6 +318,20 @@ class _PairSpan:
         return not self.todo and not self.running
 
 
+LEAD_FRAMES_ENV = "EDEN_LEAD_FRAMES"  # "0": never (for comparisons: bench/NOTES.md session 13)
+
+
+def lead_frames_default(client) -> bool:
+    """Whether input chunks' encoder requests carry the frame before them: over shared memory, yes. Every pair whose
+    frames are in two encoder requests needs the DiT's difference input, which the encoder computes for consecutive
+    frames it is sent; without the frame before, the client computes it from the pixels (``pair_difference``):
+    8-50 ms of NumPy a 1080p pair, in ~250 calls that each give the interpreter lock up and wait to take it back,
+    in the request threads. It was the largest item of the two-GPU 1080p command's GIL profile (24% of the samples,
+    one pair in four with chunks of 4; bench/NOTES.md session 13). The frame costs the client one copy into shared
+    memory and the encoder one frame more a request. Over HTTP it would cost a frame's bytes on the network: no."""
+    return getattr(client, "transport", "http") == "shm" and os.environ.get(LEAD_FRAMES_ENV, "1") != "0"
+
+
 def pair_difference(a: _Node, b: _Node) -> float:
     """The DiT's difference input for frames a -> b: from the encoder's blob if they were consecutive in one
     request, otherwise computed from the pixels with the release constants."""
@@ -395,13 +410,15 @@ class Interpolator:
                  chunk: int | None = None, encoder_inflight: int | None = None,
                  window: int | None = None, detector: SceneDetector | None = None,
                  token_dtype: str = "float16", target_fps: Fraction | None = None,
-                 time_base: Fraction = Fraction(1), max_depth: int = DEFAULT_MAX_DEPTH, sharing: int = 1):
+                 time_base: Fraction = Fraction(1), max_depth: int = DEFAULT_MAX_DEPTH, sharing: int = 1,
+                 lead_frames: bool | None = None):
         """With ``target_fps`` (then ``factor`` is ignored) output frames are at that rate; ``time_base`` is the
         input's (seconds per pts unit), ``max_depth`` the deepest midpoint level (see the module's docstring).
         ``max_inflight``, ``chunk`` and ``encoder_inflight`` left None take the client's transport's
         ``default_schedule``, fitted to each run's frame size at its first frame (``fit``). ``sharing``: runs at
         once on this host and deployment (``batch --jobs``, Ray's ``--per-node``), which share the window's memory
-        bounds."""
+        bounds. ``lead_frames``: each input chunk's encoder request also carries the frame before it, so that the
+        encoder gives the difference of the pair they make (see ``lead_frames_default``)."""
         if target_fps is None and factor not in FACTORS:
             raise ValueError(f"factor must be one of {FACTORS}, got {factor}")
         if target_fps is not None and Fraction(target_fps) <= 0:
@@ -430,6 +447,7 @@ class Interpolator:
         self.grid: TimeGrid | None = None  # target rate: set from the first frame
         self.first_time = self.last_time = None  # target rate: the input's first and last times (seconds)
         self.reencoded = 0  # frames encoded again because their handed-off tokens were lost
+        self.lead_frames = lead_frames_default(client) if lead_frames is None else lead_frames
         self._count_lock = threading.Lock()
 
     def _apply(self, schedule: Schedule) -> None:
@@ -472,20 +490,34 @@ class Interpolator:
         return max(self.max_inflight + self.chunk, min(self.window, fits))
 
     # ------------------------------------------------------------------ requests (run in the pool)
-    def _encode(self, nodes: list[_Node]) -> list[tuple[EncoderAnswer, list[_Node]]]:
-        """Encode ``nodes`` in one request; if the answer would pass the server's response limit (413), in halves
-        (and use smaller chunks from then on). Returns the blobs with the frames each holds."""
+    def _encode(self, nodes: list[_Node], lead: _Node | None = None) -> list[tuple[EncoderAnswer, list[_Node],
+                                                                                 _Node | None]]:
+        """Encode ``nodes`` in one request, after ``lead`` (the input frame before them, sent only for the
+        difference of the pair it makes with the first: see ``lead_frames``) where the request has room for it; if
+        the answer would pass the server's response limit (413), in halves (and use smaller chunks from then on).
+        Returns the blobs with the frames each holds for its tokens and its lead (None: none)."""
         if len(nodes) > self.chunk:  # formed before a 413 made the chunks smaller: do not send it to hear 413 again
-            return [part for k in range(0, len(nodes), self.chunk)
-                    for part in self._encode(nodes[k:k + self.chunk])]
+            parts = [nodes[k:k + self.chunk] for k in range(0, len(nodes), self.chunk)]
+            return [answer for k, part in enumerate(parts)
+                    for answer in self._encode(part, lead if k == 0 else self._lead(parts[k - 1][-1]))]
+        if lead is not None and len(nodes) >= self._chunk_cap:  # no room in the request: computed here instead
+            lead = None
+        sent = nodes if lead is None else [lead, *nodes]
         try:
-            return [(self.client.encode_frames([n.image for n in nodes], self.token_dtype), nodes)]
+            return [(self.client.encode_frames([n.image for n in sent], self.token_dtype), nodes, lead)]
         except ServeError as e:
-            if e.status != 413 or len(nodes) == 1:
+            if e.status != 413 or len(sent) == 1:
                 raise
+        if len(nodes) == 1:  # the lead made it one frame too many: no leads from here on
+            self.lead_frames = False
+            return self._encode(nodes)
         half = len(nodes) // 2
         self.chunk = self._chunk_cap = min(self.chunk, half)
-        return self._encode(nodes[:half]) + self._encode(nodes[half:])
+        return self._encode(nodes[:half], lead) + self._encode(nodes[half:], self._lead(nodes[half - 1]))
+
+    def _lead(self, node: _Node | None) -> _Node | None:
+        """``node`` as the lead of the chunk after it, where chunks have leads."""
+        return node if self.lead_frames else None
 
     def _seed_key(self, segment: int, position: int) -> int | str:
         """What a generated frame's seed derives from: its output index for a factor (as always), its pair and
@@ -595,7 +627,8 @@ class Interpolator:
         frames = iter(frames)
         segments: deque[_PairSpan] = deque()
         filling: list[_Node] = []  # input frames read but not yet sent to the encoder
-        input_chunks: deque[list[_Node]] = deque()
+        input_chunks: deque[tuple[_Node | None, list[_Node]]] = deque()  # (lead, frames): see _encode
+        tail: _Node | None = None  # the last frame of the last input chunk (the next one's lead)
         new_frames: deque[_Node] = deque()  # generated frames that must be encoded for the next level
         running: dict[Future, tuple] = {}
         encoding = 0
@@ -637,22 +670,24 @@ class Interpolator:
                     last = node
                     filling.append(node)
                     if len(filling) >= self.chunk:  # (the chunk may shrink after a 413)
-                        input_chunks.append(filling)
-                        filling = []
+                        input_chunks.append((self._lead(tail), filling))
+                        tail, filling = filling[-1], []
                 if exhausted and stats.input_frames == 1:
                     filling = []  # a lone frame makes no pair: nothing to encode (nor an answer to release)
                     input_chunks.clear()
                 if filling and (exhausted or not (running or input_chunks or new_frames)):
-                    input_chunks.append(filling)  # the end of the input, or nothing else can progress
-                    filling = []
+                    # the end of the input, or nothing else can progress
+                    input_chunks.append((self._lead(tail), filling))
+                    tail, filling = filling[-1], []
 
                 # encoder requests: frames made for the next level first (they unblock the earliest segments)
                 while encoding < self.encoder_inflight and (new_frames or input_chunks):
+                    lead = None
                     if new_frames:
                         nodes = [new_frames.popleft() for _ in range(min(self.chunk, len(new_frames)))]
                     else:
-                        nodes = input_chunks.popleft()
-                    running[pool.submit(self._encode, nodes)] = ("encode", nodes)
+                        lead, nodes = input_chunks.popleft()
+                    running[pool.submit(self._encode, nodes, lead)] = ("encode", nodes)
                     encoding += 1
 
                 # DiT+decoder requests, earliest segment first
@@ -710,8 +745,8 @@ class Interpolator:
                     kind, *info = running.pop(fut)
                     if kind == "encode":
                         encoding -= 1
-                        for enc, nodes in fut.result():
-                            self._take_tokens(enc, nodes, stats)
+                        for enc, nodes, lead in fut.result():
+                            self._take_tokens(enc, nodes, stats, lead)
                     else:
                         seg, p, q = info
                         seg.running -= 1
@@ -751,17 +786,21 @@ class Interpolator:
                 out[f"{name}: {reason}"] += n
         return out
 
-    def _take_tokens(self, enc: EncoderAnswer, nodes: list[_Node], stats: Stats) -> None:
-        blob = enc.blob
-        if blob.num_frames != len(nodes):
+    def _take_tokens(self, enc: EncoderAnswer, nodes: list[_Node], stats: Stats, lead: _Node | None = None) -> None:
+        """The frames' tokens and the differences of their consecutive pairs, from ``enc`` (after ``lead``'s, which
+        only gives the difference of the pair it makes with the first)."""
+        blob, first = enc.blob, 0 if lead is None else 1
+        if blob.num_frames != first + len(nodes):
             self.client.release(enc)
-            raise wire.WireError(f"the encoder answered {blob.num_frames} frames for {len(nodes)} sent")
+            raise wire.WireError(f"the encoder answered {blob.num_frames} frames for {first + len(nodes)} sent")
         self._live.append((max(n.last_use for n in nodes), enc))
         self._release_through(self._written)  # frames of segments already written (scene cuts) are not needed
+        if lead is not None:
+            lead.next, lead.next_difference = nodes[0], blob.differences[0]
         for k, node in enumerate(nodes):
-            node.token = (enc, k)
+            node.token = (enc, first + k)
             if k + 1 < len(nodes):
-                node.next, node.next_difference = nodes[k + 1], blob.differences[k]
+                node.next, node.next_difference = nodes[k + 1], blob.differences[first + k]
         stats.encoder_requests += 1
-        stats.encoded_frames += len(nodes)
+        stats.encoded_frames += first + len(nodes)
         stats.token_bytes += blob.nbytes

@@ -23,7 +23,7 @@ from eden_client.frames_io import Frame, FramesError
 from eden_client.keys import KeySource
 from eden_client.scenes import SceneDetector, ssim, thumbnail
 from eden_client.sources import natural_key
-from eden_client.video import SHM_SCHEDULE, Interpolator, frame_seed, output_count
+from eden_client.video import MAX_CHUNK, SHM_SCHEDULE, Interpolator, frame_seed, output_count
 from eden_client.video_cli import parse_rate
 from eden_dev import clips
 from eden_serve import pipeline, wire
@@ -280,6 +280,45 @@ def test_pair_differences_are_the_pairs_own():
     for a, b, diff, _ in fake.pairs:
         x0, x1 = (torch.tensor(image_of(v)).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
         assert diff == pytest.approx(float(pipeline.frame_difference(x0, x1, cfg)), abs=1e-5)
+
+
+def test_lead_frames_give_the_pairs_across_requests_their_difference(monkeypatch):
+    """Over shared memory each input chunk's encoder request also carries the frame before it: the encoder gives the
+    difference of every pair across two requests, the client computes none from the pixels, and every pair still
+    gets its own frames' tokens and difference. A full request (the server's max_frames) has no room for it;
+    EDEN_LEAD_FRAMES=0 turns it off."""
+    from eden_client import video
+
+    rng = np.random.default_rng(1)
+    frames = [Frame(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), i, 1) for i in range(10)]
+
+    def image_of(value):
+        return min((f.image for f in frames), key=lambda img: abs(img.astype(np.float64).mean() - value))
+
+    def not_here(*_):
+        raise AssertionError("a difference computed in the client")
+
+    fake = FakeEden()
+    fake.transport = "shm"
+    with monkeypatch.context() as m:
+        m.setattr(video, "frame_difference_uint8", not_here)
+        stats = Interpolator(fake, 2, chunk=3).run(frames, lambda *a: None)
+    assert stats.encoder_requests == 4 and stats.encoded_frames == 10 + 3  # chunks 3, 3, 3, 1; the last 3 led
+    cfg = EdenConfig()
+    assert len(fake.pairs) == 9
+    for a, b, diff, _ in fake.pairs:
+        x0, x1 = (torch.tensor(image_of(v)).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
+        assert diff == pytest.approx(float(pipeline.frame_difference(x0, x1, cfg)), abs=1e-5)
+
+    full = FakeEden()
+    full.transport = "shm"
+    forty = [Frame(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), i, 1) for i in range(40)]
+    # chunks of 16, 16 (full: no lead) and 8 (led by frame 31)
+    assert Interpolator(full, 2, chunk=MAX_CHUNK).run(forty, lambda *a: None).encoded_frames == 40 + 1
+    monkeypatch.setenv("EDEN_LEAD_FRAMES", "0")
+    off = FakeEden()
+    off.transport = "shm"
+    assert Interpolator(off, 2, chunk=3).run(frames, lambda *a: None).encoded_frames == 10
 
 
 def test_too_large_encoder_answers_are_split():
