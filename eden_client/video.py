@@ -18,12 +18,14 @@ from its two ends, which are generated first if they are not input frames. Only 
 shows and their ancestors are generated, each once, shared by every output frame that needs it (a factor needs
 all 2^D - 1). The time error is at most half a step of the finest level, 1 / (2^(D+1) x the input rate).
 
-Each frame goes to the encoder exactly once:
+Each frame goes to the encoder once for its tokens:
 
 * input frames are sent in chunks of ``chunk`` consecutive frames (the blob holds their tokens and the differences
   between consecutive frames); the pair (F_i, F_i+1) is assembled from per-frame tokens
-  (``wire.TokenBlob.pair``), its difference taken from the blob when both frames were in one chunk and computed
-  here (``pipeline.frame_difference``, the same formula on the same pixels) when the pair spans two chunks;
+  (``wire.TokenBlob.pair``), its difference taken from the blob when both frames were in one chunk. When the pair
+  spans two chunks, over shared memory the second chunk's request carries F_i before its own frames (its "lead",
+  ``lead_frames_default``) and the blob has that difference too; otherwise it is computed here
+  (``difference.frame_difference_uint8``, the same formula on the same pixels);
 * a generated middle frame that is itself an end of a finer pair (factor 4 and 8, most target rates) is sent once,
   with whatever other such frames are waiting, and its pairs' differences are computed here.
 
@@ -213,8 +215,9 @@ def dyadic_path(q: int, span: int) -> list[int]:
 
 @dataclass
 class Stats:
-    """What a run did; ``encoded_frames`` counts frames sent to the encoder (each exactly once), ``reencoded``
-    those sent again because the encoder worker holding their tokens on its GPU stopped."""
+    """What a run did; ``encoded_frames`` counts frames sent to the encoder (each once for its tokens, and over
+    shared memory the lead frames, see ``lead_frames_default``), ``reencoded`` those sent again because the encoder
+    worker holding their tokens on its GPU stopped."""
     input_frames: int = 0
     output_frames: int = 0
     cuts: int = 0
@@ -482,11 +485,15 @@ class Interpolator:
         target rate's counted as 4: most conversions are under 4x), within WINDOW_BYTES, and the tokens of its
         encoded frames at the servers (on the encoder's GPU, or in the shared-memory folder with its 4 GiB quota),
         within TOKEN_WINDOW_BYTES: estimated from the released model's sizes, two float16 token sets of 768 values
-        for every 16x16x3 patch, 4 bytes a pixel byte (int8: 2, float32: 8). Runs sharing the host divide both."""
+        for every 16x16x3 patch, 4 bytes a pixel byte (int8: 2, float32: 8), and a lead frame's more for every
+        chunk (``lead_frames``). Runs sharing the host divide both."""
         frames = self.span if self.target_fps is None else min(self.span, 4)
         per_pixel_byte = {"int8": 2, "float32": 8}.get(self.token_dtype, 4)
+        tokens = frame_bytes * per_pixel_byte * max(1, frames // 2)
+        if self.lead_frames:
+            tokens += tokens // max(1, self.chunk)
         fits = min(WINDOW_BYTES // self.sharing // max(1, frame_bytes * frames),
-                   TOKEN_WINDOW_BYTES // self.sharing // max(1, frame_bytes * per_pixel_byte * max(1, frames // 2)))
+                   TOKEN_WINDOW_BYTES // self.sharing // max(1, tokens))
         return max(self.max_inflight + self.chunk, min(self.window, fits))
 
     # ------------------------------------------------------------------ requests (run in the pool)

@@ -66,7 +66,8 @@ def add_interpolation_args(p: argparse.ArgumentParser) -> None:
                    help=f"frames per encoder request, 1..{MAX_CHUNK} (default over shared memory: 4 at 1080p and "
                         "up, more for smaller frames, 16 at 480p: each request costs the client the same whatever "
                         "its frames; 2 over HTTP, where smaller answers pass TorchServe's frontend faster; each "
-                        "frame is encoded once either way)")
+                        "frame is encoded once either way, and over shared memory each request also carries the frame before "
+                        "its chunk for that pair's difference)")
     g.add_argument("--token-dtype", choices=["float16", "float32", "int8"], default="float16",
                    help="precision of the tokens sent from the encoder to the DiT+decoder (default %(default)s: "
                         "half the bytes of float32; int8: 8 bits and a scale per token, about half of float16, "

@@ -144,21 +144,25 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
     i = Interpolator(shm, max_inflight=5, chunk=2, encoder_inflight=1)
     assert (i.max_inflight, i.encoder_inflight, i.chunk) == (5, 1, 2)
     # same host: many pairs open (the window), fewer where their frames or their tokens would pass WINDOW_BYTES /
-    # TOKEN_WINDOW_BYTES, never fewer than the requests in flight need; a window given is kept as it is
+    # TOKEN_WINDOW_BYTES (with a lead frame's tokens for every chunk), never fewer than the requests in flight need; a
+    # window given is kept as it is
     i = Interpolator(shm)
+    led = lambda tokens: tokens + tokens // SHM_SCHEDULE.chunk  # noqa: E731
     least = SHM_SCHEDULE.max_inflight + SHM_SCHEDULE.chunk
     assert SHM_SCHEDULE.window > least
     hd, uhd = 1080 * 1920 * 3, 2160 * 3840 * 3
     assert i.fitted_window(hd) == SHM_SCHEDULE.window
-    assert i.fitted_window(1440 * 2560 * 3) == TOKEN_WINDOW_BYTES // (1440 * 2560 * 3 * 4)  # tokens: 4 B a pixel byte
+    assert i.fitted_window(1440 * 2560 * 3) == TOKEN_WINDOW_BYTES // led(1440 * 2560 * 3 * 4)  # 4 B a pixel byte
     assert i.fitted_window(uhd) == least
     assert Interpolator(shm, token_dtype="int8").fitted_window(1440 * 2560 * 3) == SHM_SCHEDULE.window
     assert Interpolator(shm, factor=4).fitted_window(hd) == min(WINDOW_BYTES // (hd * 4),
-                                                                TOKEN_WINDOW_BYTES // (hd * 4 * 2))
+                                                                TOKEN_WINDOW_BYTES // led(hd * 4 * 2))
     assert Interpolator(shm, window=40).window == 40 and not Interpolator(shm, window=40)._fit_window
     assert Interpolator(shm, window=0)._fit_window
     # four runs at once (batch --jobs 4) share the bounds: 1080p frames then fit 4 times fewer pairs' tokens
-    assert Interpolator(shm, sharing=4).fitted_window(hd) == max(least, TOKEN_WINDOW_BYTES // 4 // (hd * 4))
+    assert Interpolator(shm, sharing=4).fitted_window(hd) == max(least, TOKEN_WINDOW_BYTES // 4 // led(hd * 4))
+    assert Interpolator(shm, lead_frames=False).fitted_window(1440 * 2560 * 3) == \
+        TOKEN_WINDOW_BYTES // (1440 * 2560 * 3 * 4)
     _, stats, _ = run_fake([0, 8, 16, 24, 32], 2, delay=0.01)
     occupancy = stats.schedule.pop("occupancy")
     tiny = HTTP_SCHEDULE.fitted(40 * 56)  # (the run's frames: the schedule fitted to their size)
