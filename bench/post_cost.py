@@ -1,5 +1,6 @@
 """The client's own CPU time for one POST to a server on this host: DirectSession (what the client posts with to a
-plain http:// address) against requests.Session (the reference), in one run.
+plain http:// address) against requests (the reference: ``settled_session``, a requests.Session with the
+environment's settings read once, what the client uses for other addresses), in one run.
 
     python bench/post_cost.py [--requests 1000] [--rounds 5]
 
@@ -17,10 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eden_client.model_client import DirectSession  # noqa: E402
+from eden_client.model_client import DirectSession, settled_session  # noqa: E402
 
 STUB = r'''
 import http.server, socketserver, sys
@@ -62,16 +61,21 @@ def main() -> None:
     args = ap.parse_args()
     stub = subprocess.Popen([sys.executable, "-c", STUB], stdout=subprocess.PIPE, text=True)
     try:
-        url = f"http://127.0.0.1:{stub.stdout.readline().strip()}/predictions/eden_ditdec"
-        seen: dict[str, list[float]] = {"requests.Session (reference)": [], "DirectSession": []}
+        port = stub.stdout.readline().strip()
+        if not port.isdigit():
+            raise SystemExit(f"the stub server did not start (it said {port!r})")
+        url = f"http://127.0.0.1:{port}/predictions/eden_ditdec"
+        reference = "requests (reference)"
+        seen: dict[str, list[float]] = {reference: [], "DirectSession": []}
         for _ in range(args.rounds):  # interleaved, so that a slower moment of the host falls on both
-            for name, make in (("requests.Session (reference)", requests.Session), ("DirectSession", DirectSession)):
+            for name, make in ((reference, lambda: settled_session(url)), ("DirectSession", DirectSession)):
                 session = make()
                 seen[name].append(cpu_per_post(session, url, args.requests))
                 session.close()
     finally:
         stub.kill()
-    ref = statistics.median(seen["requests.Session (reference)"])
+        stub.wait()
+    ref = statistics.median(seen[reference])
     for name, values in seen.items():
         med = statistics.median(values)
         print(f"{name}: {med * 1e6:.0f} us of client CPU a POST (median of {args.rounds} x {args.requests}; "

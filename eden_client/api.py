@@ -139,16 +139,22 @@ class EdenClient:
         return f"{how} ({self.reason})"
 
     # ------------------------------------------------------------------ frames -> tokens -> frames
-    def encode_frames(self, frames: list, dtype: str = "float16") -> EncoderAnswer:
+    def encode_frames(self, frames: list, dtype: str = "float16", lead: bool = False) -> EncoderAnswer:
         """[H, W, 3] uint8 frames of one size (at most the server's max_frames) -> their tokens, each frame encoded
-        once. Release the result (``release``) when no pair needs its frames any more."""
+        once. With ``lead`` (shared memory only) the first frame is sent only for the difference input between it
+        and the next (the blob's ``lead_difference``) and gets no tokens. Release the result (``release``) when no
+        pair needs its frames any more."""
         if self.transport == "http":
+            if lead:
+                raise ValueError("lead frames go over shared memory only")
             return EncoderAnswer(wire.from_bytes(self.encode_arrays(frames, dtype)))
         inputs = [self.store.write(encode_raw(f)) for f in frames]
         try:
             files = {f"frame{i}": (f"frame{i}", make_ref(segment=name), REFERENCE_CONTENT_TYPE)
                      for i, name in enumerate(inputs)}
             files["dtype"] = (None, dtype)
+            if lead:
+                files["lead"] = (None, "1")
             r = self._post("encode", self.encoder, files=files,
                            headers={REPLY: REPLY_SHM, HANDOFF: self.handoff})
         finally:

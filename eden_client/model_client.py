@@ -207,7 +207,7 @@ class DirectSession:
     For each request requests merges its settings, prepares and checks the URL and headers, runs hooks and moves
     cookies into and out of a jar; urllib3 under it parses the URL again, picks a pool and a connection and wraps
     the answer. That was most of the interpreter time a POST took, and at 300-650 requests a second (480p on one
-    H200) the client's other threads (the reader, the writer, the scheduler) wait for it: 450 against 260 us of
+    H200) the client's other threads (the reader, the writer, the scheduler) wait for it: 316 against 201 us of
     client CPU a request through urllib3 and through http.client here (bench/NOTES.md session 13). This keeps what
     the client uses: the body or the multipart files as requests encodes them, the timeout of each try, a
     ``requests.Response`` with the whole body read, and requests' exceptions (so the retry policy reads them alike).
@@ -239,14 +239,26 @@ class DirectSession:
             except TimeoutError as e:
                 conn.close()
                 raise requests.ConnectTimeout(f"connecting to {host}:{port}: {e}") from None
-            except OSError as e:  # refused, no such host
+            except socket.gaierror as e:  # (worded as urllib3 words it: a name nothing answers to, not a cut)
+                conn.close()
+                raise requests.ConnectionError(f"Failed to resolve {host!r} ({e})") from None
+            except OSError as e:  # refused, unreachable
                 conn.close()
                 raise requests.ConnectionError(f"connecting to {host}:{port}: {e}") from None
         else:
             conn.sock.settimeout(timeout)
         try:
-            conn.request("POST", path, body=data, headers=headers)
-            answer = conn.getresponse()
+            try:
+                conn.request("POST", path, body=data, headers=headers)
+            except (BrokenPipeError, ConnectionResetError) as e:
+                # the server may have answered before reading the whole body (a refused key, a 413) and closed:
+                # that answer is the one to act on, if it came
+                try:
+                    answer = conn.getresponse()
+                except (http.client.HTTPException, OSError):
+                    raise e from None
+            else:
+                answer = conn.getresponse()
             content = answer.read()
         except TimeoutError as e:
             conn.close()
@@ -254,16 +266,21 @@ class DirectSession:
         except (http.client.HTTPException, OSError) as e:  # reset, cut, closed before or while answering
             conn.close()
             raise requests.ConnectionError(f"{url}: {type(e).__name__}: {e}") from None
+        except BaseException:  # (e.g. a header http.client refuses): the connection is half used, not reusable
+            conn.close()
+            raise
         if answer.will_close:
             conn.close()
-        if 300 <= answer.status < 400 and answer.getheader("Location"):
+        if answer.status in REDIRECTS and answer.getheader("Location"):
             if self._redirected is None:
                 self._redirected = settled_session(url)
             return self._redirected.post(url, data=None if files else data, files=files, headers=sent,
                                          timeout=timeout)
         r = requests.Response()
         r.status_code, r.url, r.reason = answer.status, url, answer.reason
-        r.headers = requests.structures.CaseInsensitiveDict(answer.getheaders())
+        r.headers = requests.structures.CaseInsensitiveDict()
+        for name, value in answer.getheaders():  # (a repeated header's values joined, as urllib3 does)
+            r.headers[name] = f"{r.headers[name]}, {value}" if name in r.headers else value
         r._content, r._content_consumed = content, True
         r.encoding = requests.utils.get_encoding_from_headers(r.headers)
         return r
@@ -294,6 +311,9 @@ class DirectSession:
             self._connections.clear()
         if self._redirected is not None:
             self._redirected.close()
+
+
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @functools.lru_cache(maxsize=64)

@@ -220,6 +220,7 @@ class Stats:
     worker holding their tokens on its GPU stopped."""
     input_frames: int = 0
     output_frames: int = 0
+    lead_frames: int = 0  # frames sent before a chunk for their pair's difference alone (``lead_frames_default``)
     cuts: int = 0
     encoder_requests: int = 0
     encoded_frames: int = 0
@@ -330,8 +331,9 @@ def lead_frames_default(client) -> bool:
     frames it is sent; without the frame before, the client computes it from the pixels (``pair_difference``):
     8-50 ms of NumPy a 1080p pair, in ~250 calls that each give the interpreter lock up and wait to take it back,
     in the request threads. It was the largest item of the two-GPU 1080p command's GIL profile (24% of the samples,
-    one pair in four with chunks of 4; bench/NOTES.md session 13). The frame costs the client one copy into shared
-    memory and the encoder one frame more a request. Over HTTP it would cost a frame's bytes on the network: no."""
+    one pair in four with chunks of 4; bench/NOTES.md session 13). The lead costs the client one copy into shared
+    memory and the encoder one frame's upload and difference, no tokens (``EdenClient.encode_frames``). Over HTTP it
+    would cost a frame's bytes on the network: no."""
     return getattr(client, "transport", "http") == "shm" and os.environ.get(LEAD_FRAMES_ENV, "1") != "0"
 
 
@@ -451,6 +453,7 @@ class Interpolator:
         self.first_time = self.last_time = None  # target rate: the input's first and last times (seconds)
         self.reencoded = 0  # frames encoded again because their handed-off tokens were lost
         self.lead_frames = lead_frames_default(client) if lead_frames is None else lead_frames
+        self._lead_room = MAX_CHUNK  # chunks as long as this go without a lead (lowered by a 413 to one with a lead)
         self._count_lock = threading.Lock()
 
     def _apply(self, schedule: Schedule) -> None:
@@ -485,46 +488,56 @@ class Interpolator:
         target rate's counted as 4: most conversions are under 4x), within WINDOW_BYTES, and the tokens of its
         encoded frames at the servers (on the encoder's GPU, or in the shared-memory folder with its 4 GiB quota),
         within TOKEN_WINDOW_BYTES: estimated from the released model's sizes, two float16 token sets of 768 values
-        for every 16x16x3 patch, 4 bytes a pixel byte (int8: 2, float32: 8), and a lead frame's more for every
-        chunk (``lead_frames``). Runs sharing the host divide both."""
+        for every 16x16x3 patch, 4 bytes a pixel byte (int8: 2, float32: 8). Runs sharing the host divide both."""
         frames = self.span if self.target_fps is None else min(self.span, 4)
         per_pixel_byte = {"int8": 2, "float32": 8}.get(self.token_dtype, 4)
-        tokens = frame_bytes * per_pixel_byte * max(1, frames // 2)
-        if self.lead_frames:
-            tokens += tokens // max(1, self.chunk)
         fits = min(WINDOW_BYTES // self.sharing // max(1, frame_bytes * frames),
-                   TOKEN_WINDOW_BYTES // self.sharing // max(1, tokens))
+                   TOKEN_WINDOW_BYTES // self.sharing // max(1, frame_bytes * per_pixel_byte * max(1, frames // 2)))
         return max(self.max_inflight + self.chunk, min(self.window, fits))
 
     # ------------------------------------------------------------------ requests (run in the pool)
-    def _encode(self, nodes: list[_Node], lead: _Node | None = None) -> list[tuple[EncoderAnswer, list[_Node],
-                                                                                 _Node | None]]:
+    def _encode(self, nodes: list[_Node], lead: _Node | None = None,
+                inputs: bool = False) -> list[tuple[EncoderAnswer, list[_Node], _Node | None]]:
         """Encode ``nodes`` in one request, after ``lead`` (the input frame before them, sent only for the
         difference of the pair it makes with the first: see ``lead_frames``) where the request has room for it; if
-        the answer would pass the server's response limit (413), in halves (and use smaller chunks from then on).
-        Returns the blobs with the frames each holds for its tokens and its lead (None: none)."""
+        the answer would pass the server's limits (413), without the lead, then in halves (and use smaller chunks
+        from then on). ``inputs``: the nodes are consecutive input frames (parts after the first are led by the
+        frame before them). Returns the blobs with the frames each holds for its tokens and its lead (None: none);
+        if a part fails, the answers of the parts before it are released."""
         if len(nodes) > self.chunk:  # formed before a 413 made the chunks smaller: do not send it to hear 413 again
             parts = [nodes[k:k + self.chunk] for k in range(0, len(nodes), self.chunk)]
-            return [answer for k, part in enumerate(parts)
-                    for answer in self._encode(part, lead if k == 0 else self._lead(parts[k - 1][-1]))]
-        if lead is not None and len(nodes) >= self._chunk_cap:  # no room in the request: computed here instead
+            return self._encode_parts([(part, lead if k == 0 else self._lead(parts[k - 1][-1], inputs))
+                                       for k, part in enumerate(parts)], inputs)
+        if lead is not None and len(nodes) >= min(self._chunk_cap, self._lead_room):  # no room for it: computed here
             lead = None
-        sent = nodes if lead is None else [lead, *nodes]
+        sent, led = (nodes, {}) if lead is None else ([lead, *nodes], {"lead": True})
         try:
-            return [(self.client.encode_frames([n.image for n in sent], self.token_dtype), nodes, lead)]
+            return [(self.client.encode_frames([n.image for n in sent], self.token_dtype, **led), nodes, lead)]
         except ServeError as e:
             if e.status != 413 or len(sent) == 1:
                 raise
-        if len(nodes) == 1:  # the lead made it one frame too many: no leads from here on
-            self.lead_frames = False
-            return self._encode(nodes)
+        if lead is not None:  # perhaps one frame over the server's max_frames: leads only for shorter chunks
+            self._lead_room = len(nodes)
+            return self._encode(nodes, None, inputs)
         half = len(nodes) // 2
         self.chunk = self._chunk_cap = min(self.chunk, half)
-        return self._encode(nodes[:half], lead) + self._encode(nodes[half:], self._lead(nodes[half - 1]))
+        return self._encode_parts([(nodes[:half], None), (nodes[half:], self._lead(nodes[half - 1], inputs))], inputs)
 
-    def _lead(self, node: _Node | None) -> _Node | None:
-        """``node`` as the lead of the chunk after it, where chunks have leads."""
-        return node if self.lead_frames else None
+    def _encode_parts(self, parts: list, inputs: bool) -> list:
+        """``_encode`` of each (nodes, lead) in turn; if one fails, the answers of those before it are released."""
+        answers = []
+        try:
+            for nodes, lead in parts:
+                answers += self._encode(nodes, lead, inputs)
+        except BaseException:
+            for enc, *_ in answers:
+                self.client.release(enc)
+            raise
+        return answers
+
+    def _lead(self, node: _Node | None, inputs: bool = True) -> _Node | None:
+        """``node`` as the lead of the chunk of input frames after it, where chunks have leads."""
+        return node if self.lead_frames and inputs else None
 
     def _seed_key(self, segment: int, position: int) -> int | str:
         """What a generated frame's seed derives from: its output index for a factor (as always), its pair and
@@ -689,12 +702,12 @@ class Interpolator:
 
                 # encoder requests: frames made for the next level first (they unblock the earliest segments)
                 while encoding < self.encoder_inflight and (new_frames or input_chunks):
-                    lead = None
+                    lead, inputs = None, not new_frames
                     if new_frames:
                         nodes = [new_frames.popleft() for _ in range(min(self.chunk, len(new_frames)))]
                     else:
                         lead, nodes = input_chunks.popleft()
-                    running[pool.submit(self._encode, nodes, lead)] = ("encode", nodes)
+                    running[pool.submit(self._encode, nodes, lead, inputs)] = ("encode", nodes)
                     encoding += 1
 
                 # DiT+decoder requests, earliest segment first
@@ -765,6 +778,14 @@ class Interpolator:
                         if finer:  # an end of finer pairs: encode it, then make their middles
                             new_frames.append(node)
                             seg.todo += finer
+            for fut, (kind, *_) in running.items():  # answers no pair waited for (every pair a scene cut): released
+                if kind == "encode":
+                    try:
+                        answers = fut.result()
+                    except Exception:  # noqa: BLE001 - tokens nobody needs: their request's failure does not matter
+                        continue
+                    for enc, *_ in answers:
+                        self.client.release(enc)
             writer.close()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -794,20 +815,26 @@ class Interpolator:
         return out
 
     def _take_tokens(self, enc: EncoderAnswer, nodes: list[_Node], stats: Stats, lead: _Node | None = None) -> None:
-        """The frames' tokens and the differences of their consecutive pairs, from ``enc`` (after ``lead``'s, which
-        only gives the difference of the pair it makes with the first)."""
-        blob, first = enc.blob, 0 if lead is None else 1
-        if blob.num_frames != first + len(nodes):
+        """The frames' tokens and the differences of their consecutive pairs, from ``enc``; with ``lead``, the
+        difference of the pair it makes with the first too (the blob's ``lead_difference``; from an encoder that
+        predates lead frames, which ignores the field and encodes the lead as a frame of its own, the blob's first
+        difference)."""
+        blob, first = enc.blob, 0
+        if lead is not None and blob.lead_difference is None and blob.num_frames == len(nodes) + 1:
+            first = 1  # (an older encoder: the lead's tokens came too)
+        if blob.num_frames != first + len(nodes) or (lead is not None and not first and blob.lead_difference is None):
             self.client.release(enc)
-            raise wire.WireError(f"the encoder answered {blob.num_frames} frames for {first + len(nodes)} sent")
+            raise wire.WireError(f"the encoder answered {blob.num_frames} frames for {len(nodes)} sent"
+                                 + (" after a lead frame" if lead is not None else ""))
         self._live.append((max(n.last_use for n in nodes), enc))
         self._release_through(self._written)  # frames of segments already written (scene cuts) are not needed
         if lead is not None:
-            lead.next, lead.next_difference = nodes[0], blob.differences[0]
+            lead.next, lead.next_difference = nodes[0], (blob.differences[0] if first else blob.lead_difference)
         for k, node in enumerate(nodes):
             node.token = (enc, first + k)
             if k + 1 < len(nodes):
                 node.next, node.next_difference = nodes[k + 1], blob.differences[first + k]
         stats.encoder_requests += 1
         stats.encoded_frames += first + len(nodes)
+        stats.lead_frames += lead is not None
         stats.token_bytes += blob.nbytes

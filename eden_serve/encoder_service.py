@@ -20,7 +20,8 @@ class EncoderService(BatchService):
     blob (application/x-eden-tokens) of all of them.
 
     Form field ``dtype`` (or header X-Eden-Token-Dtype): float16 (default), float32 or int8 tokens (8-bit with a
-    scale per token, wire format version 2).
+    scale per token, wire format version 2). Form field ``lead`` = 1: frame0 is a lead frame, sent only for the
+    difference input between it and frame1 (the blob's ``lead_difference``); it gets no tokens.
     """
 
     def load(self):
@@ -47,6 +48,12 @@ class EncoderService(BatchService):
             raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
         dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, protocol.TOKEN_DTYPE),
                                   s.token_dtype)
+        lead = _as_bytes(request.get("lead"))
+        if lead not in (None, b"", b"0", b"1"):
+            raise RequestError(f"field 'lead' must be 0 or 1, got {lead[:20]!r}")
+        lead = lead == b"1"
+        if lead and len(names) < 2:
+            raise RequestError("a lead frame (field 'lead' = 1) needs a frame after it")
         for n in names:
             check_binary(context, idx, n)
         frames = [self.frame(request[n], n, context, idx) for n in names]
@@ -55,7 +62,7 @@ class EncoderService(BatchService):
             if f.shape[:2] != (h, w):
                 raise RequestError(f"{name} is {f.shape[1]}x{f.shape[0]} but frame0 is {w}x{h}: "
                                    "all frames of a request must have one size")
-        size = wire.expected_nbytes(len(frames), h, w, self.cfg.hidden_dim, dtype, self.cfg.pad_multiple,
+        size = wire.expected_nbytes(len(frames) - lead, h, w, self.cfg.hidden_dim, dtype, self.cfg.pad_multiple,
                                     self.cfg.patch_size) + wire.MAX_HEADER_BYTES
         to_shm = self.wants_shm(context, idx)
         if size > s.max_response_bytes and not to_shm:  # a shared-memory reply is a reference, not the bytes
@@ -64,7 +71,7 @@ class EncoderService(BatchService):
         on_device = (to_shm and self.hands_off
                      and (request_header(context, idx, protocol.HANDOFF) or "") == protocol.HANDOFF_DEVICE)
         # the frames as they are: run() gathers every request's straight into the upload buffer (one copy each)
-        return (h, w, dtype), (frames, dtype, "device" if on_device else "shm" if to_shm else "")
+        return (h, w, dtype), (frames, dtype, "device" if on_device else "shm" if to_shm else "", lead)
 
     def frame(self, raw, name: str, context, idx: int) -> np.ndarray | torch.Tensor:
         """One frame field -> [H, W, 3] uint8. A raw frame in a shared-memory segment is read straight into a host
@@ -86,19 +93,20 @@ class EncoderService(BatchService):
 
     def run(self, items):
         with self.stage("encode"):
-            frames = self.upload([frame for f, _, _ in items for frame in f])  # [K, H, W, C] uint8 on the device
+            frames = self.upload([frame for f, *_ in items for frame in f])  # [K, H, W, C] uint8 on the device
             x = frames.float().div_(255).permute(0, 3, 1, 2)  # [K, C, H, W] channels-last
-            encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, _, _ in items])
+            leads = [lead for *_, lead in items]
+            encoded, differences = pipeline.encode_frames(self.encoder, x, [len(f) for f, *_ in items], leads)
         with self.stage("serialize"):
             geo = pipeline.Geometry.for_size(x.shape[-2], x.shape[-1], self.cfg)
             dtype = items[0][1]
             gpu = tokens.wire_tensor(encoded, dtype)  # [K, 2, N, D] (int8: [K, 2, N, D + 4])
             finite = tokens.finite(gpu)
-            metas = tokens.blob_metas(encoded, differences, geo, dtype, self.cfg.encoder_fingerprint)
+            metas = tokens.blob_metas(encoded, differences, geo, dtype, self.cfg.encoder_fingerprint, leads)
             bodies, start = [], 0
             try:
                 with self.timed("transfer"):
-                    for meta, (_, _, reply) in zip(metas, items):
+                    for meta, (_, _, reply, _) in zip(metas, items):
                         part = gpu[start:start + meta.num_frames]
                         start += meta.num_frames
                         if reply == "device" and (segment := self.hand_off(  # held: its own memory, not the batch's

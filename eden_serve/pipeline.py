@@ -6,6 +6,7 @@ batches (B frames for the encoder, B pairs for the generator) so a server can ba
 from __future__ import annotations
 
 import contextlib
+import itertools
 import secrets
 from dataclasses import dataclass
 
@@ -72,14 +73,22 @@ def frame_difference(frames0: torch.Tensor, frames1: torch.Tensor, cfg: EdenConf
 
 
 @torch.inference_mode()
-def encode_frames(encoder: EdenEncoder, frames: torch.Tensor,
-                  counts: list[int] | None = None) -> tuple[EncodedFrames, list[torch.Tensor]]:
+def encode_frames(encoder: EdenEncoder, frames: torch.Tensor, counts: list[int] | None = None,
+                  leads: list[bool] | None = None) -> tuple[EncodedFrames, list[torch.Tensor]]:
     """Frames [K, C, H, W] in [0, 1], all of one size -> tokens of every frame, and the differences between
-    consecutive frames within each group of ``counts`` frames (one group of all K by default): [count-1] each."""
+    consecutive frames within each group of ``counts`` frames (one group of all K by default): [count-1] each. A
+    group whose ``leads`` entry is true starts with a lead frame, sent only for its difference with the next: it
+    has a difference and no tokens (a client sends the frame before a chunk so that the pair they make needs no
+    difference computed on its side)."""
     geo = Geometry.for_size(frames.shape[-2], frames.shape[-1], encoder.cfg)
-    encoded = encoder(geo.pad(frames))
-    groups = frames.split(counts or [frames.shape[0]])
+    counts = counts or [frames.shape[0]]
+    groups = frames.split(counts)
     differences = [frame_difference(g[:-1], g[1:], encoder.cfg).squeeze(1) for g in groups]
+    if leads and any(leads):
+        starts = [0, *itertools.accumulate(counts)][:-1]
+        keep = [k for start, count, lead in zip(starts, counts, leads) for k in range(start + lead, start + count)]
+        frames = frames[torch.tensor(keep, device=frames.device)]
+    encoded = encoder(geo.pad(frames))
     return encoded, differences
 
 

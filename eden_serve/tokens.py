@@ -55,23 +55,28 @@ def check_finite(tokens: torch.Tensor, finite: torch.Tensor | bool) -> None:
 
 
 def blob_metas(encoded: EncodedFrames, differences: list[torch.Tensor], geometry: Geometry, dtype: str,
-               encoder: str = "") -> list[TokenBlob]:
-    """The blobs of encoded frames grouped as ``differences`` is (K_i frames -> K_i-1 differences), with tokens
-    that are only a shape (``wire.shape_only``): headers to write before the tokens themselves."""
+               encoder: str = "", leads: list[bool] | None = None) -> list[TokenBlob]:
+    """The blobs of encoded frames grouped as ``differences`` is (K_i frames -> K_i-1 differences; a group with a
+    lead frame, per ``leads``, has K_i-1 encoded frames and its first difference is the blob's
+    ``lead_difference``), with tokens that are only a shape (``wire.shape_only``): headers to write before the
+    tokens themselves."""
     mean, std = encoded.mean.tolist(), encoded.std.tolist()
     N, D = encoded.dit.shape[1:]
     D += SCALE_BYTES if dtype == INT8 else 0  # int8 rows: the values, then the token's scale
     blobs, start = [], 0
-    for diff in differences:
-        k = diff.shape[0] + 1
+    for diff, lead in zip(differences, leads or [False] * len(differences)):
+        values = diff.tolist()
+        lead_difference = values.pop(0) if lead else None
+        k = len(values) + 1
         blobs.append(TokenBlob(shape_only((k, 2, N, D), dtype), (geometry.height, geometry.width), geometry.padding,
-                               geometry.patch_size, mean[start:start + k], std[start:start + k], diff.tolist(), encoder))
+                               geometry.patch_size, mean[start:start + k], std[start:start + k], values, encoder,
+                               lead_difference))
         start += k
     return blobs
 
 
 def to_blobs(encoded: EncodedFrames, differences: list[torch.Tensor], geometry: Geometry, dtype: str = "float16",
-             encoder: str = "") -> list[TokenBlob]:
+             encoder: str = "", leads: list[bool] | None = None) -> list[TokenBlob]:
     """Encoded frames (all of one size, grouped as ``differences`` is: K_i frames -> K_i-1 differences) -> blobs
     with their tokens on the CPU: the encoder's answer in process (tests, benchmarks); the encoder service itself
     writes ``wire_tensor`` + ``blob_metas`` straight into its answers or segments."""
@@ -79,7 +84,7 @@ def to_blobs(encoded: EncodedFrames, differences: list[torch.Tensor], geometry: 
     ok = finite(tokens)
     host = tokens.cpu().numpy()  # one host synchronisation for both
     check_finite(tokens, ok)
-    blobs, start = blob_metas(encoded, differences, geometry, dtype, encoder), 0
+    blobs, start = blob_metas(encoded, differences, geometry, dtype, encoder, leads), 0
     for blob in blobs:
         blob.tokens, start = host[start:start + blob.num_frames], start + blob.num_frames
     return blobs

@@ -27,6 +27,8 @@ Header fields (all required)::
     mean, std     K floats: each frame's normalisation statistics (over the padded frame)
     differences   K-1 floats: the DiT's difference input between frames k and k+1
     encoder       fingerprint of the encoder weights that made the tokens ("" if unknown)
+    lead_difference  (only in an answer to a request with a lead frame) the difference input between the lead frame,
+                  sent before the K for this alone, and frame 0
 
 Everything per frame is independent of the other frames, so frames of a video can be encoded once each and any
 two assembled into a pair later (``TokenBlob.pair``); the pair's difference comes from the blob that held both,
@@ -85,6 +87,7 @@ class TokenBlob:
     std: list[float]
     differences: list[float] = field(default_factory=list)
     encoder: str = ""
+    lead_difference: float | None = None  # the lead frame's (sent only for this) with frame 0: see the module's doc
 
     # ------------------------------------------------------------------ derived
     @property
@@ -121,7 +124,8 @@ class TokenBlob:
         return {"dtype": self.dtype, "shape": self.shape, "patch_size": self.patch_size,
                 "grid": list(self.grid), "size": list(self.size), "padding": list(self.padding),
                 "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
-                "differences": [float(d) for d in self.differences], "encoder": self.encoder}
+                "differences": [float(d) for d in self.differences], "encoder": self.encoder,
+                **({} if self.lead_difference is None else {"lead_difference": float(self.lead_difference)})}
 
     # ------------------------------------------------------------------ assembling pairs
     def frame(self, k: int) -> "TokenBlob":
@@ -334,6 +338,8 @@ def from_header(h, version: int = VERSION) -> TokenBlob:
     encoder = h.get("encoder")
     if not isinstance(encoder, str) or len(encoder) > 128:
         raise WireError("header field 'encoder' must be a string")
+    lead = _float_list({"lead_difference": [h["lead_difference"]]}, "lead_difference", 1)[0] \
+        if "lead_difference" in h else None
     row = D + SCALE_BYTES if dtype == INT8 else D
     return TokenBlob(shape_only((K, 2, N, row), dtype), (height, width), (left, right, top, bottom), patch, mean, std,
-                     differences, encoder)
+                     differences, encoder, lead)

@@ -52,6 +52,23 @@ def test_encoder_tokens_match_official(tiny_models, fixture_frames, expected):
     assert (diff - expected["difference"].flatten()).abs().max() <= TOL
 
 
+def test_a_lead_frame_gives_its_difference_and_no_tokens(tiny_models, fixture_frames):
+    """A group whose first frame is a lead (sent before a chunk for the difference of the pair it makes with the
+    chunk's first frame): the tokens of the other frames only, as if they came alone, and the lead's difference
+    first in the group's differences; the blob has it as ``lead_difference``. Groups with and without leads batch."""
+    encoder, _ = tiny_models
+    a, b = fixture_frames[:1], fixture_frames[1:]
+    alone, (want,) = pipeline.encode_frames(encoder, fixture_frames)
+    encoded, diffs = pipeline.encode_frames(encoder, torch.cat([a, b, a, b]), [2, 2], [True, False])
+    assert encoded.dit.shape[0] == 3 and torch.allclose(encoded.dit[0], alone.dit[1], atol=1e-6)
+    assert torch.allclose(encoded.dit[1:], alone.dit, atol=1e-6)
+    assert torch.equal(diffs[0], want) and torch.equal(diffs[1], want)
+    geo = pipeline.Geometry.for_size(90, 120, encoder.cfg)
+    led, plain = tokens.to_blobs(encoded, diffs, geo, "float32", "", [True, False])
+    assert led.num_frames == 1 and led.differences == [] and led.lead_difference == float(want[0])
+    assert plain.num_frames == 2 and plain.differences == want.tolist() and plain.lead_difference is None
+
+
 def test_noise_recipe(expected):
     meta = json.loads((FIXTURE / "meta.json").read_text())
     geo = pipeline.Geometry.for_size(meta["height"], meta["width"], EdenConfig())

@@ -211,6 +211,31 @@ def test_direct_session_posts_as_requests_does():
         DirectSession().post("http://127.0.0.1:99999/p", data=b"x", timeout=5)
 
 
+def test_direct_session_reads_an_answer_sent_before_the_body():
+    """A server (the key proxy, TorchServe's frontend) may refuse a large request from its headers and close without
+    reading the body: the answer is what the caller gets (its 413 or refused key), not a connection error."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def refuse():
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            body = b'{"code": 413, "type": "BadInput", "message": "too large"}'
+            conn.sendall(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+            conn.shutdown(socket.SHUT_WR)
+            time.sleep(0.2)
+        listener.close()
+
+    threading.Thread(target=refuse, daemon=True).start()
+    r = DirectSession().post(f"http://127.0.0.1:{listener.getsockname()[1]}/p", data=b"x" * (64 << 20), timeout=10)
+    assert r.status_code == 413 and r.json()["message"] == "too large"
+
+
 @pytest.mark.parametrize("status,body", [
     (400, {"code": 400, "type": "BadInput", "message": "truncated token blob"}),
     (413, {"code": 413, "type": "BadInput", "message": "over the response limit"}),

@@ -59,9 +59,14 @@ class FakeEden:
         with self.lock:
             self.active[kind] -= 1
 
-    def encode_frames(self, frames, dtype="float16"):
+    def encode_frames(self, frames, dtype="float16", lead=False):
+        """As the encoder: with ``lead`` the first frame gives only its difference with the next (no tokens)."""
         self._enter("encode")
         time.sleep(self.delay)
+        x = torch.stack([torch.tensor(f).permute(2, 0, 1).float() / 255 for f in frames])
+        diffs = pipeline.frame_difference(x[:-1], x[1:], self.cfg)[:, 0].tolist() if len(frames) > 1 else []
+        lead_difference = diffs.pop(0) if lead else None
+        frames = frames[1:] if lead else frames
         with self.lock:
             self.encoded += [id(f) for f in frames]
             self.requests += 1
@@ -70,9 +75,8 @@ class FakeEden:
         n = geo.grid[0] * geo.grid[1]
         tokens = np.zeros((len(frames), 2, n, 4), np.float32)
         tokens[:, 0, 0, 0] = [f.astype(np.float64).mean() for f in frames]
-        x = torch.stack([torch.tensor(f).permute(2, 0, 1).float() / 255 for f in frames])
-        diffs = pipeline.frame_difference(x[:-1], x[1:], self.cfg)[:, 0].tolist() if len(frames) > 1 else []
-        blob = wire.TokenBlob(tokens, (h, w), geo.padding, 16, [0.5] * len(frames), [0.2] * len(frames), diffs, "")
+        blob = wire.TokenBlob(tokens, (h, w), geo.padding, 16, [0.5] * len(frames), [0.2] * len(frames), diffs, "",
+                              lead_difference)
         self._leave("encode")
         with self.lock:  # (named under the lock: two requests answered at once get two names)
             enc = EncoderAnswer(wire.from_bytes(blob.to_bytes()), segment=f"answer-{len(self.answers)}")
@@ -144,25 +148,21 @@ def test_schedule_defaults_follow_the_transport_and_flags_override_them():
     i = Interpolator(shm, max_inflight=5, chunk=2, encoder_inflight=1)
     assert (i.max_inflight, i.encoder_inflight, i.chunk) == (5, 1, 2)
     # same host: many pairs open (the window), fewer where their frames or their tokens would pass WINDOW_BYTES /
-    # TOKEN_WINDOW_BYTES (with a lead frame's tokens for every chunk), never fewer than the requests in flight need; a
-    # window given is kept as it is
+    # TOKEN_WINDOW_BYTES, never fewer than the requests in flight need; a window given is kept as it is
     i = Interpolator(shm)
-    led = lambda tokens: tokens + tokens // SHM_SCHEDULE.chunk  # noqa: E731
     least = SHM_SCHEDULE.max_inflight + SHM_SCHEDULE.chunk
     assert SHM_SCHEDULE.window > least
     hd, uhd = 1080 * 1920 * 3, 2160 * 3840 * 3
     assert i.fitted_window(hd) == SHM_SCHEDULE.window
-    assert i.fitted_window(1440 * 2560 * 3) == TOKEN_WINDOW_BYTES // led(1440 * 2560 * 3 * 4)  # 4 B a pixel byte
+    assert i.fitted_window(1440 * 2560 * 3) == TOKEN_WINDOW_BYTES // (1440 * 2560 * 3 * 4)  # tokens: 4 B a pixel byte
     assert i.fitted_window(uhd) == least
     assert Interpolator(shm, token_dtype="int8").fitted_window(1440 * 2560 * 3) == SHM_SCHEDULE.window
     assert Interpolator(shm, factor=4).fitted_window(hd) == min(WINDOW_BYTES // (hd * 4),
-                                                                TOKEN_WINDOW_BYTES // led(hd * 4 * 2))
+                                                                TOKEN_WINDOW_BYTES // (hd * 4 * 2))
     assert Interpolator(shm, window=40).window == 40 and not Interpolator(shm, window=40)._fit_window
     assert Interpolator(shm, window=0)._fit_window
     # four runs at once (batch --jobs 4) share the bounds: 1080p frames then fit 4 times fewer pairs' tokens
-    assert Interpolator(shm, sharing=4).fitted_window(hd) == max(least, TOKEN_WINDOW_BYTES // 4 // led(hd * 4))
-    assert Interpolator(shm, lead_frames=False).fitted_window(1440 * 2560 * 3) == \
-        TOKEN_WINDOW_BYTES // (1440 * 2560 * 3 * 4)
+    assert Interpolator(shm, sharing=4).fitted_window(hd) == max(least, TOKEN_WINDOW_BYTES // 4 // (hd * 4))
     _, stats, _ = run_fake([0, 8, 16, 24, 32], 2, delay=0.01)
     occupancy = stats.schedule.pop("occupancy")
     tiny = HTTP_SCHEDULE.fitted(40 * 56)  # (the run's frames: the schedule fitted to their size)
@@ -287,14 +287,16 @@ def test_pair_differences_are_the_pairs_own():
 
 
 def test_lead_frames_give_the_pairs_across_requests_their_difference(monkeypatch):
-    """Over shared memory each input chunk's encoder request also carries the frame before it: the encoder gives the
-    difference of every pair across two requests, the client computes none from the pixels, and every pair still
-    gets its own frames' tokens and difference. A full request (the server's max_frames) has no room for it;
-    EDEN_LEAD_FRAMES=0 turns it off."""
+    """Over shared memory each input chunk's encoder request also carries the frame before it, for the difference
+    of the pair they make alone (no tokens): the client computes no difference from the pixels, each frame is still
+    encoded once, and every pair gets its own frames' tokens and difference. An encoder that predates lead frames
+    (encodes the lead as a frame of its own) gives the same pairs. A full request (the server's max_frames) has no
+    room for a lead; EDEN_LEAD_FRAMES=0 turns them off."""
     from eden_client import video
 
     rng = np.random.default_rng(1)
     frames = [Frame(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), i, 1) for i in range(10)]
+    cfg = EdenConfig()
 
     def image_of(value):
         return min((f.image for f in frames), key=lambda img: abs(img.astype(np.float64).mean() - value))
@@ -302,27 +304,32 @@ def test_lead_frames_give_the_pairs_across_requests_their_difference(monkeypatch
     def not_here(*_):
         raise AssertionError("a difference computed in the client")
 
-    fake = FakeEden()
-    fake.transport = "shm"
-    with monkeypatch.context() as m:
-        m.setattr(video, "frame_difference_uint8", not_here)
-        stats = Interpolator(fake, 2, chunk=3).run(frames, lambda *a: None)
-    assert stats.encoder_requests == 4 and stats.encoded_frames == 10 + 3  # chunks 3, 3, 3, 1; the last 3 led
-    cfg = EdenConfig()
-    assert len(fake.pairs) == 9
-    for a, b, diff, _ in fake.pairs:
-        x0, x1 = (torch.tensor(image_of(v)).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
-        assert diff == pytest.approx(float(pipeline.frame_difference(x0, x1, cfg)), abs=1e-5)
+    class Older(FakeEden):  # the field is unknown to it: the lead is encoded like the others
+        def encode_frames(self, frames, dtype="float16", lead=False):
+            return super().encode_frames(frames, dtype)
+
+    for fake in (FakeEden(), Older()):
+        fake.transport = "shm"
+        with monkeypatch.context() as m:
+            m.setattr(video, "frame_difference_uint8", not_here)
+            stats = Interpolator(fake, 2, chunk=3).run(frames, lambda *a: None)
+        assert stats.encoder_requests == 4 and stats.lead_frames == 3  # chunks 3, 3, 3, 1: the last three led
+        assert stats.encoded_frames == 10 + 3 * isinstance(fake, Older)
+        assert len(fake.pairs) == 9
+        for a, b, diff, _ in fake.pairs:
+            x0, x1 = (torch.tensor(image_of(v)).permute(2, 0, 1)[None].float() / 255 for v in (a, b))
+            assert diff == pytest.approx(float(pipeline.frame_difference(x0, x1, cfg)), abs=1e-5)
+        assert sorted(round(a) for a, *_ in fake.pairs) == sorted(round(f.image.mean()) for f in frames[:-1])
 
     full = FakeEden()
     full.transport = "shm"
     forty = [Frame(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), i, 1) for i in range(40)]
-    # chunks of 16, 16 (full: no lead) and 8 (led by frame 31)
-    assert Interpolator(full, 2, chunk=MAX_CHUNK).run(forty, lambda *a: None).encoded_frames == 40 + 1
+    stats = Interpolator(full, 2, chunk=MAX_CHUNK).run(forty, lambda *a: None)
+    assert stats.lead_frames == 1 and stats.encoded_frames == 40  # chunks of 16, 16 (full: no lead), 8 (led)
     monkeypatch.setenv("EDEN_LEAD_FRAMES", "0")
     off = FakeEden()
     off.transport = "shm"
-    assert Interpolator(off, 2, chunk=3).run(frames, lambda *a: None).encoded_frames == 10
+    assert Interpolator(off, 2, chunk=3).run(frames, lambda *a: None).lead_frames == 0
 
 
 def test_too_large_encoder_answers_are_split():
@@ -379,6 +386,38 @@ def test_cut_repeats_the_previous_frame():
     assert stats.cuts == 1 and len(out) == 13
     assert all(np.array_equal(out[k], a) for k in range(4, 8)) and np.array_equal(out[8], b)
     assert stats.ditdec_requests == 2 * 3  # no requests for the cut
+
+
+def test_answers_are_released_when_every_pair_is_a_cut():
+    """A run whose pairs are all scene cuts needs no tokens: it can end before the encoder answers; they are
+    released all the same."""
+    a, b = np.full((40, 56, 3), 90, np.uint8), clips.shot_b(1, 40, 56)[0]
+    fake = FakeEden(delay=0.05)
+    frames = [Frame(img, k, 1) for k, img in enumerate([a, b, a, b, a])]
+    stats = Interpolator(fake, 2, chunk=2, detector=SceneDetector(0.25)).run(frames, lambda *_: None)
+    assert stats.cuts == 4 and stats.ditdec_requests == 0
+    assert sorted(fake.released) == sorted(fake.answers) and fake.answers
+
+
+def test_a_lead_over_the_servers_frame_limit_is_dropped_not_the_chunk():
+    """A request one frame over the server's max_frames because of its lead (413): the same frames go again without
+    it, the chunk stays, and only chunks shorter than that get leads from then on."""
+    from eden_client.errors import ServeError
+
+    class EightFrames(FakeEden):
+        transport = "shm"
+
+        def encode_frames(self, frames, dtype="float16", lead=False):
+            if len(frames) > 8:
+                raise ServeError("eden_encoder: HTTP 413: 9 frames in one request: at most 8", 413)
+            return super().encode_frames(frames, dtype, lead)
+
+    fake = EightFrames()
+    interp = Interpolator(fake, 2, chunk=8)
+    stats = interp.run(flat_frames(list(range(0, 240, 8))), lambda *_: None)  # 30 frames: chunks 8, 8, 8, 6
+    assert interp.chunk == 8 and stats.encoder_requests == 4 and stats.encoded_frames == 30
+    assert stats.lead_frames == 1  # the chunk of 6 (the chunks of 8 would make 9)
+    assert sorted(fake.released) == sorted(fake.answers)
 
 
 def test_thumbnails_and_similarity_made_beside_the_scheduler():
@@ -633,12 +672,20 @@ def test_x4_x8_counts_rate_and_duration(client, clip_dir, tmp_path, factor):
 
 
 @pytest.mark.server
-def test_one_encoder_request_per_input_frame(client, clip_dir, tmp_path):
-    """With --encoder-chunk 1 the count is literal: encoder requests = input frames (and the output is the same
-    length as with chunks of 8: differences across chunks are computed by the client)."""
+def test_one_encoder_request_per_input_frame(client, clip_dir, tmp_path, monkeypatch):
+    """With --encoder-chunk 1 the count is literal: encoder requests = input frames. Every pair spans two requests:
+    over shared memory each request after the first carries the frame before it for that pair's difference, which
+    the encoder gives (no tokens for it); the same frames come out when the client computes the differences
+    itself (EDEN_LEAD_FRAMES=0)."""
     stats = convert(clip_dir / "shapes.mp4", tmp_path / "c1", client, Options(factor=2, encoder_chunk=1))
     assert stats.encoder_requests == stats.encoded_frames == stats.input_frames == 9
     assert stats.output_frames == 17 and stats.token_bytes > 0
+    assert stats.lead_frames == (8 if client.transport == "shm" else 0)
+    monkeypatch.setenv("EDEN_LEAD_FRAMES", "0")
+    plain = convert(clip_dir / "shapes.mp4", tmp_path / "c1_plain", client, Options(factor=2, encoder_chunk=1))
+    assert plain.lead_frames == 0 and plain.encoded_frames == 9
+    for a, b in zip(sorted((tmp_path / "c1").iterdir()), sorted((tmp_path / "c1_plain").iterdir()), strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
 
 
 @pytest.mark.server

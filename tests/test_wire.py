@@ -39,6 +39,19 @@ def test_round_trip(dtype):
     assert back.grid == (4, 6) and back.padded_size == (64, 96)
 
 
+def test_lead_difference_round_trip_and_bounds():
+    """An answer to a request with a lead frame carries the lead's difference with frame 0 in its header; a blob
+    without one writes the header it always did."""
+    blob = make_blob(2)
+    assert "lead_difference" not in blob.header()
+    blob.lead_difference = -0.75
+    back = wire.from_bytes(blob.to_bytes())
+    assert back.lead_difference == -0.75 and back.differences == blob.differences
+    for bad in ("x", float("nan"), 1e9):
+        with pytest.raises(WireError, match="lead_difference"):
+            wire.from_bytes(with_header(make_blob(2).to_bytes(), lead_difference=bad))
+
+
 def test_pairs_from_frames_of_different_blobs():
     a, b = make_blob(3, seed=1), make_blob(2, seed=2)
     pair = TokenBlob.pair(a.frame(2), b.frame(0), 0.25)
