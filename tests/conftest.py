@@ -110,3 +110,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if needs_torchserve(item):
             item.add_marker(pytest.mark.server)
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a client started to be interrupted: Ctrl-C (SIGINT) back to its default. A test runner
+    started in the background of a non-interactive shell (``cmd &``) ignores SIGINT, every process it starts inherits
+    that, and Python then installs no KeyboardInterrupt handler: the client would never see the signal."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from conftest import ROOT, TEST_SETTINGS
+from conftest import ROOT, TEST_SETTINGS, interruptible
 from test_deploy import DEPLOY, dockerfile, java_regex_matches, properties
 
 from eden_client.cluster import resource_share
@@ -357,7 +357,7 @@ def test_batch_over_two_nodes_survives_a_lost_node(ray_cluster, tmp_path):
 
     # Ctrl-C of the driver mid-batch: exit 130, the running inputs stop and remove their partial output
     out2 = tmp_path / "out2"
-    proc = subprocess.Popen(_driver(cluster.address, src, out2, "--factor", "2"), cwd=ROOT,
+    proc = subprocess.Popen(_driver(cluster.address, src, out2, "--factor", "2"), cwd=ROOT, preexec_fn=interruptible,
                             env=env_for_client(**DRIVER_ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines = []
