@@ -247,12 +247,14 @@ class DirectSession:
                 raise requests.ConnectionError(f"connecting to {host}:{port}: {e}") from None
         else:
             conn.sock.settimeout(timeout)
+        cut = False  # the server closed while the body was being sent
         try:
             try:
                 conn.request("POST", path, body=data, headers=headers)
             except (BrokenPipeError, ConnectionResetError) as e:
                 # the server may have answered before reading the whole body (a refused key, a 413) and closed:
-                # that answer is the one to act on, if it came
+                # that answer is the one to act on, if it came (the connection is done with either way)
+                cut = True
                 try:
                     answer = conn.getresponse()
                 except (http.client.HTTPException, OSError):
@@ -269,7 +271,7 @@ class DirectSession:
         except BaseException:  # (e.g. a header http.client refuses): the connection is half used, not reusable
             conn.close()
             raise
-        if answer.will_close:
+        if answer.will_close or cut:
             conn.close()
         if answer.status in REDIRECTS and answer.getheader("Location"):
             if self._redirected is None:

@@ -517,7 +517,7 @@ class Interpolator:
             if e.status != 413 or len(sent) == 1:
                 raise
         if lead is not None:  # perhaps one frame over the server's max_frames: leads only for shorter chunks
-            self._lead_room = len(nodes)
+            self._lead_room = min(self._lead_room, len(nodes))
             return self._encode(nodes, None, inputs)
         half = len(nodes) // 2
         self.chunk = self._chunk_cap = min(self.chunk, half)
@@ -534,6 +534,18 @@ class Interpolator:
                 self.client.release(enc)
             raise
         return answers
+
+    def _release_when_answered(self, running: dict) -> None:
+        """The encoder requests still in ``running`` (the run ended or failed): their answers, which no pair will
+        use, are released as they come (their failures do not matter: nobody needs those tokens)."""
+        def release(future: Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                for enc, *_ in future.result():
+                    self.client.release(enc)
+        for future, (kind, *_) in list(running.items()):
+            if kind == "encode":
+                future.add_done_callback(release)
+        running.clear()
 
     def _lead(self, node: _Node | None, inputs: bool = True) -> _Node | None:
         """``node`` as the lead of the chunk of input frames after it, where chunks have leads."""
@@ -765,8 +777,14 @@ class Interpolator:
                     kind, *info = running.pop(fut)
                     if kind == "encode":
                         encoding -= 1
-                        for enc, nodes, lead in fut.result():
-                            self._take_tokens(enc, nodes, stats, lead)
+                        answers = fut.result()
+                        for k, (enc, nodes, lead) in enumerate(answers):
+                            try:
+                                self._take_tokens(enc, nodes, stats, lead)
+                            except BaseException:  # (it released its own answer) the rest are nobody's
+                                for later, *_ in answers[k + 1:]:
+                                    self.client.release(later)
+                                raise
                     else:
                         seg, p, q = info
                         seg.running -= 1
@@ -778,16 +796,10 @@ class Interpolator:
                         if finer:  # an end of finer pairs: encode it, then make their middles
                             new_frames.append(node)
                             seg.todo += finer
-            for fut, (kind, *_) in running.items():  # answers no pair waited for (every pair a scene cut): released
-                if kind == "encode":
-                    try:
-                        answers = fut.result()
-                    except Exception:  # noqa: BLE001 - tokens nobody needs: their request's failure does not matter
-                        continue
-                    for enc, *_ in answers:
-                        self.client.release(enc)
+            self._release_when_answered(running)  # answers no pair waited for (every pair a scene cut)
             writer.close()
         except BaseException:
+            self._release_when_answered(running)  # (the encoder requests still on their way)
             pool.shutdown(wait=False, cancel_futures=True)
             writer.abort()
             raise

@@ -9,8 +9,8 @@ import torch
 
 from . import checkpoint, handoff, images, pipeline, protocol, shm, tokens, wire
 from .held_tokens import HeldTokens
-from .service import (FRAME_FIELD, METRIC_TOKEN_BYTES_OUT, BatchService, RequestError, _as_bytes, check_binary,
-                      parse_token_dtype, request_header)
+from .service import (FRAME_FIELD, METRIC_TOKEN_BYTES_OUT, BatchService, RequestError, _as_bytes, _text,
+                      check_binary, parse_token_dtype, request_header)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ class EncoderService(BatchService):
             raise RequestError(f"{len(names)} frames in one request: at most {s.max_frames}", 413)
         dtype = parse_token_dtype(request.get("dtype") or request_header(context, idx, protocol.TOKEN_DTYPE),
                                   s.token_dtype)
-        lead = _as_bytes(request.get("lead"))
-        if lead not in (None, b"", b"0", b"1"):
+        lead = _text(request.get("lead"))
+        if lead not in (None, "", "0", "1"):
             raise RequestError(f"field 'lead' must be 0 or 1, got {lead[:20]!r}")
-        lead = lead == b"1"
+        lead = lead == "1"
         if lead and len(names) < 2:
             raise RequestError("a lead frame (field 'lead' = 1) needs a frame after it")
         for n in names:

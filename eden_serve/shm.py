@@ -106,6 +106,9 @@ class ShmStore:
         object.__setattr__(self, "_count", [0, -math.inf, 0])
         object.__setattr__(self, "_count_lock", threading.Lock())
 
+    def __reduce__(self):  # (the count and its lock are this process's: a copy starts its own)
+        return type(self), (self.root, self.ttl_s, self.max_bytes, self.quota_bytes, self.group)
+
     @property
     def dir_mode(self) -> int:
         return 0o770 if self._gid is not None else 0o700
@@ -175,15 +178,16 @@ class ShmStore:
         """Raise ShmFull if ``nbytes`` more would pass the quota. Counting the folder (a stat of every segment) took
         0.46 ms with 200 segments on a 2-core host, before every answer a worker writes (bench/NOTES.md session
         13), so the count is reused for USAGE_RECOUNT_S with this store's own writes added (removals not
-        subtracted: it only over-counts), and made afresh whenever that total comes within a quarter of the quota.
-        What other processes write in between is seen at the next count: far from the quota only, so the folder
-        can pass it by at most what they write in USAGE_RECOUNT_S."""
+        subtracted: it only over-counts), and made afresh whenever that total comes within a quarter of the quota or
+        this store has written a sixteenth of it since. What other processes write in between is seen at the next
+        count: far from the quota only, and each writes at most a sixteenth of it unseen."""
         if not self.quota_bytes or nbytes <= 0:
             return
         with self._count_lock:
             used, when, since = self._count
             now = time.monotonic()
-            if now - when > USAGE_RECOUNT_S or 4 * (used + since + nbytes) > 3 * self.quota_bytes:
+            if (now - when > USAGE_RECOUNT_S or 4 * (used + since + nbytes) > 3 * self.quota_bytes
+                    or 16 * (since + nbytes) > self.quota_bytes):
                 used, when, since = self.usage(), now, 0
             if used + since + nbytes > self.quota_bytes:
                 self._count[:] = [used, when, since]

@@ -273,6 +273,10 @@ def hostile_requests(good: bytes, frame: bytes) -> dict:
                             400, "seed must be an integer"),
         "a field named frame²": ("eden_encoder", {"files": {"frame0": frame, "frame1": frame, "frame²": frame}},
                                  400, "field 'frame²' is not a frame field"),
+        "a lead frame alone": ("eden_encoder", {"files": {"frame0": frame, "lead": (None, "1")}}, 400,
+                               "a lead frame (field 'lead' = 1) needs a frame after it"),
+        "lead = 2": ("eden_encoder", {"files": {"frame0": frame, "frame1": frame, "lead": (None, "2")}}, 400,
+                     "field 'lead' must be 0 or 1"),
         "deeply nested reference as a frame": ("eden_encoder", {"files": {
             "frame0": ("f", REF_MAGIC + b"{" * 3000, REF_CONTENT_TYPE)}}, 400, "reference nests 3000 levels"),
         "segment name with a trailing newline": ("eden_ditdec", {

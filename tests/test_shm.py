@@ -1,5 +1,6 @@
 """The shared-memory transport: the store's rules, and the same frames as HTTP through a real TorchServe."""
 import os
+import pickle
 import time
 
 import numpy as np
@@ -133,20 +134,24 @@ def test_expired_segments_are_swept(server, clients, shm_dir):
 
 def test_the_quota_counts_the_folder_again_only_near_it(tmp_path, monkeypatch):
     """Counting the folder before every write cost 0.46 ms with 200 segments: far from the quota the count is
-    reused (with this store's own writes added) for USAGE_RECOUNT_S; within a quarter of it every write counts the
-    folder, so what another process wrote is seen before the quota is passed."""
-    store = ShmStore(tmp_path / "q", quota_bytes=4000)
+    reused (with this store's own writes added) for USAGE_RECOUNT_S; it is made afresh when that total comes within
+    a quarter of the quota, or this store wrote a sixteenth of it since, so what another process wrote is seen
+    before the quota is passed."""
+    store = ShmStore(tmp_path / "q", quota_bytes=64000)
     counts = []
     real = ShmStore.usage
     monkeypatch.setattr(ShmStore, "usage", lambda self: counts.append(1) or real(self))
-    first = [store.write(b"x" * 100) for _ in range(5)]  # 500 of 4000: one count
-    ShmStore(tmp_path / "q").write(b"y" * 2500)  # another process's, not counted yet
-    store.write(b"x" * 1000)  # 500 + 1000 by its own count: far from the quota, no count (the folder: 4000)
+    first = [store.write(b"x" * 100) for _ in range(5)]  # 500 of 64000: one count
+    ShmStore(tmp_path / "q").write(b"y" * 40000)  # another process's, not counted yet
+    store.write(b"x" * 1000)  # 1500 by its own count: far from the quota, no count (the folder holds 41500)
     assert len(counts) == 1
-    with pytest.raises(ShmFull):
-        store.write(b"x" * 1600)  # 2500 + 1600 by its own count: near the quota, so counted: 4000 + 1600
+    store.write(b"x" * 5000)  # 6500 written since the count, over a sixteenth: counted (41500), fits
     assert len(counts) == 2
+    with pytest.raises(ShmFull):
+        store.write(b"x" * 20000)  # 41500 + 5000 + 20000: near the quota, so counted (46500): over it
+    assert len(counts) == 3
     for name in first:
         store.unlink(name)
-    store.write(b"x" * 400)  # counted again (near the quota): 3500 + 400 fits
-    assert len(counts) == 3 and store.usage() == 3900
+    store.write(b"x" * 400)  # its count (46500, over-counted by what was removed) is fresh and far: reused
+    assert len(counts) == 3 and store.usage() == 46400
+    assert pickle.loads(pickle.dumps(store)) == store  # (a copy: the same folder and quota, a count of its own)
