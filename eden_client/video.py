@@ -530,18 +530,21 @@ class Interpolator:
             for nodes, lead in parts:
                 answers += self._encode(nodes, lead, inputs)
         except BaseException:
-            for enc, *_ in answers:
-                self.client.release(enc)
+            self._release_answers(answers)
             raise
         return answers
+
+    def _release_answers(self, answers: list) -> None:
+        """Release the encoder answers of ``_encode``'s (answer, nodes, lead) results: no pair will use them."""
+        for enc, *_ in answers:
+            self.client.release(enc)
 
     def _release_when_answered(self, running: dict) -> None:
         """The encoder requests still in ``running`` (the run ended or failed): their answers, which no pair will
         use, are released as they come (their failures do not matter: nobody needs those tokens)."""
         def release(future: Future) -> None:
             if not future.cancelled() and future.exception() is None:
-                for enc, *_ in future.result():
-                    self.client.release(enc)
+                self._release_answers(future.result())
         for future, (kind, *_) in list(running.items()):
             if kind == "encode":
                 future.add_done_callback(release)
@@ -782,8 +785,7 @@ class Interpolator:
                             try:
                                 self._take_tokens(enc, nodes, stats, lead)
                             except BaseException:  # (it released its own answer) the rest are nobody's
-                                for later, *_ in answers[k + 1:]:
-                                    self.client.release(later)
+                                self._release_answers(answers[k + 1:])
                                 raise
                     else:
                         seg, p, q = info
