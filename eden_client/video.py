@@ -215,9 +215,9 @@ def dyadic_path(q: int, span: int) -> list[int]:
 
 @dataclass
 class Stats:
-    """What a run did; ``encoded_frames`` counts frames sent to the encoder (each once for its tokens, and over
-    shared memory the lead frames, see ``lead_frames_default``), ``reencoded`` those sent again because the encoder
-    worker holding their tokens on its GPU stopped."""
+    """What a run did; ``encoded_frames`` counts frames the encoder made tokens of (each once; ``lead_frames`` were
+    sent for a difference only, and count here only where an encoder that predates them encoded them too),
+    ``reencoded`` those sent again because the encoder worker holding their tokens on its GPU stopped."""
     input_frames: int = 0
     output_frames: int = 0
     lead_frames: int = 0  # frames sent before a chunk for their pair's difference alone (``lead_frames_default``)
