@@ -230,7 +230,8 @@ def cli(work: Path, src: Path, dst: Path, n: int, extra: tuple = (), wrap: list 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="480x854:300,1080x1920:120", help="HxW:FRAMES, comma separated")
+    ap.add_argument("--sizes", default="480x854:300,1080x1920:120",
+                    help="HxW:FRAMES, comma separated (a size given twice: the second is reported as HxW_FRAMES)")
     ap.add_argument("--reference-pairs", type=int, default=16, help="pairs the reference makes per size")
     ap.add_argument("--checkpoint", default=None, help="official checkpoint (default: one made by --weights)")
     ap.add_argument("--weights", default="random", choices=["random", "blend"],
@@ -304,16 +305,17 @@ def main():
             size, n = spec.split(":")
             H, W = (int(v) for v in size.split("x"))
             n = int(n)
-            row: dict = summary["sizes"].setdefault(size, {"frames_in": n, "generated": n - 1})
+            key = size if size not in summary["sizes"] else f"{size}_{n}"  # (a size twice: a long and a short clip)
+            row: dict = summary["sizes"].setdefault(key, {"frames_in": n, "generated": n - 1})
             clip = moving_shapes(n, H, W, step=H / 40)
-            src = io_dir / f"in_{size}.mp4"
+            src = io_dir / f"in_{key}.mp4"
 
             def source(k: int) -> Path:
                 """The CLI's input for its k-th run: over HTTP each run gets its own frames (the clip shifted by k
                 pixels), so no run finds its frames in the DiT+decoder's cache from an earlier one."""
                 if args.transport != "http" or k == 0:
                     return src
-                path = io_dir / f"in_{size}_{k}.mp4"
+                path = io_dir / f"in_{key}_{k}.mp4"
                 clips.write_video(path, [np.roll(f, k, axis=1) for f in clip], RATE)
                 return path
             if not {"mp4", "png"} <= skip or args.mp4_variants or args.profiled_run:
@@ -322,7 +324,7 @@ def main():
                 m = min(args.reference_pairs + 1, n)
                 ref_s, _ = run_reference(sd, cfg, clip[:m], dev)
                 row["reference_s_per_frame"] = ref_s
-                print(f"{size} reference {ref_s:.4f} s/frame", flush=True)
+                print(f"{key} reference {ref_s:.4f} s/frame", flush=True)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             if args.official_dir and "official" not in skip:
@@ -330,18 +332,18 @@ def main():
                     o = subprocess.run([sys.executable, ROOT / "bench" / "official_loop.py", "--official-dir",
                                         args.official_dir, "--checkpoint", ckpt, "--sizes", size, "--frames",
                                         str(min(args.reference_pairs + 1, n)), "--repeats", "1",
-                                        "--out", work / f"official_{size}.json"], capture_output=True, text=True,
+                                        "--out", work / f"official_{key}.json"], capture_output=True, text=True,
                                        cwd=ROOT, timeout=400)
-                    row["official"] = json.loads((work / f"official_{size}.json").read_text()) \
+                    row["official"] = json.loads((work / f"official_{key}.json").read_text()) \
                         if o.returncode == 0 else {"error": o.stderr[-2000:]}
                 except Exception as e:  # noqa: BLE001 - the rest of the run goes on
                     row["official"] = {"error": repr(e)}
-                print(f"{size} official {row['official']}", flush=True)
+                print(f"{key} official {row['official']}", flush=True)
             ref_s = row.get("reference_s_per_frame")
             runs = [("raw_sink", lambda: raw_sink(work, clip, transport=args.transport, token_dtype=args.token_dtype,
                                                   client_args=args.client_args)),
-                    ("cli_mp4", lambda: cli(work, source(0), io_dir / f"out_{size}.mp4", n, cli_extra)),
-                    ("cli_png", lambda: cli(work, source(1), io_dir / f"out_{size}_png", n, cli_extra))]
+                    ("cli_mp4", lambda: cli(work, source(0), io_dir / f"out_{key}.mp4", n, cli_extra)),
+                    ("cli_png", lambda: cli(work, source(1), io_dir / f"out_{key}_png", n, cli_extra))]
             runs = [(name, run) for name, run in runs
                     if {"raw_sink": "raw", "cli_mp4": "mp4", "cli_png": "png"}[name] not in skip]
             extras = not args.variant_sizes or size in [s.strip() for s in args.variant_sizes.split(",")]
@@ -349,12 +351,12 @@ def main():
                                       start=2):
                 env, own = variant(flags)
                 runs.append((f"cli_mp4 {flags}", lambda env=env, own=own, k=k: cli(
-                    work, source(k), io_dir / f"out_{size}_variant.mp4", n, cli_extra + own, env=env)))
+                    work, source(k), io_dir / f"out_{key}_variant.mp4", n, cli_extra + own, env=env)))
             if args.profiled_run and extras:
                 k = len(runs) + 2  # (an input of its own over HTTP, after the variants')
                 runs.append(("cli_mp4 profiled", lambda k=k: cli(
-                    work, source(k), io_dir / f"out_{size}_profiled.mp4", n, cli_extra,
-                    wrap=shlex.split(args.profiled_run.replace("{size}", size)))))
+                    work, source(k), io_dir / f"out_{key}_profiled.mp4", n, cli_extra,
+                    wrap=shlex.split(args.profiled_run.replace("{size}", key)))))
             for name, run in runs:
                 try:
                     r = run()
@@ -363,7 +365,7 @@ def main():
                 if ref_s and "seconds_per_generated_frame" in r and name != "cli_mp4 profiled":
                     r["speedup_vs_reference"] = ref_s / r["seconds_per_generated_frame"]
                 row[name] = r
-                print(f"{size} {name}: {json.dumps(r, default=float)}", flush=True)
+                print(f"{key} {name}: {json.dumps(r, default=float)}", flush=True)
                 save()
             raw, mp4, png = (row.get(k, {}).get("seconds_per_generated_frame")
                              for k in ("raw_sink", "cli_mp4", "cli_png"))
