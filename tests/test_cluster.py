@@ -244,14 +244,19 @@ class Node:
         self.log.close()
 
 
+def ray_temp_dir() -> str:
+    """A fresh temp folder for a test cluster's head, with a short path (Ray's socket paths must stay under 108
+    bytes). Ray also records the cluster's address in its default folder even when given another one, and on a fresh
+    machine that folder does not exist yet: made here (a cluster test that ran first on a fresh clone failed on it)."""
+    os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray"), exist_ok=True)
+    return tempfile.mkdtemp(prefix="rt", dir="/tmp")
+
+
 @pytest.fixture
 def ray_cluster(solo_store, shm_dir, tmp_path):
     """The head (this process, ray.cluster_utils, loopback only, quick node-death detection) and two EDEN nodes."""
     from ray.cluster_utils import Cluster
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
-    # Ray records the cluster's address in its default folder even when given another one; on a fresh machine that
-    # folder does not exist yet
-    os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray"), exist_ok=True)
+    temp = ray_temp_dir()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=0, node_ip_address="127.0.0.1", include_dashboard=False, temp_dir=temp,
         object_store_memory=100 * 1024 * 1024,
@@ -384,7 +389,7 @@ def test_a_node_whose_torchserve_does_not_answer_gets_no_input(tmp_path):
     from ray.cluster_utils import Cluster
 
     from eden_dev.launcher import free_port
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    temp = ray_temp_dir()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False, temp_dir=temp, resources={"eden": 1},
         object_store_memory=100 * 1024 * 1024,
