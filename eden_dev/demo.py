@@ -7,6 +7,7 @@ checkpoint (yours, or a small random-weight one in the official layout) -> split
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,6 @@ from pathlib import Path
 from PIL import Image
 
 from eden_client.api import EdenClient
-from eden_client.convert import Options, convert
 from eden_client.errors import ServeError
 from eden_client.keys import KeySource
 from eden_serve.checkpoint import make_random_checkpoint, split_checkpoint
@@ -69,9 +69,16 @@ def run_demo(args) -> int:
         print(f"    {len(blob) / 1e3:.0f} kB of float16 tokens, {time.perf_counter() - t:.2f} s -> {out}")
         clip, video = work / "sample_clip.mp4", work / "sample_clip_x2.mp4"
         write_video(clip, moving_shapes(12, 192, 256))  # 12 frames at 30000/1001 fps with an audio track
-        step(f"interpolate the generated clip {clip.name} x2 (python -m eden_client video {clip.name} -o {video.name})")
-        stats = convert(clip, video, client, Options(factor=2, seed=args.seed))
-        print(f"    {stats.summary()} -> {video}")
+        # the command a user runs, as a subprocess with its defaults (--transport auto: shared memory, since the
+        # server is on this host), not the library in this process
+        command = [sys.executable, "-m", "eden_client", "video", str(clip), "-o", str(video), "--seed", str(args.seed),
+                   "--encoder-url", ts.inference_url, "--key-file", str(ts.key_file), "--quiet"]
+        step(f"interpolate the generated clip {clip.name} x2: python -m eden_client video {clip.name} -o {video.name}")
+        r = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            print(f"demo: the video command failed (exit {r.returncode}):\n{r.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        print(f"    {r.stdout.strip()}")
         step("stop TorchServe")
     print(f"demo done: {out}, {video}")
     return 0
