@@ -176,15 +176,22 @@ def process(job: Job, client, options: Options, on_progress) -> None:
         job.status, job.detail = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
 
 
+def check_folders(in_dir: Path, out_dir: Path) -> None:
+    """FramesError naming the problem unless IN_DIR is a folder and OUT_DIR another one (the CLI checks this before
+    it asks anything of the servers, so a typo is not hidden behind a key or an address problem)."""
+    if not in_dir.is_dir():
+        why = "is not a folder (one video: eden-client video)" if in_dir.exists() else "no such folder"
+        raise FramesError(f"{in_dir}: {why}")
+    if in_dir.resolve() == out_dir.resolve():
+        raise FramesError(f"OUT_DIR must be another folder than IN_DIR ({in_dir}): outputs keep the inputs' names")
+
+
 def run_batch(in_dir: Path, out_dir: Path, client, options: Options, workers: int = 1,
               quiet: bool = False, runner=None) -> tuple[list[Job], int]:
     """Process what is not done yet; returns the jobs (with status and detail) and the exit code. ``runner``
     (pending jobs, progress) -> interrupted, if given, runs the pending jobs instead of this process's threads."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if not in_dir.is_dir():
-        raise FramesError(f"{in_dir} is not a folder")
-    if in_dir.resolve() == out_dir.resolve():
-        raise FramesError(f"OUT_DIR must be another folder than IN_DIR ({in_dir}): outputs keep the inputs' names")
+    check_folders(in_dir, out_dir)
     jobs = find_jobs(in_dir, out_dir, options.encoding.codec)
     if runner is None and workers > 1:  # the outputs written at once share this machine's cores for encoding
         options = options.shared_by(workers)

@@ -134,6 +134,9 @@ def cmd_video(args) -> int:
         print(f"client: {dst}: a video output needs one of {', '.join(VIDEO_EXTENSIONS)}; a name without an "
               f"extension is a folder of PNG frames", file=sys.stderr)
         return 2
+    if not src.exists():  # said before anything is asked of the servers (a key or an address problem would hide it)
+        print(f"client: {src}: no such video file or frame folder", file=sys.stderr)
+        return 2
     started = seconds_since_start()  # the interpreter's start and the imports, before any work
     try:
         options = options_from(args)
@@ -161,15 +164,17 @@ def cmd_video(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .batch import run_batch, summary_table
+    from .batch import check_folders, run_batch, summary_table
     from .connection import connect
+    in_dir = Path(args.in_dir)
     try:
+        check_folders(in_dir, Path(args.out_dir))  # before anything is asked of the servers
         options = options_from(args)
         runner = None
         if args.ray:  # the inputs spread over a Ray cluster, each on a node's own deployment (eden_client/cluster.py)
             from .cluster import runner as ray_runner
             runner = ray_runner(args, options)
-        jobs, code = run_batch(Path(args.in_dir), Path(args.out_dir), None if runner else connect(args), options,
+        jobs, code = run_batch(in_dir, Path(args.out_dir), None if runner else connect(args), options,
                                args.jobs, args.quiet, runner=runner)
     except FramesError as e:
         print(f"client: {e}", file=sys.stderr)

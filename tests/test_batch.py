@@ -72,7 +72,10 @@ def test_tree_failures_summary_and_exit_codes(server, tmp_path):
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "0 done, 6 skipped, 0 failed" and r.stderr == ""
 
     r = run_batch(server, tmp_path / "nothing-here", out)
-    assert r.returncode == 2 and "is not a folder" in r.stderr
+    assert r.returncode == 2 and "nothing-here: no such folder" in r.stderr
+    (tmp_path / "one.mp4").write_bytes(b"\x00" * 10)
+    r = run_batch(server, tmp_path / "one.mp4", out)
+    assert r.returncode == 2 and "one.mp4: is not a folder (one video: eden-client video)" in r.stderr
     r = run_batch(server, src, src)
     assert r.returncode == 2 and "OUT_DIR must be another folder than IN_DIR" in r.stderr
 

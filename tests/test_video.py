@@ -553,6 +553,26 @@ def test_missing_key_file_and_dead_address_are_said_at_once(tmp_path):
     assert time.monotonic() - t0 < 20 and not (tmp_path / "out").exists()
 
 
+def test_a_missing_input_is_said_before_keys_or_servers(tmp_path):
+    """A typo in the input (or batch's folders) is the first thing said, exit 2, even with no key file and no server:
+    a key or an address problem does not hide it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("EDEN_INFERENCE_KEY", None)
+    env.pop("EDEN_KEY_FILE", None)
+
+    def client(*args):
+        return subprocess.run([sys.executable, "-m", "eden_client", *map(str, args), "--encoder-url",
+                               "http://127.0.0.1:9"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    r = client("video", tmp_path / "typo.mp4", "-o", tmp_path / "out.mp4")
+    assert r.returncode == 2 and "typo.mp4: no such video file or frame folder" in r.stderr, r.stderr
+    r = client("batch", tmp_path / "typo", tmp_path / "out")
+    assert r.returncode == 2 and "typo: no such folder" in r.stderr, r.stderr
+    (tmp_path / "in").mkdir()
+    r = client("batch", tmp_path / "in", tmp_path / "in")
+    assert r.returncode == 2 and "OUT_DIR must be another folder than IN_DIR" in r.stderr, r.stderr
+    assert "no key" not in r.stderr
+
+
 # ---------------------------------------------------------------------- real clips, real TorchServe
 RATE = Fraction(30000, 1001)
 
