@@ -155,12 +155,19 @@ def convert(src: Path, dst: Path, client, options: Options,
             on_start: Callable[[int], None] | None = None,
             on_progress: Callable[[int], None] | None = None) -> Stats:
     """Interpolate ``src`` into ``dst`` (written under a temporary name, renamed when complete; removed on error).
-    ``on_start`` gets the expected number of output frames, ``on_progress`` the number written so far."""
+    ``client``: an EdenClient, or a call that makes one, made once the input has opened (so a problem with the input
+    is said before a key or an address problem; its time is the "connect" phase). ``on_start`` gets the expected
+    number of output frames, ``on_progress`` the number written so far."""
     if Path(src).resolve() == Path(dst).resolve():
         raise FramesError(f"{dst} is the input itself: pick another output")
     t0 = time.perf_counter()
     source = open_source(Path(src), options.fps)
+    connect_s = None
     try:
+        if callable(client):
+            t = time.perf_counter()
+            client = client()
+            connect_s = time.perf_counter() - t
         meta = source.meta
         expected = expected_outputs(source.count, meta.rate, options)
         if on_start:
@@ -205,7 +212,9 @@ def convert(src: Path, dst: Path, client, options: Options,
         finally:
             frames.close()
         # where the command's time went: opening input and output, the pipelined run, writing what was queued
-        stats.phases.update(open=t1 - t0, run=t2 - t1, finish=time.perf_counter() - t2)
+        stats.phases.update(open=t1 - t0 - (connect_s or 0.0), run=t2 - t1, finish=time.perf_counter() - t2)
+        if connect_s is not None:
+            stats.phases["connect"] = connect_s
         stats.client_seconds = {k: round(v, 3) for k, v in {**client_seconds, **sink.seconds}.items()}
         video = isinstance(sink.sink, VideoSink)
         stats.pace = pace_note(t2 - t1, sink.seconds, options.encoding if video else None,

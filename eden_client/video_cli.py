@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -140,15 +139,13 @@ def cmd_video(args) -> int:
     started = seconds_since_start()  # the interpreter's start and the imports, before any work
     try:
         options = options_from(args)
-        t0 = time.perf_counter()
-        client = connect(args)  # (a missing key file is said first, before "start ...")
-        connected = time.perf_counter() - t0
         progress = Progress(quiet=args.quiet)
-        stats = convert(src, dst, client, options,
+        # connected once the input has opened (a bad input is said first), before "start ..." (a missing key file
+        # is said before any work)
+        stats = convert(src, dst, lambda: connect(args), options,
                         on_start=lambda total: progress.start(0, src.name, total),
                         on_progress=lambda done: progress.update(0, done))
         progress.close()
-        stats.phases["connect"] = connected
         if started is not None:
             stats.phases["start"] = started
     except FramesError as e:

@@ -565,6 +565,12 @@ def test_a_missing_input_is_said_before_keys_or_servers(tmp_path):
                                "http://127.0.0.1:9"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     r = client("video", tmp_path / "typo.mp4", "-o", tmp_path / "out.mp4")
     assert r.returncode == 2 and "typo.mp4: no such video file or frame folder" in r.stderr, r.stderr
+    (tmp_path / "empty").mkdir()  # inputs that exist but hold no frames: opened (and refused) before connecting
+    r = client("video", tmp_path / "empty", "-o", tmp_path / "out.mp4")
+    assert r.returncode == 2 and "empty: no frames" in r.stderr and "no key" not in r.stderr, r.stderr
+    (tmp_path / "notes.mp4").write_text("not a video")
+    r = client("video", tmp_path / "notes.mp4", "-o", tmp_path / "out.mp4")
+    assert r.returncode == 2 and "not a video FFmpeg can read" in r.stderr and "no key" not in r.stderr, r.stderr
     r = client("batch", tmp_path / "typo", tmp_path / "out")
     assert r.returncode == 2 and "typo: no such folder" in r.stderr, r.stderr
     (tmp_path / "in").mkdir()
