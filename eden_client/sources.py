@@ -203,7 +203,7 @@ def open_source(path: Path, fps: Fraction | None = None):
     if path.is_dir():
         return FolderSource(path, fps or DEFAULT_FOLDER_FPS)
     if not path.exists():
-        raise FramesError(f"{path} does not exist")
+        raise FramesError(f"{path}: no such video file or frame folder")
     return VideoSource(path)
 
 

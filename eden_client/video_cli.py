@@ -133,9 +133,6 @@ def cmd_video(args) -> int:
         print(f"client: {dst}: a video output needs one of {', '.join(VIDEO_EXTENSIONS)}; a name without an "
               f"extension is a folder of PNG frames", file=sys.stderr)
         return 2
-    if not src.exists():  # said before anything is asked of the servers (a key or an address problem would hide it)
-        print(f"client: {src}: no such video file or frame folder", file=sys.stderr)
-        return 2
     started = seconds_since_start()  # the interpreter's start and the imports, before any work
     try:
         options = options_from(args)
